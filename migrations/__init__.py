@@ -1,0 +1,1 @@
+"""Alembic migrations for svdfarm's database (run with ``svdfarm db upgrade``)."""

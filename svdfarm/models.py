@@ -1,0 +1,178 @@
+"""Typed SQLAlchemy 2 models: jobs, their attempts, and the workers that run them.
+
+The database is the source of truth; the broker only carries job ids.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    Uuid,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from svdfarm.states import AttemptOutcome, ErrorClass, JobState, WorkerState
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware in UTC."""
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored in UTC and always read back timezone-aware (SQLite drops the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        """Refuse naive datetimes and store aware ones in UTC."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: use svdfarm.models.utcnow()")
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        """Attach UTC to what the driver returns when it lost the zone."""
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return value
+
+
+def _enum(cls: type) -> Enum:
+    """A portable enum column: VARCHAR of the values, no native type to migrate."""
+    return Enum(
+        cls,
+        native_enum=False,
+        length=32,
+        values_callable=lambda members: [m.value for m in members],
+        validate_strings=True,
+    )
+
+
+class Base(DeclarativeBase):
+    """Declarative base with constraint names Alembic can rely on."""
+
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Job(Base):
+    """One image-to-video request, from submit to its MP4."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    state: Mapped[JobState] = mapped_column(_enum(JobState), index=True, default=JobState.QUEUED)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    model: Mapped[str] = mapped_column(String(500))
+    num_frames: Mapped[int] = mapped_column(Integer)
+    num_inference_steps: Mapped[int] = mapped_column(Integer)
+    fps: Mapped[int] = mapped_column(Integer)
+    motion_bucket_id: Mapped[int] = mapped_column(Integer)
+    noise_aug_strength: Mapped[float] = mapped_column(Float)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    decode_chunk_size: Mapped[int] = mapped_column(Integer)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    precision: Mapped[str] = mapped_column(String(8))
+
+    input_key: Mapped[str] = mapped_column(String(200))
+    input_filename: Mapped[str] = mapped_column(String(255), default="")
+    video_key: Mapped[str | None] = mapped_column(String(200))
+    poster_key: Mapped[str | None] = mapped_column(String(200))
+
+    phase: Mapped[str] = mapped_column(String(32), default="queued")
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+
+    attempts: Mapped[list[Attempt]] = relationship(
+        back_populates="job",
+        order_by="Attempt.number",
+        cascade="all, delete-orphan",
+        lazy="selectin",
+    )
+
+    def params(self) -> dict[str, Any]:
+        """The SVD parameters of this job, as the API shows them."""
+        return {
+            "num_frames": self.num_frames,
+            "num_inference_steps": self.num_inference_steps,
+            "fps": self.fps,
+            "motion_bucket_id": self.motion_bucket_id,
+            "noise_aug_strength": self.noise_aug_strength,
+            "seed": self.seed,
+            "decode_chunk_size": self.decode_chunk_size,
+            "width": self.width,
+            "height": self.height,
+            "precision": self.precision,
+        }
+
+
+class Attempt(Base):
+    """One try at rendering a job: the plan it used and how it ended."""
+
+    __tablename__ = "attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    worker: Mapped[str] = mapped_column(String(255))
+    plan_name: Mapped[str] = mapped_column(String(200))
+    plan: Mapped[dict[str, Any]] = mapped_column(JSON)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    outcome: Mapped[AttemptOutcome] = mapped_column(
+        _enum(AttemptOutcome), default=AttemptOutcome.RUNNING
+    )
+    error_class: Mapped[ErrorClass | None] = mapped_column(_enum(ErrorClass), index=True)
+    error_type: Mapped[str | None] = mapped_column(String(200))
+    message: Mapped[str | None] = mapped_column(Text)
+    traceback: Mapped[str | None] = mapped_column(Text)
+    duration_s: Mapped[float | None] = mapped_column(Float)
+    peak_memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
+
+    job: Mapped[Job] = relationship(back_populates="attempts")
+
+
+class Worker(Base):
+    """A worker process as it advertised itself, with its last heartbeat."""
+
+    __tablename__ = "workers"
+
+    hostname: Mapped[str] = mapped_column(String(255), primary_key=True)
+    capabilities: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    queues: Mapped[list[str]] = mapped_column(JSON, default=list)
+    state: Mapped[WorkerState] = mapped_column(_enum(WorkerState), default=WorkerState.IDLE)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_heartbeat: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    current_job_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="SET NULL")
+    )

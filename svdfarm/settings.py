@@ -1,0 +1,164 @@
+"""Every option of svdfarm, read from ``SVDFARM_*`` environment variables in one place.
+
+The embedded defaults need no server: a SQLite file and kombu's filesystem broker under
+``SVDFARM_DATA_DIR`` (``./var``). Point ``SVDFARM_DATABASE_URL`` at PostgreSQL and
+``SVDFARM_BROKER_URL`` at Redis and the same code runs in production.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL = "stabilityai/stable-video-diffusion-img2vid-xt"
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value svdfarm cannot use."""
+
+
+def _str(env: Mapping[str, str], name: str, default: str) -> str:
+    """Return ``SVDFARM_<name>`` or the default when unset or blank."""
+    value = env.get(f"SVDFARM_{name}", "").strip()
+    return value or default
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    """Parse ``SVDFARM_<name>`` as an integer no smaller than ``minimum``."""
+    raw = _str(env, name, str(default))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"SVDFARM_{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise SettingsError(f"SVDFARM_{name}={value} must be at least {minimum}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    """Parse ``SVDFARM_<name>`` as a non-negative number."""
+    raw = _str(env, name, str(default))
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"SVDFARM_{name}={raw!r} is not a number") from None
+    if value < 0:
+        raise SettingsError(f"SVDFARM_{name}={value} must not be negative")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    """Parse ``SVDFARM_<name>`` as a yes/no flag."""
+    raw = _str(env, name, "1" if default else "0").lower()
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    if raw in {"0", "false", "no", "off"}:
+        return False
+    raise SettingsError(f"SVDFARM_{name}={raw!r} is not a yes/no value (use 1 or 0)")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The farm's configuration; build it with :func:`load_settings`."""
+
+    data_dir: Path
+    database_url: str
+    broker_url: str
+    secret_key: str
+    admin_password: str
+    model: str
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    progress_interval_s: float = 0.5
+    task_soft_time_limit_s: int = 3 * 3600
+    task_time_limit_s: int = 3 * 3600 + 300
+    queue: str = "svdfarm"
+    hub_timeout_s: float = 10.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def embedded_broker(self) -> bool:
+        """True when the broker is kombu's server-less filesystem transport."""
+        return self.broker_url.startswith("filesystem://")
+
+    @property
+    def broker_dir(self) -> Path:
+        """Folder of the embedded broker's message files."""
+        return self.data_dir / "broker"
+
+    @property
+    def storage_dir(self) -> Path:
+        """Folder holding each job's input image and outputs."""
+        return self.data_dir / "jobs"
+
+    @property
+    def models_dir(self) -> Path:
+        """Folder where built-in models (the tiny one) are saved."""
+        return self.data_dir / "models"
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        """Return a copy with some fields replaced (tests, the CLI's flags)."""
+        return replace(self, **changes)
+
+    def ensure_dirs(self) -> None:
+        """Create the data folders this configuration writes to."""
+        for path in (self.data_dir, self.storage_dir, self.models_dir):
+            path.mkdir(parents=True, exist_ok=True)
+        if self.embedded_broker:
+            for sub in ("queue", "processed", "control"):
+                (self.broker_dir / sub).mkdir(parents=True, exist_ok=True)
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Read the settings from ``env`` (default: the process environment)."""
+    env = os.environ if env is None else env
+    data_dir = Path(_str(env, "DATA_DIR", "./var")).expanduser().resolve()
+    database_url = _str(env, "DATABASE_URL", f"sqlite:///{data_dir / 'svdfarm.db'}")
+    if database_url.startswith("postgresql://") or database_url.startswith("postgres://"):
+        # psycopg 3 is the driver we ship; plain postgresql:// would ask for psycopg2.
+        database_url = "postgresql+psycopg://" + database_url.split("://", 1)[1]
+    broker_url = _str(env, "BROKER_URL", "filesystem://")
+    settings = Settings(
+        data_dir=data_dir,
+        database_url=database_url,
+        broker_url=broker_url,
+        secret_key=_str(env, "SECRET_KEY", ""),
+        admin_password=_str(env, "ADMIN_PASSWORD", ""),
+        model=_str(env, "MODEL", DEFAULT_MODEL),
+        max_upload_bytes=_int(env, "MAX_UPLOAD_BYTES", 20 * 1024 * 1024, minimum=1024),
+        max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", 40_000_000, minimum=64 * 64),
+        progress_interval_s=_float(env, "PROGRESS_INTERVAL", 0.5),
+        task_soft_time_limit_s=_int(env, "TASK_SOFT_TIME_LIMIT", 3 * 3600, minimum=1),
+        task_time_limit_s=_int(env, "TASK_TIME_LIMIT", 3 * 3600 + 300, minimum=1),
+        queue=_str(env, "QUEUE", "svdfarm"),
+        hub_timeout_s=_float(env, "HUB_TIMEOUT", 10.0),
+    )
+    if settings.task_time_limit_s <= settings.task_soft_time_limit_s:
+        raise SettingsError(
+            "SVDFARM_TASK_TIME_LIMIT must be larger than SVDFARM_TASK_SOFT_TIME_LIMIT "
+            f"({settings.task_time_limit_s} <= {settings.task_soft_time_limit_s})"
+        )
+    return settings
+
+
+def persistent_secret(settings: Settings) -> str:
+    """Return ``SVDFARM_SECRET_KEY``, or a random key kept in the data folder, made once.
+
+    Production sets the variable; a single machine keeps a key on disk so that sessions
+    survive a restart without anyone having to invent one.
+    """
+    if settings.secret_key:
+        return settings.secret_key
+    path = settings.data_dir / "secret_key"
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(32))
+    return path.read_text().strip()

@@ -1,0 +1,65 @@
+"""svdfarm's web side: the Flask app factory. Imports no torch."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask, request
+from werkzeug.exceptions import HTTPException
+
+from svdfarm.celery_app import create_celery
+from svdfarm.settings import Settings, load_settings, persistent_secret
+
+#: Room for the form fields around an upload of the largest allowed image.
+FORM_OVERHEAD_BYTES = 64 * 1024
+
+
+def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
+    """Create the web app; ``test_config`` may carry ``SVDFARM_SETTINGS`` and Flask options."""
+    test_config = dict(test_config or {})
+    settings: Settings = test_config.pop("SVDFARM_SETTINGS", None) or load_settings()
+    settings.ensure_dirs()
+
+    app = Flask(__name__)
+    app.config.from_mapping(
+        SECRET_KEY=persistent_secret(settings),
+        MAX_CONTENT_LENGTH=settings.max_upload_bytes + FORM_OVERHEAD_BYTES,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SVDFARM_SETTINGS=settings,
+    )
+    app.config.update(test_config)
+
+    from web import database
+
+    database.init_app(app, settings)
+    app.extensions["celery"] = create_celery(settings)
+
+    from web.api import bp as api_bp
+    from web.health import bp as health_bp
+    from web.pages import bp as pages_bp
+
+    app.register_blueprint(pages_bp)
+    app.register_blueprint(api_bp)
+    app.register_blueprint(health_bp)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Any:
+        """JSON errors under /api, the plain error page elsewhere."""
+        if request.path.startswith("/api/"):
+            from web.api import error_response
+
+            message = exc.description or exc.name
+            if exc.code == 413:
+                limit = settings.max_upload_bytes / (1024 * 1024)
+                message = f"The upload is larger than the {limit:.1f} MB limit."
+            return error_response(message, exc.code or 500)
+        if exc.code == 413:
+            from web.pages import form_page
+
+            limit = settings.max_upload_bytes / (1024 * 1024)
+            return form_page({"image": f"The upload is larger than the {limit:.1f} MB limit."}, 413)
+        return exc
+
+    return app
