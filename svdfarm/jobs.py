@@ -16,7 +16,7 @@ from celery import Celery
 from sqlalchemy.orm import Session
 
 from svdfarm.celery_app import enqueue_render
-from svdfarm.images import ImageInfo, inspect_image
+from svdfarm.images import ImageError, ImageInfo, inspect_image
 from svdfarm.models import Job, utcnow
 from svdfarm.params import ParamError, RenderParams, parse_params
 from svdfarm.settings import Settings
@@ -43,16 +43,24 @@ class Submission:
 def validate_submission(
     settings: Settings, fields: Mapping[str, Any], data: bytes | None, filename: str
 ) -> Submission:
-    """Check the image and every field; raise ParamError (field -> message) on any problem."""
-    from svdfarm.images import ImageError
-
+    """Check the image and every field; raise ParamError (field -> message) with all problems."""
+    errors: dict[str, str] = {}
+    status = 400
+    info: ImageInfo | None = None
     if data is None:
-        raise ParamError({"image": "Choose an image to animate (PNG, JPEG or WebP)."})
+        errors["image"] = "Choose an image to animate (PNG, JPEG or WebP)."
+    else:
+        try:
+            info = inspect_image(data, settings.max_upload_bytes, settings.max_image_pixels)
+        except ImageError as exc:
+            errors["image"], status = str(exc), exc.status
+    size = (info.width, info.height) if info else (1, 1)
     try:
-        info = inspect_image(data, settings.max_upload_bytes, settings.max_image_pixels)
-    except ImageError as exc:
-        raise ParamError({"image": str(exc)}, exc.status) from None
-    params = parse_params(fields, (info.width, info.height), settings.model)
+        params = parse_params(fields, size, settings.model)
+    except ParamError as exc:
+        errors.update(exc.errors)
+    if errors or info is None or data is None:
+        raise ParamError(errors, status)
     return Submission(params=params, image=info, data=data, filename=filename[:255])
 
 

@@ -60,7 +60,7 @@ class ParamError(ValueError):
         """Keep every field's message and the HTTP status it deserves; ``str()`` joins them."""
         self.errors = errors
         self.status = status
-        super().__init__("; ".join(errors.values()))
+        super().__init__(" ".join(errors.values()))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,258 @@
+"""The ``svdfarm`` command: run the farm (``up``, ``web``, ``worker``), migrate the database,
+render one image without the queue, and write the built-in tiny model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from svdfarm.settings import Settings, SettingsError, load_settings
+
+
+def _cmd_db(args: argparse.Namespace, settings: Settings) -> int:
+    """``svdfarm db upgrade|downgrade``."""
+    from svdfarm import db
+
+    if args.action == "upgrade":
+        db.upgrade(settings.database_url, args.revision or "head")
+    else:
+        db.downgrade(settings.database_url, args.revision or "-1")
+    print(f"database {_redact(settings.database_url)} is at {args.revision or args.action}")
+    return 0
+
+
+def _redact(url: str) -> str:
+    """A database or broker URL without its password."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]
+
+
+def _cmd_web(args: argparse.Namespace, settings: Settings) -> int:
+    """``svdfarm web``: serve the web app with waitress."""
+    from waitress import serve
+
+    from web import create_app
+
+    app = create_app({"SVDFARM_SETTINGS": settings})
+    print(f"svdfarm web on http://{args.host}:{args.port}/", flush=True)
+    serve(app, host=args.host, port=args.port, threads=args.threads, ident="svdfarm")
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    """``svdfarm worker``: a Celery worker (the same as ``celery -A svdfarm worker``)."""
+    from svdfarm.celery_app import app
+
+    argv = [
+        "worker",
+        f"--loglevel={args.loglevel}",
+        f"--concurrency={args.concurrency}",
+        f"--queues={args.queues or settings.queue}",
+        "--task-events",
+    ]
+    if args.hostname:
+        argv.append(f"--hostname={args.hostname}")
+    app.worker_main(argv)
+    return 0
+
+
+def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    """``svdfarm up``: migrate, then run the web and one worker until Ctrl-C."""
+    from svdfarm import db
+
+    env = dict(os.environ)
+    if not env.get("SVDFARM_MODEL"):
+        import torch
+
+        if not torch.cuda.is_available():
+            env["SVDFARM_MODEL"] = "tiny"
+            print("no GPU found: using the built-in tiny model (set SVDFARM_MODEL to change)")
+    settings = load_settings(env)
+    settings.ensure_dirs()
+    db.upgrade(settings.database_url)
+    print(f"database: {_redact(settings.database_url)}; broker: {_redact(settings.broker_url)}")
+    me = [sys.executable, "-m", "svdfarm.cli"]
+    children = [
+        subprocess.Popen([*me, "web", "--host", args.host, "--port", str(args.port)], env=env),
+        subprocess.Popen([*me, "worker", "--loglevel", "INFO"], env=env),
+    ]
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    status = 0
+    try:
+        while all(child.poll() is None for child in children):
+            time.sleep(0.5)
+        status = next(child.returncode for child in children if child.poll() is not None)
+        print(f"a child process exited with status {status}; stopping the rest", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\nstopping…", file=sys.stderr)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+        deadline = time.monotonic() + 30
+        for child in children:
+            try:
+                child.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+    return status
+
+
+def _progress_bar(phase: str, progress: float, step: int) -> None:
+    """Draw a one-line progress bar on stderr."""
+    width = 30
+    filled = int(round(progress * width))
+    bar = "#" * filled + "-" * (width - filled)
+    sys.stderr.write(f"\r[{bar}] {progress * 100:5.1f}%  {phase:<10} step {step}")
+    sys.stderr.flush()
+
+
+def _cmd_render(args: argparse.Namespace, settings: Settings) -> int:
+    """``svdfarm render IMAGE -o OUT.mp4``: the worker's render path, without the queue."""
+    from svdfarm.images import ImageError, inspect_image, open_upright_rgb
+    from svdfarm.params import ParamError, parse_params
+
+    if args.model:
+        settings = settings.with_overrides(model=args.model)
+    settings.ensure_dirs()
+    try:
+        data = Path(args.image).read_bytes()
+        info = inspect_image(data, settings.max_upload_bytes, settings.max_image_pixels)
+        raw = {
+            "num_frames": args.frames,
+            "num_inference_steps": args.steps,
+            "fps": args.fps,
+            "motion_bucket_id": args.motion_bucket_id,
+            "noise_aug_strength": args.noise_aug_strength,
+            "seed": args.seed,
+            "decode_chunk_size": args.decode_chunk_size,
+            "width": args.width,
+            "height": args.height,
+            "precision": args.precision,
+        }
+        params = parse_params(raw, (info.width, info.height), settings.model)
+    except OSError as exc:
+        print(f"error: cannot read {args.image}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except (ImageError, ParamError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from worker.plans import choose_plan
+    from worker.runner import render_to_files
+
+    plan, reason = choose_plan(params.precision)
+    if reason:
+        print(f"note: {reason}", file=sys.stderr)
+    print(
+        f"rendering {params.num_frames} frames at {params.width}x{params.height}, "
+        f"{params.num_inference_steps} steps, seed {params.seed}, plan '{plan.name}', "
+        f"model {settings.model}",
+        file=sys.stderr,
+    )
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        poster = Path(args.poster) if args.poster else Path(tmp) / "poster.png"
+        outcome = render_to_files(
+            settings, params, plan, open_upright_rgb(data), out, poster, _progress_bar
+        )
+    _progress_bar("done", 1.0, params.num_inference_steps)
+    sys.stderr.write("\n")
+    print(f"wrote {out} in {outcome.duration_s:.1f} s")
+    return 0
+
+
+def _cmd_model(args: argparse.Namespace, settings: Settings) -> int:
+    """``svdfarm model tiny DIR``: write the built-in tiny model to a folder."""
+    from worker.tiny import save_tiny
+
+    path = save_tiny(Path(args.directory))
+    print(f"tiny model saved to {path}; use it with SVDFARM_MODEL={path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``svdfarm`` command."""
+    parser = argparse.ArgumentParser(prog="svdfarm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="migrate, then run the web and one worker (Ctrl-C stops)")
+    web = sub.add_parser("web", help="serve the web app")
+    for p in (up, web):
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=int, default=8000)
+    web.add_argument("--threads", type=int, default=8)
+
+    worker = sub.add_parser("worker", help="run a Celery worker")
+    worker.add_argument("--queues", "-Q", default="", help="comma-separated queues")
+    worker.add_argument("--concurrency", "-c", type=int, default=1)
+    worker.add_argument("--loglevel", "-l", default="INFO")
+    worker.add_argument("--hostname", "-n", default="")
+
+    db = sub.add_parser("db", help="database migrations")
+    db.add_argument("action", choices=["upgrade", "downgrade"])
+    db.add_argument("revision", nargs="?", default="")
+
+    render = sub.add_parser("render", help="render one image to an MP4 without the queue")
+    render.add_argument("image")
+    render.add_argument("-o", "--output", required=True, help="the MP4 to write")
+    render.add_argument("--poster", default="", help="also write a poster PNG here")
+    render.add_argument("--frames", type=int, default=None)
+    render.add_argument("--steps", type=int, default=None)
+    render.add_argument("--width", type=int, default=None)
+    render.add_argument("--height", type=int, default=None)
+    render.add_argument("--fps", type=int, default=None)
+    render.add_argument("--seed", type=int, default=None)
+    render.add_argument("--motion-bucket-id", type=int, default=None)
+    render.add_argument("--noise-aug-strength", type=float, default=None)
+    render.add_argument("--decode-chunk-size", type=int, default=None)
+    render.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    render.add_argument("--model", default="", help="override SVDFARM_MODEL")
+
+    model = sub.add_parser("model", help="write a built-in model to disk")
+    model.add_argument("name", choices=["tiny"])
+    model.add_argument("directory")
+    return parser
+
+
+COMMANDS = {
+    "up": _cmd_up,
+    "web": _cmd_web,
+    "worker": _cmd_worker,
+    "db": _cmd_db,
+    "render": _cmd_render,
+    "model": _cmd_model,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``svdfarm`` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return COMMANDS[args.command](args, settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

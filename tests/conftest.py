@@ -1,0 +1,115 @@
+"""Fixtures: a fresh database per test (SQLite, and PostgreSQL when configured), settings in a
+temporary data folder, the app and its client, the tiny model saved once per session.
+
+``SVDFARM_TEST_DATABASE_URL`` and ``SVDFARM_TEST_REDIS_URL`` turn on the PostgreSQL and Redis
+variants; when they are set, an unreachable server fails those tests instead of skipping them.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import create_engine, text
+
+from svdfarm.db import upgrade
+from svdfarm.settings import Settings, load_settings
+
+PG_URL = os.environ.get("SVDFARM_TEST_DATABASE_URL", "")
+REDIS_URL = os.environ.get("SVDFARM_TEST_REDIS_URL", "")
+
+needs_postgres = pytest.mark.skipif(
+    not PG_URL, reason="SVDFARM_TEST_DATABASE_URL is not set (no PostgreSQL configured)"
+)
+needs_redis = pytest.mark.skipif(
+    not REDIS_URL, reason="SVDFARM_TEST_REDIS_URL is not set (no Redis configured)"
+)
+
+DATABASES = [
+    pytest.param("sqlite", id="sqlite"),
+    pytest.param("postgresql", id="postgresql", marks=[pytest.mark.postgres, needs_postgres]),
+]
+
+
+def _pg_base_url() -> str:
+    """The PostgreSQL URL from the environment, with the psycopg 3 driver."""
+    url = PG_URL
+    if url.startswith(("postgresql://", "postgres://")):
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+@pytest.fixture
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database for one test: a SQLite file, or a fresh PostgreSQL schema."""
+    kind = getattr(request, "param", "sqlite")
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp_path / 'test.db'}"
+        return
+    base = _pg_base_url()
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    sep = "&" if "?" in base else "?"
+    try:
+        yield f"{base}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in tiny model, built and saved once for the whole session."""
+    from worker.tiny import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("models") / "tiny")
+
+
+def make_settings(data_dir: Path, database_url: str, tiny_model_dir: Path, **env: str) -> Settings:
+    """Settings for a test: its own data folder, its database, the shared tiny model."""
+    models = data_dir / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    link = models / "tiny"
+    if not link.exists():
+        link.symlink_to(tiny_model_dir, target_is_directory=True)
+    base = {
+        "SVDFARM_DATA_DIR": str(data_dir),
+        "SVDFARM_DATABASE_URL": database_url,
+        "SVDFARM_MODEL": "tiny",
+        "SVDFARM_SECRET_KEY": "test-secret",
+        "SVDFARM_PROGRESS_INTERVAL": "0.2",
+    }
+    base.update(env)
+    return load_settings(base)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str, tiny_model_dir: Path) -> Settings:
+    """Settings in a temporary data folder, on a migrated database."""
+    result = make_settings(tmp_path / "var", database_url, tiny_model_dir)
+    upgrade(result.database_url)
+    return result
+
+
+@pytest.fixture
+def app(settings: Settings) -> Iterator[Flask]:
+    """The web app on the test's settings."""
+    from web import create_app
+
+    flask_app = create_app({"SVDFARM_SETTINGS": settings, "TESTING": True})
+    yield flask_app
+    flask_app.extensions["svdfarm.db"].dispose()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    """A test client of the app."""
+    return app.test_client()
