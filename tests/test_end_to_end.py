@@ -181,11 +181,11 @@ def test_job_runs_end_to_end(farm: Farm, tmp_path: Path) -> None:
     assert attempt["plan_name"]
     assert attempt["duration_s"] > 0
 
-    video = farm.client.get(body["video_url"])
-    assert video.status_code == 200
-    assert video.mimetype == "video/mp4"
     path = tmp_path / "out.mp4"
-    path.write_bytes(video.data)
+    with farm.client.get(body["video_url"]) as video:
+        assert video.status_code == 200
+        assert video.mimetype == "video/mp4"
+        path.write_bytes(video.data)
     info = probe_video(path)
     assert info["frames"] == 6
     assert (info["width"], info["height"]) == (128, 64)
@@ -193,7 +193,7 @@ def test_job_runs_end_to_end(farm: Farm, tmp_path: Path) -> None:
     assert info["pix_fmt"] == "yuv420p"
     assert info["moov_before_mdat"]
 
-    poster = farm.client.get(body["poster_url"])
-    assert poster.status_code == 200 and poster.mimetype == "image/png"
+    with farm.client.get(body["poster_url"]) as poster:
+        assert poster.status_code == 200 and poster.mimetype == "image/png"
     page = farm.client.get(f"/jobs/{job_id}")
     assert b"<video" in page.data and body["video_url"].encode() in page.data

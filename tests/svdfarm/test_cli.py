@@ -1,0 +1,246 @@
+"""The ``svdfarm`` command, run as a real subprocess: db, model, render, and up."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, inspect
+
+from tests.factories import png_bytes
+from tests.media import probe_video
+
+SVDFARM = [sys.executable, "-m", "svdfarm.cli"]
+
+
+def _env(data_dir: Path, tiny_model_dir: Path, **extra: str) -> dict[str, str]:
+    """A process environment for svdfarm in ``data_dir``, sharing the session's tiny model."""
+    (data_dir / "models").mkdir(parents=True, exist_ok=True)
+    link = data_dir / "models" / "tiny"
+    if not link.exists():
+        link.symlink_to(tiny_model_dir, target_is_directory=True)
+    return {
+        **os.environ,
+        "SVDFARM_DATA_DIR": str(data_dir),
+        "SVDFARM_MODEL": "tiny",
+        "SVDFARM_DATABASE_URL": "",
+        "SVDFARM_BROKER_URL": "",
+        **extra,
+    }
+
+
+def test_db_upgrade_creates_tables(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """``svdfarm db upgrade`` migrates the default SQLite database in the data folder."""
+    env = _env(tmp_path / "var", tiny_model_dir)
+    done = subprocess.run([*SVDFARM, "db", "upgrade"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    engine = create_engine(f"sqlite:///{tmp_path / 'var' / 'svdfarm.db'}")
+    assert {"jobs", "attempts", "workers"} <= set(inspect(engine).get_table_names())
+    engine.dispose()
+
+
+def test_model_tiny_writes_a_loadable_folder(tmp_path: Path) -> None:
+    """``svdfarm model tiny DIR`` writes a folder that from_pretrained reads."""
+    target = tmp_path / "tiny-out"
+    done = subprocess.run(
+        [*SVDFARM, "model", "tiny", str(target)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    index = json.loads((target / "model_index.json").read_text())
+    assert index["_class_name"] == "StableVideoDiffusionPipeline"
+    from diffusers import StableVideoDiffusionPipeline
+
+    from svdfarm.params import TINY_BASE_SIDE, model_base_side
+
+    pipe = StableVideoDiffusionPipeline.from_pretrained(target)
+    assert type(pipe.unet).__name__ == "UNetSpatioTemporalConditionModel"
+    # Read from the saved configs without torch, the folder's native size is the tiny one.
+    assert model_base_side(str(target)) == TINY_BASE_SIDE
+
+
+def test_render_writes_the_mp4_asked_for(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """``svdfarm render`` renders without the queue, with the flags' frames and size."""
+    image = tmp_path / "in.png"
+    image.write_bytes(png_bytes(200, 100))
+    out = tmp_path / "out" / "video.mp4"
+    done = subprocess.run(
+        [
+            *SVDFARM,
+            "render",
+            str(image),
+            "-o",
+            str(out),
+            "--frames",
+            "5",
+            "--steps",
+            "2",
+            "--width",
+            "128",
+            "--height",
+            "64",
+            "--fps",
+            "5",
+            "--seed",
+            "3",
+            "--precision",
+            "fp32",
+        ],
+        env=_env(tmp_path / "var", tiny_model_dir),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "100.0%" in done.stderr  # the progress bar reached the end
+    info = probe_video(out)
+    assert info["frames"] == 5
+    assert (info["width"], info["height"]) == (128, 64)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--frames", "1"], "Frames must be between 2 and 128"),
+        (["--width", "100", "--height", "64"], "multiple of 64"),
+        (["--width", "128"], "Give both width and height"),
+    ],
+)
+def test_render_refuses_bad_flags(
+    tmp_path: Path, tiny_model_dir: Path, args: list[str], message: str
+) -> None:
+    """Bad flags exit with status 2 and the same message the form shows."""
+    image = tmp_path / "in.png"
+    image.write_bytes(png_bytes())
+    out = tmp_path / "out.mp4"
+    done = subprocess.run(
+        [*SVDFARM, "render", str(image), "-o", str(out), *args],
+        env=_env(tmp_path / "var", tiny_model_dir),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert not out.exists()
+
+
+def test_render_refuses_a_file_that_is_not_an_image(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A text file named .png is refused by its content."""
+    image = tmp_path / "fake.png"
+    image.write_text("not an image")
+    done = subprocess.run(
+        [*SVDFARM, "render", str(image), "-o", str(tmp_path / "o.mp4")],
+        env=_env(tmp_path / "var", tiny_model_dir),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "not a PNG, JPEG or WebP image" in done.stderr
+
+
+def _free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _multipart(fields: dict[str, str], image: bytes) -> tuple[bytes, str]:
+    """Encode a multipart/form-data body with an ``image`` file and text fields."""
+    boundary = uuid.uuid4().hex
+    parts = []
+    for name, value in fields.items():
+        head = f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
+        parts.append(f"{head}{value}\r\n".encode())
+    parts.append(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="in.png"\r\n'
+        "Content-Type: image/png\r\n\r\n".encode()
+        + image
+        + b"\r\n"
+    )
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def _children(pid: int) -> list[int]:
+    """The process ids whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.slow
+def test_up_serves_renders_and_stops_every_child(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """``svdfarm up`` migrates, serves HTTP, renders a job; SIGINT stops all its children."""
+    port = _free_port()
+    log = tmp_path / "up.log"
+    with open(log, "wb") as out:
+        up = subprocess.Popen(
+            [*SVDFARM, "up", "--port", str(port)],
+            env=_env(tmp_path / "var", tiny_model_dir),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert up.poll() is None, log.read_text()
+            try:
+                with urllib.request.urlopen(f"{base}/healthz", timeout=2) as response:
+                    assert json.load(response)["status"] == "ok"
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.3)
+        body, content_type = _multipart(
+            {"num_frames": "4", "num_inference_steps": "2"}, png_bytes(64, 64)
+        )
+        request = urllib.request.Request(
+            f"{base}/api/v1/jobs", data=body, headers={"Content-Type": content_type}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 201
+            status_url = json.load(response)["status_url"]
+        deadline = time.monotonic() + 180
+        while True:
+            with urllib.request.urlopen(status_url, timeout=5) as response:
+                job = json.load(response)
+            if job["state"] in ("succeeded", "failed", "canceled"):
+                break
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.3)
+        assert job["state"] == "succeeded", (job, log.read_text())
+        with urllib.request.urlopen(job["video_url"], timeout=10) as response:
+            assert response.headers["Content-Type"] == "video/mp4"
+            assert len(response.read()) > 1000
+
+        children = _children(up.pid)
+        assert len(children) == 2
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=60) == 0
+        for pid in children:
+            assert (
+                not Path(f"/proc/{pid}").exists()
+                or "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            ), f"child {pid} still running"
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
