@@ -45,9 +45,17 @@ class ImageInfo:
     height: int
 
 
-def _megabytes(n: int) -> str:
-    """Bytes as megabytes with one decimal."""
+def format_size(n: int) -> str:
+    """A byte count as people read it: exact bytes under 1 MB, else MB with one decimal."""
+    if n < 1024 * 1024:
+        return f"{n:,} bytes"
     return f"{n / (1024 * 1024):.1f} MB"
+
+
+def _sizes(size: int, limit: int) -> tuple[str, str]:
+    """The size and the limit, in exact bytes when they would read the same rounded."""
+    shown = format_size(size), format_size(limit)
+    return shown if shown[0] != shown[1] else (f"{size:,} bytes", f"{limit:,} bytes")
 
 
 def inspect_image(data: bytes, max_bytes: int, max_pixels: int) -> ImageInfo:
@@ -55,15 +63,15 @@ def inspect_image(data: bytes, max_bytes: int, max_pixels: int) -> ImageInfo:
     if not data:
         raise ImageError("The upload is empty: choose a PNG, JPEG or WebP image.")
     if len(data) > max_bytes:
-        raise ImageError(
-            f"The image is {_megabytes(len(data))}; the limit is {_megabytes(max_bytes)}.",
-            413,
-        )
+        size, limit = _sizes(len(data), max_bytes)
+        raise ImageError(f"The image is {size}; the limit is {limit}.", 413)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Our own limit is checked right after the header is read; Pillow's warning
+            # would only duplicate it, and its hard error is above any limit settings allow.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=list(FORMATS))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:
         raise ImageError(
             f"The image has more pixels than the limit of {max_pixels:,}; "
             "scale it down and upload it again.",
@@ -75,7 +83,9 @@ def inspect_image(data: bytes, max_bytes: int, max_pixels: int) -> ImageInfo:
             415,
         ) from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"The image cannot be read: {exc}.") from None
+        raise ImageError(
+            f"The image is damaged or truncated and cannot be read ({exc}); upload it again."
+        ) from None
     with image:
         width, height = image.size
         if width * height > max_pixels:
@@ -93,7 +103,8 @@ def inspect_image(data: bytes, max_bytes: int, max_pixels: int) -> ImageInfo:
             image.load()
         except (OSError, SyntaxError, ValueError) as exc:
             raise ImageError(
-                f"The image is damaged or truncated and cannot be decoded ({exc})."
+                f"The image is damaged or truncated and cannot be decoded ({exc}); "
+                "upload it again."
             ) from None
         extension, mime = FORMATS[image.format or ""]
         if orientation in _TRANSPOSED_ORIENTATIONS:

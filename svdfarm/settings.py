@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_MODEL = "stabilityai/stable-video-diffusion-img2vid-xt"
+#: Pillow refuses to open images above twice its MAX_IMAGE_PIXELS (89,478,485) whatever we
+#: allow, so a larger setting would promise what the upload check cannot keep.
+MAX_IMAGE_PIXELS_CAP = 2 * 89_478_485
 
 
 class SettingsError(ValueError):
@@ -27,8 +30,10 @@ def _str(env: Mapping[str, str], name: str, default: str) -> str:
     return value or default
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
-    """Parse ``SVDFARM_<name>`` as an integer no smaller than ``minimum``."""
+def _int(
+    env: Mapping[str, str], name: str, default: int, minimum: int = 0, maximum: int | None = None
+) -> int:
+    """Parse ``SVDFARM_<name>`` as an integer between ``minimum`` and ``maximum``."""
     raw = _str(env, name, str(default))
     try:
         value = int(raw)
@@ -36,6 +41,8 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
         raise SettingsError(f"SVDFARM_{name}={raw!r} is not an integer") from None
     if value < minimum:
         raise SettingsError(f"SVDFARM_{name}={value} must be at least {minimum}")
+    if maximum is not None and value > maximum:
+        raise SettingsError(f"SVDFARM_{name}={value} must be at most {maximum}")
     return value
 
 
@@ -130,7 +137,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         admin_password=_str(env, "ADMIN_PASSWORD", ""),
         model=_str(env, "MODEL", DEFAULT_MODEL),
         max_upload_bytes=_int(env, "MAX_UPLOAD_BYTES", 20 * 1024 * 1024, minimum=1024),
-        max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", 40_000_000, minimum=64 * 64),
+        max_image_pixels=_int(
+            env, "MAX_IMAGE_PIXELS", 40_000_000, minimum=64 * 64, maximum=MAX_IMAGE_PIXELS_CAP
+        ),
         progress_interval_s=_float(env, "PROGRESS_INTERVAL", 0.5),
         task_soft_time_limit_s=_int(env, "TASK_SOFT_TIME_LIMIT", 3 * 3600, minimum=1),
         task_time_limit_s=_int(env, "TASK_TIME_LIMIT", 3 * 3600 + 300, minimum=1),

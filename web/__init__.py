@@ -9,6 +9,7 @@ from flask import Flask, request
 from werkzeug.exceptions import HTTPException
 
 from svdfarm.celery_app import create_celery
+from svdfarm.images import format_size
 from svdfarm.settings import Settings, load_settings, persistent_secret
 
 #: Room for the form fields around an upload of the largest allowed image.
@@ -44,6 +45,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(api_bp)
     app.register_blueprint(health_bp)
 
+    too_large = f"The upload is larger than the {format_size(settings.max_upload_bytes)} limit."
+
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Any:
         """JSON errors under /api, the plain error page elsewhere."""
@@ -52,14 +55,12 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
             message = exc.description or exc.name
             if exc.code == 413:
-                limit = settings.max_upload_bytes / (1024 * 1024)
-                message = f"The upload is larger than the {limit:.1f} MB limit."
+                message = too_large
             return error_response(message, exc.code or 500)
         if exc.code == 413:
             from web.pages import form_page
 
-            limit = settings.max_upload_bytes / (1024 * 1024)
-            return form_page({"image": f"The upload is larger than the {limit:.1f} MB limit."}, 413)
+            return form_page({"image": too_large}, 413)
         return exc
 
     return app

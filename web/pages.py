@@ -15,6 +15,7 @@ from flask import (
     url_for,
 )
 
+from svdfarm.images import format_size
 from svdfarm.jobs import QueueUnavailable, submit_job, validate_submission
 from svdfarm.params import FIELDS, PRECISIONS, ParamError, defaults_for
 from svdfarm.storage import Storage
@@ -39,7 +40,7 @@ def form_page(
             values=values or {},
             errors=errors or {},
             model=settings.model,
-            max_mb=settings.max_upload_bytes / (1024 * 1024),
+            max_size=format_size(settings.max_upload_bytes),
         ),
         status,
     )
