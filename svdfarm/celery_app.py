@@ -74,6 +74,8 @@ def settings_of(celery: Celery) -> Settings:
 def enqueue_render(celery: Celery, job_id: str) -> None:
     """Put a job id on the render queue; the job row must already be committed."""
     settings = settings_of(celery)
+    if settings.embedded_broker:
+        settings.ensure_dirs()  # the filesystem transport cannot create its own folders
     celery.send_task(RENDER_TASK, args=[job_id], task_id=job_id, queue=settings.queue)
 
 
