@@ -1,0 +1,192 @@
+"""Loading pipelines: the tiny model through from_pretrained, the cache, and clear failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKLTemporalDecoder,
+    EulerDiscreteScheduler,
+    StableVideoDiffusionPipeline,
+    UNetSpatioTemporalConditionModel,
+)
+from transformers import CLIPVisionModelWithProjection
+
+from worker.pipeline import ModelUnavailable, clear_cache, load_pipeline, resolve_model
+from worker.plans import Plan
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+FP32 = Plan.uniform("fp32", "cpu")
+
+# Run in a fresh interpreter so huggingface_hub reads HF_ENDPOINT and HF_HOME at import,
+# exactly as a worker started with them would.
+_LOAD_SCRIPT = """
+import json, sys, time
+from pathlib import Path
+# Imported before the clock starts, so only the time spent on the Hub is measured.
+from diffusers import StableVideoDiffusionPipeline
+from worker.pipeline import ModelUnavailable, load_pipeline
+from worker.plans import Plan
+
+models_dir, timeout, specs = Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
+for spec in specs:
+    started = time.monotonic()
+    try:
+        pipe = load_pipeline(spec, models_dir, Plan.uniform("fp32", "cpu"), hub_timeout_s=timeout)
+        result = {"loaded": type(pipe).__name__}
+    except ModelUnavailable as error:
+        result = {"error": str(error)}
+    result["seconds"] = time.monotonic() - started
+    print(json.dumps(result), flush=True)
+"""
+
+
+@pytest.fixture(autouse=True)
+def _empty_cache() -> Iterator[None]:
+    clear_cache()
+    yield
+    clear_cache()
+
+
+def _load_in_subprocess(
+    tmp_path: Path, endpoint: str, timeout_s: float, *specs: str
+) -> list[dict[str, object]]:
+    """Run load_pipeline for each spec in a new Python with the Hub at ``endpoint``."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("HF_", "HUGGINGFACE_")) and key != "TRANSFORMERS_OFFLINE"
+    }
+    env.update(
+        HF_ENDPOINT=endpoint,
+        HF_HOME=str(tmp_path / "hf"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", _LOAD_SCRIPT, str(tmp_path / "models"), str(timeout_s), *specs],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    return [json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")]
+
+
+def _cache_as_hub_model(tiny_model_dir: Path, hf_home: Path, repo_id: str) -> None:
+    """Lay the tiny model out as huggingface_hub's cache holds a downloaded repository."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_tiny_loads_through_from_pretrained(tiny_model_dir: Path) -> None:
+    pipe = load_pipeline("tiny", tiny_model_dir.parent, FP32)
+    assert isinstance(pipe, StableVideoDiffusionPipeline)
+    assert isinstance(pipe.unet, UNetSpatioTemporalConditionModel)
+    assert isinstance(pipe.vae, AutoencoderKLTemporalDecoder)
+    assert isinstance(pipe.image_encoder, CLIPVisionModelWithProjection)
+    assert isinstance(pipe.scheduler, EulerDiscreteScheduler)
+    assert type(pipe.feature_extractor).__name__.startswith("CLIPImageProcessor")
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.image_encoder.config.image_size == 224
+    for name in ("unet", "vae", "image_encoder"):
+        module = getattr(pipe, name)
+        assert module.dtype == torch.float32 and module.device.type == "cpu", name
+
+
+def test_a_process_loads_a_model_once_per_plan(tiny_model_dir: Path) -> None:
+    first = load_pipeline(str(tiny_model_dir), Path("unused"), FP32)
+    assert load_pipeline("TINY", tiny_model_dir.parent, FP32) is first
+    bf16 = load_pipeline(str(tiny_model_dir), Path("unused"), Plan.uniform("bf16", "cpu"))
+    assert bf16 is not first
+    assert {getattr(bf16, n).dtype for n in ("unet", "vae", "image_encoder")} == {torch.bfloat16}
+    assert first.unet.dtype == torch.float32, "loading another plan must not cast the first"
+    assert load_pipeline(str(tiny_model_dir), Path("unused"), FP32) is not first
+
+
+def test_a_mixed_plan_casts_each_component(tiny_model_dir: Path) -> None:
+    plan = Plan(device="cpu", image_encoder="bf16", unet="fp16", vae="fp32")
+    pipe = load_pipeline(str(tiny_model_dir), Path("unused"), plan)
+    assert pipe.image_encoder.dtype == torch.bfloat16
+    assert pipe.unet.dtype == torch.float16
+    assert pipe.vae.dtype == torch.float32
+
+
+def test_resolve_model(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert resolve_model("tiny", tiny_model_dir.parent) == str(tiny_model_dir.resolve())
+    assert resolve_model(" Tiny ", tiny_model_dir.parent) == str(tiny_model_dir.resolve())
+    monkeypatch.chdir(tiny_model_dir.parent)
+    assert resolve_model("tiny/", tmp_path) == str(tiny_model_dir.resolve())
+    assert resolve_model("stabilityai/stable-video-diffusion-img2vid-xt", tmp_path) == (
+        "stabilityai/stable-video-diffusion-img2vid-xt"
+    )
+    assert resolve_model("some-model", tmp_path) == "some-model"
+
+
+@pytest.mark.parametrize(
+    "spec", ["./missing", "../missing/model", "/nonexistent/svd", "~/no-such-svd", "a/b/c", ""]
+)
+def test_a_missing_folder_is_unavailable(spec: str, tmp_path: Path) -> None:
+    with pytest.raises(ModelUnavailable) as raised:
+        load_pipeline(spec, tmp_path, FP32)
+    assert "SVDFARM_MODEL" in str(raised.value)
+    if spec:
+        assert "not found" in str(raised.value) and spec in str(raised.value)
+
+
+def test_a_file_or_a_folder_without_a_model_is_unavailable(tmp_path: Path) -> None:
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"")
+    with pytest.raises(ModelUnavailable, match="is a file"):
+        load_pipeline(str(weights), tmp_path, FP32)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelUnavailable, match="SVDFARM_MODEL") as raised:
+        load_pipeline(str(empty), tmp_path, FP32)
+    assert "model_index.json" in str(raised.value)
+
+
+def test_hub_refusing_connections(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A cached Hub model loads with no network; an uncached one fails fast and says why."""
+    _cache_as_hub_model(tiny_model_dir, tmp_path / "hf", "someorg/cached-model")
+    cached, missing = _load_in_subprocess(
+        tmp_path, "http://127.0.0.1:9", 10.0, "someorg/cached-model", "someorg/some-model"
+    )
+    assert cached == {"loaded": "StableVideoDiffusionPipeline", "seconds": cached["seconds"]}
+    assert "error" in missing, missing
+    message = str(missing["error"])
+    assert "'someorg/some-model'" in message
+    assert "SVDFARM_MODEL" in message and "hf download someorg/some-model" in message
+    assert "http://127.0.0.1:9 could not be reached" in message
+    assert float(missing["seconds"]) < 5.0
+
+
+def test_hub_never_answering_is_bounded_by_the_timeout(tmp_path: Path) -> None:
+    """A Hub that accepts connections and never replies must not hang the worker."""
+    with socket.socket() as black_hole:
+        black_hole.bind(("127.0.0.1", 0))
+        black_hole.listen(16)  # the kernel completes handshakes; nobody ever reads or answers
+        port = black_hole.getsockname()[1]
+        (result,) = _load_in_subprocess(
+            tmp_path, f"http://127.0.0.1:{port}", 1.0, "someorg/some-model"
+        )
+    assert "error" in result, result
+    assert "did not answer within 1 s" in str(result["error"])
+    assert "SVDFARM_MODEL" in str(result["error"])
+    assert float(result["seconds"]) < 5.0

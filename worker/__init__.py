@@ -1,0 +1,1 @@
+"""svdfarm's worker: Celery tasks, SVD pipeline loading, rendering and video encoding."""

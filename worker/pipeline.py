@@ -1,0 +1,245 @@
+"""Loading the SVD pipeline: from the tiny model, a local folder or the Hugging Face Hub.
+
+Every model goes through ``StableVideoDiffusionPipeline.from_pretrained``; each component is
+then cast to its plan's dtype and the pipeline moved to the plan's device. A process keeps
+the pipeline it loaded, so a worker pays the load once, not once per job.
+
+Hub access never waits without a bound: the local Hugging Face cache is tried first, without
+network; then one metadata request with ``hub_timeout_s`` checks that the Hub answers (the
+requests huggingface_hub makes inside ``from_pretrained`` have no timeout of their own);
+downloads use huggingface_hub's timeouts, set from ``hub_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import os
+import re
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from svdfarm.params import is_tiny
+from worker.plans import COMPONENTS, Plan
+from worker.tiny import save_tiny
+
+if TYPE_CHECKING:
+    # The defining module: diffusers' lazy top-level names type as dummies.
+    from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import (
+        StableVideoDiffusionPipeline,
+    )
+
+_WHAT_TO_DO = "or set SVDFARM_MODEL to a local folder or to 'tiny'"
+# A Hub repository id: "name" or "org/name" (letters, digits, '-', '_', '.').
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+_PATH_PREFIXES = ("/", "./", "../", "~", ".\\", "..\\")
+
+_cache: dict[tuple[str, tuple[str, ...]], StableVideoDiffusionPipeline] = {}
+_cache_lock = threading.Lock()
+
+
+class ModelUnavailable(RuntimeError):
+    """The model could not be found or fetched; the message says what to do about it."""
+
+
+def resolve_model(spec: str, models_dir: Path) -> str:
+    """Turn ``SVDFARM_MODEL``'s value into what ``from_pretrained`` loads.
+
+    ``tiny`` (any case) writes the tiny model under ``models_dir`` and returns its folder; an
+    existing folder is returned as an absolute path; a Hub id (``name`` or ``org/name``) is
+    returned unchanged. A path that does not exist raises :class:`ModelUnavailable`.
+    """
+    spec = spec.strip()
+    if not spec:
+        raise ModelUnavailable(f"No model given: set SVDFARM_MODEL to a Hub id, {_WHAT_TO_DO}.")
+    if is_tiny(spec):
+        return str(save_tiny(Path(models_dir) / "tiny").resolve())
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    if path.exists():
+        raise ModelUnavailable(
+            f"Model {spec!r} is a file, not a model folder: give the folder that holds "
+            f"model_index.json, a Hub id, {_WHAT_TO_DO}."
+        )
+    if spec.startswith(_PATH_PREFIXES) or spec in (".", "..") or not _HUB_ID.match(spec):
+        raise ModelUnavailable(
+            f"Model folder {spec!r} not found (looked in {path.absolute()}). "
+            f"Check the path, give a Hugging Face Hub id, {_WHAT_TO_DO}."
+        )
+    return spec
+
+
+def load_pipeline(
+    spec: str, models_dir: Path, plan: Plan, hub_timeout_s: float = 10.0
+) -> StableVideoDiffusionPipeline:
+    """Load (or take from this process's cache) the pipeline for ``spec``, placed as ``plan`` says.
+
+    The cache keeps one pipeline: loading another model or plan drops the previous one first,
+    so a GPU never holds two copies of a model. Raises :class:`ModelUnavailable` when the model
+    cannot be found or fetched.
+    """
+    resolved = resolve_model(spec, models_dir)
+    key = (resolved, plan.key())
+    with _cache_lock:
+        cached = _cache.get(key)
+        if cached is not None:
+            return cached
+        _drop_cached()
+        if os.path.isabs(resolved):
+            pipe = _load_folder(resolved, plan)
+        else:
+            pipe = _load_from_hub(resolved, plan, hub_timeout_s)
+        _place(pipe, plan)
+        _cache[key] = pipe
+        return pipe
+
+
+def clear_cache() -> None:
+    """Forget every cached pipeline and free the memory it held."""
+    with _cache_lock:
+        _drop_cached()
+
+
+def _drop_cached() -> None:
+    """Empty the cache and hand freed accelerator memory back (callers hold the lock)."""
+    if not _cache:
+        return
+    _cache.clear()
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _from_pretrained(source: str, plan: Plan, **kwargs: Any) -> StableVideoDiffusionPipeline:
+    """Call ``from_pretrained`` in the dtype that needs no second cast for a uniform plan."""
+    import diffusers
+    import torch
+    from diffusers import StableVideoDiffusionPipeline
+    from packaging.version import Version
+
+    dtype = plan.torch_dtype("unet") if plan.is_uniform else torch.float32
+    # diffusers 0.42 renamed torch_dtype to dtype and warns on the old name.
+    dtype_arg = "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
+    kwargs[dtype_arg] = dtype
+    return StableVideoDiffusionPipeline.from_pretrained(source, **kwargs)
+
+
+def _load_folder(folder: str, plan: Plan) -> StableVideoDiffusionPipeline:
+    """Load a model saved on disk, turning a malformed folder into :class:`ModelUnavailable`."""
+    try:
+        return _from_pretrained(folder, plan, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelUnavailable(
+            f"Could not load the model in folder {folder!r}: it should hold a diffusers "
+            "StableVideoDiffusionPipeline (model_index.json and the unet, vae, image_encoder, "
+            f"scheduler and feature_extractor folders). Fix the folder {_WHAT_TO_DO}. "
+            f"({type(error).__name__}: {error})"
+        ) from error
+
+
+def _load_from_hub(repo_id: str, plan: Plan, timeout_s: float) -> StableVideoDiffusionPipeline:
+    """Load a Hub model from the local cache, else download it, never waiting unbounded."""
+    from huggingface_hub import HfApi, constants
+
+    # huggingface_hub reads these at call time: they bound each file's metadata and download.
+    constants.HF_HUB_ETAG_TIMEOUT = timeout_s  # type: ignore[assignment]
+    constants.HF_HUB_DOWNLOAD_TIMEOUT = timeout_s  # type: ignore[assignment]
+    errors = _fetch_errors()
+    try:
+        return _from_pretrained(repo_id, plan, local_files_only=True)
+    except errors:
+        pass  # not (fully) cached: go online
+    try:
+        HfApi().model_info(repo_id, timeout=timeout_s)
+        return _from_pretrained(repo_id, plan)
+    except errors as error:
+        raise ModelUnavailable(_hub_message(repo_id, error, timeout_s)) from error
+
+
+def _hub_message(repo_id: str, error: BaseException, timeout_s: float) -> str:
+    """Say why ``repo_id`` could not be fetched and what to do, with the original error."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError
+
+    if isinstance(error, GatedRepoError):
+        reason = (
+            f"it is gated: accept its licence at {constants.ENDPOINT}/{repo_id} and log in "
+            "(hf auth login, or set HF_TOKEN)"
+        )
+    elif isinstance(error, RepositoryNotFoundError):
+        reason = "no such model on the Hub (check the name; a private model needs HF_TOKEN)"
+    elif isinstance(error, OfflineModeIsEnabled):
+        reason = "HF_HUB_OFFLINE is set and it is not in the local cache"
+    elif _is_timeout(error):
+        reason = (
+            f"the Hub at {constants.ENDPOINT} did not answer within {timeout_s:g} s "
+            "and it is not in the local cache"
+        )
+    elif _is_network_error(error):
+        reason = (
+            f"the Hub at {constants.ENDPOINT} could not be reached and it is not in the local cache"
+        )
+    else:
+        reason = "it is not in the local cache and could not be downloaded"
+    return (
+        f"Could not load model {repo_id!r} from the Hugging Face Hub: {reason}. Download it "
+        f"first (hf download {repo_id}, cache {constants.HF_HUB_CACHE}) {_WHAT_TO_DO}. "
+        f"({type(error).__name__}: {error})"
+    )
+
+
+def _fetch_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "could not fetch", across huggingface_hub's HTTP clients."""
+    return (OSError, ValueError) + _installed_types(
+        "huggingface_hub.errors:EntryNotFoundError",
+        "huggingface_hub.errors:CachedRepoTreeNotFoundError",
+        "huggingface_hub.errors:XetDownloadError",
+        "httpx2:HTTPError",
+        "httpx:HTTPError",
+        "requests:RequestException",
+    )
+
+
+def _is_timeout(error: BaseException) -> bool:
+    """True when a request to the Hub ran out of time, whichever HTTP client raised it."""
+    timeouts = (TimeoutError,) + _installed_types(
+        "httpx2:TimeoutException", "httpx:TimeoutException", "requests:Timeout"
+    )
+    return isinstance(error, timeouts)
+
+
+def _is_network_error(error: BaseException) -> bool:
+    """True for connection failures, whichever HTTP client raised them."""
+    network = (ConnectionError,) + _installed_types(
+        "httpx2:TransportError", "httpx:TransportError", "requests:ConnectionError"
+    )
+    return isinstance(error, network)
+
+
+def _installed_types(*names: str) -> tuple[type[BaseException], ...]:
+    """The exception classes named ``module:Class`` whose module is installed."""
+    found: list[type[BaseException]] = []
+    for name in names:
+        module_name, class_name = name.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        if isinstance(getattr(module, class_name, None), type):
+            found.append(getattr(module, class_name))
+    return tuple(found)
+
+
+def _place(pipe: StableVideoDiffusionPipeline, plan: Plan) -> None:
+    """Cast each component to its plan dtype, move the pipeline, silence its progress bar."""
+    for component in COMPONENTS:
+        module = getattr(pipe, component)
+        # Only cast what differs: diffusers warns on any to(dtype) of a loaded model.
+        if module.dtype != plan.torch_dtype(component):
+            module.to(dtype=plan.torch_dtype(component))
+    pipe.to(plan.device)
+    pipe.set_progress_bar_config(disable=True)
