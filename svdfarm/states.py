@@ -5,7 +5,16 @@ from __future__ import annotations
 import enum
 
 
-class JobState(str, enum.Enum):
+class _Readable(str, enum.Enum):
+    """A string enum whose members have a label a person reads."""
+
+    @property
+    def label(self) -> str:
+        """The value as a person reads it."""
+        return self.value.replace("_", " ")
+
+
+class JobState(_Readable):
     """Where a job is in its life."""
 
     QUEUED = "queued"
@@ -20,11 +29,6 @@ class JobState(str, enum.Enum):
         """True once the job will not change again without a requeue."""
         return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED)
 
-    @property
-    def label(self) -> str:
-        """The state as a person reads it."""
-        return self.value.replace("_", " ")
-
 
 class AttemptOutcome(str, enum.Enum):
     """How one try at rendering a job ended."""
@@ -35,7 +39,7 @@ class AttemptOutcome(str, enum.Enum):
     CANCELED = "canceled"
 
 
-class ErrorClass(str, enum.Enum):
+class ErrorClass(_Readable):
     """What kind of failure an attempt met; decides whether and how to retry."""
 
     DTYPE_MISMATCH = "dtype_mismatch"
@@ -44,11 +48,6 @@ class ErrorClass(str, enum.Enum):
     MODEL_UNAVAILABLE = "model_unavailable"
     TIMEOUT = "timeout"
     OTHER = "other"
-
-    @property
-    def label(self) -> str:
-        """The class as a person reads it."""
-        return self.value.replace("_", " ")
 
 
 class WorkerState(str, enum.Enum):
