@@ -92,7 +92,9 @@ def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     def stop(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt
 
+    # SIGINT too: a process started in the background inherits SIGINT ignored.
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     status = 0
     try:
         while all(child.poll() is None for child in children):

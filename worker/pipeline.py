@@ -118,9 +118,13 @@ def _from_pretrained(source: str, plan: Plan, **kwargs: Any) -> StableVideoDiffu
     """Call ``from_pretrained`` in the dtype that needs no second cast for a uniform plan."""
     import diffusers
     import torch
+    import transformers
     from diffusers import StableVideoDiffusionPipeline
     from packaging.version import Version
 
+    # Our own progress reporting replaces the loaders' bars, which clutter worker logs.
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     dtype = plan.torch_dtype("unet") if plan.is_uniform else torch.float32
     # diffusers 0.42 renamed torch_dtype to dtype and warns on the old name.
     dtype_arg = "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
