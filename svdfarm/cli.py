@@ -5,6 +5,7 @@ render one image without the queue, and write the built-in tiny model.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -157,28 +158,113 @@ def _cmd_render(args: argparse.Namespace, settings: Settings) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from worker.plans import choose_plan
-    from worker.runner import render_to_files
+    from worker.planner import first_plan
+    from worker.plans import parse_dtypes
+    from worker.runner import RenderFailed, local_capabilities, render_with_ladder
 
-    plan, reason = choose_plan(params.precision)
+    try:
+        dtypes = parse_dtypes(args.dtypes)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    casts = settings.casts and not args.no_casts
+    plan, reason = first_plan(local_capabilities(), params, casts=casts, dtypes=dtypes)
     if reason:
         print(f"note: {reason}", file=sys.stderr)
     print(
         f"rendering {params.num_frames} frames at {params.width}x{params.height}, "
-        f"{params.num_inference_steps} steps, seed {params.seed}, plan '{plan.name}', "
-        f"model {settings.model}",
+        f"{params.num_inference_steps} steps, seed {params.seed}, model {settings.model}",
         file=sys.stderr,
     )
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
+    hooks = _PrintedAttempts(quiet=args.json)
+    status = 0
     with tempfile.TemporaryDirectory() as tmp:
         poster = Path(args.poster) if args.poster else Path(tmp) / "poster.png"
-        outcome = render_to_files(
-            settings, params, plan, open_upright_rgb(data), out, poster, _progress_bar
+        try:
+            render_with_ladder(
+                settings,
+                params,
+                plan,
+                reason,
+                open_upright_rgb(data),
+                out,
+                poster,
+                _progress_bar,
+                hooks,
+            )
+        except RenderFailed as failed:
+            sys.stderr.write("\n")
+            print(f"error: {failed}", file=sys.stderr)
+            status = 1
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "output": str(out) if status == 0 else None,
+                    "attempts": [a.as_dict() for a in hooks.attempts],
+                },
+                indent=2,
+            )
         )
-    _progress_bar("done", 1.0, params.num_inference_steps)
-    sys.stderr.write("\n")
-    print(f"wrote {out} in {outcome.duration_s:.1f} s")
+    elif status == 0:
+        total = sum(a.duration_s for a in hooks.attempts)
+        print(f"wrote {out} in {total:.1f} s ({len(hooks.attempts)} attempt(s))")
+    return status
+
+
+class _PrintedAttempts:
+    """Attempt hooks for the command line: a line on stderr as each attempt starts and ends."""
+
+    def __init__(self, quiet: bool) -> None:
+        """Collect attempts; ``quiet`` keeps stderr to the progress bar."""
+        self.attempts: list[Any] = []
+        self.quiet = quiet
+
+    def started(self, attempt: Any) -> None:
+        """Say which plan this attempt runs."""
+        self.attempts.append(attempt)
+        if not self.quiet:
+            why = f" ({attempt.reason})" if attempt.reason and attempt.number > 1 else ""
+            print(f"\nattempt {attempt.number}: {attempt.plan.name}{why}", file=sys.stderr)
+
+    def finished(self, attempt: Any) -> None:
+        """Say how the attempt ended."""
+        if not self.quiet:
+            what = attempt.outcome.value
+            if attempt.error_class:
+                what += f" ({attempt.error_class.label}: {(attempt.message or '')[:160]})"
+            print(
+                f"\nattempt {attempt.number}: {what} in {attempt.duration_s:.1f} s", file=sys.stderr
+            )
+
+
+def _cmd_caps(args: argparse.Namespace, settings: Settings) -> int:
+    """``svdfarm caps``: this machine's capabilities and the plans it would pick."""
+    from svdfarm.params import PRECISIONS, parse_params
+    from worker.planner import first_plan
+    from worker.runner import local_capabilities
+
+    caps = local_capabilities()
+    params = parse_params({}, (1024, 576), settings.model)
+    plans = {}
+    for precision in PRECISIONS:
+        plan, reason = first_plan(caps, params, precision, casts=settings.casts)
+        plans[precision] = {"plan": plan.name, "reason": reason, **plan.as_dict()}
+    if args.json:
+        print(json.dumps({"capabilities": caps.as_dict(), "plans": plans}, indent=2))
+        return 0
+    print(caps.summary())
+    for key, value in caps.as_dict().items():
+        print(f"  {key:<20} {value}")
+    print(
+        f"plans for a {params.num_frames}-frame {params.width}x{params.height} job "
+        f"(boundary casts {'on' if settings.casts else 'off'}):"
+    )
+    for precision, info in plans.items():
+        note = f"  ({info['reason']})" if info["reason"] else ""
+        print(f"  {precision:<5} -> {info['plan']}{note}")
     return 0
 
 
@@ -228,6 +314,16 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--decode-chunk-size", type=int, default=None)
     render.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     render.add_argument("--model", default="", help="override SVDFARM_MODEL")
+    render.add_argument(
+        "--dtypes",
+        default="",
+        help="per-component dtypes, e.g. image_encoder=bf16,unet=fp32,vae=bf16",
+    )
+    render.add_argument("--no-casts", action="store_true", help="turn the boundary casts off")
+    render.add_argument("--json", action="store_true", help="print the attempts as JSON")
+
+    caps = sub.add_parser("caps", help="this machine's capabilities and the plans it would pick")
+    caps.add_argument("--json", action="store_true", help="print them as JSON")
 
     model = sub.add_parser("model", help="write a built-in model to disk")
     model.add_argument("name", choices=["tiny"])
@@ -242,6 +338,7 @@ COMMANDS = {
     "db": _cmd_db,
     "render": _cmd_render,
     "model": _cmd_model,
+    "caps": _cmd_caps,
 }
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Enum,
     Float,
@@ -102,6 +103,9 @@ class Job(Base):
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
     precision: Mapped[str] = mapped_column(String(8))
+    # Admin overrides, None = the worker decides: boundary casts on/off, per-component dtypes.
+    casts: Mapped[bool | None] = mapped_column(Boolean)
+    dtypes: Mapped[dict[str, str] | None] = mapped_column(JSON)
 
     input_key: Mapped[str] = mapped_column(String(200))
     input_filename: Mapped[str] = mapped_column(String(255), default="")

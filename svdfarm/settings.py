@@ -85,6 +85,8 @@ class Settings:
     task_time_limit_s: int = 3 * 3600 + 300
     queue: str = "svdfarm"
     hub_timeout_s: float = 10.0
+    casts: bool = True
+    max_attempts: int = 8
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -145,6 +147,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         task_time_limit_s=_int(env, "TASK_TIME_LIMIT", 3 * 3600 + 300, minimum=1),
         queue=_str(env, "QUEUE", "svdfarm"),
         hub_timeout_s=_float(env, "HUB_TIMEOUT", 10.0),
+        casts=_bool(env, "CASTS", True),
+        max_attempts=_int(env, "MAX_ATTEMPTS", 8, minimum=1, maximum=10),
     )
     if settings.task_time_limit_s <= settings.task_soft_time_limit_s:
         raise SettingsError(

@@ -1,20 +1,39 @@
-"""Sorting exceptions into error classes, and the message a user sees for each."""
+"""Sorting exceptions into error classes, and the message a user sees for each.
+
+The class decides what the ladder does next: a dtype mismatch, running out of memory or
+non-finite output are worth another attempt with a different plan; anything else is not.
+Torch is never imported here: this module is loaded by code that must stay light, and an
+exception can only be a torch one if torch is already in ``sys.modules``.
+"""
 
 from __future__ import annotations
 
+import re
+import sys
+from typing import Any
+
 from svdfarm.states import ErrorClass
 
-_DTYPE_MARKERS = (
-    "should be the same",
-    "expected scalar type",
-    "must have the same dtype",
-    "expected both inputs to have same dtype",
+# The mixed-dtype messages torch 2.13 raises (checked against real calls in the tests), and
+# diffusers' attention checks, which raise ValueError("Query and key must have the same dtype.").
+_DTYPE_PATTERN = re.compile(
+    r"same (?:dtype|scalar type|datatype)"  # linear, addmm, addmv, dot, SDPA, index_add
+    r"|type \([^)]*\) should be the same"  # conv: "Input type (float) and bias type (...)"
+    r"|\bexpected scalar type"  # bmm, baddbmm, einsum, conv without bias
+    r"|mixed dtype"  # layer_norm, group_norm, batch_norm on CPU
+    r"|dtypes must be the same|dtypes match"  # baddbmm's input, index_put
+    r"|type promoting not supported|dtype to be equal to|to match query dtype|but got dtype",
+    re.IGNORECASE,
 )
+# Conv says "Input type (torch.FloatTensor) and weight type (torch.cuda.FloatTensor) should be
+# the same" when only the devices differ; that is a placement bug another dtype cannot fix.
+_CONV_TYPES = re.compile(r"input type \(([^)]*)\) and \w+ type \(([^)]*)\) should", re.IGNORECASE)
 _OOM_MARKERS = (
-    "out of memory",
-    "can't allocate memory",
-    "cannot allocate memory",
-    "mps backend out of memory",
+    "out of memory",  # "CUDA out of memory", "CUDA error: out of memory", "MPS backend out of ..."
+    "alloc_failed",  # CUBLAS_STATUS_ALLOC_FAILED, CUDNN_STATUS_ALLOC_FAILED
+    "can't allocate memory",  # DefaultCPUAllocator on Linux and macOS
+    "not enough memory",  # DefaultCPUAllocator on Windows
+    "cannot allocate memory",  # errno 12 as the OS words it
 )
 
 
@@ -27,7 +46,21 @@ class NonFiniteOutput(RuntimeError):
 
 
 def classify(exc: BaseException) -> ErrorClass:
-    """The error class of an exception raised while rendering."""
+    """The error class of an exception raised while rendering, looking through its causes."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        found = _classify_one(link)
+        if found is not ErrorClass.OTHER:
+            return found
+        # A wrapper raised while handling an OOM is still an OOM, unless it said "from None".
+        link = link.__cause__ or (None if link.__suppress_context__ else link.__context__)
+    return ErrorClass.OTHER
+
+
+def _classify_one(exc: BaseException) -> ErrorClass:
+    """The error class of one exception, without its causes."""
     from celery.exceptions import SoftTimeLimitExceeded
 
     from worker.pipeline import ModelUnavailable
@@ -38,14 +71,54 @@ def classify(exc: BaseException) -> ErrorClass:
         return ErrorClass.TIMEOUT
     if isinstance(exc, NonFiniteOutput):
         return ErrorClass.NON_FINITE
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+    torch = sys.modules.get("torch")
+    if isinstance(exc, MemoryError) or (
+        torch is not None and isinstance(exc, torch.OutOfMemoryError)
+    ):
         return ErrorClass.OUT_OF_MEMORY
-    text = str(exc).lower()
-    if isinstance(exc, RuntimeError) and any(m in text for m in _OOM_MARKERS):
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and any(m in text.lower() for m in _OOM_MARKERS):
         return ErrorClass.OUT_OF_MEMORY
-    if isinstance(exc, (RuntimeError, TypeError)) and any(m in text for m in _DTYPE_MARKERS):
-        return ErrorClass.DTYPE_MISMATCH
+    if isinstance(exc, (RuntimeError, TypeError, ValueError)) and _DTYPE_PATTERN.search(text):
+        conv = _CONV_TYPES.search(text)
+        if conv is None or _float_kind(conv[1]) != _float_kind(conv[2]):
+            return ErrorClass.DTYPE_MISMATCH
     return ErrorClass.OTHER
+
+
+def _float_kind(type_name: str) -> str:
+    """The floating-point kind in a torch type name such as ``torch.cuda.HalfTensor``."""
+    lowered = type_name.lower()
+    # bfloat16 before float: "c10::BFloat16" contains both.
+    return next((k for k in ("bfloat16", "half", "double", "float") if k in lowered), lowered)
+
+
+def check_finite(values: Any, where: str) -> None:
+    """Raise :class:`NonFiniteOutput` if a torch tensor or numpy array holds NaN or infinity."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(values, torch.Tensor):
+        if not (values.is_floating_point() or values.is_complex()):
+            return
+        finite = torch.isfinite(values)
+        if bool(finite.all()):
+            return
+        total, nan = values.numel(), int(torch.isnan(values).sum())
+        bad, dtype = total - int(finite.sum()), str(values.dtype).removeprefix("torch.")
+    else:
+        import numpy as np
+
+        array = np.asarray(values)
+        if not np.issubdtype(array.dtype, np.inexact):
+            return
+        finite_array = np.isfinite(array)
+        if finite_array.all():
+            return
+        total, nan = array.size, int(np.isnan(array).sum())
+        bad, dtype = total - int(finite_array.sum()), str(array.dtype)
+    raise NonFiniteOutput(
+        f"NaN/inf in {where}: {nan} NaN and {bad - nan} infinite of {total} values ({dtype}); "
+        "a plan with a wider dtype (fp32) for the component that made them avoids this."
+    )
 
 
 def user_message(error_class: ErrorClass, exc: BaseException) -> str:
@@ -57,6 +130,16 @@ def user_message(error_class: ErrorClass, exc: BaseException) -> str:
         return "The render took longer than the time limit and was stopped."
     if error_class is ErrorClass.OUT_OF_MEMORY:
         return f"The worker ran out of memory ({detail}). Try fewer frames or a smaller size."
+    if error_class is ErrorClass.NON_FINITE:
+        return (
+            f"The render produced invalid pixels ({detail}). "
+            "Choose precision fp32 and submit again."
+        )
+    if error_class is ErrorClass.DTYPE_MISMATCH:
+        return (
+            f"The model's parts disagreed on number precision ({detail}). "
+            "Choose precision fp32 and submit again; an operator can requeue the job."
+        )
     return (
         f"The render failed: {type(exc).__name__}: {detail}. "
         "The attempt is recorded with its traceback; an operator can requeue the job."

@@ -23,8 +23,9 @@ from svdfarm.settings import Settings
 from svdfarm.states import AttemptOutcome, ErrorClass, JobState, WorkerState
 from svdfarm.storage import Storage
 from worker.errors import JobCanceled, classify, user_message
-from worker.plans import Plan, choose_plan
-from worker.runner import render_to_files
+from worker.planner import first_plan
+from worker.plans import Plan
+from worker.runner import AttemptResult, RenderFailed, local_capabilities, render_with_ladder
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,8 @@ class Claimed:
 
     params: RenderParams
     input_key: str
-    attempt_id: int
     plan: Plan
+    reason: str | None
 
 
 def _params_of(job: Job) -> RenderParams:
@@ -46,8 +47,8 @@ def _params_of(job: Job) -> RenderParams:
     return RenderParams(**job.params())
 
 
-def _claim(db: Database, job_id: uuid.UUID, hostname: str) -> Claimed | str:
-    """Mark the job running and insert its attempt; or say why there is nothing to do."""
+def _claim(db: Database, settings: Settings, job_id: uuid.UUID, hostname: str) -> Claimed | str:
+    """Mark the job running and choose its first plan; or say why there is nothing to do."""
     with db.begin() as session:
         job = session.get(Job, job_id)
         if job is None:
@@ -89,29 +90,14 @@ def _claim(db: Database, job_id: uuid.UUID, hostname: str) -> Claimed | str:
             )
         )
         params = _params_of(job)
-        plan, reason = choose_plan(params.precision)
-        number = (
-            session.scalar(select(func.coalesce(func.max(Attempt.number), 0)).where(
-                Attempt.job_id == job_id
-            ))
-            or 0
-        ) + 1
-        attempt = Attempt(
-            job_id=job_id,
-            number=number,
-            worker=hostname,
-            plan_name=plan.name,
-            plan={**plan.as_dict(), **({"reason": reason} if reason else {})},
-            outcome=AttemptOutcome.RUNNING,
-        )
-        session.add(attempt)
+        casts = settings.casts if job.casts is None else job.casts
+        plan, reason = first_plan(local_capabilities(), params, casts=casts, dtypes=job.dtypes)
         session.execute(
             update(Worker)
             .where(Worker.hostname == hostname)
             .values(state=WorkerState.BUSY, current_job_id=job_id, last_heartbeat=utcnow())
         )
-        session.flush()
-        return Claimed(params, job.input_key, attempt.id, plan)
+        return Claimed(params, job.input_key, plan, reason)
 
 
 class _ProgressWriter:
@@ -140,27 +126,64 @@ class _ProgressWriter:
             raise JobCanceled()
 
 
-def _finish(
-    db: Database,
-    job_id: uuid.UUID,
-    attempt_id: int,
-    hostname: str,
-    job_values: dict[str, Any],
-    attempt_values: dict[str, Any],
-) -> None:
-    """Close the attempt and move the job to its end state, in one transaction."""
+class _AttemptRows:
+    """Records each attempt of the ladder as a row, as it starts and as it ends."""
+
+    def __init__(self, db: Database, job_id: uuid.UUID, hostname: str) -> None:
+        """Record attempts of ``job_id`` run by ``hostname``."""
+        self.db, self.job_id, self.hostname = db, job_id, hostname
+        self.rows: dict[int, int] = {}  # attempt number in this run -> row id
+
+    def started(self, attempt: AttemptResult) -> None:
+        """Insert the attempt's row, numbered after any earlier runs of the job."""
+        with self.db.begin() as session:
+            number = (
+                session.scalar(
+                    select(func.coalesce(func.max(Attempt.number), 0)).where(
+                        Attempt.job_id == self.job_id
+                    )
+                )
+                or 0
+            ) + 1
+            plan = attempt.plan.as_dict()
+            if attempt.reason:
+                plan["reason"] = attempt.reason
+            row = Attempt(
+                job_id=self.job_id,
+                number=number,
+                worker=self.hostname,
+                plan_name=attempt.plan.name,
+                plan=plan,
+                outcome=AttemptOutcome.RUNNING,
+            )
+            session.add(row)
+            session.flush()
+            self.rows[attempt.number] = row.id
+
+    def finished(self, attempt: AttemptResult) -> None:
+        """Write how the attempt ended."""
+        with self.db.begin() as session:
+            row = session.get(Attempt, self.rows[attempt.number])
+            if row is None:
+                return
+            row.finished_at = utcnow()
+            row.outcome = attempt.outcome
+            row.error_class = attempt.error_class
+            row.error_type = attempt.error_type
+            row.message = attempt.message
+            row.traceback = attempt.traceback
+            row.duration_s = attempt.duration_s
+            row.peak_memory_bytes = attempt.peak_memory_bytes
+
+
+def _finish(db: Database, job_id: uuid.UUID, hostname: str, values: dict[str, Any]) -> None:
+    """Move the job to its end state and free the worker, in one transaction."""
     now = utcnow()
     with db.begin() as session:
-        attempt = session.get(Attempt, attempt_id)
-        if attempt is not None:
-            attempt.finished_at = now
-            attempt.duration_s = (now - attempt.started_at).total_seconds()
-            for name, value in attempt_values.items():
-                setattr(attempt, name, value)
         session.execute(
             update(Job)
             .where(Job.id == job_id, Job.state.in_((JobState.RUNNING, JobState.CANCEL_REQUESTED)))
-            .values(finished_at=now, updated_at=now, **job_values)
+            .values(finished_at=now, updated_at=now, **values)
         )
         session.execute(
             update(Worker)
@@ -170,58 +193,45 @@ def _finish(
 
 
 def run_job(db: Database, settings: Settings, job_id: str, hostname: str) -> str:
-    """Render job ``job_id`` and record everything; returns how it ended (for logs)."""
+    """Render job ``job_id`` down the ladder and record everything; returns how it ended."""
     key = uuid.UUID(job_id)
-    claimed = _claim(db, key, hostname)
+    claimed = _claim(db, settings, key, hostname)
     if isinstance(claimed, str):
         log.info("job %s not run: %s", job_id, claimed)
         return claimed
     storage = Storage(settings.storage_dir)
     video_key, poster_key = Storage.key(key, "video.mp4"), Storage.key(key, "poster.png")
-    report = _ProgressWriter(db, key, settings.progress_interval_s)
     try:
         image = open_upright_rgb(storage.path(claimed.input_key).read_bytes())
-        outcome = render_to_files(
+        render_with_ladder(
             settings,
             claimed.params,
             claimed.plan,
+            claimed.reason,
             image,
             storage.path(video_key),
             storage.path(poster_key),
-            report,
+            _ProgressWriter(db, key, settings.progress_interval_s),
+            _AttemptRows(db, key, hostname),
         )
     except JobCanceled:
-        _finish(
-            db,
-            key,
-            claimed.attempt_id,
-            hostname,
-            {"state": JobState.CANCELED, "phase": "done"},
-            {"outcome": AttemptOutcome.CANCELED, "message": "Canceled by request."},
-        )
+        _finish(db, key, hostname, {"state": JobState.CANCELED, "phase": "done"})
         return "canceled"
+    except RenderFailed as failed:
+        log.warning("job %s failed after %d attempt(s): %s", job_id, len(failed.attempts), failed)
+        _finish(db, key, hostname, {"state": JobState.FAILED, "error": str(failed)})
+        return "failed"
     except Exception as exc:
-        error_class = classify(exc)
-        log.exception("job %s failed (%s)", job_id, error_class.value)
+        # Before the first attempt (the input could not be read): record it as one.
+        log.exception("job %s failed before rendering", job_id)
+        _record_early_failure(db, key, hostname, claimed.plan, exc)
         _finish(
-            db,
-            key,
-            claimed.attempt_id,
-            hostname,
-            {"state": JobState.FAILED, "error": user_message(error_class, exc)},
-            {
-                "outcome": AttemptOutcome.FAILED,
-                "error_class": error_class,
-                "error_type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-                "message": str(exc)[:10_000],
-                "traceback": traceback.format_exc(),
-            },
+            db, key, hostname, {"state": JobState.FAILED, "error": user_message(classify(exc), exc)}
         )
         return "failed"
     _finish(
         db,
         key,
-        claimed.attempt_id,
         hostname,
         {
             "state": JobState.SUCCEEDED,
@@ -231,9 +241,19 @@ def run_job(db: Database, settings: Settings, job_id: str, hostname: str) -> str
             "video_key": video_key,
             "poster_key": poster_key,
         },
-        {
-            "outcome": AttemptOutcome.SUCCEEDED,
-            "peak_memory_bytes": outcome.peak_memory_bytes,
-        },
     )
     return "succeeded"
+
+
+def _record_early_failure(
+    db: Database, job_id: uuid.UUID, hostname: str, plan: Plan, exc: BaseException
+) -> None:
+    """Record a failure that happened before rendering as a failed attempt."""
+    rows = _AttemptRows(db, job_id, hostname)
+    attempt = AttemptResult(1, plan, None, outcome=AttemptOutcome.FAILED)
+    attempt.error_class = classify(exc)
+    attempt.error_type = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    attempt.message = str(exc)[:10_000]
+    attempt.traceback = traceback.format_exc()
+    rows.started(attempt)
+    rows.finished(attempt)

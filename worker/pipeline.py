@@ -30,12 +30,14 @@ if TYPE_CHECKING:
         StableVideoDiffusionPipeline,
     )
 
+    from worker.placement import Placement
+
 _WHAT_TO_DO = "or set SVDFARM_MODEL to a local folder or to 'tiny'"
 # A Hub repository id: "name" or "org/name" (letters, digits, '-', '_', '.').
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 _PATH_PREFIXES = ("/", "./", "../", "~", ".\\", "..\\")
 
-_cache: dict[tuple[str, tuple[str, ...]], StableVideoDiffusionPipeline] = {}
+_cache: dict[str, Placement] = {}
 _cache_lock = threading.Lock()
 
 
@@ -74,26 +76,39 @@ def resolve_model(spec: str, models_dir: Path) -> str:
 def load_pipeline(
     spec: str, models_dir: Path, plan: Plan, hub_timeout_s: float = 10.0
 ) -> StableVideoDiffusionPipeline:
-    """Load (or take from this process's cache) the pipeline for ``spec``, placed as ``plan`` says.
+    """The pipeline for ``spec``, loaded once per process and put into ``plan``'s shape.
 
-    The cache keeps one pipeline: loading another model or plan drops the previous one first,
-    so a GPU never holds two copies of a model. Raises :class:`ModelUnavailable` when the model
-    cannot be found or fetched.
+    The first call loads from disk (or the Hub) with each component in the plan's dtype; later
+    calls, retries included, re-cast and re-place the cached pipeline in place
+    (:class:`worker.placement.Placement`), never reload it. Loading another model drops the
+    previous one first, so a GPU never holds two. Raises :class:`ModelUnavailable` when the
+    model cannot be found or fetched.
     """
+    from worker.placement import Placement
+
     resolved = resolve_model(spec, models_dir)
-    key = (resolved, plan.key())
     with _cache_lock:
-        cached = _cache.get(key)
-        if cached is not None:
-            return cached
-        _drop_cached()
-        if os.path.isabs(resolved):
-            pipe = _load_folder(resolved, plan)
-        else:
-            pipe = _load_from_hub(resolved, plan, hub_timeout_s)
-        _place(pipe, plan)
-        _cache[key] = pipe
-        return pipe
+        placement = _cache.get(resolved)
+        if placement is None:
+            _drop_cached()
+            if os.path.isabs(resolved):
+                pipe = _load_folder(resolved, plan)
+            else:
+                pipe = _load_from_hub(resolved, plan, hub_timeout_s)
+            pipe.set_progress_bar_config(disable=True)
+            placement = Placement(pipe)
+            _cache[resolved] = placement
+        placement.apply(plan)
+        return placement.pipe
+
+
+def cached_placement(spec: str, models_dir: Path) -> Placement | None:
+    """The cached placement of ``spec``'s pipeline in this process, if it was loaded."""
+    try:
+        resolved = resolve_model(spec, models_dir)
+    except ModelUnavailable:
+        return None
+    return _cache.get(resolved)
 
 
 def clear_cache() -> None:
@@ -102,20 +117,28 @@ def clear_cache() -> None:
         _drop_cached()
 
 
-def _drop_cached() -> None:
-    """Empty the cache and hand freed accelerator memory back (callers hold the lock)."""
-    if not _cache:
-        return
-    _cache.clear()
+def free_memory() -> None:
+    """Collect garbage and hand cached accelerator memory back (before a retry)."""
     gc.collect()
     import torch
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    mps = getattr(torch, "mps", None)
+    if mps is not None and torch.backends.mps.is_available():
+        mps.empty_cache()
+
+
+def _drop_cached() -> None:
+    """Empty the cache and free the memory it held (callers hold the lock)."""
+    if not _cache:
+        return
+    _cache.clear()
+    free_memory()
 
 
 def _from_pretrained(source: str, plan: Plan, **kwargs: Any) -> StableVideoDiffusionPipeline:
-    """Call ``from_pretrained`` in the dtype that needs no second cast for a uniform plan."""
+    """Call ``from_pretrained`` with each component loaded in its plan dtype."""
     import diffusers
     import torch
     import transformers
@@ -125,7 +148,10 @@ def _from_pretrained(source: str, plan: Plan, **kwargs: Any) -> StableVideoDiffu
     # Our own progress reporting replaces the loaders' bars, which clutter worker logs.
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
-    dtype = plan.torch_dtype("unet") if plan.is_uniform else torch.float32
+    # Each component is loaded straight into its plan dtype: no cast of a loaded model, and
+    # later re-casts from these weights are exact (see worker.placement).
+    dtype = {c: plan.torch_dtype(c) for c in COMPONENTS}
+    dtype["default"] = torch.float32
     # diffusers 0.42 renamed torch_dtype to dtype and warns on the old name.
     dtype_arg = "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
     kwargs[dtype_arg] = dtype
@@ -236,14 +262,3 @@ def _installed_types(*names: str) -> tuple[type[BaseException], ...]:
         if isinstance(getattr(module, class_name, None), type):
             found.append(getattr(module, class_name))
     return tuple(found)
-
-
-def _place(pipe: StableVideoDiffusionPipeline, plan: Plan) -> None:
-    """Cast each component to its plan dtype, move the pipeline, silence its progress bar."""
-    for component in COMPONENTS:
-        module = getattr(pipe, component)
-        # Only cast what differs: diffusers warns on any to(dtype) of a loaded model.
-        if module.dtype != plan.torch_dtype(component):
-            module.to(dtype=plan.torch_dtype(component))
-    pipe.to(plan.device)
-    pipe.set_progress_bar_config(disable=True)

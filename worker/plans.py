@@ -1,18 +1,13 @@
-"""Dtype plans: where the pipeline runs and the dtype of each of its three models.
-
-A plan is plain data, written on each attempt and shown on the admin page by its ``name``.
-For now every plan is uniform (one dtype for all components); the fields are per component so
-mixed plans, offload and boundary casts can be added without changing the shape.
+"""Dtype plans: where the pipeline runs, the dtype of each of its three models, and the memory
+knobs. A plan is plain data, written on each attempt and shown by its ``name``.
 
 torch is imported inside the functions that need it, so reading a plan stays cheap.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
-
-from svdfarm.params import PRECISIONS
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -20,6 +15,7 @@ if TYPE_CHECKING:
 DTYPES = ("fp32", "bf16", "fp16")
 COMPONENTS = ("image_encoder", "unet", "vae")
 DEVICES = ("cuda", "mps", "cpu")
+OFFLOADS = ("none", "model", "sequential")
 
 # The order and short names used in Plan.name: the UNet first, it dominates time and memory.
 _SHORT_NAMES = {"unet": "unet", "image_encoder": "enc", "vae": "vae"}
@@ -27,15 +23,26 @@ _SHORT_NAMES = {"unet": "unet", "image_encoder": "enc", "vae": "vae"}
 
 @dataclass(frozen=True)
 class Plan:
-    """A device and one dtype ("fp32", "bf16" or "fp16") for each pipeline component."""
+    """A device, a dtype for each pipeline component, and how to spend memory.
+
+    ``casts`` turns on the boundary casts (each component's inputs cast to its dtype, its
+    outputs to fp32) that make any mix of dtypes valid. ``offload`` moves components to the
+    CPU between uses (``model``) or layer by layer (``sequential``); ``forward_chunking`` runs
+    the UNet's feed-forward layers in chunks; ``decode_chunk_size`` is how many frames the VAE
+    decodes at once.
+    """
 
     device: str
     image_encoder: str
     unet: str
     vae: str
+    decode_chunk_size: int = 8
+    offload: str = "none"
+    forward_chunking: bool = False
+    casts: bool = True
 
     def __post_init__(self) -> None:
-        """Refuse a dtype or device the worker does not know, naming the value."""
+        """Refuse a dtype, device or knob the worker does not know, naming the value."""
         for component in COMPONENTS:
             dtype = getattr(self, component)
             if dtype not in DTYPES:
@@ -47,11 +54,21 @@ class Plan:
                 f"device must be one of {', '.join(DEVICES)} (optionally cuda:N), "
                 f"got {self.device!r}"
             )
+        if self.offload not in OFFLOADS:
+            raise ValueError(f"offload must be one of {', '.join(OFFLOADS)}, got {self.offload!r}")
+        if self.decode_chunk_size < 1:
+            raise ValueError(f"decode_chunk_size must be at least 1, got {self.decode_chunk_size}")
 
     @classmethod
-    def uniform(cls, dtype: str, device: str) -> Plan:
+    def uniform(cls, dtype: str, device: str, **knobs: Any) -> Plan:
         """A plan with the same dtype for every component."""
-        return cls(device=device, image_encoder=dtype, unet=dtype, vae=dtype)
+        return cls(device=device, image_encoder=dtype, unet=dtype, vae=dtype, **knobs)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        """Read a plan back from :meth:`as_dict` (extra keys such as ``name`` are ignored)."""
+        fields = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in data.items() if k in fields})
 
     @property
     def is_uniform(self) -> bool:
@@ -59,23 +76,34 @@ class Plan:
         return len({self.image_encoder, self.unet, self.vae}) == 1
 
     @property
-    def name(self) -> str:
-        """A short readable name, e.g. ``fp32 on cpu`` or ``bf16 unet+enc, fp32 vae on cuda``."""
+    def dtypes_name(self) -> str:
+        """The dtypes as a person reads them: ``bf16`` or ``bf16 unet+enc, fp32 vae``."""
         if self.is_uniform:
-            return f"{self.unet} on {self.device}"
+            return self.unet
         groups: dict[str, list[str]] = {}
         for component, short in _SHORT_NAMES.items():
             groups.setdefault(getattr(self, component), []).append(short)
-        parts = [f"{dtype} {'+'.join(names)}" for dtype, names in groups.items()]
+        return ", ".join(f"{dtype} {'+'.join(names)}" for dtype, names in groups.items())
+
+    @property
+    def name(self) -> str:
+        """A short readable name, e.g. ``bf16 unet+enc, fp32 vae, chunk 4 on cuda``."""
+        parts = [self.dtypes_name, f"chunk {self.decode_chunk_size}"]
+        if self.offload != "none":
+            parts.append(f"{self.offload} offload")
+        if self.forward_chunking:
+            parts.append("ff chunking")
+        if not self.casts:
+            parts.append("no casts")
         return f"{', '.join(parts)} on {self.device}"
 
-    def as_dict(self) -> dict[str, str]:
+    def as_dict(self) -> dict[str, Any]:
         """The plan's fields and name as a JSON-ready dict (stored on the attempt)."""
         return {**asdict(self), "name": self.name}
 
-    def key(self) -> tuple[str, ...]:
-        """A hashable key for caches: equal plans give equal keys."""
-        return (self.device, self.image_encoder, self.unet, self.vae)
+    def key(self) -> tuple[Any, ...]:
+        """A hashable key: equal plans give equal keys."""
+        return tuple(asdict(self).values())
 
     def dtype_of(self, component: str) -> str:
         """The dtype name of ``component`` ("image_encoder", "unet" or "vae")."""
@@ -86,6 +114,29 @@ class Plan:
     def torch_dtype(self, component: str) -> torch.dtype:
         """The ``torch.dtype`` of ``component``."""
         return to_torch_dtype(self.dtype_of(component))
+
+    def with_changes(self, **changes: Any) -> Plan:
+        """A copy with some fields replaced (dtypes by component name, or knobs)."""
+        return replace(self, **changes)
+
+    def all_fp32(self) -> Plan:
+        """The same plan with every component in fp32: the last resort of the ladder."""
+        return replace(self, image_encoder="fp32", unet="fp32", vae="fp32")
+
+
+def parse_dtypes(text: str) -> dict[str, str]:
+    """Parse ``image_encoder=bf16,unet=fp32,vae=bf16`` (any subset) into a dict."""
+    result: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        component, sep, dtype = item.partition("=")
+        component, dtype = component.strip(), dtype.strip().lower()
+        if not sep or component not in COMPONENTS or dtype not in DTYPES:
+            raise ValueError(
+                f"bad dtype override {item!r}: use component=dtype with a component of "
+                f"{', '.join(COMPONENTS)} and a dtype of {', '.join(DTYPES)}"
+            )
+        result[component] = dtype
+    return result
 
 
 def to_torch_dtype(dtype: str) -> torch.dtype:
@@ -101,58 +152,3 @@ def to_torch_dtype(dtype: str) -> torch.dtype:
 def device_type(device: str) -> str:
     """The device's type without an index: ``cuda:1`` -> ``cuda``."""
     return device.split(":", 1)[0]
-
-
-def detect_device() -> str:
-    """The best device torch can use here: "cuda", "mps" or "cpu"."""
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def bf16_supported(device: str) -> bool:
-    """Whether ``device`` runs bf16 natively (CUDA: Ampere or newer; CPU: always)."""
-    kind = device_type(device)
-    if kind == "cpu":
-        return True
-    if kind == "cuda":
-        import torch
-
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    # MPS bf16 depends on the macOS version; fp16 is the precision Apple devices are known to run.
-    return False
-
-
-def choose_plan(precision: str, device: str | None = None) -> tuple[Plan, str | None]:
-    """Pick the plan for a requested ``precision`` ("auto", "bf16", "fp16" or "fp32").
-
-    ``auto`` means bf16 on CUDA when supported (else fp16), fp16 on MPS and fp32 on CPU. An
-    explicit precision is honoured as a uniform plan, except bf16 on a device without bf16,
-    which becomes fp16. Returns the plan and, when the request was changed, the reason why.
-    """
-    precision = precision.strip().lower()
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    device = device or detect_device()
-    kind = device_type(device)
-    if kind not in DEVICES:
-        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
-
-    if precision == "auto":
-        if kind == "cuda":
-            dtype = "bf16" if bf16_supported(device) else "fp16"
-        elif kind == "mps":
-            dtype = "fp16"
-        else:
-            dtype = "fp32"
-        return Plan.uniform(dtype, device), None
-
-    if precision == "bf16" and not bf16_supported(device):
-        reason = f"bf16 was asked for but {device} does not support bf16; using fp16 instead."
-        return Plan.uniform("fp16", device), reason
-    return Plan.uniform(precision, device), None
