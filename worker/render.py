@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from svdfarm.params import RenderParams
-from worker.errors import NonFiniteOutput
+from worker.errors import check_finite
 from worker.plans import Plan
 
 if TYPE_CHECKING:
@@ -53,6 +53,8 @@ def render_frames(
     def step_end(
         _pipe: Any, step_index: int, _timestep: Any, callback_kwargs: dict[str, Any]
     ) -> dict[str, Any]:
+        # A NaN in the latents is caught here, steps before it would spoil the frames.
+        check_finite(callback_kwargs["latents"], f"the latents after step {step_index + 1}")
         if on_step is not None:
             on_step(step_index + 1, total)
         return callback_kwargs
@@ -68,16 +70,13 @@ def render_frames(
             fps=params.fps,
             motion_bucket_id=params.motion_bucket_id,
             noise_aug_strength=params.noise_aug_strength,
-            decode_chunk_size=params.decode_chunk_size,
+            # The plan's, not the job's: the ladder lowers it after an out-of-memory error.
+            decode_chunk_size=plan.decode_chunk_size,
             generator=generator,
             output_type="np",
             callback_on_step_end=step_end,
         )
     # output_type="np" gives float32 in [0, 1], shaped (batch, frames, height, width, 3).
     video = np.asarray(output.frames)[0]
-    if not np.isfinite(video).all():
-        raise NonFiniteOutput(
-            f"The render with plan '{plan.name}' produced NaN or infinite pixels; "
-            "a wider dtype (fp32 VAE) avoids this."
-        )
+    check_finite(video, f"the frames decoded with plan '{plan.name}'")
     return np.clip(np.rint(video * 255.0), 0, 255).astype(np.uint8)

@@ -200,3 +200,40 @@ def test_render_input_bytes_are_what_was_uploaded(db: Database, settings: Settin
     job_id = _submit(db, settings)
     stored = Storage(settings.storage_dir).path(_job(db, job_id).input_key).read_bytes()
     assert stored == png_bytes()
+
+
+@pytest.mark.parametrize("database_url", DATABASES, indirect=True)
+def test_casts_off_bf16_vae_fails_then_succeeds_in_fp32(db: Database, settings: Settings) -> None:
+    """The seed's error, for real: a bf16 VAE without casts fails, the ladder finishes in fp32."""
+    job_id = _submit(db, settings)
+    with db.begin() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.casts, job.dtypes = False, {"vae": "bf16"}
+    assert run_job(db, settings, str(job_id), "w1@test") == "succeeded"
+    job = _job(db, job_id)
+    assert job.state is JobState.SUCCEEDED
+    first, second = job.attempts
+    assert first.outcome is AttemptOutcome.FAILED
+    assert first.error_class is ErrorClass.DTYPE_MISMATCH
+    assert first.message == "Input type (float) and bias type (c10::BFloat16) should be the same"
+    assert "bf16 vae" in first.plan_name and "no casts" in first.plan_name
+    assert first.traceback and "decode" in first.traceback
+    assert second.outcome is AttemptOutcome.SUCCEEDED
+    assert second.plan["vae"] == "fp32" and second.plan["casts"] is False
+    assert second.plan["reason"] == "dtype mismatch in vae: vae to fp32"
+    assert all(a.duration_s and a.peak_memory_bytes for a in (first, second))
+    print(
+        f"\ntwo-attempt recovery: attempt 1 ({first.plan_name}) {first.duration_s:.2f} s, "
+        f"attempt 2 ({second.plan_name}) {second.duration_s:.2f} s"
+    )
+
+
+def test_a_failure_that_is_not_retried_makes_one_attempt(
+    db: Database, settings: Settings, tmp_path: Path
+) -> None:
+    """An error outside the ladder's classes fails the job after one attempt."""
+    job_id = _submit(db, settings)
+    broken = settings.with_overrides(model=str(tmp_path / "missing"))
+    run_job(db, broken, str(job_id), "w1@test")
+    assert len(_job(db, job_id).attempts) == 1
