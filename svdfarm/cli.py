@@ -178,7 +178,7 @@ def _cmd_render(args: argparse.Namespace, settings: Settings) -> int:
     )
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    hooks = _PrintedAttempts(quiet=args.json)
+    hooks = _PrintedAttempts(quiet=args.json, steps=params.num_inference_steps)
     status = 0
     with tempfile.TemporaryDirectory() as tmp:
         poster = Path(args.poster) if args.poster else Path(tmp) / "poster.png"
@@ -217,10 +217,11 @@ def _cmd_render(args: argparse.Namespace, settings: Settings) -> int:
 class _PrintedAttempts:
     """Attempt hooks for the command line: a line on stderr as each attempt starts and ends."""
 
-    def __init__(self, quiet: bool) -> None:
-        """Collect attempts; ``quiet`` keeps stderr to the progress bar."""
+    def __init__(self, quiet: bool, steps: int) -> None:
+        """Collect attempts of a ``steps``-step render; ``quiet`` keeps stderr to the bar."""
         self.attempts: list[Any] = []
         self.quiet = quiet
+        self.steps = steps
 
     def started(self, attempt: Any) -> None:
         """Say which plan this attempt runs."""
@@ -231,6 +232,8 @@ class _PrintedAttempts:
 
     def finished(self, attempt: Any) -> None:
         """Say how the attempt ended."""
+        if attempt.outcome.value == "succeeded":
+            _progress_bar("done", 1.0, self.steps)
         if not self.quiet:
             what = attempt.outcome.value
             if attempt.error_class:

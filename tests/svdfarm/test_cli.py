@@ -244,3 +244,75 @@ def test_up_serves_renders_and_stops_every_child(tmp_path: Path, tiny_model_dir:
         if up.poll() is None:
             up.kill()
             up.wait()
+
+
+def test_caps_prints_the_probe_and_the_plans(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """``svdfarm caps`` names this machine, its bf16/fp16 answers and a plan per precision."""
+    env = _env(tmp_path / "var", tiny_model_dir)
+    text = subprocess.run([*SVDFARM, "caps"], env=env, capture_output=True, text=True, timeout=120)
+    assert text.returncode == 0, text.stderr
+    assert "(cpu," in text.stdout and "bf16_op" in text.stdout
+    assert "auto  -> fp32, chunk 8 on cpu" in text.stdout
+    done = subprocess.run(
+        [*SVDFARM, "caps", "--json"], env=env, capture_output=True, text=True, timeout=120
+    )
+    data = json.loads(done.stdout)
+    assert data["capabilities"]["device"] == "cpu"
+    assert data["capabilities"]["total_memory_bytes"] > 0
+    assert set(data["plans"]) == {"auto", "bf16", "fp16", "fp32"}
+    assert data["plans"]["bf16"]["unet"] == "bf16"
+
+
+def test_render_without_casts_recovers_in_fp32_and_prints_the_attempts(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """``--no-casts --dtypes vae=bf16 --json``: the seed's error, then fp32, as JSON."""
+    image = tmp_path / "in.png"
+    image.write_bytes(png_bytes())
+    out = tmp_path / "out.mp4"
+    done = subprocess.run(
+        [
+            *SVDFARM,
+            "render",
+            str(image),
+            "-o",
+            str(out),
+            "--frames",
+            "3",
+            "--steps",
+            "1",
+            "--no-casts",
+            "--dtypes",
+            "vae=bf16",
+            "--json",
+        ],
+        env=_env(tmp_path / "var", tiny_model_dir),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    attempts = json.loads(done.stdout)["attempts"]
+    assert [a["outcome"] for a in attempts] == ["failed", "succeeded"]
+    assert attempts[0]["error_class"] == "dtype_mismatch"
+    assert attempts[0]["component"] == "vae"
+    assert "bias type (c10::BFloat16) should be the same" in attempts[0]["message"]
+    assert attempts[0]["plan"].startswith("fp32 unet+enc, bf16 vae")
+    assert attempts[1]["plan"].startswith("fp32, chunk 3")
+    assert all(a["duration_s"] > 0 and a["peak_memory_bytes"] > 0 for a in attempts)
+    assert probe_video(out)["frames"] == 3
+
+
+def test_render_refuses_bad_dtypes(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A malformed ``--dtypes`` exits 2 naming the bad item."""
+    image = tmp_path / "in.png"
+    image.write_bytes(png_bytes())
+    done = subprocess.run(
+        [*SVDFARM, "render", str(image), "-o", str(tmp_path / "o.mp4"), "--dtypes", "vae=fp8"],
+        env=_env(tmp_path / "var", tiny_model_dir),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "vae=fp8" in done.stderr

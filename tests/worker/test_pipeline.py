@@ -108,14 +108,26 @@ def test_tiny_loads_through_from_pretrained(tiny_model_dir: Path) -> None:
         assert module.dtype == torch.float32 and module.device.type == "cpu", name
 
 
-def test_a_process_loads_a_model_once_per_plan(tiny_model_dir: Path) -> None:
+def test_plans_recast_the_cached_pipeline_in_place_and_exactly(tiny_model_dir: Path) -> None:
+    """One load per model: other plans re-cast the same objects, and coming back is exact."""
+    clear_cache()
     first = load_pipeline(str(tiny_model_dir), Path("unused"), FP32)
+    unet = first.unet
+    loaded = {k: v.clone() for k, v in unet.state_dict().items()}
     assert load_pipeline("TINY", tiny_model_dir.parent, FP32) is first
-    bf16 = load_pipeline(str(tiny_model_dir), Path("unused"), Plan.uniform("bf16", "cpu"))
-    assert bf16 is not first
-    assert {getattr(bf16, n).dtype for n in ("unet", "vae", "image_encoder")} == {torch.bfloat16}
-    assert first.unet.dtype == torch.float32, "loading another plan must not cast the first"
-    assert load_pipeline(str(tiny_model_dir), Path("unused"), FP32) is not first
+    for plan in (
+        Plan.uniform("bf16", "cpu"),
+        Plan.uniform("fp16", "cpu"),
+        Plan(device="cpu", image_encoder="fp16", unet="bf16", vae="fp32"),
+    ):
+        again = load_pipeline(str(tiny_model_dir), Path("unused"), plan)
+        assert again is first and again.unet is unet, "a new plan must not reload the model"
+        for name in ("unet", "vae", "image_encoder"):
+            assert getattr(again, name).dtype == plan.torch_dtype(name)
+    back = load_pipeline(str(tiny_model_dir), Path("unused"), FP32)
+    assert back.unet.dtype == torch.float32
+    for key, tensor in back.unet.state_dict().items():
+        assert torch.equal(tensor, loaded[key]), f"{key} drifted after bf16 -> fp16 -> fp32"
 
 
 def test_a_mixed_plan_casts_each_component(tiny_model_dir: Path) -> None:
