@@ -31,9 +31,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "worker_concurrency": 1,
-        "task_default_queue": settings.queue,
+        "task_default_queue": "svd.default",
         "task_soft_time_limit": settings.task_soft_time_limit_s,
         "task_time_limit": settings.task_time_limit_s,
+        # SIGTERM (with REMAP_SIGTERM=SIGQUIT, which `svdfarm worker` sets) waits this long for
+        # the running job, then cancels it back to the queue for another worker.
+        "worker_soft_shutdown_timeout": float(settings.stop_timeout_s),
         "task_send_sent_event": True,
         "worker_send_task_events": True,
         "enable_utc": True,
@@ -59,6 +62,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 def create_celery(settings: Settings) -> Celery:
     """Build a Celery app for ``settings``; the worker's tasks are included by name."""
+    import svdfarm.control  # noqa: F401 - registers `inspect capabilities` on both sides
+
     celery = Celery("svdfarm", include=["worker.tasks"])
     celery.conf.update(celery_config(settings))
     celery.conf.svdfarm_settings = settings
@@ -71,12 +76,12 @@ def settings_of(celery: Celery) -> Settings:
     return settings
 
 
-def enqueue_render(celery: Celery, job_id: str) -> None:
-    """Put a job id on the render queue; the job row must already be committed."""
+def enqueue_render(celery: Celery, job_id: str, queue: str) -> None:
+    """Put a job id on ``queue``; the job row must already be committed."""
     settings = settings_of(celery)
     if settings.embedded_broker:
         settings.ensure_dirs()  # the filesystem transport cannot create its own folders
-    celery.send_task(RENDER_TASK, args=[job_id], task_id=job_id, queue=settings.queue)
+    celery.send_task(RENDER_TASK, args=[job_id], task_id=job_id, queue=queue)
 
 
 @celeryd_init.connect

@@ -53,14 +53,40 @@ def _cmd_web(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    """``svdfarm worker``: a Celery worker (the same as ``celery -A svdfarm worker``)."""
+    """``svdfarm worker``: probe, subscribe to every queue this machine can serve, run Celery.
+
+    The same as ``celery -A svdfarm worker -Q <queues>`` with the queues worked out for you.
+    ``--gpus all`` (or ``0,1``) runs one such worker per GPU instead.
+    """
+    if args.gpus:
+        return _workers_per_gpu(args)
+    # SIGTERM becomes Celery's cold shutdown with a soft wait of SVDFARM_STOP_TIMEOUT: the
+    # running job may finish; after that it goes back to the queue. Must precede billiard.
+    os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
+    from svdfarm.queues import TIERS_GB, queues_for
+    from worker.probe import Capabilities, probe_in_subprocess
+    from worker.tasks import CAPABILITIES_ENV
+
+    caps = probe_in_subprocess()
+    os.environ[CAPABILITIES_ENV] = json.dumps(caps)
+    queues = [q for q in args.queues.split(",") if q] if args.queues else queues_for(caps)
+    print(Capabilities.from_dict(caps).summary(), flush=True)
+    if not queues:
+        memory = (caps.get("total_memory_bytes") or 0) / 1e9
+        print(
+            f"error: no queue fits this {caps['device']} device: {memory:.1f} GB is below the "
+            f"smallest memory tier ({TIERS_GB[0]} GB); give --queues to pin one",
+            file=sys.stderr,
+        )
+        return 2
+    print(f"consuming {len(queues)} queue(s): {', '.join(queues)}", flush=True)
     from svdfarm.celery_app import app
 
     argv = [
         "worker",
         f"--loglevel={args.loglevel}",
         f"--concurrency={args.concurrency}",
-        f"--queues={args.queues or settings.queue}",
+        f"--queues={','.join(queues)}",
         "--task-events",
     ]
     if args.hostname:
@@ -69,26 +95,48 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    """``svdfarm up``: migrate, then run the web and one worker until Ctrl-C."""
-    from svdfarm import db
+def _workers_per_gpu(args: argparse.Namespace) -> int:
+    """One ``svdfarm worker`` process per GPU, each seeing only its own card."""
+    if args.gpus == "all":
+        from worker.probe import probe_in_subprocess
 
-    env = dict(os.environ)
-    if not env.get("SVDFARM_MODEL"):
-        import torch
+        caps = probe_in_subprocess()
+        if caps["device"] != "cuda":
+            print("error: --gpus all found no CUDA device", file=sys.stderr)
+            return 2
+        indices = [str(i) for i in range(int(caps["count"]))]
+    else:
+        indices = [i.strip() for i in args.gpus.split(",") if i.strip()]
+        if not all(i.isdigit() for i in indices):
+            print(
+                f"error: --gpus takes 'all' or GPU indices like 0,1; got {args.gpus!r}",
+                file=sys.stderr,
+            )
+            return 2
+    children = []
+    for index in indices:
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": index}
+        argv = [
+            sys.executable,
+            "-m",
+            "svdfarm.cli",
+            "worker",
+            "--concurrency",
+            "1",
+            "--loglevel",
+            args.loglevel,
+            "--hostname",
+            f"gpu{index}@%h",
+        ]
+        if args.queues:
+            argv += ["--queues", args.queues]
+        print(f"starting the worker for GPU {index}", flush=True)
+        children.append(subprocess.Popen(argv, env=env))
+    return _supervise(children)
 
-        if not torch.cuda.is_available():
-            env["SVDFARM_MODEL"] = "tiny"
-            print("no GPU found: using the built-in tiny model (set SVDFARM_MODEL to change)")
-    settings = load_settings(env)
-    settings.ensure_dirs()
-    db.upgrade(settings.database_url)
-    print(f"database: {_redact(settings.database_url)}; broker: {_redact(settings.broker_url)}")
-    me = [sys.executable, "-m", "svdfarm.cli"]
-    children = [
-        subprocess.Popen([*me, "web", "--host", args.host, "--port", str(args.port)], env=env),
-        subprocess.Popen([*me, "worker", "--loglevel", "INFO"], env=env),
-    ]
+
+def _supervise(children: list[subprocess.Popen[bytes]]) -> int:
+    """Wait while every child runs; on Ctrl-C, SIGTERM or a child's exit, stop them all."""
 
     def stop(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt
@@ -116,6 +164,30 @@ def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
                 child.kill()
                 child.wait()
     return status
+
+
+def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    """``svdfarm up``: migrate, then run the web and one worker until Ctrl-C."""
+    from svdfarm import db
+
+    env = dict(os.environ)
+    if not env.get("SVDFARM_MODEL"):
+        import torch
+
+        if not torch.cuda.is_available():
+            env["SVDFARM_MODEL"] = "tiny"
+            print("no GPU found: using the built-in tiny model (set SVDFARM_MODEL to change)")
+    settings = load_settings(env)
+    settings.ensure_dirs()
+    db.upgrade(settings.database_url)
+    print(f"database: {_redact(settings.database_url)}; broker: {_redact(settings.broker_url)}")
+    me = [sys.executable, "-m", "svdfarm.cli"]
+    children = [
+        subprocess.Popen([*me, "web", "--host", args.host, "--port", str(args.port)], env=env),
+        subprocess.Popen([*me, "worker", "--loglevel", "INFO"], env=env),
+    ]
+
+    return _supervise(children)
 
 
 def _progress_bar(phase: str, progress: float, step: int) -> None:
@@ -297,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", "-c", type=int, default=1)
     worker.add_argument("--loglevel", "-l", default="INFO")
     worker.add_argument("--hostname", "-n", default="")
+    worker.add_argument("--gpus", default="", help="'all' or 0,1,...: one worker per GPU")
 
     db = sub.add_parser("db", help="database migrations")
     db.add_argument("action", choices=["upgrade", "downgrade"])

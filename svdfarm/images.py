@@ -103,8 +103,7 @@ def inspect_image(data: bytes, max_bytes: int, max_pixels: int) -> ImageInfo:
             image.load()
         except (OSError, SyntaxError, ValueError) as exc:
             raise ImageError(
-                f"The image is damaged or truncated and cannot be decoded ({exc}); "
-                "upload it again."
+                f"The image is damaged or truncated and cannot be decoded ({exc}); upload it again."
             ) from None
         extension, mime = FORMATS[image.format or ""]
         if orientation in _TRANSPOSED_ORIENTATIONS:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,8 @@ from svdfarm.celery_app import enqueue_render
 from svdfarm.images import ImageError, ImageInfo, inspect_image
 from svdfarm.models import Job, utcnow
 from svdfarm.params import ParamError, RenderParams, parse_params
+from svdfarm.queues import Route, Unroutable, route
+from svdfarm.registry import online_queues
 from svdfarm.settings import Settings
 from svdfarm.states import JobState
 from svdfarm.storage import Storage
@@ -59,15 +61,34 @@ def validate_submission(
         params = parse_params(fields, size, settings.model)
     except ParamError as exc:
         errors.update(exc.errors)
+    else:
+        try:
+            _route(settings, params, ())
+        except Unroutable as exc:
+            errors["job"] = str(exc)
     if errors or info is None or data is None:
         raise ParamError(errors, status)
     return Submission(params=params, image=info, data=data, filename=filename[:255])
+
+
+def _route(settings: Settings, params: RenderParams, online: Iterable[str]) -> Route:
+    """The queue a job goes to (raises Unroutable when no worker class could run it)."""
+    return route(
+        params.num_frames,
+        params.width,
+        params.height,
+        params.decode_chunk_size,
+        params.precision,
+        allow_cpu=settings.allow_cpu,
+        online_queues=online,
+    )
 
 
 def submit_job(session: Session, celery: Celery, settings: Settings, submission: Submission) -> Job:
     """Record a validated submission, store its image, commit, and enqueue its id."""
     storage = Storage(settings.storage_dir)
     job_id = uuid.uuid4()
+    routed = _route(settings, submission.params, online_queues(session, settings))
     input_key = Storage.key(job_id, f"input.{submission.image.extension}")
     job = Job(
         id=job_id,
@@ -75,6 +96,8 @@ def submit_job(session: Session, celery: Celery, settings: Settings, submission:
         model=settings.model,
         input_key=input_key,
         input_filename=submission.filename,
+        queue=routed.queue,
+        memory_estimate_bytes=routed.memory_bytes,
         **submission.params.as_dict(),
     )
     session.add(job)
@@ -87,7 +110,7 @@ def submit_job(session: Session, celery: Celery, settings: Settings, submission:
         storage.delete_job(job_id)
         raise
     try:
-        enqueue_render(celery, str(job_id))
+        enqueue_render(celery, str(job_id), routed.queue)
     except Exception as exc:
         log.exception("could not enqueue job %s", job_id)
         job.state = JobState.FAILED

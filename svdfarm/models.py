@@ -107,6 +107,10 @@ class Job(Base):
     casts: Mapped[bool | None] = mapped_column(Boolean)
     dtypes: Mapped[dict[str, str] | None] = mapped_column(JSON)
 
+    # Where the job was routed and the memory it was estimated to need (svdfarm.queues).
+    queue: Mapped[str] = mapped_column(String(100), default="", index=True)
+    memory_estimate_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+
     input_key: Mapped[str] = mapped_column(String(200))
     input_filename: Mapped[str] = mapped_column(String(255), default="")
     video_key: Mapped[str | None] = mapped_column(String(200))

@@ -83,11 +83,18 @@ class Settings:
     progress_interval_s: float = 0.5
     task_soft_time_limit_s: int = 3 * 3600
     task_time_limit_s: int = 3 * 3600 + 300
-    queue: str = "svdfarm"
     hub_timeout_s: float = 10.0
     casts: bool = True
     max_attempts: int = 8
+    allow_cpu: bool = True
+    stop_timeout_s: int = 600
+    heartbeat_interval_s: float = 10.0
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def offline_after_s(self) -> float:
+        """A worker whose last heartbeat is older than this (three missed beats) is offline."""
+        return 3 * self.heartbeat_interval_s
 
     @property
     def embedded_broker(self) -> bool:
@@ -145,10 +152,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         progress_interval_s=_float(env, "PROGRESS_INTERVAL", 0.5),
         task_soft_time_limit_s=_int(env, "TASK_SOFT_TIME_LIMIT", 3 * 3600, minimum=1),
         task_time_limit_s=_int(env, "TASK_TIME_LIMIT", 3 * 3600 + 300, minimum=1),
-        queue=_str(env, "QUEUE", "svdfarm"),
         hub_timeout_s=_float(env, "HUB_TIMEOUT", 10.0),
         casts=_bool(env, "CASTS", True),
         max_attempts=_int(env, "MAX_ATTEMPTS", 8, minimum=1, maximum=10),
+        allow_cpu=_bool(env, "ALLOW_CPU", True),
+        stop_timeout_s=_int(env, "STOP_TIMEOUT", 600, minimum=1),
+        heartbeat_interval_s=_float(env, "HEARTBEAT_INTERVAL", 10.0),
     )
     if settings.task_time_limit_s <= settings.task_soft_time_limit_s:
         raise SettingsError(

@@ -23,6 +23,7 @@ from sqlalchemy import select
 
 from svdfarm.db import Database, upgrade
 from svdfarm.models import Worker
+from svdfarm.queues import queues_for
 from svdfarm.settings import Settings
 from tests.conftest import REDIS_URL, fresh_database, make_settings, needs_postgres, needs_redis
 from tests.factories import png_bytes
@@ -56,6 +57,13 @@ class Farm:
         return self.log_path.read_text(errors="replace")
 
 
+def cpu_queues() -> list[str]:
+    """The queues this machine's CPU serves, from the real probe."""
+    from worker.probe import probe
+
+    return queues_for(probe().as_dict())
+
+
 def _wait_for_worker(
     db: Database, hostname: str, worker: subprocess.Popen[bytes], log: Path
 ) -> None:
@@ -83,7 +91,7 @@ def _run_farm(
     tmp_path: Path, tiny_model_dir: Path, database_url: str, broker_kind: str
 ) -> Iterator[Farm]:
     """Set up the app and a worker process on ``database_url`` and the named broker."""
-    env = {"SVDFARM_QUEUE": f"svdfarm-test-{uuid.uuid4().hex[:8]}"}
+    env = {}
     if broker_kind == "redis":
         env["SVDFARM_BROKER_URL"] = REDIS_URL
     settings = make_settings(tmp_path / "var", database_url, tiny_model_dir, **env)
@@ -98,7 +106,6 @@ def _run_farm(
         "SVDFARM_DATABASE_URL": settings.database_url,
         "SVDFARM_BROKER_URL": settings.broker_url,
         "SVDFARM_MODEL": "tiny",
-        "SVDFARM_QUEUE": settings.queue,
         "SVDFARM_PROGRESS_INTERVAL": "0.2",
     }
     log_path = tmp_path / "worker.log"
@@ -113,7 +120,7 @@ def _run_farm(
                 "worker",
                 "--loglevel=INFO",
                 "--concurrency=1",
-                f"--queues={settings.queue}",
+                f"--queues={','.join(cpu_queues())}",
                 f"--hostname={hostname}",
             ],
             env=worker_env,
@@ -180,6 +187,7 @@ def test_job_runs_end_to_end(farm: Farm, tmp_path: Path) -> None:
     assert attempt["worker"] == farm.hostname
     assert attempt["plan_name"]
     assert attempt["duration_s"] > 0
+    assert body["queue"].startswith("svd.cpu.fp32.") and body["queue"] in cpu_queues()
 
     path = tmp_path / "out.mp4"
     with farm.client.get(body["video_url"]) as video:

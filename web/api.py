@@ -10,7 +10,7 @@ from svdfarm.jobs import QueueUnavailable, submit_job, validate_submission
 from svdfarm.params import ParamError
 from web.cancel import cancel_job
 from web.database import get_session
-from web.jobs import find_job, job_json
+from web.jobs import describe_job, find_job, job_json
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -45,7 +45,8 @@ def create_job() -> Any:
 @bp.get("/jobs/<job_id>")
 def get_job(job_id: str) -> Any:
     """The job's state, progress, attempts, and its video URL once it succeeded."""
-    return jsonify(job_json(find_job(get_session(), job_id)))
+    session = get_session()
+    return jsonify(describe_job(session, find_job(session, job_id)))
 
 
 @bp.post("/jobs/<job_id>/cancel")

@@ -6,10 +6,11 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from flask import abort, url_for
+from flask import abort, current_app, url_for
 from sqlalchemy.orm import Session
 
 from svdfarm.models import Attempt, Job
+from svdfarm.registry import waiting_reason
 from svdfarm.states import JobState
 
 PHASE_LABELS = {
@@ -20,6 +21,12 @@ PHASE_LABELS = {
     "encoding": "Encoding the MP4",
     "done": "Done",
 }
+
+
+def describe_job(session: Session, job: Job) -> dict[str, Any]:
+    """:func:`job_json` with the waiting reason read from the worker registry."""
+    settings = current_app.config["SVDFARM_SETTINGS"]
+    return job_json(job, waiting_reason(session, settings, job))
 
 
 def find_job(session: Session, job_id: str) -> Job:
@@ -65,14 +72,17 @@ def phase_text(job: Job) -> str:
     return label
 
 
-def job_json(job: Job) -> dict[str, Any]:
-    """The job as ``GET /api/v1/jobs/<id>`` answers it."""
+def job_json(job: Job, waiting: str | None = None) -> dict[str, Any]:
+    """The job as ``GET /api/v1/jobs/<id>`` answers it (``waiting``: why a queued job waits)."""
     done = job.state is JobState.SUCCEEDED and job.video_key
     return {
         "id": str(job.id),
         "state": job.state.value,
         "phase": job.phase,
-        "phase_text": phase_text(job),
+        "phase_text": waiting or phase_text(job),
+        "waiting": waiting,
+        "queue": job.queue,
+        "memory_estimate_bytes": job.memory_estimate_bytes,
         "progress": round(job.progress, 4),
         "step": job.step,
         "model": job.model,

@@ -21,7 +21,7 @@ from svdfarm.params import FIELDS, PRECISIONS, ParamError, defaults_for
 from svdfarm.storage import Storage
 from web.cancel import cancel_job
 from web.database import get_session
-from web.jobs import find_job, job_json, phase_text
+from web.jobs import describe_job, find_job
 
 bp = Blueprint("pages", __name__)
 
@@ -74,8 +74,10 @@ def submit() -> Any:
 @bp.get("/jobs/<job_id>")
 def job(job_id: str) -> Any:
     """A job's status page: state, progress, attempts, and the video once done."""
-    found = find_job(get_session(), job_id)
-    return render_template("job.html", job=found, info=job_json(found), phase=phase_text(found))
+    session = get_session()
+    found = find_job(session, job_id)
+    info = describe_job(session, found)
+    return render_template("job.html", job=found, info=info, phase=info["phase_text"])
 
 
 @bp.post("/jobs/<job_id>/cancel")

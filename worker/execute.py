@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
 from svdfarm.db import Database
 from svdfarm.images import open_upright_rgb
 from svdfarm.models import Attempt, Job, Worker, utcnow
 from svdfarm.params import RenderParams
+from svdfarm.registry import effective_state
 from svdfarm.settings import Settings
 from svdfarm.states import AttemptOutcome, ErrorClass, JobState, WorkerState
 from svdfarm.storage import Storage
@@ -62,6 +64,11 @@ def _claim(db: Database, settings: Settings, job_id: uuid.UUID, hostname: str) -
             return "canceled"
         if job.state not in _CLAIMABLE:
             return job.state.value
+        if job.state is JobState.RUNNING and _running_elsewhere(
+            session, settings, job_id, hostname
+        ):
+            # A duplicate delivery while its first worker still beats: that one finishes it.
+            return "running elsewhere"
         claimed = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.state.in_(_CLAIMABLE))
@@ -95,9 +102,31 @@ def _claim(db: Database, settings: Settings, job_id: uuid.UUID, hostname: str) -
         session.execute(
             update(Worker)
             .where(Worker.hostname == hostname)
-            .values(state=WorkerState.BUSY, current_job_id=job_id, last_heartbeat=utcnow())
+            .values(current_job_id=job_id, last_heartbeat=utcnow())
+        )
+        session.execute(
+            update(Worker)
+            .where(Worker.hostname == hostname, Worker.state == WorkerState.IDLE)
+            .values(state=WorkerState.BUSY)
         )
         return Claimed(params, job.input_key, plan, reason)
+
+
+def _running_elsewhere(
+    session: Session, settings: Settings, job_id: uuid.UUID, hostname: str
+) -> bool:
+    """True when a live worker other than ``hostname`` holds a running attempt of the job."""
+    owners = set(
+        session.scalars(
+            select(Attempt.worker).where(
+                Attempt.job_id == job_id, Attempt.outcome == AttemptOutcome.RUNNING
+            )
+        )
+    ) - {hostname}
+    if not owners:
+        return False
+    workers = session.scalars(select(Worker).where(Worker.hostname.in_(owners))).all()
+    return any(effective_state(w, settings) is not WorkerState.OFFLINE for w in workers)
 
 
 class _ProgressWriter:
@@ -188,7 +217,12 @@ def _finish(db: Database, job_id: uuid.UUID, hostname: str, values: dict[str, An
         session.execute(
             update(Worker)
             .where(Worker.hostname == hostname)
-            .values(state=WorkerState.IDLE, current_job_id=None, last_heartbeat=now)
+            .values(current_job_id=None, last_heartbeat=now)
+        )
+        session.execute(
+            update(Worker)
+            .where(Worker.hostname == hostname, Worker.state == WorkerState.BUSY)
+            .values(state=WorkerState.IDLE)
         )
 
 

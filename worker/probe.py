@@ -337,3 +337,29 @@ def _cgroup_memory(root: Path) -> tuple[int | None, int]:
         return int(limit), int((root / "memory.current").read_text().strip())
     except (OSError, ValueError):
         return None, 0
+
+
+def probe_in_subprocess(timeout_s: float = 300.0) -> dict[str, Any]:
+    """Probe in a child process and return ``as_dict()``.
+
+    A Celery worker's parent process must not initialise CUDA before it forks its pool, so the
+    command line probes in a throwaway process instead.
+    """
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "worker.probe"],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the capability probe failed: {done.stderr.strip()[-2000:]}")
+    data: dict[str, Any] = json.loads(done.stdout)
+    return data
+
+
+if __name__ == "__main__":
+    print(json.dumps(probe().as_dict()))

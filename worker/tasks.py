@@ -1,22 +1,38 @@
-"""The worker's Celery task and process hooks. Heavy imports (torch, diffusers) happen inside
-the task, so the worker's parent process stays light and forks cleanly.
+"""The worker's Celery task and process hooks: the render task, the worker registry row with
+its heartbeats, and what ``inspect capabilities`` answers.
+
+Heavy imports (torch, diffusers) happen inside the task, so the worker's parent process stays
+light and never initialises CUDA before it forks its pool.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import socket
+import threading
 from typing import Any
 
 from celery import Task, shared_task
-from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from celery.signals import (
+    worker_process_init,
+    worker_ready,
+    worker_shutdown,
+    worker_shutting_down,
+)
 
 from svdfarm.celery_app import RENDER_TASK, settings_of
+from svdfarm.control import WORKER_INFO
 from svdfarm.db import database_for, forget_databases_after_fork
 from svdfarm.models import Worker, utcnow
+from svdfarm.settings import Settings
 from svdfarm.states import WorkerState
 
 log = logging.getLogger(__name__)
+
+#: Set by ``svdfarm worker`` so the worker advertises the probe it was routed by.
+CAPABILITIES_ENV = "SVDFARM_WORKER_CAPABILITIES"
 
 
 @shared_task(name=RENDER_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
@@ -35,41 +51,112 @@ def _after_fork(**_: Any) -> None:
     forget_databases_after_fork()
 
 
-def _set_worker_row(sender: Any, state: WorkerState) -> None:
-    """Insert or update this worker's row in the registry."""
-    app = getattr(sender, "app", None)
-    hostname = getattr(sender, "hostname", None)
-    if app is None or hostname is None:
-        return
-    settings = settings_of(app)
-    queues = sorted(q.name for q in app.amqp.queues.consume_from.values())
-    now = utcnow()
-    with database_for(settings.database_url).begin() as session:
-        row = session.get(Worker, hostname)
-        if row is None:
-            row = Worker(hostname=hostname, started_at=now)
-            session.add(row)
-        elif state is WorkerState.IDLE:
-            row.started_at = now
-        row.queues = queues
-        row.state = state
-        row.last_heartbeat = now
-        row.current_job_id = None
+def _capabilities() -> dict[str, Any]:
+    """The probe this worker advertises: handed over by ``svdfarm worker``, else taken now."""
+    given = os.environ.get(CAPABILITIES_ENV)
+    if given:
+        data: dict[str, Any] = json.loads(given)
+        return data
+    from worker.probe import probe_in_subprocess
+
+    return probe_in_subprocess()
+
+
+class _Registry:
+    """This worker's row: written at start, refreshed by heartbeats, offline at the end."""
+
+    def __init__(self) -> None:
+        """Nothing registered yet."""
+        self.consumer: Any = None
+        self.settings: Settings | None = None
+        self.hostname = ""
+        self.draining = False
+        self.stop = threading.Event()
+
+    def queues(self) -> list[str]:
+        """The queues this worker consumes right now (add/cancel_consumer change them)."""
+        task_consumer = getattr(self.consumer, "task_consumer", None)
+        return sorted(q.name for q in getattr(task_consumer, "queues", []) or [])
+
+    def start(self, consumer: Any) -> None:
+        """Register the worker and start beating."""
+        self.consumer, self.hostname = consumer, consumer.hostname
+        self.settings = settings_of(consumer.app)
+        capabilities = _capabilities()
+        from worker.probe import Capabilities
+
+        summary = Capabilities.from_dict(capabilities).summary()
+        WORKER_INFO.update(hostname=self.hostname, capabilities=capabilities, summary=summary)
+        now = utcnow()
+        with database_for(self.settings.database_url).begin() as session:
+            row = session.get(Worker, self.hostname)
+            if row is None:
+                row = Worker(hostname=self.hostname)
+                session.add(row)
+            row.capabilities = capabilities
+            row.queues = self.queues()
+            row.state = WorkerState.IDLE
+            row.started_at = row.last_heartbeat = now
+            row.current_job_id = None
+        log.info("worker %s registered; queues: %s", self.hostname, ", ".join(self.queues()))
+        threading.Thread(target=self._beat, name="svdfarm-heartbeat", daemon=True).start()
+
+    def _beat(self) -> None:
+        """Every heartbeat interval: the time, the queues, and draining once stopping."""
+        assert self.settings is not None
+        while not self.stop.wait(self.settings.heartbeat_interval_s):
+            try:
+                with database_for(self.settings.database_url).begin() as session:
+                    row = session.get(Worker, self.hostname)
+                    if row is None:
+                        continue
+                    row.last_heartbeat = utcnow()
+                    row.queues = self.queues()
+                    if self.draining:
+                        row.state = WorkerState.DRAINING
+            except Exception:  # a database hiccup must not kill the heartbeat
+                log.exception("heartbeat failed")
+
+    def set_state(self, state: WorkerState) -> None:
+        """Write a new state now (draining, offline)."""
+        if self.settings is None:
+            return
+        with database_for(self.settings.database_url).begin() as session:
+            row = session.get(Worker, self.hostname)
+            if row is not None:
+                row.state = state
+                row.last_heartbeat = utcnow()
+                if state is WorkerState.OFFLINE:
+                    row.current_job_id = None
+
+
+_registry = _Registry()
 
 
 @worker_ready.connect
 def _register(sender: Any = None, **_: Any) -> None:
-    """Record the worker as idle and listening once it is ready."""
+    """Record the worker, its probe and queues once it is ready, and start heartbeats."""
     try:
-        _set_worker_row(sender, WorkerState.IDLE)
+        _registry.start(sender)
     except Exception:  # the registry must never stop a worker from working
         log.exception("could not register the worker in the database")
 
 
-@worker_shutdown.connect
-def _unregister(sender: Any = None, **_: Any) -> None:
-    """Mark the worker offline when it stops."""
+@worker_shutting_down.connect
+def _draining(**_: Any) -> None:
+    """Stopping: take no new job, finish the running one (the soft shutdown's timeout)."""
+    _registry.draining = True
     try:
-        _set_worker_row(sender, WorkerState.OFFLINE)
+        _registry.set_state(WorkerState.DRAINING)
+    except Exception:
+        log.exception("could not mark the worker draining")
+
+
+@worker_shutdown.connect
+def _unregister(**_: Any) -> None:
+    """Mark the worker offline when it stops."""
+    _registry.stop.set()
+    try:
+        _registry.set_state(WorkerState.OFFLINE)
     except Exception:
         log.exception("could not mark the worker offline")

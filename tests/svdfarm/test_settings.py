@@ -31,7 +31,8 @@ def test_defaults_need_no_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert settings.model == DEFAULT_MODEL
     assert settings.max_upload_bytes == 20 * 1024 * 1024
     assert settings.max_image_pixels == 40_000_000
-    assert settings.queue == "svdfarm"
+    assert settings.allow_cpu and settings.casts
+    assert (settings.max_attempts, settings.stop_timeout_s) == (8, 600)
     assert settings.secret_key == ""
     assert settings.task_time_limit_s > settings.task_soft_time_limit_s
     assert not data_dir.exists()  # reading settings writes nothing
@@ -51,8 +52,12 @@ def test_environment_overrides_every_option(tmp_path: Path) -> None:
         "SVDFARM_PROGRESS_INTERVAL": "0.25",
         "SVDFARM_TASK_SOFT_TIME_LIMIT": "60",
         "SVDFARM_TASK_TIME_LIMIT": "90",
-        "SVDFARM_QUEUE": "gpu",
         "SVDFARM_HUB_TIMEOUT": "3",
+        "SVDFARM_CASTS": "0",
+        "SVDFARM_MAX_ATTEMPTS": "3",
+        "SVDFARM_ALLOW_CPU": "no",
+        "SVDFARM_STOP_TIMEOUT": "30",
+        "SVDFARM_HEARTBEAT_INTERVAL": "2",
     }
     settings = load_settings(env)
     assert settings == Settings(
@@ -67,17 +72,21 @@ def test_environment_overrides_every_option(tmp_path: Path) -> None:
         progress_interval_s=0.25,
         task_soft_time_limit_s=60,
         task_time_limit_s=90,
-        queue="gpu",
         hub_timeout_s=3.0,
+        casts=False,
+        max_attempts=3,
+        allow_cpu=False,
+        stop_timeout_s=30,
+        heartbeat_interval_s=2.0,
     )
     assert not settings.embedded_broker
 
 
 def test_blank_variables_take_the_defaults(tmp_path: Path) -> None:
     """A variable set to spaces counts as unset."""
-    env = {"SVDFARM_DATA_DIR": str(tmp_path), "SVDFARM_MODEL": "  ", "SVDFARM_QUEUE": ""}
+    env = {"SVDFARM_DATA_DIR": str(tmp_path), "SVDFARM_MODEL": "  ", "SVDFARM_CASTS": ""}
     settings = load_settings(env)
-    assert (settings.model, settings.queue) == (DEFAULT_MODEL, "svdfarm")
+    assert (settings.model, settings.casts) == (DEFAULT_MODEL, True)
 
 
 def test_data_dir_is_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -148,8 +157,8 @@ def test_settings_read_the_process_environment(
 ) -> None:
     """Without a mapping, load_settings reads os.environ."""
     monkeypatch.setenv("SVDFARM_DATA_DIR", str(tmp_path))
-    monkeypatch.setenv("SVDFARM_QUEUE", "from-env")
-    assert load_settings().queue == "from-env"
+    monkeypatch.setenv("SVDFARM_MODEL", "from-env")
+    assert load_settings().model == "from-env"
 
 
 def test_with_overrides_copies(tmp_path: Path) -> None:

@@ -1,0 +1,204 @@
+"""Worker classes as Celery queues, the memory a job needs, and routing a job to a queue.
+
+Queue names read ``svd.<device>.<precision>.<tier>g``:
+
+- ``device``: ``cuda``, ``mps`` or ``cpu``;
+- ``precision``: what the job needs of the hardware: ``bf16`` (real bf16), ``fp16`` (fp16
+  with an fp32 VAE or better: every GPU; the class of ``auto`` jobs on GPUs) or ``fp32``;
+- ``tier``: memory in GB (decimal, as cards are sold): 8, 12, 16, 24, 40, 48, 80, 141.
+
+A worker subscribes to every queue it can serve: its device, each precision its probe
+supports (a bf16 card serves bf16, fp16 and fp32 jobs), every tier up to its own. A job goes
+to the smallest tier that fits its estimated memory at its precision. No torch here: the web
+routes with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+PREFIX = "svd"
+DEVICES = ("cuda", "mps", "cpu")
+PRECISION_CLASSES = ("bf16", "fp16", "fp32")
+TIERS_GB = (8, 12, 16, 24, 40, 48, 80, 141)
+#: Cards report a little less than their sold size (an "80 GB" card has 79.2 GiB usable).
+_TIER_SLACK = 0.9
+_GB = 1_000_000_000
+
+# SVD-XT's parameter counts (DESIGN.md), in millions.
+_PARAMS_M = {"image_encoder": 632, "unet": 1525, "vae": 98}
+_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# Activation constants, to be calibrated on a GPU: bytes per latent pixel per frame for the
+# UNet (both classifier-free-guidance halves, attention included), per decoded pixel per
+# frame in a VAE decode chunk, and a fixed overhead (CUDA context, allocator slack).
+UNET_BYTES_PER_LATENT_PIXEL_FRAME = 2 * 320 * 24
+VAE_BYTES_PER_PIXEL_FRAME = 128 * 4 * 3
+OVERHEAD_BYTES = int(1.5 * _GB)
+
+
+@dataclass(frozen=True)
+class WorkerClass:
+    """What a queue promises: a device, a precision class and at least ``tier_gb`` GB."""
+
+    device: str
+    precision: str
+    tier_gb: int
+
+    @property
+    def queue(self) -> str:
+        """The Celery queue of this class."""
+        return f"{PREFIX}.{self.device}.{self.precision}.{self.tier_gb}g"
+
+    def describe(self) -> str:
+        """The class as a person reads it: ``a cuda worker with bf16 and >= 40 GB``."""
+        return f"a {self.device} worker with {self.precision} and >= {self.tier_gb} GB"
+
+
+def parse_queue(name: str) -> WorkerClass:
+    """The worker class of a queue name; ValueError for names outside the scheme."""
+    parts = name.split(".")
+    if (
+        len(parts) != 4
+        or parts[0] != PREFIX
+        or parts[1] not in DEVICES
+        or parts[2] not in PRECISION_CLASSES
+        or not parts[3].endswith("g")
+        or not parts[3][:-1].isdigit()
+        or int(parts[3][:-1]) not in TIERS_GB
+    ):
+        raise ValueError(
+            f"{name!r} is not an svdfarm queue: expected {PREFIX}.<device>.<precision>.<tier>g "
+            f"with device in {DEVICES}, precision in {PRECISION_CLASSES}, tier in {TIERS_GB}"
+        )
+    return WorkerClass(parts[1], parts[2], int(parts[3][:-1]))
+
+
+def all_queues() -> list[str]:
+    """Every queue name the scheme defines."""
+    return [
+        WorkerClass(d, p, t).queue for d in DEVICES for p in PRECISION_CLASSES for t in TIERS_GB
+    ]
+
+
+def tier_of(total_memory_bytes: int | None) -> int | None:
+    """The largest tier a device with this much memory belongs to (None: below the smallest)."""
+    if not total_memory_bytes:
+        return None
+    fits = [t for t in TIERS_GB if total_memory_bytes >= t * _GB * _TIER_SLACK]
+    return max(fits) if fits else None
+
+
+def served_precisions(device: str, bf16: bool, fp16: bool) -> list[str]:
+    """The precision classes a worker serves, from its probe."""
+    if device == "cpu":
+        return ["fp32"]  # bf16 and fp16 are emulated on CPU: slower than fp32, never routed there
+    classes = ["fp32"]
+    if fp16:
+        classes.insert(0, "fp16")
+    if bf16:
+        classes.insert(0, "bf16")
+    return classes
+
+
+def queues_for(capabilities: Mapping[str, Any]) -> list[str]:
+    """Every queue a worker with these capabilities (``Capabilities.as_dict()``) can serve."""
+    device = str(capabilities["device"])
+    tier = tier_of(capabilities.get("total_memory_bytes"))
+    if tier is None:
+        return []
+    bf16 = bool(capabilities.get("bf16_driver")) and bool(capabilities.get("bf16_op"))
+    precisions = served_precisions(device, bf16, bool(capabilities.get("fp16")))
+    return [WorkerClass(device, p, t).queue for p in precisions for t in TIERS_GB if t <= tier]
+
+
+def precision_class(precision: str, device: str) -> str:
+    """The precision class a job asking ``precision`` needs on ``device``."""
+    if device == "cpu":
+        return "fp32"
+    return {"auto": "fp16", "bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[precision]
+
+
+def estimate_memory_bytes(
+    num_frames: int, width: int, height: int, decode_chunk_size: int, precision_class: str
+) -> int:
+    """The memory a job needs on its device, for SVD-XT at this precision class.
+
+    Weights: the encoder and UNet in the class's dtype, the VAE in fp32 for ``fp16`` (the plan
+    such workers pick) and in the class's dtype otherwise. Activations grow with frames x
+    latent pixels in the UNet and with decode chunk x pixels in the VAE. The constants are
+    first guesses, to be calibrated on real GPUs (docs/ROUTING.md).
+    """
+    dtype = precision_class
+    vae_dtype = "fp32" if precision_class == "fp16" else dtype
+    weights = (_PARAMS_M["image_encoder"] + _PARAMS_M["unet"]) * 1_000_000 * _BYTES[
+        dtype
+    ] + _PARAMS_M["vae"] * 1_000_000 * _BYTES[vae_dtype]
+    latent_pixels = (width // 8) * (height // 8)
+    unet = num_frames * latent_pixels * UNET_BYTES_PER_LATENT_PIXEL_FRAME * _BYTES[dtype] // 4
+    vae = min(decode_chunk_size, num_frames) * width * height * VAE_BYTES_PER_PIXEL_FRAME
+    vae = vae * _BYTES[vae_dtype] // 4
+    return int(weights + unet + vae + OVERHEAD_BYTES)
+
+
+class Unroutable(ValueError):
+    """No worker class could ever run the job; the message says why and what to change."""
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a job goes and what it needs."""
+
+    queue: str
+    worker_class: WorkerClass
+    memory_bytes: int
+
+
+def route(
+    num_frames: int,
+    width: int,
+    height: int,
+    decode_chunk_size: int,
+    precision: str,
+    allow_cpu: bool,
+    online_queues: Iterable[str] = (),
+    cpu_max_gb: int = TIERS_GB[-1],
+) -> Route:
+    """The queue for a job: the smallest fitting GPU tier at its precision, or the CPU.
+
+    The first candidate a live worker consumes wins (``online_queues``), GPU before CPU; with
+    none online, the CPU when ``allow_cpu`` (a farm that has only started), else the smallest
+    fitting GPU tier, where the job waits. Raises :class:`Unroutable` when no class could ever
+    run the job.
+    """
+    online = set(online_queues)
+    candidates: list[Route] = []
+    for device in ("cuda", "cpu"):
+        if device == "cpu" and not allow_cpu:
+            continue
+        klass = precision_class(precision, device)
+        need = estimate_memory_bytes(num_frames, width, height, decode_chunk_size, klass)
+        limit = cpu_max_gb if device == "cpu" else TIERS_GB[-1]
+        tier = next((t for t in TIERS_GB if t * _GB >= need and t <= limit), None)
+        if tier is not None:
+            worker_class = WorkerClass(device, klass, tier)
+            candidates.append(Route(worker_class.queue, worker_class, need))
+    if not candidates:
+        need_gb = (
+            estimate_memory_bytes(
+                num_frames, width, height, decode_chunk_size, precision_class(precision, "cuda")
+            )
+            / _GB
+        )
+        raise Unroutable(
+            f"This job needs about {need_gb:.0f} GB at {precision} precision; the largest "
+            f"worker class has {TIERS_GB[-1]} GB. Use fewer frames, a smaller size or a "
+            "smaller decode chunk."
+        )
+    # Workers of a larger tier consume the smaller tiers' queues too, so "someone consumes
+    # this queue" is the test. GPUs first; the CPU when allowed and no GPU can take it now.
+    for candidate in candidates:
+        if candidate.queue in online:
+            return candidate
+    return candidates[-1] if candidates[-1].worker_class.device == "cpu" else candidates[0]
