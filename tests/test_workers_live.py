@@ -1,0 +1,279 @@
+"""Two real workers with different capability profiles on PostgreSQL and Redis: jobs routed by
+size to the worker that can hold them, the registry's heartbeats and offline detection, and
+the standard Celery command line (inspect, control) run as real subprocesses.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from svdfarm.db import Database, upgrade
+from svdfarm.models import Worker
+from svdfarm.queues import estimate_memory_bytes, tier_of
+from svdfarm.registry import effective_state
+from svdfarm.settings import Settings
+from svdfarm.states import WorkerState
+from tests.conftest import REDIS_URL, fresh_database, make_settings, needs_postgres, needs_redis
+from tests.factories import png_bytes
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.postgres,
+    pytest.mark.redis,
+    needs_postgres,
+    needs_redis,
+]
+
+SMALL_GB, LARGE_GB = 13, 19  # tiers 12 and 16
+HEARTBEAT = 0.5
+
+
+@dataclass
+class LiveWorker:
+    """A ``svdfarm worker`` process and its log."""
+
+    hostname: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def text(self) -> str:
+        """What the worker printed."""
+        return self.log.read_text(errors="replace")
+
+
+@dataclass
+class Farm:
+    """The web app and two live workers on one database and one Redis."""
+
+    settings: Settings
+    app: Flask
+    client: FlaskClient
+    db: Database
+    env: dict[str, str]
+    small: LiveWorker
+    large: LiveWorker
+
+    def row(self, hostname: str) -> Worker | None:
+        """The registry row of a worker."""
+        with self.db.session() as session:
+            return session.get(Worker, hostname)
+
+    def celery(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run ``celery -A svdfarm ...`` as the operator would."""
+        return subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "svdfarm", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+
+def _start(name: str, memory_gb: int, env: dict[str, str], tmp_path: Path) -> LiveWorker:
+    """Start ``svdfarm worker`` pinned by the probe override to ``memory_gb`` of RAM."""
+    hostname = f"{name}-{uuid.uuid4().hex[:6]}@localhost"
+    log = tmp_path / f"{name}.log"
+    override = json.dumps({"total_memory_bytes": memory_gb * 1_000_000_000})
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "svdfarm.cli", "worker", "--hostname", hostname],
+            env={**env, "SVDFARM_CAPABILITIES": override},
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: a kill reaches its pool too
+        )
+    return LiveWorker(hostname, process, log)
+
+
+def _wait_registered(db: Database, worker: LiveWorker) -> None:
+    """Block until the worker's row exists."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert worker.process.poll() is None, worker.text()
+        with db.session() as session:
+            if session.get(Worker, worker.hostname) is not None:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"{worker.hostname} never registered:\n{worker.text()}")
+
+
+def _stop(worker: LiveWorker) -> None:
+    """Stop a worker if it still runs, and anything left of its process group."""
+    if worker.process.poll() is None:
+        worker.process.send_signal(signal.SIGTERM)
+        try:
+            worker.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            worker.process.kill()
+            worker.process.wait()
+    try:
+        os.killpg(worker.process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture
+def farm(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Farm]:
+    """The web app and two workers (12 GB and 16 GB tiers) on PostgreSQL and Redis."""
+    with fresh_database("postgresql", tmp_path) as url:
+        settings = make_settings(
+            tmp_path / "var",
+            url,
+            tiny_model_dir,
+            SVDFARM_BROKER_URL=REDIS_URL,
+            SVDFARM_HEARTBEAT_INTERVAL=str(HEARTBEAT),
+            SVDFARM_STOP_TIMEOUT="60",
+        )
+        upgrade(settings.database_url)
+        from web import create_app
+
+        app = create_app({"SVDFARM_SETTINGS": settings, "TESTING": True})
+        env = {
+            **os.environ,
+            "SVDFARM_DATA_DIR": str(settings.data_dir),
+            "SVDFARM_DATABASE_URL": settings.database_url,
+            "SVDFARM_BROKER_URL": REDIS_URL,
+            "SVDFARM_MODEL": "tiny",
+            "SVDFARM_HEARTBEAT_INTERVAL": str(HEARTBEAT),
+            "SVDFARM_PROGRESS_INTERVAL": "0.2",
+            "SVDFARM_STOP_TIMEOUT": "60",
+        }
+        db: Database = app.extensions["svdfarm.db"]
+        small = _start("small", SMALL_GB, env, tmp_path)
+        large = _start("large", LARGE_GB, env, tmp_path)
+        try:
+            _wait_registered(db, small)
+            _wait_registered(db, large)
+            yield Farm(settings, app, app.test_client(), db, env, small, large)
+        finally:
+            _stop(small)
+            _stop(large)
+            db.dispose()
+
+
+def _submit(client: FlaskClient, **fields: str) -> str:
+    """Submit a job through the API; returns its id."""
+    response = client.post(
+        "/api/v1/jobs",
+        data={
+            "image": (io.BytesIO(png_bytes(64, 64)), "in.png"),
+            "num_inference_steps": "1",
+            "seed": "1",
+            **fields,
+        },
+        content_type="multipart/form-data",
+    )
+    assert response.status_code == 201, response.get_json()
+    return str(response.get_json()["id"])
+
+
+def _wait(client: FlaskClient, job_id: str, states: tuple[str, ...], timeout: float = 300) -> dict:
+    """Poll the API until the job is in one of ``states``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        body = client.get(f"/api/v1/jobs/{job_id}").get_json()
+        if body["state"] in states:
+            return dict(body)
+        assert time.monotonic() < deadline, body
+        time.sleep(0.2)
+
+
+def test_jobs_go_to_the_worker_that_can_hold_them(farm: Farm) -> None:
+    """A 16 GB-class job runs on the 16 GB worker; a 12 GB one on a worker serving 12 GB;
+    a 40 GB-class job waits and says why."""
+    small_row, large_row = farm.row(farm.small.hostname), farm.row(farm.large.hostname)
+    assert small_row is not None and large_row is not None
+    assert max(int(q.rsplit(".", 1)[1][:-1]) for q in small_row.queues) == tier_of(SMALL_GB * 10**9)
+    assert max(int(q.rsplit(".", 1)[1][:-1]) for q in large_row.queues) == tier_of(LARGE_GB * 10**9)
+    assert small_row.capabilities["total_memory_bytes"] == SMALL_GB * 10**9
+
+    # 128 frames of 128x64 decoded in one chunk: above 12 GB by the estimate, so the 16 GB class.
+    big = dict(num_frames="128", width="128", height="64", decode_chunk_size="128")
+    assert 12e9 < estimate_memory_bytes(128, 128, 64, 128, "fp32") <= 16e9
+    big_id = _submit(farm.client, **big)
+    small_id = _submit(farm.client, num_frames="4", width="64", height="64")
+    huge_id = _submit(farm.client, num_frames="25", width="1024", height="1024")
+
+    huge = farm.client.get(f"/api/v1/jobs/{huge_id}").get_json()
+    assert huge["queue"] == "svd.cpu.fp32.40g"
+    assert huge["waiting"] and ">= 40 GB" in huge["waiting"]
+    page = farm.client.get(f"/jobs/{huge_id}").get_data(as_text=True)
+    assert "no worker online" in page
+
+    for job_id, queue, workers in (
+        (big_id, "svd.cpu.fp32.16g", {farm.large.hostname}),
+        (small_id, "svd.cpu.fp32.12g", {farm.small.hostname, farm.large.hostname}),
+    ):
+        body = _wait(farm.client, job_id, ("succeeded", "failed"))
+        assert body["state"] == "succeeded", (body, farm.small.text(), farm.large.text())
+        assert body["queue"] == queue
+        assert {a["worker"] for a in body["attempts"]} <= workers
+    assert farm.client.post(f"/api/v1/jobs/{huge_id}/cancel").status_code == 202
+
+
+def test_inspect_capabilities_and_control_from_the_celery_command_line(farm: Farm) -> None:
+    """``celery inspect capabilities`` lists each live worker's probe; consumers can be changed."""
+    done = farm.celery("inspect", "capabilities", "--json", "--timeout", "10")
+    assert done.returncode == 0, done.stderr
+    replies = json.loads(done.stdout)
+    assert set(replies) == {farm.small.hostname, farm.large.hostname}
+    small = replies[farm.small.hostname]
+    assert small["capabilities"]["device"] == "cpu"
+    assert small["capabilities"]["total_memory_bytes"] == SMALL_GB * 10**9
+    assert "svd.cpu.fp32.12g" in small["queues"] and "svd.cpu.fp32.16g" not in small["queues"]
+    print("\ninspect capabilities:", json.dumps(small, indent=1)[:1500])
+
+    done = farm.celery(
+        "control", "cancel_consumer", "svd.cpu.fp32.12g", "-d", farm.small.hostname, "--json"
+    )
+    assert done.returncode == 0, done.stderr
+    deadline = time.monotonic() + 10
+    while "svd.cpu.fp32.12g" in (farm.row(farm.small.hostname) or Worker()).queues:
+        assert time.monotonic() < deadline, "the heartbeat never reported the cancelled queue"
+        time.sleep(HEARTBEAT)
+    done = farm.celery(
+        "control", "add_consumer", "svd.cpu.fp32.12g", "-d", farm.small.hostname, "--json"
+    )
+    assert done.returncode == 0, done.stderr
+    active = farm.celery("inspect", "active", "--json", "--timeout", "10")
+    assert active.returncode == 0 and farm.large.hostname in json.loads(active.stdout)
+
+    # A worker told to shut down does not reply, so the command reports no replies: the
+    # process ending is the answer.
+    farm.celery("control", "shutdown", "-d", farm.large.hostname)
+    farm.large.process.wait(timeout=60)
+    row = farm.row(farm.large.hostname)
+    assert row is not None and row.state is WorkerState.OFFLINE
+
+
+def test_heartbeats_and_offline_detection(farm: Farm) -> None:
+    """Heartbeats advance; a killed worker is offline after three missed beats."""
+    first = farm.row(farm.small.hostname)
+    assert first is not None
+    time.sleep(HEARTBEAT * 3)
+    later = farm.row(farm.small.hostname)
+    assert later is not None and later.last_heartbeat > first.last_heartbeat
+    assert effective_state(later, farm.settings) is not WorkerState.OFFLINE
+
+    os.killpg(farm.small.process.pid, signal.SIGKILL)  # the worker and its pool, at once
+    farm.small.process.wait(timeout=30)
+    time.sleep(farm.settings.offline_after_s + HEARTBEAT)
+    dead = farm.row(farm.small.hostname)
+    assert dead is not None and effective_state(dead, farm.settings) is WorkerState.OFFLINE
+    alive = farm.row(farm.large.hostname)
+    assert alive is not None and effective_state(alive, farm.settings) is not WorkerState.OFFLINE
