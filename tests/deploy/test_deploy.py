@@ -1,0 +1,826 @@
+"""The files in deploy/ parse, and everything they name exists in the code.
+
+No Docker engine, cluster or systemd runs in the tests, so each file is parsed instead: the
+compose file and every Kubernetes document with PyYAML, the systemd units with configparser,
+the Dockerfiles line by line. The names in them are then checked against the code: ``svdfarm``
+commands against the real argument parser, queue names against ``svdfarm.queues``,
+``SVDFARM_*`` variables against the settings, stop grace periods against the worker's stop
+timeout, and each GPU pool's KEDA triggers against the queues its cards serve.
+"""
+
+from __future__ import annotations
+
+import configparser
+import contextlib
+import copy
+import io
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from svdfarm.cli import build_parser
+from svdfarm.queues import PRECISION_CLASSES, all_queues, parse_queue, queues_for
+from svdfarm.settings import load_settings
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pytest itself depends on tomli before 3.11
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+COMPOSE = DEPLOY / "docker-compose.yml"
+#: A stopped worker needs a moment after SVDFARM_STOP_TIMEOUT to requeue its job and exit.
+GRACE_MARGIN_S = 30
+#: Project dependencies only the worker needs; everything else must be in the web image.
+WORKER_ONLY = {"torch", "diffusers", "transformers", "accelerate", "imageio-ffmpeg", "numpy"}
+TORCH_FAMILY = {"torch", "torchvision", "torchaudio", "diffusers", "transformers", "accelerate"}
+QUEUE_LIKE = re.compile(r"\bsvd\.[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
+SETTING = re.compile(r"\bSVDFARM_[A-Z0-9_]*[A-Z0-9]")
+WRAPPERS = {"tini", "--", "exec"}
+GPU_PRODUCT = "nvidia.com/gpu.product"
+CLASS_LABEL = "svdfarm/worker-class"
+
+
+def _gpu(total_memory_bytes: int, bf16: bool) -> dict[str, Any]:
+    """What ``svdfarm worker`` would probe on one CUDA card (the fields routing reads)."""
+    return {
+        "device": "cuda",
+        "total_memory_bytes": total_memory_bytes,
+        "bf16_driver": bf16,
+        "bf16_op": bf16,
+        "fp16": True,
+    }
+
+
+#: Realistic probes of common cards, keyed by GPU Feature Discovery's node label value.
+GPU_PROFILES = {
+    "NVIDIA-H200": _gpu(150_119_645_184, bf16=True),
+    "NVIDIA-H100-80GB-HBM3": _gpu(85_045_870_592, bf16=True),
+    "NVIDIA-A100-SXM4-80GB": _gpu(85_094_825_984, bf16=True),
+    "NVIDIA-A100-SXM4-40GB": _gpu(42_314_694_656, bf16=True),
+    "NVIDIA-L40S": _gpu(47_697_362_944, bf16=True),
+    "NVIDIA-A10G": _gpu(23_609_475_072, bf16=True),
+    "NVIDIA-L4": _gpu(23_580_639_232, bf16=True),
+    "Tesla-V100-SXM2-32GB": _gpu(34_089_730_048, bf16=False),
+    "Tesla-V100-SXM2-16GB": _gpu(16_935_419_904, bf16=False),
+    "Tesla-T4": _gpu(15_655_829_504, bf16=False),
+}
+
+
+# ---- reading the files -------------------------------------------------------------------
+
+
+def deploy_files() -> list[Path]:
+    """Every file under deploy/."""
+    return sorted(p for p in DEPLOY.rglob("*") if p.is_file())
+
+
+def compose() -> dict[str, Any]:
+    """The compose file, anchors and merge keys resolved."""
+    data: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    return data
+
+
+def k8s_docs() -> list[dict[str, Any]]:
+    """Every Kubernetes document under deploy/k8s, in file order."""
+    docs = []
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        docs += [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+    return docs
+
+
+def k8s(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    """The documents of one kind, by name."""
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
+    """The pod spec of a Deployment, Job or similar."""
+    spec: dict[str, Any] = workload["spec"]["template"]["spec"]
+    return spec
+
+
+def containers(workload: dict[str, Any]) -> list[dict[str, Any]]:
+    """A workload's init containers and containers."""
+    spec = pod_spec(workload)
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def container_argv(container: dict[str, Any]) -> list[str]:
+    """A container's command line: its command, then its args."""
+    return [*container.get("command", []), *container.get("args", [])]
+
+
+def runs(workload: dict[str, Any], *words: str) -> bool:
+    """True when one of the workload's containers runs ``svdfarm <words>``."""
+    return any(
+        (svdfarm_args(container_argv(c)) or [])[: len(words)] == list(words)
+        for c in containers(workload)
+    )
+
+
+def container_env(container: dict[str, Any], docs: list[dict[str, Any]]) -> dict[str, str]:
+    """A container's environment: its ConfigMaps, Secrets and own variables."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            env.update(k8s(docs, "ConfigMap")[source["configMapRef"]["name"]]["data"])
+        if "secretRef" in source:
+            env.update(k8s(docs, "Secret")[source["secretRef"]["name"]].get("stringData", {}))
+    env.update({e["name"]: str(e.get("value", "")) for e in container.get("env", [])})
+    return env
+
+
+def compose_env(service: dict[str, Any]) -> dict[str, str]:
+    """A compose service's environment as a dict (it may be written as a list)."""
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+def read_unit(path: Path) -> configparser.ConfigParser:
+    """A systemd unit read by configparser (keys keep their case; a repeated key: the last)."""
+    parser = configparser.ConfigParser(strict=False, interpolation=None, delimiters=("=",))
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string(path.read_text(), source=str(path))
+    return parser
+
+
+def unit_values(path: Path, key: str) -> list[str]:
+    """Every value of a key systemd lets repeat (Environment=, ExecStart=...), in order."""
+    lines = path.read_text().splitlines()
+    return [line.split("=", 1)[1].strip() for line in lines if line.startswith(f"{key}=")]
+
+
+def units() -> list[Path]:
+    """The systemd units."""
+    return sorted((DEPLOY / "systemd").glob("*.service"))
+
+
+def dockerfiles() -> list[Path]:
+    """The Dockerfiles (not their .dockerignore files)."""
+    return sorted(p for p in DEPLOY.glob("Dockerfile*") if p.suffix != ".dockerignore")
+
+
+def dockerfile(path: Path) -> list[tuple[str, str]]:
+    """A Dockerfile's instructions as (KEYWORD, rest), continuations joined, ARGs expanded."""
+    joined: list[str] = []
+    pending = ""
+    for line in path.read_text().splitlines():
+        if line.strip().startswith("#") or not line.strip():
+            continue
+        pending += line.rstrip()
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+            continue
+        joined.append(pending.strip())
+        pending = ""
+    assert not pending, f"{path.name}: the last instruction ends in a line continuation"
+    args: dict[str, str] = {}
+    instructions = []
+    for text in joined:
+        keyword, _, rest = text.partition(" ")
+        for name, value in args.items():
+            rest = rest.replace(f"${{{name}}}", value).replace(f"${name}", value)
+        if keyword.upper() == "ARG" and "=" in rest:
+            name, value = rest.split("=", 1)
+            args[name.strip()] = value.strip().strip('"')
+        instructions.append((keyword.upper(), rest.strip()))
+    return instructions
+
+
+def shell_commands(line: str) -> list[list[str]]:
+    """The simple commands of a shell line, split at ``&&``, ``||``, ``;`` and pipes."""
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|")
+    lexer.whitespace_split = True
+    commands: list[list[str]] = [[]]
+    for token in lexer:
+        if set(token) <= set(";&|"):
+            commands.append([])
+        else:
+            commands[-1].append(token)
+    return [c for c in commands if c]
+
+
+def pip_installs(instructions: list[tuple[str, str]]) -> list[tuple[list[str], list[str]]]:
+    """Each ``pip install`` in RUN lines: (its options, its requirements), in order."""
+    takes_value = {"-i", "--index-url", "--extra-index-url", "-r", "-c", "-f", "--find-links"}
+    found = []
+    for keyword, rest in instructions:
+        if keyword != "RUN":
+            continue
+        for words in shell_commands(rest):
+            if "pip" not in [w.rsplit("/", 1)[-1] for w in words] or "install" not in words:
+                continue
+            words = words[words.index("install") + 1 :]
+            options, requirements = [], []
+            while words:
+                word = words.pop(0)
+                if word.startswith("-"):
+                    options.append(word)
+                    if word in takes_value and words:
+                        options.append(words.pop(0))
+                else:
+                    requirements.append(word)
+            found.append((options, requirements))
+    return found
+
+
+def exec_form(instructions: list[tuple[str, str]], keyword: str) -> list[str]:
+    """The last ENTRYPOINT or CMD, which must be in exec (JSON) form."""
+    values = [rest for kw, rest in instructions if kw == keyword]
+    if not values:
+        return []
+    argv: list[str] = json.loads(values[-1])
+    return argv
+
+
+# ---- commands ----------------------------------------------------------------------------
+
+
+def svdfarm_args(argv: list[str]) -> list[str] | None:
+    """The arguments given to ``svdfarm`` in ``argv``; None when it runs another program."""
+    for index, word in enumerate(argv):
+        if word.rsplit("/", 1)[-1] == "svdfarm":
+            return argv[index + 1 :]
+        if word not in WRAPPERS:
+            return None
+    return None
+
+
+def markdown_commands(text: str) -> Iterator[list[str]]:
+    """Command lines in a Markdown file: code block lines and inline code spans."""
+    blocks = re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.S | re.M)
+    for block in blocks:
+        yield from (shlex.split(line, comments=True) for line in block.splitlines())
+    prose = re.sub(r"^```[^\n]*\n.*?^```", "", text, flags=re.S | re.M)
+    for span in re.findall(r"`([^`]+)`", prose):
+        with contextlib.suppress(ValueError):
+            words = shlex.split(span)
+            if len(words) > 1:  # a lone `svdfarm` names the project, not a command
+                yield words
+
+
+def all_commands() -> list[tuple[str, list[str]]]:
+    """Every command line of deploy/, as (where, argv)."""
+    found: list[tuple[str, list[str]]] = []
+    for name, service in compose()["services"].items():
+        argv = []
+        for key in ("entrypoint", "command"):
+            value = service.get(key) or []
+            argv += shlex.split(value) if isinstance(value, str) else value
+        found.append((f"compose service {name}", argv))
+    for doc in k8s_docs():
+        if "template" in doc.get("spec", {}):
+            for c in containers(doc):
+                where = f"{doc['kind']} {doc['metadata']['name']}/{c['name']}"
+                found.append((where, container_argv(c)))
+    for path in units():
+        for key in ("ExecStartPre", "ExecStart", "ExecStartPost", "ExecStop", "ExecReload"):
+            for value in unit_values(path, key):
+                found.append((f"{path.name} {key}", shlex.split(value.lstrip("-@+!:"))))
+    for path in dockerfiles():
+        instructions = dockerfile(path)
+        found.append(
+            (path.name, exec_form(instructions, "ENTRYPOINT") + exec_form(instructions, "CMD"))
+        )
+    for path in DEPLOY.rglob("*.md"):
+        found += [(path.name, argv) for argv in markdown_commands(path.read_text()) if argv]
+    return found
+
+
+def command_problem(args: list[str]) -> str | None:
+    """Why ``svdfarm <args>`` would not parse, or None when it does."""
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            build_parser().parse_args(args)
+    except SystemExit:
+        return f"`svdfarm {' '.join(args)}`: {stderr.getvalue().strip().splitlines()[-1]}"
+    # argparse takes --gpu for --gpus; a file should not rely on that, so spell flags out.
+    usage = io.StringIO()
+    with contextlib.redirect_stdout(usage), contextlib.suppress(SystemExit):
+        build_parser().parse_args([args[0], "--help"])
+    flags = {word.split("=")[0] for word in args if word.startswith("--") and word != "--"}
+    short = [
+        f for f in flags if not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", usage.getvalue())
+    ]
+    return f"`svdfarm {' '.join(args)}`: abbreviated flag(s) {short}" if short else None
+
+
+def roles(where_prefix: str) -> set[str]:
+    """Which of web, worker and migrate the commands found at ``where_prefix`` run."""
+    found = set()
+    for where, argv in all_commands():
+        args = svdfarm_args(argv)
+        if where.startswith(where_prefix) and args:
+            found.add("migrate" if args[:2] == ["db", "upgrade"] else args[0])
+    return found
+
+
+# ---- names ---------------------------------------------------------------------------------
+
+
+def queue_problems(text: str) -> list[str]:
+    """Queue-like names in ``text`` that are not queues of svdfarm.queues."""
+    problems = []
+    for name in QUEUE_LIKE.findall(text):
+        try:
+            parse_queue(name)
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
+        if name not in all_queues():
+            problems.append(f"{name!r} is not in all_queues()")
+    return problems
+
+
+def known_settings() -> set[str]:
+    """The SVDFARM_* names the code reads: literals, and the settings module's helpers."""
+    names = set()
+    for package in ("svdfarm", "web", "worker"):
+        for path in (ROOT / package).rglob("*.py"):
+            text = path.read_text()
+            names.update(re.findall(r'"(SVDFARM_[A-Z0-9_]+)"', text))
+            helper = r'_(?:str|int|bool|float)\(\s*env,\s*"([A-Z0-9_]+)"'
+            names.update(f"SVDFARM_{name}" for name in re.findall(helper, text))
+    return names
+
+
+def setting_problems(text: str, known: set[str]) -> list[str]:
+    """SVDFARM_* names in ``text`` that svdfarm does not read."""
+    return [f"{name} is not a setting" for name in SETTING.findall(text) if name not in known]
+
+
+def stop_timeout(env: dict[str, str]) -> int:
+    """The worker's SVDFARM_STOP_TIMEOUT under ``env`` (the settings' default when unset)."""
+    given = {k: v for k, v in env.items() if k == "SVDFARM_STOP_TIMEOUT"}
+    return load_settings(given).stop_timeout_s
+
+
+def seconds(value: Any) -> float:
+    """A duration as compose or systemd write it (``660``, ``660s``, ``11m``, ``10min 30s``)."""
+    if isinstance(value, (int, float)) or str(value).strip().isdigit():
+        return float(value)
+    units = {"h": 3600, "min": 60, "m": 60, "sec": 1, "s": 1, "ms": 1e-3, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*(min|sec|ms|us|h|m|s)", str(value))
+    assert parts, f"cannot read the duration {value!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+# ---- GPU pools -------------------------------------------------------------------------------
+
+
+def worker_deployments(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Deployments whose container runs ``svdfarm worker``, by name."""
+    return {name: d for name, d in k8s(docs, "Deployment").items() if runs(d, "worker")}
+
+
+def consumed(deployment: dict[str, Any]) -> list[str]:
+    """The queues a worker Deployment's pods consume: pinned with --queues, else the probe's."""
+    product = pod_spec(deployment).get("nodeSelector", {}).get(GPU_PRODUCT)
+    name = deployment["metadata"]["name"]
+    assert product in GPU_PROFILES, (
+        f"{name}: node selector {GPU_PRODUCT}={product!r} has no profile in GPU_PROFILES; "
+        "add the card's probed memory and bf16 support there"
+    )
+    served = queues_for(GPU_PROFILES[product])
+    args = next(a for c in containers(deployment) if (a := svdfarm_args(container_argv(c))))
+    pinned = build_parser().parse_args(args).queues
+    queues = [q for q in pinned.split(",") if q] or served
+    extra = sorted(set(queues) - set(served))
+    assert not extra, f"{name}: a {product} never serves {extra} (it serves {served})"
+    return queues
+
+
+def best_class(queues: list[str]) -> str:
+    """The class a pool is named for: its best precision at its largest tier."""
+    classes = [parse_queue(q) for q in queues]
+    precision = min((c.precision for c in classes), key=PRECISION_CLASSES.index)
+    return max((c for c in classes if c.precision == precision), key=lambda c: c.tier_gb).queue
+
+
+def pool_problems(docs: list[dict[str, Any]]) -> list[str]:
+    """What is wrong between the worker Deployments and the ScaledObjects that scale them."""
+    problems = []
+    pools = {name: consumed(d) for name, d in worker_deployments(docs).items()}
+    auths = k8s(docs, "TriggerAuthentication")
+    watched: Counter[str] = Counter()
+    targets: Counter[str] = Counter()
+    for name, scaled in k8s(docs, "ScaledObject").items():
+        target = scaled["spec"]["scaleTargetRef"]
+        targets[target["name"]] += 1
+        if target.get("kind", "Deployment") != "Deployment" or target["name"] not in pools:
+            problems.append(f"ScaledObject {name} targets {target}, not a worker Deployment")
+            continue
+        worker = containers(worker_deployments(docs)[target["name"]])[-1]
+        broker = container_env(worker, docs)["SVDFARM_BROKER_URL"]
+        broker_db = urlsplit(broker).path.strip("/") or "0"
+        for trigger in scaled["spec"]["triggers"]:
+            meta = trigger.get("metadata", {})
+            queue = meta.get("listName")
+            watched[queue] += 1
+            if trigger["type"] != "redis" or queue not in pools[target["name"]]:
+                problems.append(
+                    f"{name}: {trigger['type']} trigger on {queue!r}, which "
+                    f"{target['name']} does not consume"
+                )
+            if not all(isinstance(value, str) for value in meta.values()):
+                problems.append(f"{name}: {queue}: KEDA takes strings only: quote the numbers")
+            if not str(meta.get("listLength", "")).isdigit():
+                problems.append(f"{name}: {queue}: listLength must be a whole number")
+            if str(meta.get("databaseIndex", "0")) != broker_db:
+                problems.append(
+                    f"{name}: {queue}: databaseIndex is not the broker URL's {broker_db}"
+                )
+            auth = trigger.get("authenticationRef", {}).get("name")
+            if auth not in auths and not {"address", "addressFromEnv", "host"} & set(meta):
+                problems.append(f"{name}: {queue}: no Redis address (TriggerAuthentication {auth})")
+    problems += [f"{t} is the target of {n} ScaledObjects" for t, n in targets.items() if n > 1]
+    for queue in sorted({q for queues in pools.values() for q in queues}):
+        if watched[queue] != 1:
+            problems.append(
+                f"{queue} is consumed by a pool but watched by {watched[queue]} "
+                "ScaledObjects (want 1: a job wakes one pool)"
+            )
+    return problems
+
+
+# ---- every file ----------------------------------------------------------------------------
+
+
+def test_every_file_parses() -> None:
+    """Compose, each Kubernetes document, each unit and each Dockerfile parse."""
+    assert set(compose()["services"]) and k8s_docs() and units() and dockerfiles()
+    for doc in k8s_docs():
+        assert {"apiVersion", "kind", "metadata"} <= set(doc) and doc["metadata"].get("name")
+    for path in units():
+        unit = read_unit(path)
+        assert unit.has_section("Unit") and unit.has_section("Service"), path.name
+    for path in dockerfiles():
+        assert dockerfile(path)[0][0] in {"ARG", "FROM"}, path.name
+    known = {COMPOSE, *dockerfiles(), *units(), *(DEPLOY / "k8s").glob("*.yaml")}
+    others = {p for p in deploy_files() if p.suffix not in {".md", ".dockerignore"}} - known
+    assert not others, f"files no test reads: {sorted(map(str, others))}"
+
+
+def test_svdfarm_commands_parse() -> None:
+    """Every ``svdfarm ...`` command in deploy/ is a real subcommand whose flags parse."""
+    found = [(where, svdfarm_args(argv)) for where, argv in all_commands()]
+    found = [(where, args) for where, args in found if args is not None]
+    assert len(found) >= 12, found
+    problems = [f"{where}: {p}" for where, args in found if (p := command_problem(args))]
+    assert not problems, "\n".join(problems)
+
+
+def test_celery_commands_use_the_svdfarm_app() -> None:
+    """``celery`` commands (Flower) load the svdfarm app."""
+    celery = [(w, argv) for w, argv in all_commands() if argv and argv[0].endswith("celery")]
+    assert celery
+    for where, argv in celery:
+        assert argv[1:3] == ["-A", "svdfarm"] and argv[3] in {"flower", "worker"}, where
+
+
+def test_each_way_runs_web_worker_and_migration() -> None:
+    """Compose, Kubernetes and systemd each run the web, a worker and the migration."""
+    for where in ("compose", "Deployment", "svdfarm-"):
+        assert {"web", "worker"} <= roles(where), where
+    for where in ("compose", "Job", "svdfarm-migrate"):
+        assert "migrate" in roles(where), where
+
+
+def test_queue_names_are_the_codes() -> None:
+    """Every queue-like name in deploy/ parses with parse_queue and is in all_queues()."""
+    texts = {p: p.read_text() for p in deploy_files()}
+    problems = [f"{p.name}: {q}" for p, text in texts.items() for q in queue_problems(text)]
+    assert not problems, "\n".join(problems)
+    assert sum(len(QUEUE_LIKE.findall(text)) for text in texts.values()) > 20
+
+
+def test_settings_exist() -> None:
+    """Every SVDFARM_* variable in deploy/ is one svdfarm reads."""
+    known = known_settings()
+    assert {"SVDFARM_DATABASE_URL", "SVDFARM_STOP_TIMEOUT", "SVDFARM_ALLOW_CPU"} <= known
+    problems = [
+        f"{p.name}: {problem}"
+        for p in deploy_files()
+        for problem in setting_problems(p.read_text(), known)
+    ]
+    assert not problems, "\n".join(problems)
+
+
+# ---- compose -------------------------------------------------------------------------------
+
+
+def test_compose_services() -> None:
+    """Compose runs web, worker, redis, postgres and migrate; Flower on request, with flower."""
+    services = compose()["services"]
+    assert {"web", "worker", "redis", "postgres", "migrate", "flower"} <= set(services)
+    assert "flower" in services["flower"].get("profiles", [])
+    assert not [name for name, s in services.items() if name != "flower" and s.get("profiles")]
+    # Flower runs in the web image, so that image must have it.
+    installs = pip_installs(dockerfile(DEPLOY / "Dockerfile.web"))
+    names = {canonicalize_name(Requirement(r).name) for _, rs in installs for r in rs if r != "."}
+    assert "flower" in names
+
+
+def test_compose_worker_reserves_the_gpus() -> None:
+    """Only the worker reserves NVIDIA GPUs."""
+    for name, service in compose()["services"].items():
+        reservations = service.get("deploy", {}).get("resources", {}).get("reservations", {})
+        gpus = [d for d in reservations.get("devices", []) if "gpu" in d.get("capabilities", [])]
+        assert bool(gpus) == (name == "worker"), name
+        assert all(d.get("driver") == "nvidia" for d in gpus)
+
+
+def test_compose_migration_runs_once_before_web_and_worker() -> None:
+    """migrate is one-shot after PostgreSQL is healthy; web and worker wait for its success."""
+    services = compose()["services"]
+    migrate = services["migrate"]
+    assert svdfarm_args(migrate["command"]) == ["db", "upgrade"]
+    assert migrate.get("restart", "no") == "no"
+    assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name in ("web", "worker"):
+        condition = services[name]["depends_on"]["migrate"]["condition"]
+        assert condition == "service_completed_successfully", name
+
+
+def test_compose_images_web_health_and_shared_data() -> None:
+    """Images come from the two Dockerfiles, the web is health-checked, /data is shared."""
+    services = compose()["services"]
+    for name, dockerfile_name in {
+        "web": "Dockerfile.web",
+        "migrate": "Dockerfile.web",
+        "flower": "Dockerfile.web",
+        "worker": "Dockerfile.worker",
+    }.items():
+        build = services[name]["build"]
+        assert (COMPOSE.parent / build["context"] / build["dockerfile"]).resolve() == (
+            DEPLOY / dockerfile_name
+        ), name
+    assert any("/healthz" in part for part in services["web"]["healthcheck"]["test"])
+    data_dir = compose_env(services["web"])["SVDFARM_DATA_DIR"]
+    mounts = {
+        name: {v.split(":")[0] for v in services[name]["volumes"] if v.split(":")[1] == data_dir}
+        for name in ("web", "worker")
+    }
+    assert mounts["web"] and mounts["web"] == mounts["worker"] <= set(compose()["volumes"])
+
+
+# ---- Kubernetes ----------------------------------------------------------------------------
+
+
+def test_k8s_references_resolve() -> None:
+    """Namespaces agree; ConfigMaps, Secrets, claims and selectors point at what exists."""
+    docs = k8s_docs()
+    namespace = next(iter(k8s(docs, "Namespace")))
+    for doc in docs:
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"].get("namespace") == namespace, doc["metadata"]["name"]
+    claims = k8s(docs, "PersistentVolumeClaim")
+    for doc in docs:
+        if "template" not in doc.get("spec", {}):
+            continue
+        name = doc["metadata"]["name"]
+        for c in containers(doc):
+            container_env(c, docs)  # a missing ConfigMap or Secret is a KeyError
+        for volume in pod_spec(doc).get("volumes", []):
+            assert volume["persistentVolumeClaim"]["claimName"] in claims, name
+        selector = doc["spec"].get("selector", {}).get("matchLabels", {})
+        assert selector.items() <= doc["spec"]["template"]["metadata"]["labels"].items(), name
+    for claim in claims.values():
+        assert claim["spec"]["accessModes"] == ["ReadWriteMany"], claim["metadata"]["name"]
+
+
+def test_k8s_web_service_and_migration() -> None:
+    """The Service reaches the web pods' port, readiness is /healthz, the Job migrates."""
+    docs = k8s_docs()
+    web = next(d for d in k8s(docs, "Deployment").values() if runs(d, "web"))
+    container = containers(web)[-1]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    ports = {p.get("name") for p in container["ports"]} | {
+        p["containerPort"] for p in container["ports"]
+    }
+    labels = web["spec"]["template"]["metadata"]["labels"]
+    services = [
+        s for s in k8s(docs, "Service").values() if s["spec"]["selector"].items() <= labels.items()
+    ]
+    assert services and all(p["targetPort"] in ports for s in services for p in s["spec"]["ports"])
+    jobs = [j for j in k8s(docs, "Job").values() if runs(j, "db", "upgrade")]
+    assert jobs and pod_spec(jobs[0])["restartPolicy"] in {"Never", "OnFailure"}
+
+
+def test_k8s_worker_pools() -> None:
+    """Each pool: one GPU per pod, a known GPU product, its class label, the shared /data."""
+    docs = k8s_docs()
+    pools = worker_deployments(docs)
+    assert len(pools) >= 2
+    data_claims = set()
+    for name, deployment in pools.items():
+        container = containers(deployment)[-1]
+        for part in ("requests", "limits"):
+            assert str(container["resources"][part]["nvidia.com/gpu"]) == "1", (name, part)
+        queues = consumed(deployment)
+        label = deployment["spec"]["template"]["metadata"]["labels"].get(CLASS_LABEL)
+        assert label == best_class(queues), f"{name}: {CLASS_LABEL}={label}, serves {queues}"
+        data_dir = container_env(container, docs)["SVDFARM_DATA_DIR"]
+        mount = next(m for m in container["volumeMounts"] if m["mountPath"] == data_dir)
+        volume = next(v for v in pod_spec(deployment)["volumes"] if v["name"] == mount["name"])
+        data_claims.add(volume["persistentVolumeClaim"]["claimName"])
+    assert len(data_claims) == 1, f"the pools write videos to different volumes: {data_claims}"
+
+
+def test_k8s_scaled_objects_watch_what_their_pools_consume() -> None:
+    """Each ScaledObject targets a pool and watches its queues; each queue wakes one pool."""
+    problems = pool_problems(k8s_docs())
+    assert not problems, "\n".join(problems)
+
+
+# ---- systemd -------------------------------------------------------------------------------
+
+
+def test_systemd_units() -> None:
+    """Web, worker and a one-shot migration; the web requires it; nobody runs as root."""
+    by_name = {p.name: p for p in units()}
+    assert {"svdfarm-web.service", "svdfarm-worker@.service", "svdfarm-migrate.service"} <= set(
+        by_name
+    )
+    for path in units():
+        service = read_unit(path)["Service"]
+        assert service.get("User") not in {None, "root", "0"}, path.name
+    migrate = read_unit(by_name["svdfarm-migrate.service"])["Service"]
+    assert migrate["Type"] == "oneshot"
+    web = read_unit(by_name["svdfarm-web.service"])["Unit"]
+    assert "svdfarm-migrate.service" in web["Requires"].split()
+    assert "svdfarm-migrate.service" in web["After"].split()
+    worker = read_unit(by_name["svdfarm-worker@.service"])["Service"]
+    assert worker["KillMode"] == "mixed", "SIGTERM must reach Celery's main process only"
+    assert worker.get("KillSignal", "SIGTERM") == "SIGTERM"
+
+
+# ---- grace periods -------------------------------------------------------------------------
+
+
+def test_grace_periods_outlast_the_stop_timeout() -> None:
+    """Compose, Kubernetes and systemd let a stopped worker finish or requeue its job."""
+    graces: dict[str, tuple[float, int]] = {}
+    services = compose()["services"]
+    worker = services["worker"]
+    graces["compose worker"] = (
+        seconds(worker.get("stop_grace_period", 10)),
+        stop_timeout(compose_env(worker)),
+    )
+    docs = k8s_docs()
+    for name, deployment in worker_deployments(docs).items():
+        env = container_env(containers(deployment)[-1], docs)
+        grace = pod_spec(deployment).get("terminationGracePeriodSeconds", 30)
+        graces[name] = (seconds(grace), stop_timeout(env))
+    for path in units():
+        execs = [shlex.split(value) for value in unit_values(path, "ExecStart")]
+        if any((svdfarm_args(argv) or [""])[0] == "worker" for argv in execs):
+            env = dict(
+                v.split("=", 1)
+                for line in unit_values(path, "Environment")
+                for v in shlex.split(line)
+            )
+            timeout = read_unit(path)["Service"].get("TimeoutStopSec", "90")
+            graces[path.name] = (seconds(timeout), stop_timeout(env))
+    assert len(graces) >= 4
+    short = {k: v for k, v in graces.items() if v[0] < v[1] + GRACE_MARGIN_S}
+    assert not short, f"(grace s, SVDFARM_STOP_TIMEOUT s) too close: {short}"
+
+
+# ---- images --------------------------------------------------------------------------------
+
+
+def project_dependencies() -> list[Requirement]:
+    """pyproject.toml's runtime dependencies."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return [Requirement(r) for r in project["dependencies"]]
+
+
+def test_dockerfile_web_installs_no_torch() -> None:
+    """The web image: the project without its deps, the web's deps by hand, no torch."""
+    instructions = dockerfile(DEPLOY / "Dockerfile.web")
+    installs = pip_installs(instructions)
+    given = [Requirement(r) for _, rs in installs for r in rs if r != "."]
+    names = {canonicalize_name(r.name) for r in given}
+    assert not names & TORCH_FAMILY, names & TORCH_FAMILY
+    assert not any("download.pytorch.org" in o for opts, _ in installs for o in opts)
+    assert all("--no-deps" in opts for opts, rs in installs if "." in rs)
+    assert any("." in rs for _, rs in installs), "the project itself is not installed"
+    for need in project_dependencies():
+        if canonicalize_name(need.name) in WORKER_ONLY:
+            continue
+        have = [r for r in given if canonicalize_name(r.name) == canonicalize_name(need.name)]
+        assert have and need.extras <= have[0].extras, f"Dockerfile.web lacks {need}"
+    user = [rest for kw, rest in instructions if kw == "USER"]
+    assert user and user[-1] not in {"root", "0"}
+
+
+def test_dockerfile_worker_installs_cuda_torch() -> None:
+    """The worker image: a CUDA base, torch from a CUDA wheel index, then the project."""
+    instructions = dockerfile(DEPLOY / "Dockerfile.worker")
+    base = next(rest for kw, rest in instructions if kw == "FROM").split()[0]
+    assert base.startswith("nvidia/cuda:") or (
+        base.startswith("pytorch/pytorch:") and "cuda" in base
+    ), base
+    installs = pip_installs(instructions)
+    names = [[canonicalize_name(Requirement(r).name) for r in rs if r != "."] for _, rs in installs]
+    torch_at = next(i for i, n in enumerate(names) if "torch" in n)
+    options = installs[torch_at][0]
+    index = options[options.index("--index-url") + 1]
+    assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu\d+", index), index
+    project_at = next(i for i, (_, rs) in enumerate(installs) if "." in rs)
+    assert torch_at < project_at and "--no-deps" not in installs[project_at][0]
+    user = [rest for kw, rest in instructions if kw == "USER"]
+    assert user and user[-1] not in {"root", "0"}
+
+
+NO_WORKER_DEPS = """
+import importlib.abc, sys
+class Missing(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (not in the web image)")
+sys.meta_path.insert(0, Missing())
+import svdfarm.cli, svdfarm.celery_app
+from svdfarm import db
+db.upgrade(sys.argv[1])
+from web import create_app
+client = create_app().test_client()
+for path in ("/healthz", "/"):
+    assert client.get(path).status_code == 200, path
+"""
+
+
+def test_web_side_runs_without_worker_dependencies(tmp_path: Path) -> None:
+    """What the web image runs (migrate, the web app) works with none of WORKER_ONLY."""
+    blocked = {name.replace("-", "_") for name in WORKER_ONLY}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SVDFARM_")}
+    url = f"sqlite:///{tmp_path / 'web.db'}"
+    env.update(SVDFARM_DATA_DIR=str(tmp_path), SVDFARM_DATABASE_URL=url, SVDFARM_SECRET_KEY="x")
+    done = subprocess.run(
+        [sys.executable, "-c", NO_WORKER_DEPS.format(blocked=sorted(blocked)), url],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+# ---- the checks themselves -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "svd.cuda.bf16.80gb",
+        "svd.cuda.bf17.80g",
+        "svd.cuda.bf16.81g",
+        "svd.gpu.fp16.24g",
+        "svd.cuda.fp16",
+    ],
+)
+def test_a_wrong_queue_name_is_caught(bad: str) -> None:
+    """A misspelt queue name in a file is reported."""
+    assert queue_problems(f"listName: {bad}\n")
+
+
+def test_wrong_commands_and_settings_are_caught() -> None:
+    """An unknown flag, subcommand or setting is reported."""
+    assert command_problem(["worker", "--queues-from", "svd.cuda.fp16.24g"])
+    assert command_problem(["serve"])
+    assert command_problem(["worker", "--gpu", "all"])
+    assert setting_problems("SVDFARM_STOP_TIMEOUTS=600", known_settings())
+    assert seconds("11m") == seconds("660s") == seconds("11min") == 660
+
+
+def test_a_pool_watching_a_queue_it_cannot_serve_is_caught() -> None:
+    """A trigger on a queue its pool does not consume, or a queue nobody watches, is reported."""
+    docs = copy.deepcopy(k8s_docs())
+    scaled = next(iter(k8s(docs, "ScaledObject").values()))
+    pool = worker_deployments(docs)[scaled["spec"]["scaleTargetRef"]["name"]]
+    served = set(queues_for(GPU_PROFILES[pod_spec(pool)["nodeSelector"][GPU_PRODUCT]]))
+    foreign = next(q for q in all_queues() if q.startswith("svd.cuda.") and q not in served)
+    scaled["spec"]["triggers"][0]["metadata"]["listName"] = foreign
+    problems = pool_problems(docs)
+    assert any(foreign in p for p in problems) and any("watched by 0" in p for p in problems)

@@ -1,0 +1,187 @@
+"""Stopping a worker with SIGTERM, for real: the running job finishes within the stop timeout;
+past it, the job goes back to the queue and another worker finishes it, with one output."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from flask.testing import FlaskClient
+
+from svdfarm.db import upgrade
+from svdfarm.settings import Settings
+from svdfarm.storage import Storage
+from tests.conftest import REDIS_URL, fresh_database, make_settings, needs_postgres, needs_redis
+from tests.factories import png_bytes
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.postgres,
+    pytest.mark.redis,
+    needs_postgres,
+    needs_redis,
+]
+
+
+class Workers:
+    """Start ``svdfarm worker`` processes on one database and Redis; stop them at the end."""
+
+    def __init__(self, settings: Settings, tmp_path: Path) -> None:
+        """Remember where the workers run."""
+        self.settings, self.tmp_path = settings, tmp_path
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, stop_timeout: int) -> tuple[str, subprocess.Popen[bytes], Path]:
+        """A worker that gives a running job ``stop_timeout`` seconds after SIGTERM."""
+        hostname = f"{name}-{uuid.uuid4().hex[:6]}@localhost"
+        log = self.tmp_path / f"{name}.log"
+        env = {
+            **os.environ,
+            "SVDFARM_DATA_DIR": str(self.settings.data_dir),
+            "SVDFARM_DATABASE_URL": self.settings.database_url,
+            "SVDFARM_BROKER_URL": REDIS_URL,
+            "SVDFARM_MODEL": "tiny",
+            "SVDFARM_STOP_TIMEOUT": str(stop_timeout),
+            "SVDFARM_HEARTBEAT_INTERVAL": "0.5",
+            "SVDFARM_PROGRESS_INTERVAL": "0.2",
+        }
+        with open(log, "wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "svdfarm.cli", "worker", "--hostname", hostname],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.processes.append(process)
+        return hostname, process, log
+
+    def close(self) -> None:
+        """Kill whatever is left."""
+        for process in self.processes:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            process.wait()
+
+
+@pytest.fixture
+def stack(tmp_path: Path, tiny_model_dir: Path) -> Iterator[tuple[Settings, FlaskClient, Workers]]:
+    """The web app on PostgreSQL and Redis, and a way to start workers."""
+    with fresh_database("postgresql", tmp_path) as url:
+        settings = make_settings(
+            tmp_path / "var",
+            url,
+            tiny_model_dir,
+            SVDFARM_BROKER_URL=REDIS_URL,
+            SVDFARM_HEARTBEAT_INTERVAL="0.5",
+        )
+        upgrade(settings.database_url)
+        from web import create_app
+
+        app = create_app({"SVDFARM_SETTINGS": settings, "TESTING": True})
+        workers = Workers(settings, tmp_path)
+        try:
+            yield settings, app.test_client(), workers
+        finally:
+            workers.close()
+            app.extensions["svdfarm.db"].dispose()
+
+
+def _submit(client: FlaskClient, steps: int) -> str:
+    """A job of ``steps`` denoising steps (the tiny model takes about 0.3 s a step)."""
+    response = client.post(
+        "/api/v1/jobs",
+        data={
+            "image": (io.BytesIO(png_bytes(64, 64)), "in.png"),
+            "num_frames": "8",
+            "num_inference_steps": str(steps),
+            "seed": "2",
+        },
+        content_type="multipart/form-data",
+    )
+    assert response.status_code == 201, response.get_json()
+    return str(response.get_json()["id"])
+
+
+def _job(client: FlaskClient, job_id: str) -> dict:
+    """The job as the API shows it."""
+    return dict(client.get(f"/api/v1/jobs/{job_id}").get_json())
+
+
+def _wait_until(predicate: object, what: str, timeout: float = 180) -> None:
+    """Poll ``predicate`` until it is true."""
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _wait_registered(settings: Settings, client: FlaskClient, hostname: str) -> None:
+    """Until the worker is in the registry."""
+    from svdfarm.db import Database
+    from svdfarm.models import Worker
+
+    db = Database(settings.database_url)
+    try:
+
+        def registered() -> bool:
+            with db.session() as session:
+                return session.get(Worker, hostname) is not None
+
+        _wait_until(registered, f"{hostname} to register")
+    finally:
+        db.dispose()
+
+
+def test_sigterm_lets_the_running_job_finish(
+    stack: tuple[Settings, FlaskClient, Workers],
+) -> None:
+    """SIGTERM mid-job: the job still succeeds on that worker, then the worker exits."""
+    settings, client, workers = stack
+    hostname, process, log = workers.start("w", stop_timeout=120)
+    _wait_registered(settings, client, hostname)
+    job_id = _submit(client, steps=20)
+    _wait_until(lambda: _job(client, job_id)["phase"] == "denoising", "denoising")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=180) == 0, log.read_text()
+    job = _job(client, job_id)
+    assert job["state"] == "succeeded", (job, log.read_text())
+    assert [a["worker"] for a in job["attempts"]] == [hostname]
+
+
+def test_past_the_stop_timeout_the_job_is_redelivered_once(
+    stack: tuple[Settings, FlaskClient, Workers],
+) -> None:
+    """SIGTERM with a 2 s stop timeout: the job goes back to the queue, a second worker
+    finishes it, and there is exactly one video."""
+    settings, client, workers = stack
+    first, process, log = workers.start("first", stop_timeout=2)
+    _wait_registered(settings, client, first)
+    job_id = _submit(client, steps=60)
+    _wait_until(lambda: _job(client, job_id)["phase"] == "denoising", "denoising")
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    assert _job(client, job_id)["state"] == "running"  # not finished, not failed
+
+    second, _, log2 = workers.start("second", stop_timeout=120)
+    _wait_until(
+        lambda: _job(client, job_id)["state"] in ("succeeded", "failed"), "the redelivered job", 300
+    )
+    job = _job(client, job_id)
+    assert job["state"] == "succeeded", (job, log.read_text(), log2.read_text())
+    workers_seen = [a["worker"] for a in job["attempts"]]
+    assert workers_seen == [first, second], json.dumps(job["attempts"], indent=1)
+    assert job["attempts"][0]["outcome"] == "failed" and "lost" in job["attempts"][0]["message"]
+    outputs = list(Storage(settings.storage_dir).path(job_id).glob("*.mp4"))
+    assert [p.name for p in outputs] == ["video.mp4"]

@@ -1,0 +1,251 @@
+"""Claiming a redelivered RUNNING job: refused while the worker running it still beats, taken
+over (closing the lost attempt) once that worker missed three heartbeats.
+
+Real rows on real databases; the takeover renders with the tiny model (2 frames, 1 step).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+from celery import Celery
+
+from svdfarm.db import Database
+from svdfarm.jobs import submit_job, validate_submission
+from svdfarm.models import Attempt, Job, Worker, utcnow
+from svdfarm.settings import Settings
+from svdfarm.states import AttemptOutcome, ErrorClass, JobState, WorkerState
+from svdfarm.storage import Storage
+from tests.conftest import DATABASES
+from tests.factories import png_bytes
+from worker.execute import run_job
+
+ME = "w2@test"
+OWNER = "w1@gone"
+LOST = "The worker running this attempt was lost; the job was redelivered."
+
+
+@pytest.fixture
+def db(settings: Settings) -> Iterator[Database]:
+    """The test database."""
+    database = Database(settings.database_url)
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def beats(settings: Settings) -> Settings:
+    """Settings with a 10 s heartbeat: a worker is offline after 30 s without one."""
+    result = settings.with_overrides(heartbeat_interval_s=10.0)
+    assert result.offline_after_s == 30.0
+    return result
+
+
+def submit(db: Database, settings: Settings) -> uuid.UUID:
+    """Record and enqueue a small job as the web does; returns its id."""
+    from svdfarm.celery_app import create_celery
+
+    raw = {"num_frames": "2", "num_inference_steps": "1", "seed": "3", "decode_chunk_size": "2"}
+    submission = validate_submission(settings, raw, png_bytes(), "in.png")
+    celery: Celery = create_celery(settings)
+    with db.session() as session:
+        return submit_job(session, celery, settings, submission).id
+
+
+def add_worker(
+    db: Database,
+    hostname: str,
+    heartbeat_age_s: float,
+    state: WorkerState = WorkerState.IDLE,
+    current_job_id: uuid.UUID | None = None,
+) -> None:
+    """A worker row on the CPU queues whose last heartbeat was ``heartbeat_age_s`` ago."""
+    now = utcnow()
+    with db.begin() as session:
+        session.add(
+            Worker(
+                hostname=hostname,
+                capabilities={"device": "cpu"},
+                queues=[f"svd.cpu.fp32.{t}g" for t in (8, 12, 16, 24)],
+                state=state,
+                started_at=now - timedelta(hours=1),
+                last_heartbeat=now - timedelta(seconds=heartbeat_age_s),
+                current_job_id=current_job_id,
+            )
+        )
+
+
+def mark_running(db: Database, job_id: uuid.UUID, *owners: str) -> None:
+    """Make the job RUNNING with one running attempt per owner, as a first delivery leaves it."""
+    started = utcnow() - timedelta(minutes=2)
+    with db.begin() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.state, job.phase, job.progress, job.step = JobState.RUNNING, "denoising", 0.5, 1
+        job.started_at = started
+        for number, owner in enumerate(owners, start=1):
+            session.add(
+                Attempt(
+                    job_id=job_id,
+                    number=number,
+                    worker=owner,
+                    plan_name="cpu fp32",
+                    plan={"device": "cpu"},
+                    outcome=AttemptOutcome.RUNNING,
+                    started_at=started,
+                )
+            )
+
+
+def running_elsewhere(
+    db: Database, settings: Settings, owner_heartbeat_age_s: float | None
+) -> uuid.UUID:
+    """A job RUNNING on ``OWNER`` (whose row has this heartbeat age; None: no row), and an
+    idle row for this worker; returns the job id."""
+    job_id = submit(db, settings)
+    mark_running(db, job_id, OWNER)
+    if owner_heartbeat_age_s is not None:
+        add_worker(db, OWNER, owner_heartbeat_age_s, WorkerState.BUSY, current_job_id=job_id)
+    add_worker(db, ME, 0)
+    return job_id
+
+
+def load(db: Database, job_id: uuid.UUID) -> Job:
+    """The job row with its attempts."""
+    with db.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.attempts  # noqa: B018 - load them before the session closes
+        return job
+
+
+def worker_row(db: Database, hostname: str) -> Worker:
+    """A worker row."""
+    with db.session() as session:
+        worker = session.get(Worker, hostname)
+        assert worker is not None
+        return worker
+
+
+def assert_untouched(db: Database, job_id: uuid.UUID, owners: list[str]) -> None:
+    """The job is still RUNNING as its owner left it: same attempts, nothing stored, this
+    worker not made busy."""
+    job = load(db, job_id)
+    assert job.state is JobState.RUNNING
+    assert (job.phase, job.progress, job.step) == ("denoising", 0.5, 1)
+    assert [(a.worker, a.outcome) for a in job.attempts] == [
+        (o, AttemptOutcome.RUNNING) for o in owners
+    ]
+    assert all(a.finished_at is None for a in job.attempts)
+    assert job.video_key is None
+    me = worker_row(db, ME)
+    assert me.state is WorkerState.IDLE and me.current_job_id is None
+
+
+def assert_taken_over(db: Database, settings: Settings, job_id: uuid.UUID, lost: str) -> None:
+    """The job succeeded here; the attempt ``lost`` left running is closed as lost."""
+    job = load(db, job_id)
+    assert job.state is JobState.SUCCEEDED
+    first, second = job.attempts
+    assert (first.number, first.worker) == (1, lost)
+    assert first.outcome is AttemptOutcome.FAILED
+    assert first.error_class is ErrorClass.OTHER
+    assert first.message == LOST
+    assert first.finished_at is not None and first.finished_at >= first.started_at
+    assert (second.number, second.worker) == (2, ME)
+    assert second.outcome is AttemptOutcome.SUCCEEDED
+    assert Storage(settings.storage_dir).exists(job.video_key)
+    me = worker_row(db, ME)
+    assert me.state is WorkerState.IDLE and me.current_job_id is None
+
+
+# ---- the owner still beats: not claimed ----------------------------------------------------
+
+
+@pytest.mark.parametrize("database_url", DATABASES, indirect=True)
+def test_a_job_running_on_a_live_worker_is_not_claimed(db: Database, beats: Settings) -> None:
+    """A duplicate delivery while the owner beats returns "running elsewhere", adds nothing."""
+    job_id = running_elsewhere(db, beats, owner_heartbeat_age_s=1)
+    assert run_job(db, beats, str(job_id), ME) == "running elsewhere"
+    assert_untouched(db, job_id, [OWNER])
+    owner = worker_row(db, OWNER)
+    assert owner.state is WorkerState.BUSY and owner.current_job_id == job_id
+
+
+def test_two_missed_beats_are_not_yet_lost(db: Database, beats: Settings) -> None:
+    """An owner 25 s quiet at a 10 s interval (under three beats) still holds the job."""
+    job_id = running_elsewhere(db, beats, owner_heartbeat_age_s=25)
+    assert run_job(db, beats, str(job_id), ME) == "running elsewhere"
+    assert_untouched(db, job_id, [OWNER])
+
+
+def test_a_draining_owner_still_holds_its_job(db: Database, beats: Settings) -> None:
+    """A worker stopping gracefully finishes its running job: not claimed from under it."""
+    job_id = submit(db, beats)
+    mark_running(db, job_id, OWNER)
+    add_worker(db, OWNER, 2, WorkerState.DRAINING, current_job_id=job_id)
+    add_worker(db, ME, 0)
+    assert run_job(db, beats, str(job_id), ME) == "running elsewhere"
+    assert_untouched(db, job_id, [OWNER])
+
+
+def test_one_live_owner_among_dead_ones_holds_the_job(db: Database, beats: Settings) -> None:
+    """Two running attempts, one of a dead worker and one of a live one: not claimed."""
+    job_id = submit(db, beats)
+    mark_running(db, job_id, OWNER, "w3@alive")
+    add_worker(db, OWNER, 300, WorkerState.BUSY)
+    add_worker(db, "w3@alive", 1, WorkerState.BUSY, current_job_id=job_id)
+    add_worker(db, ME, 0)
+    assert run_job(db, beats, str(job_id), ME) == "running elsewhere"
+    assert_untouched(db, job_id, [OWNER, "w3@alive"])
+
+
+# ---- the owner is gone: claimed, the lost attempt closed -----------------------------------
+
+
+@pytest.mark.parametrize("database_url", DATABASES, indirect=True)
+def test_a_job_of_an_offline_worker_is_taken_over(db: Database, beats: Settings) -> None:
+    """Owner silent for more than three beats: the job runs here, the lost attempt closed."""
+    job_id = running_elsewhere(db, beats, owner_heartbeat_age_s=31)
+    assert run_job(db, beats, str(job_id), ME) == "succeeded"
+    assert_taken_over(db, beats, job_id, OWNER)
+
+
+def test_the_heartbeat_interval_decides(db: Database, beats: Settings) -> None:
+    """The same 25 s-old heartbeat is lost at a 5 s interval: the job is taken over."""
+    job_id = running_elsewhere(db, beats, owner_heartbeat_age_s=25)
+    faster = beats.with_overrides(heartbeat_interval_s=5.0)
+    assert run_job(db, faster, str(job_id), ME) == "succeeded"
+    assert_taken_over(db, beats, job_id, OWNER)
+
+
+def test_a_worker_that_shut_down_loses_its_job(db: Database, beats: Settings) -> None:
+    """An owner that marked itself offline (fresh heartbeat, state offline) holds nothing."""
+    job_id = submit(db, beats)
+    mark_running(db, job_id, OWNER)
+    add_worker(db, OWNER, 1, WorkerState.OFFLINE)
+    add_worker(db, ME, 0)
+    assert run_job(db, beats, str(job_id), ME) == "succeeded"
+    assert_taken_over(db, beats, job_id, OWNER)
+
+
+def test_an_owner_without_a_row_holds_nothing(db: Database, beats: Settings) -> None:
+    """An attempt of a worker the registry does not know (never registered) is lost."""
+    job_id = running_elsewhere(db, beats, owner_heartbeat_age_s=None)
+    assert run_job(db, beats, str(job_id), ME) == "succeeded"
+    assert_taken_over(db, beats, job_id, OWNER)
+
+
+def test_a_restarted_worker_takes_its_own_job_back(db: Database, beats: Settings) -> None:
+    """Redelivered to the same hostname (it restarted): claimed, its old attempt closed."""
+    job_id = submit(db, beats)
+    mark_running(db, job_id, ME)
+    add_worker(db, ME, 0)
+    assert run_job(db, beats, str(job_id), ME) == "succeeded"
+    job = load(db, job_id)
+    first, second = job.attempts
+    assert (first.worker, first.outcome, first.message) == (ME, AttemptOutcome.FAILED, LOST)
+    assert (second.worker, second.outcome) == (ME, AttemptOutcome.SUCCEEDED)
