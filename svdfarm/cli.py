@@ -132,11 +132,13 @@ def _workers_per_gpu(args: argparse.Namespace) -> int:
             argv += ["--queues", args.queues]
         print(f"starting the worker for GPU {index}", flush=True)
         children.append(subprocess.Popen(argv, env=env))
-    return _supervise(children)
+    # Each worker gets its full stop timeout to finish its running job.
+    return _supervise(children, grace_s=load_settings().stop_timeout_s + 30)
 
 
-def _supervise(children: list[subprocess.Popen[bytes]]) -> int:
-    """Wait while every child runs; on Ctrl-C, SIGTERM or a child's exit, stop them all."""
+def _supervise(children: list[subprocess.Popen[bytes]], grace_s: float = 30) -> int:
+    """Wait while every child runs; on Ctrl-C, SIGTERM or a child's exit, stop them all,
+    killing those still running ``grace_s`` seconds later."""
 
     def stop(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt
@@ -156,7 +158,7 @@ def _supervise(children: list[subprocess.Popen[bytes]]) -> int:
         for child in children:
             if child.poll() is None:
                 child.terminate()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + grace_s
         for child in children:
             try:
                 child.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -186,8 +188,7 @@ def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         subprocess.Popen([*me, "web", "--host", args.host, "--port", str(args.port)], env=env),
         subprocess.Popen([*me, "worker", "--loglevel", "INFO"], env=env),
     ]
-
-    return _supervise(children)
+    return _supervise(children, grace_s=settings.stop_timeout_s + 30)
 
 
 def _progress_bar(phase: str, progress: float, step: int) -> None:
@@ -343,6 +344,41 @@ def _cmd_caps(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_queues(args: argparse.Namespace, settings: Settings) -> int:
+    """``svdfarm queues``: messages waiting in each queue and the live workers consuming it."""
+    from svdfarm.celery_app import create_celery
+    from svdfarm.db import database_for
+    from svdfarm.queues import all_queues
+    from svdfarm.registry import online_workers
+
+    with database_for(settings.database_url).session() as session:
+        workers = online_workers(session, settings)
+    consumers: dict[str, list[str]] = {}
+    for worker in workers:
+        for queue in worker.queues:
+            consumers.setdefault(queue, []).append(worker.hostname)
+    rows = []
+    celery = create_celery(settings)
+    with celery.connection_for_read() as connection:
+        channel = connection.default_channel
+        for queue in sorted(set(all_queues()) | set(consumers)):
+            try:
+                depth = int(channel.queue_declare(queue=queue, passive=True).message_count)
+            except Exception:  # a broker that does not know the queue (AMQP): nothing waits
+                depth = 0
+            if depth or queue in consumers or args.all:
+                rows.append({"queue": queue, "waiting": depth, "workers": consumers.get(queue, [])})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'queue':<22} {'waiting':>7}  workers")
+    for row in rows:
+        print(f"{row['queue']:<22} {row['waiting']:>7}  {', '.join(row['workers']) or '-'}")
+    if not rows:
+        print("(no queue has messages or live workers)")
+    return 0
+
+
 def _cmd_model(args: argparse.Namespace, settings: Settings) -> int:
     """``svdfarm model tiny DIR``: write the built-in tiny model to a folder."""
     from worker.tiny import save_tiny
@@ -398,6 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--no-casts", action="store_true", help="turn the boundary casts off")
     render.add_argument("--json", action="store_true", help="print the attempts as JSON")
 
+    queues = sub.add_parser("queues", help="queue depths and the live workers on each queue")
+    queues.add_argument("--all", action="store_true", help="also queues with nothing on them")
+    queues.add_argument("--json", action="store_true", help="print them as JSON")
+
     caps = sub.add_parser("caps", help="this machine's capabilities and the plans it would pick")
     caps.add_argument("--json", action="store_true", help="print them as JSON")
 
@@ -415,6 +455,7 @@ COMMANDS = {
     "render": _cmd_render,
     "model": _cmd_model,
     "caps": _cmd_caps,
+    "queues": _cmd_queues,
 }
 
 

@@ -64,9 +64,7 @@ def parse_queue(name: str) -> WorkerClass:
         or parts[0] != PREFIX
         or parts[1] not in DEVICES
         or parts[2] not in PRECISION_CLASSES
-        or not parts[3].endswith("g")
-        or not parts[3][:-1].isdigit()
-        or int(parts[3][:-1]) not in TIERS_GB
+        or parts[3] not in {f"{t}g" for t in TIERS_GB}
     ):
         raise ValueError(
             f"{name!r} is not an svdfarm queue: expected {PREFIX}.<device>.<precision>.<tier>g "
@@ -174,13 +172,15 @@ def route(
     """
     online = set(online_queues)
     candidates: list[Route] = []
-    for device in ("cuda", "cpu"):
+    for device in DEVICES:
         if device == "cpu" and not allow_cpu:
             continue
         klass = precision_class(precision, device)
         need = estimate_memory_bytes(num_frames, width, height, decode_chunk_size, klass)
         limit = cpu_max_gb if device == "cpu" else TIERS_GB[-1]
-        tier = next((t for t in TIERS_GB if t * _GB >= need and t <= limit), None)
+        # Fit the smallest card of the tier (tier_of admits cards down to the slack), not the
+        # tier's nominal size: every worker consuming the queue must be able to hold the job.
+        tier = next((t for t in TIERS_GB if t * _GB * _TIER_SLACK >= need and t <= limit), None)
         if tier is not None:
             worker_class = WorkerClass(device, klass, tier)
             candidates.append(Route(worker_class.queue, worker_class, need))
@@ -201,4 +201,5 @@ def route(
     for candidate in candidates:
         if candidate.queue in online:
             return candidate
-    return candidates[-1] if candidates[-1].worker_class.device == "cpu" else candidates[0]
+    by_device = {c.worker_class.device: c for c in reversed(candidates)}
+    return by_device.get("cpu") or by_device.get("cuda") or candidates[0]

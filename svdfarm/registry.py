@@ -33,8 +33,16 @@ def online_workers(session: Session, settings: Settings) -> Sequence[Worker]:
 
 
 def online_queues(session: Session, settings: Settings) -> set[str]:
-    """Every queue at least one online worker consumes."""
-    return {q for w in online_workers(session, settings) for q in w.queues}
+    """Every queue at least one online worker consumes and will take new jobs from.
+
+    A draining worker is finishing its last job: routing does not count on it.
+    """
+    return {
+        q
+        for w in online_workers(session, settings)
+        if w.state is not WorkerState.DRAINING
+        for q in w.queues
+    }
 
 
 def waiting_reason(session: Session, settings: Settings, job: Job) -> str | None:

@@ -215,6 +215,20 @@ def test_jobs_go_to_the_worker_that_can_hold_them(farm: Farm) -> None:
     page = farm.client.get(f"/jobs/{huge_id}").get_data(as_text=True)
     assert "no worker online" in page
 
+    # The operator's view of the same: the waiting job and who consumes what.
+    shown = subprocess.run(
+        [sys.executable, "-m", "svdfarm.cli", "queues", "--json"],
+        env=farm.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    rows = {row["queue"]: row for row in json.loads(shown.stdout)}
+    assert rows["svd.cpu.fp32.40g"]["waiting"] >= 1 and rows["svd.cpu.fp32.40g"]["workers"] == []
+    assert set(rows["svd.cpu.fp32.12g"]["workers"]) == {farm.small.hostname, farm.large.hostname}
+    assert rows["svd.cpu.fp32.16g"]["workers"] == [farm.large.hostname]
+
     for job_id, queue, workers in (
         (big_id, "svd.cpu.fp32.16g", {farm.large.hostname}),
         (small_id, "svd.cpu.fp32.12g", {farm.small.hostname, farm.large.hostname}),

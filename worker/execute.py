@@ -115,7 +115,11 @@ def _claim(db: Database, settings: Settings, job_id: uuid.UUID, hostname: str) -
 def _running_elsewhere(
     session: Session, settings: Settings, job_id: uuid.UUID, hostname: str
 ) -> bool:
-    """True when a live worker other than ``hostname`` holds a running attempt of the job."""
+    """True when a live worker other than ``hostname`` is still rendering the job.
+
+    Its heartbeat must be fresh and its row must name the job as the one it runs (the
+    heartbeat clears that when the process rendering it died).
+    """
     owners = set(
         session.scalars(
             select(Attempt.worker).where(
@@ -126,7 +130,10 @@ def _running_elsewhere(
     if not owners:
         return False
     workers = session.scalars(select(Worker).where(Worker.hostname.in_(owners))).all()
-    return any(effective_state(w, settings) is not WorkerState.OFFLINE for w in workers)
+    return any(
+        w.current_job_id == job_id and effective_state(w, settings) is not WorkerState.OFFLINE
+        for w in workers
+    )
 
 
 class _ProgressWriter:

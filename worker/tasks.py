@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import threading
+import uuid
 from typing import Any
 
 from celery import Task, shared_task
@@ -42,7 +43,15 @@ def render(self: Task, job_id: str) -> str:
 
     settings = settings_of(self.app)
     hostname = self.request.hostname or socket.gethostname()
-    return run_job(database_for(settings.database_url), settings, job_id, hostname)
+    outcome = run_job(database_for(settings.database_url), settings, job_id, hostname)
+    if outcome == "running elsewhere":
+        # A duplicate delivery while a live worker renders the job: look again later, in case
+        # that worker dies without finishing; once the job ends, the retry finds nothing to do.
+        raise self.retry(
+            countdown=settings.offline_after_s,
+            max_retries=int(settings.task_time_limit_s / settings.offline_after_s) + 1,
+        )
+    return outcome
 
 
 @worker_process_init.connect
@@ -60,6 +69,19 @@ def _capabilities() -> dict[str, Any]:
     from worker.probe import probe_in_subprocess
 
     return probe_in_subprocess()
+
+
+def _active_job_id() -> uuid.UUID | None:
+    """The id of the render this worker process is running, if any (task id = job id)."""
+    from celery.worker import state as worker_state
+
+    for request in list(worker_state.active_requests):
+        if request.name == RENDER_TASK:
+            try:
+                return uuid.UUID(request.id)
+            except ValueError:
+                continue
+    return None
 
 
 class _Registry:
@@ -112,8 +134,15 @@ class _Registry:
                         continue
                     row.last_heartbeat = utcnow()
                     row.queues = self.queues()
+                    # The job this worker really runs now, from Celery's own bookkeeping in
+                    # this (main) process: if the pool process rendering it dies, the job is
+                    # released here, and its redelivery can be claimed elsewhere.
+                    active = _active_job_id()
+                    row.current_job_id = active
                     if self.draining:
                         row.state = WorkerState.DRAINING
+                    else:
+                        row.state = WorkerState.BUSY if active else WorkerState.IDLE
             except Exception:  # a database hiccup must not kill the heartbeat
                 log.exception("heartbeat failed")
 

@@ -249,3 +249,17 @@ def test_a_restarted_worker_takes_its_own_job_back(db: Database, beats: Settings
     first, second = job.attempts
     assert (first.worker, first.outcome, first.message) == (ME, AttemptOutcome.FAILED, LOST)
     assert (second.worker, second.outcome) == (ME, AttemptOutcome.SUCCEEDED)
+
+
+def test_a_live_owner_whose_render_died_releases_the_job(db: Database, beats: Settings) -> None:
+    """The owner still beats but no longer runs the job (its pool process died): claimed."""
+    job_id = submit(db, beats)
+    mark_running(db, job_id, OWNER)
+    add_worker(db, OWNER, 1, WorkerState.IDLE, current_job_id=None)
+    add_worker(db, ME, 0)
+    assert run_job(db, beats, str(job_id), ME) == "succeeded"
+    attempts = load(db, job_id).attempts
+    assert [(a.worker, a.outcome) for a in attempts] == [
+        (OWNER, AttemptOutcome.FAILED),
+        (ME, AttemptOutcome.SUCCEEDED),
+    ]
