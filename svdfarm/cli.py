@@ -344,6 +344,17 @@ def _cmd_caps(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _queue_order(name: str) -> tuple[str, str, int]:
+    """Sort queues by device, precision, then tier as a number (8g before 12g)."""
+    from svdfarm.queues import parse_queue
+
+    try:
+        wc = parse_queue(name)
+    except ValueError:
+        return (name, "", 0)
+    return (wc.device, wc.precision, wc.tier_gb)
+
+
 def _cmd_queues(args: argparse.Namespace, settings: Settings) -> int:
     """``svdfarm queues``: messages waiting in each queue and the live workers consuming it."""
     from svdfarm.celery_app import create_celery
@@ -361,7 +372,7 @@ def _cmd_queues(args: argparse.Namespace, settings: Settings) -> int:
     celery = create_celery(settings)
     with celery.connection_for_read() as connection:
         channel = connection.default_channel
-        for queue in sorted(set(all_queues()) | set(consumers)):
+        for queue in sorted(set(all_queues()) | set(consumers), key=_queue_order):
             try:
                 depth = int(channel.queue_declare(queue=queue, passive=True).message_count)
             except Exception:  # a broker that does not know the queue (AMQP): nothing waits
