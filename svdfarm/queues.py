@@ -193,7 +193,8 @@ def route(
         )
         raise Unroutable(
             f"This job needs about {need_gb:.0f} GB at {precision} precision; the largest "
-            f"worker class has {TIERS_GB[-1]} GB. Use fewer frames, a smaller size or a "
+            f"worker class ({TIERS_GB[-1]} GB cards) holds about "
+            f"{TIERS_GB[-1] * _TIER_SLACK:.0f} GB. Use fewer frames, a smaller size or a "
             "smaller decode chunk."
         )
     # Workers of a larger tier consume the smaller tiers' queues too, so "someone consumes

@@ -4,6 +4,11 @@ estimates, and routing a job to the queue that will run it.
 The profiles are what :func:`worker.probe.probe` reports on real machines (memory in bytes as
 ``torch.cuda.mem_get_info`` gives it); the routing table pins today's estimate constants, so a
 calibration of ``svdfarm.queues`` is expected to update it.
+
+The fit rule: ``tier_of`` admits a card to a tier down to 90% of the tier's size (an "80 GB"
+card reports less than 80e9 bytes), so a job goes to the smallest tier whose *smallest admitted
+card* holds its estimate: ``estimate <= 0.9 x tier``. Usable sizes by tier: 8 -> 7.2 GB,
+12 -> 10.8, 16 -> 14.4, 24 -> 21.6, 40 -> 36, 48 -> 43.2, 80 -> 72, 141 -> 126.9.
 """
 
 from __future__ import annotations
@@ -231,6 +236,10 @@ def test_parse_queue_refuses_malformed_names(name: str) -> None:
     [
         pytest.param("svd.cuda.fp16.016g", id="leading-zero"),
         pytest.param("svd.cuda.fp16.\u0661\u0666g", id="arabic-indic-digits"),
+        pytest.param("svd.cuda.fp16.+16g", id="plus-sign"),
+        pytest.param("svd.cuda.fp16.1_6g", id="underscore"),
+        pytest.param("svd.cuda.fp16.16g\n", id="trailing-newline"),
+        pytest.param("svd.cuda.fp16.\uff11\uff16g", id="fullwidth-digits"),
     ],
 )
 def test_parse_queue_refuses_non_canonical_tiers(name: str) -> None:
@@ -304,11 +313,23 @@ def test_precision_classes_of_job_precisions() -> None:
 
 # ---- routing -------------------------------------------------------------------------------
 
-TINY = (4, 64, 64, 8)  # cuda fp16 ~6.2 GB, fp32 ~10.5 GB
-SVD_XT = (25, 1024, 576, 8)  # SVD-XT's defaults: fp16 ~15.2 GB, bf16 ~11.4 GB, fp32 ~21.3 GB
-LONG = (128, 1024, 1024, 8)  # fp16 ~35.2 GB, bf16 ~28.6 GB, fp32 ~55.6 GB
-LARGE = (128, 1536, 1536, 8)  # fp32 ~112 GB
-HUGE_BF16 = (128, 2048, 2048, 8)  # bf16 ~96 GB, fp32 ~191 GB: no CPU class can take it
+
+def smallest_card(tier: int) -> int:
+    """The least memory ``tier_of`` admits to ``tier``: 90% of its size, in bytes."""
+    memory = tier * GB * 9 // 10
+    assert tier_of(memory) == tier and tier_of(memory - 1) != tier
+    return memory
+
+
+# Estimates (decimal GB) from estimate_memory_bytes: weights + UNet activations + VAE decode
+# chunk + 1.5 GB overhead; fp16 keeps the VAE in fp32, so it needs more than bf16.
+TINY = (4, 64, 64, 8)  # fp16 6.23 (8 GB tier: <= 7.2), fp32 10.55 (12: <= 10.8)
+SVD_XT = (25, 1024, 576, 8)  # SVD-XT's defaults: fp16 15.22 (> 14.4: the 24 GB tier),
+#                              bf16 11.40 (> 10.8: 16), fp32 21.31 (<= 21.6: 24)
+SVD_XT_CHUNK4 = (25, 1024, 576, 4)  # fp16 11.60 (16 GB tier: a T4 takes it), fp32 17.68 (24)
+LONG = (128, 1024, 1024, 8)  # fp16 35.20 (<= 36: 40), bf16 28.56 (40), fp32 55.62 (80)
+LARGE = (128, 1536, 1536, 8)  # fp32 111.99 (<= 126.9: 141)
+HUGE_BF16 = (128, 2048, 2048, 8)  # bf16 96.20 (141), fp32 190.91: no CPU class can take it
 
 ONLINE: dict[str, frozenset[str]] = {
     "nobody": frozenset(),
@@ -317,36 +338,42 @@ ONLINE: dict[str, frozenset[str]] = {
     "V100": frozenset(queues_for(PROFILES["V100 32GB"])),
     "CPU": frozenset(queues_for(PROFILES["CPU 24GB"])),
     "T4+CPU": frozenset(queues_for(PROFILES["T4 16GB"]) + queues_for(PROFILES["CPU 24GB"])),
+    "M2": frozenset(queues_for(PROFILES["Apple M2"])),
+    "H100+M2": frozenset(queues_for(PROFILES["H100 80GB"]) + queues_for(PROFILES["Apple M2"])),
 }
 
 # (job, precision, allow_cpu, who is online) -> queue
 ROUTES = [
-    # Nobody online: the CPU when allowed, else the smallest fitting GPU tier, where it waits.
+    # Nobody online: the CPU when allowed, else the smallest fitting CUDA tier, where it waits.
     (TINY, "auto", True, "nobody", "svd.cpu.fp32.12g"),
     (TINY, "auto", False, "nobody", "svd.cuda.fp16.8g"),
     (TINY, "fp32", False, "nobody", "svd.cuda.fp32.12g"),
     (SVD_XT, "auto", True, "nobody", "svd.cpu.fp32.24g"),
-    (SVD_XT, "auto", False, "nobody", "svd.cuda.fp16.16g"),
-    (SVD_XT, "bf16", False, "nobody", "svd.cuda.bf16.12g"),
+    (SVD_XT, "auto", False, "nobody", "svd.cuda.fp16.24g"),  # 15.22 GB: a 16 GB card may have 14.4
+    (SVD_XT, "bf16", False, "nobody", "svd.cuda.bf16.16g"),  # 11.40 GB: over a 12 GB tier's 10.8
     (SVD_XT, "fp32", False, "nobody", "svd.cuda.fp32.24g"),
+    (SVD_XT_CHUNK4, "auto", False, "nobody", "svd.cuda.fp16.16g"),
     (LONG, "auto", True, "nobody", "svd.cpu.fp32.80g"),
     (LONG, "auto", False, "nobody", "svd.cuda.fp16.40g"),
     (LONG, "bf16", False, "nobody", "svd.cuda.bf16.40g"),
     (LONG, "fp32", False, "nobody", "svd.cuda.fp32.80g"),
     (LARGE, "fp32", True, "nobody", "svd.cpu.fp32.141g"),
     (LARGE, "fp32", False, "nobody", "svd.cuda.fp32.141g"),
-    # Too big for any CPU class even when allowed: the GPU class, where it waits.
+    # Too big for any CPU class even when allowed: the CUDA class, where it waits.
     (HUGE_BF16, "bf16", True, "nobody", "svd.cuda.bf16.141g"),
     # A live GPU consumer of the fitting queue wins over the CPU.
     (TINY, "auto", True, "H100", "svd.cuda.fp16.8g"),
-    (SVD_XT, "auto", True, "H100", "svd.cuda.fp16.16g"),
-    (SVD_XT, "bf16", True, "H100", "svd.cuda.bf16.12g"),
+    (SVD_XT, "auto", True, "H100", "svd.cuda.fp16.24g"),
+    (SVD_XT, "bf16", True, "H100", "svd.cuda.bf16.16g"),
     (LONG, "fp32", True, "H100", "svd.cuda.fp32.80g"),
     (TINY, "auto", True, "T4", "svd.cuda.fp16.8g"),
-    (SVD_XT, "auto", True, "T4", "svd.cuda.fp16.16g"),
+    (SVD_XT_CHUNK4, "auto", True, "T4", "svd.cuda.fp16.16g"),
+    (SVD_XT, "auto", True, "V100", "svd.cuda.fp16.24g"),
     # ... but not a GPU that cannot take the job: its class or tier is not consumed.
+    (SVD_XT, "auto", True, "T4", "svd.cpu.fp32.24g"),  # needs the 24 GB tier, the T4 is in 16
+    (SVD_XT, "auto", False, "T4", "svd.cuda.fp16.24g"),  # waits for a 24 GB card
     (SVD_XT, "bf16", True, "T4", "svd.cpu.fp32.24g"),  # a T4 has no bf16
-    (SVD_XT, "bf16", False, "T4", "svd.cuda.bf16.12g"),  # waits for a bf16 card
+    (SVD_XT, "bf16", False, "T4", "svd.cuda.bf16.16g"),  # waits for a bf16 card
     (SVD_XT, "fp32", True, "T4", "svd.cpu.fp32.24g"),  # needs 24 GB, the T4 has 16
     (LONG, "auto", True, "V100", "svd.cpu.fp32.80g"),  # needs 40 GB, the V100 is in 24
     (LONG, "auto", False, "V100", "svd.cuda.fp16.40g"),
@@ -354,10 +381,21 @@ ROUTES = [
     (TINY, "auto", True, "CPU", "svd.cpu.fp32.12g"),
     (SVD_XT, "auto", True, "CPU", "svd.cpu.fp32.24g"),
     (LONG, "auto", True, "CPU", "svd.cpu.fp32.80g"),  # larger than the live CPU: still CPU
-    (SVD_XT, "auto", False, "CPU", "svd.cuda.fp16.16g"),
+    (SVD_XT, "auto", False, "CPU", "svd.cuda.fp16.24g"),
     # Both: the GPU when it can take it, the CPU otherwise.
-    (SVD_XT, "auto", True, "T4+CPU", "svd.cuda.fp16.16g"),
+    (TINY, "auto", True, "T4+CPU", "svd.cuda.fp16.8g"),
+    (SVD_XT_CHUNK4, "auto", True, "T4+CPU", "svd.cuda.fp16.16g"),
+    (SVD_XT, "auto", True, "T4+CPU", "svd.cpu.fp32.24g"),  # too big for the T4's tier
     (SVD_XT, "bf16", True, "T4+CPU", "svd.cpu.fp32.24g"),
+    # A Mac (mps, 12 GB tier) takes what fits its tier and class, before the CPU.
+    (TINY, "auto", True, "M2", "svd.mps.fp16.8g"),
+    (TINY, "auto", False, "M2", "svd.mps.fp16.8g"),
+    (TINY, "bf16", False, "M2", "svd.mps.bf16.8g"),
+    (TINY, "fp32", False, "M2", "svd.mps.fp32.12g"),  # 10.55 GB <= 10.8
+    (SVD_XT, "bf16", True, "M2", "svd.cpu.fp32.24g"),  # needs the 16 GB tier
+    (SVD_XT, "bf16", False, "M2", "svd.cuda.bf16.16g"),  # nobody can: it waits on CUDA
+    # CUDA before mps when both can take it (the order of DEVICES).
+    (TINY, "auto", True, "H100+M2", "svd.cuda.fp16.8g"),
 ]
 
 
@@ -377,24 +415,42 @@ def test_route_table(
     assert routed.worker_class == parse_queue(queue)
     klass = routed.worker_class
     assert routed.memory_bytes == estimate_memory_bytes(*job, klass.precision)
-    assert routed.memory_bytes <= klass.tier_gb * GB
+    assert routed.memory_bytes <= smallest_card(klass.tier_gb)
 
 
-@pytest.mark.parametrize(("job", "precision"), [(TINY, "auto"), (SVD_XT, "bf16"), (LONG, "fp32")])
+@pytest.mark.parametrize(
+    ("job", "precision"),
+    [(TINY, "auto"), (SVD_XT, "auto"), (SVD_XT, "bf16"), (SVD_XT_CHUNK4, "auto"), (LONG, "fp32")],
+)
 def test_route_picks_the_smallest_fitting_tier(
     job: tuple[int, int, int, int], precision: str
 ) -> None:
-    """With CPU not allowed and nobody online, the tier below the chosen one is too small."""
+    """With CPU not allowed and nobody online, the chosen tier's smallest card holds the job
+    and the tier below's does not."""
     routed = route(*job, precision, allow_cpu=False)
     tiers = list(TIERS_GB)
     index = tiers.index(routed.worker_class.tier_gb)
-    assert index == 0 or routed.memory_bytes > tiers[index - 1] * GB
+    assert routed.memory_bytes <= smallest_card(tiers[index])
+    assert index == 0 or routed.memory_bytes > smallest_card(tiers[index - 1])
+
+
+def test_svd_xt_defaults_need_the_24_gb_fp16_tier() -> None:
+    """SVD-XT's default auto job (15.2 GB at fp16) is over what a 16 GB card may have (14.4 GB):
+    it goes to the 24 GB fp16 tier; in bf16 (11.4 GB) it is over 10.8 GB, so the 16 GB tier."""
+    fp16 = estimate_memory_bytes(*SVD_XT, "fp16")
+    bf16 = estimate_memory_bytes(*SVD_XT, "bf16")
+    assert smallest_card(16) < fp16 <= smallest_card(24)
+    assert smallest_card(12) < bf16 <= smallest_card(16)
+    assert route(*SVD_XT, "auto", allow_cpu=False).queue == "svd.cuda.fp16.24g"
+    assert route(*SVD_XT, "fp16", allow_cpu=False).queue == "svd.cuda.fp16.24g"
+    assert route(*SVD_XT, "bf16", allow_cpu=False).queue == "svd.cuda.bf16.16g"
 
 
 def test_route_respects_the_cpu_memory_limit() -> None:
     """A job larger than ``cpu_max_gb`` is not sent to the CPU, even when CPU is allowed."""
     assert route(*LONG, "auto", allow_cpu=True, cpu_max_gb=24).queue == "svd.cuda.fp16.40g"
     assert route(*SVD_XT, "auto", allow_cpu=True, cpu_max_gb=24).queue == "svd.cpu.fp32.24g"
+    assert route(*SVD_XT, "auto", allow_cpu=True, cpu_max_gb=16).queue == "svd.cuda.fp16.24g"
 
 
 def test_online_queues_accepts_any_iterable() -> None:
@@ -422,6 +478,16 @@ def test_unroutable_names_the_memory_and_the_largest_class(allow_cpu: bool) -> N
     assert isinstance(caught.value, ValueError)
 
 
+def test_a_job_between_the_largest_card_and_its_nominal_size_is_unroutable() -> None:
+    """A job over 126.9 GB (90% of 141) is refused even if under 141 GB: a card admitted to the
+    141 GB tier may not hold it."""
+    job = (128, 1664, 1664, 8)
+    need = estimate_memory_bytes(*job, "fp32")
+    assert smallest_card(141) < need < 141 * GB
+    with pytest.raises(Unroutable):
+        route(*job, "fp32", allow_cpu=True)
+
+
 def test_unroutable_at_auto_counts_the_gpu_class() -> None:
     """For an auto job the message gives the fp16 GPU estimate, the smallest it could need."""
     job = (128, 2048, 2048, 128)
@@ -442,8 +508,8 @@ def test_worker_class_describe_reads_as_a_sentence() -> None:
 def test_a_mac_worker_gets_the_jobs_it_can_run() -> None:
     """With only an Apple M2 online, a small job goes to an mps queue that Mac consumes.
 
-    ``queues_for`` subscribes MPS workers to ``svd.mps.*`` queues; if ``route`` never sends
-    there, a Mac-only farm (or a Mac with CPU not allowed) never runs a job.
+    ``queues_for`` subscribes MPS workers to ``svd.mps.*`` queues, so ``route`` must send jobs
+    there: otherwise a Mac-only farm (or a Mac with CPU not allowed) never runs a job.
     """
     online = queues_for(PROFILES["Apple M2"])
     for allow_cpu in (False, True):
@@ -456,21 +522,63 @@ def _jobs_near_16_gb() -> list[tuple[int, int, int, int]]:
     return [(14, 832, 832, 8), (6, 1600, 1600, 2), (10, 768, 768, 16)]
 
 
+def _too_small_consumers(queue: str, need: int) -> list[str]:
+    """The profiles that consume ``queue`` with less memory than ``need``."""
+    return [
+        name
+        for name, capabilities in PROFILES.items()
+        if queue in queues_for(capabilities) and capabilities["total_memory_bytes"] < need
+    ]
+
+
 @pytest.mark.parametrize("job", _jobs_near_16_gb())
 def test_a_routed_job_fits_every_worker_of_its_queue(job: tuple[int, int, int, int]) -> None:
     """Every profile that consumes the routed queue has at least the job's estimated memory.
 
     ``tier_of`` admits cards down to 90% of a tier (a T4 reports 15.84e9 bytes, in the 16 GB
-    tier) while ``route`` fills a tier up to 100% of its size, so a job estimated at 15.9 GB
-    is sent to a queue a T4 consumes and cannot hold.
+    tier), so a job estimated at 15.9 GB must not go to the 16 GB tier: it goes to 24 GB.
     """
     need = estimate_memory_bytes(*job, "fp16")
     assert PROFILES["T4 16GB"]["total_memory_bytes"] < need <= 16 * GB
     routed = route(*job, "auto", allow_cpu=False)
-    too_small = [
-        name
-        for name, capabilities in PROFILES.items()
-        if routed.queue in queues_for(capabilities)
-        and capabilities["total_memory_bytes"] < routed.memory_bytes
-    ]
+    assert routed.queue == "svd.cuda.fp16.24g"
+    too_small = _too_small_consumers(routed.queue, routed.memory_bytes)
     assert too_small == [], f"{routed.queue} ({routed.memory_bytes / GB:.2f} GB) -> {too_small}"
+
+
+PROPERTY_JOBS = [
+    TINY,
+    SVD_XT,
+    SVD_XT_CHUNK4,
+    LONG,
+    LARGE,
+    HUGE_BF16,
+    *_jobs_near_16_gb(),
+    (14, 1024, 576, 8),
+    (25, 768, 768, 8),
+    (50, 1024, 576, 16),
+    (128, 1664, 1664, 8),
+]
+
+
+@pytest.mark.parametrize("online", list(ONLINE))
+@pytest.mark.parametrize("allow_cpu", [True, False])
+@pytest.mark.parametrize("precision", ["auto", "bf16", "fp16", "fp32"])
+def test_no_route_ever_reaches_a_worker_too_small(
+    precision: str, allow_cpu: bool, online: str
+) -> None:
+    """Over many jobs, whoever is online: the routed estimate fits the smallest card of its
+    tier, and no profile consuming the routed queue has less memory than the estimate."""
+    for job in PROPERTY_JOBS:
+        try:
+            routed = route(*job, precision, allow_cpu=allow_cpu, online_queues=ONLINE[online])
+        except Unroutable:
+            continue
+        assert routed.memory_bytes <= smallest_card(routed.worker_class.tier_gb), job
+        too_small = _too_small_consumers(routed.queue, routed.memory_bytes)
+        assert too_small == [], f"{job}: {routed.queue} -> {too_small}"
+        if routed.queue not in ONLINE[online]:
+            # Nobody online can take it: the CPU when allowed and a CPU class fits, else CUDA.
+            cpu_fits = estimate_memory_bytes(*job, "fp32") <= smallest_card(TIERS_GB[-1])
+            expected = "cpu" if allow_cpu and cpu_fits else "cuda"
+            assert routed.worker_class.device == expected, (job, routed.queue)

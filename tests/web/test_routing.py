@@ -31,6 +31,12 @@ from web import create_app
 
 GB = 1_000_000_000
 T4_QUEUES = [f"svd.cuda.{p}.{t}g" for p in ("fp16", "fp32") for t in (8, 12, 16)]
+RTX4090_QUEUES = [f"svd.cuda.{p}.{t}g" for p in ("bf16", "fp16", "fp32") for t in (8, 12, 16, 24)]
+M2_QUEUES = [f"svd.mps.{p}.{t}g" for p in ("bf16", "fp16", "fp32") for t in (8, 12)]
+# SVD-XT's defaults at 1024 x 576 (15.2 GB at fp16: over a 16 GB card's 14.4 GB, the 24 GB tier)
+# and the same with a 4-frame decode chunk (11.6 GB at fp16: the 16 GB tier, a T4 takes it).
+SVD_XT = {"num_frames": "25", "width": "1024", "height": "576"}
+SVD_XT_CHUNK4 = {**SVD_XT, "decode_chunk_size": "4"}
 MESSAGE_NAME = re.compile(r"\d+_[0-9a-f-]{36}\.(?P<queue>.+)\.msg")
 
 
@@ -79,14 +85,20 @@ def messages(settings: Settings) -> dict[str, str]:
     return found
 
 
-def add_worker(app: Flask, hostname: str, queues: list[str], heartbeat_age_s: float) -> None:
+def add_worker(
+    app: Flask,
+    hostname: str,
+    queues: list[str],
+    heartbeat_age_s: float,
+    capabilities: dict[str, Any] | None = None,
+) -> None:
     """A worker row consuming ``queues`` whose last heartbeat was ``heartbeat_age_s`` ago."""
     now = utcnow()
     with app.extensions["svdfarm.db"].begin() as session:
         session.add(
             Worker(
                 hostname=hostname,
-                capabilities={"device": "cuda", "name": "Tesla T4"},
+                capabilities=capabilities or {"device": "cuda", "name": "Tesla T4"},
                 queues=queues,
                 state=WorkerState.IDLE,
                 started_at=now - timedelta(minutes=5),
@@ -136,9 +148,10 @@ def test_a_job_is_stored_with_its_route_and_sent_to_that_queue(
 def test_the_route_follows_the_parameters(
     app: Flask, client: FlaskClient, settings: Settings
 ) -> None:
-    """A larger job gets a larger estimate and tier: SVD-XT's defaults need the 24 GB CPU."""
+    """A larger job gets a larger estimate and tier: SVD-XT's defaults (21.3 GB in fp32, within
+    a 24 GB box's 21.6) need the 24 GB CPU."""
     small = submit(client)
-    large = submit(client, num_frames="25", width="1024", height="576", decode_chunk_size="8")
+    large = submit(client, **SVD_XT, decode_chunk_size="8")
     job = load_job(app, large)
     assert job.queue == "svd.cpu.fp32.24g"
     assert job.memory_estimate_bytes == estimate_memory_bytes(25, 1024, 576, 8, "fp32")
@@ -150,14 +163,41 @@ def test_the_route_follows_the_parameters(
 def test_a_live_gpu_worker_gets_the_job(
     app: Flask, client: FlaskClient, settings: Settings
 ) -> None:
-    """With a fresh T4 row online, auto jobs go to the smallest fp16 GPU tier that fits."""
+    """With a fresh T4 row online, auto jobs go to the smallest fp16 GPU tier whose smallest
+    card holds them when the T4 consumes it; SVD-XT's defaults need the 24 GB tier, which the
+    T4 does not consume, so (CPU allowed) they go to the CPU."""
     add_worker(app, "t4@gpu-1", T4_QUEUES, heartbeat_age_s=2)
     small = submit(client)
-    svd_xt = submit(client, num_frames="25", width="1024", height="576")
+    chunk4 = submit(client, **SVD_XT_CHUNK4)
+    svd_xt = submit(client, **SVD_XT)
     assert load_job(app, small).queue == "svd.cuda.fp16.8g"
     assert load_job(app, small).memory_estimate_bytes == estimate_memory_bytes(8, 64, 64, 8, "fp16")
-    assert load_job(app, svd_xt).queue == "svd.cuda.fp16.16g"
-    assert messages(settings) == {small: "svd.cuda.fp16.8g", svd_xt: "svd.cuda.fp16.16g"}
+    assert load_job(app, chunk4).queue == "svd.cuda.fp16.16g"
+    assert load_job(app, chunk4).memory_estimate_bytes == estimate_memory_bytes(
+        25, 1024, 576, 4, "fp16"
+    )
+    assert load_job(app, svd_xt).queue == "svd.cpu.fp32.24g"
+    assert messages(settings) == {
+        small: "svd.cuda.fp16.8g",
+        chunk4: "svd.cuda.fp16.16g",
+        svd_xt: "svd.cpu.fp32.24g",
+    }
+
+
+def test_a_live_24_gb_worker_gets_svd_xt_defaults(
+    app: Flask, client: FlaskClient, settings: Settings
+) -> None:
+    """With a 24 GB card online (RTX 4090 queues), SVD-XT's defaults go to its fp16 24 GB
+    queue, and bf16 to the 16 GB one."""
+    add_worker(app, "4090@gpu-2", RTX4090_QUEUES, heartbeat_age_s=1)
+    auto = submit(client, **SVD_XT)
+    bf16 = submit(client, **SVD_XT, precision="bf16")
+    assert load_job(app, auto).queue == "svd.cuda.fp16.24g"
+    assert load_job(app, auto).memory_estimate_bytes == estimate_memory_bytes(
+        25, 1024, 576, 8, "fp16"
+    )
+    assert load_job(app, bf16).queue == "svd.cuda.bf16.16g"
+    assert messages(settings) == {auto: "svd.cuda.fp16.24g", bf16: "svd.cuda.bf16.16g"}
 
 
 def test_a_gpu_worker_that_missed_its_beats_gets_nothing(
@@ -185,10 +225,37 @@ def test_without_cpu_a_job_waits_on_the_smallest_gpu_tier(
     """CPU not allowed and nobody online: the smallest fitting GPU queue, where it waits."""
     app, client = gpu_only
     auto = submit(client)
-    bf16 = submit(client, precision="bf16", num_frames="25", width="1024", height="576")
+    bf16 = submit(client, precision="bf16", **SVD_XT)
+    svd_xt = submit(client, **SVD_XT)
     assert load_job(app, auto).queue == "svd.cuda.fp16.8g"
-    assert load_job(app, bf16).queue == "svd.cuda.bf16.12g"
-    assert messages(settings) == {auto: "svd.cuda.fp16.8g", bf16: "svd.cuda.bf16.12g"}
+    assert load_job(app, bf16).queue == "svd.cuda.bf16.16g"
+    assert load_job(app, svd_xt).queue == "svd.cuda.fp16.24g"
+    assert messages(settings) == {
+        auto: "svd.cuda.fp16.8g",
+        bf16: "svd.cuda.bf16.16g",
+        svd_xt: "svd.cuda.fp16.24g",
+    }
+
+
+def test_a_live_mac_gets_the_jobs_its_tier_holds(
+    gpu_only: tuple[Flask, FlaskClient], settings: Settings
+) -> None:
+    """CPU not allowed, only a Mac (mps, 12 GB tier) online: a small job goes to its mps queue;
+    SVD-XT's defaults do not fit its tier and wait on the CUDA class."""
+    app, client = gpu_only
+    add_worker(app, "m2@mac-1", M2_QUEUES, 1, {"device": "mps", "name": "Apple M2"})
+    small = submit(client)
+    svd_xt = submit(client, **SVD_XT)
+    assert load_job(app, small).queue == "svd.mps.fp16.8g"
+    assert load_job(app, svd_xt).queue == "svd.cuda.fp16.24g"
+    assert messages(settings) == {small: "svd.mps.fp16.8g", svd_xt: "svd.cuda.fp16.24g"}
+    assert status(client, small)["waiting"] == (
+        "waiting: 0 job(s) ahead in queue svd.mps.fp16.8g; 1 worker(s) can take it, 0 busy"
+    )
+    assert status(client, svd_xt)["waiting"] == (
+        "waiting: no worker online that can take it "
+        "(a cuda worker with fp16 and >= 24 GB is needed)"
+    )
 
 
 # ---- jobs no class could run ---------------------------------------------------------------
@@ -270,7 +337,7 @@ def test_waiting_counts_the_jobs_ahead(app: Flask, client: FlaskClient) -> None:
     """With a live consumer, each job says how many are ahead of it and who could take it."""
     add_worker(app, "t4@gpu-1", T4_QUEUES, heartbeat_age_s=1)
     first, second = submit(client), submit(client)
-    other = submit(client, num_frames="25", width="1024", height="576")  # another queue
+    other = submit(client, **SVD_XT_CHUNK4)  # another queue the T4 consumes
     assert status(client, first)["waiting"] == (
         "waiting: 0 job(s) ahead in queue svd.cuda.fp16.8g; 1 worker(s) can take it, 0 busy"
     )
