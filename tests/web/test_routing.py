@@ -313,7 +313,9 @@ def test_the_form_shows_the_refusal(app: Flask, client: FlaskClient, settings: S
     }
     response = client.post("/", data=form, content_type="multipart/form-data")
     assert response.status_code == 400
-    assert "the largest worker class has 141 GB" in html.unescape(response.get_data(as_text=True))
+    assert "the largest worker class (141 GB cards) holds about 127 GB" in html.unescape(
+        response.get_data(as_text=True)
+    )
     assert job_count(app) == 0 and messages(settings) == {}
 
 
