@@ -34,9 +34,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_default_queue": "svd.default",
         "task_soft_time_limit": settings.task_soft_time_limit_s,
         "task_time_limit": settings.task_time_limit_s,
-        # SIGTERM (with REMAP_SIGTERM=SIGQUIT, which `svdfarm worker` sets) waits this long for
-        # the running job, then cancels it back to the queue for another worker.
-        "worker_soft_shutdown_timeout": float(settings.stop_timeout_s),
         "task_send_sent_event": True,
         "worker_send_task_events": True,
         "enable_utc": True,

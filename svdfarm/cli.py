@@ -60,9 +60,6 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     """
     if args.gpus:
         return _workers_per_gpu(args)
-    # SIGTERM becomes Celery's cold shutdown with a soft wait of SVDFARM_STOP_TIMEOUT: the
-    # running job may finish; after that it goes back to the queue. Must precede billiard.
-    os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
     from svdfarm.queues import TIERS_GB, queues_for
     from worker.probe import Capabilities, probe_in_subprocess
     from worker.tasks import CAPABILITIES_ENV
@@ -368,7 +365,7 @@ def _cmd_queues(args: argparse.Namespace, settings: Settings) -> int:
     for worker in workers:
         for queue in worker.queues:
             consumers.setdefault(queue, []).append(worker.hostname)
-    rows = []
+    rows: list[dict[str, Any]] = []
     celery = create_celery(settings)
     with celery.connection_for_read() as connection:
         channel = connection.default_channel

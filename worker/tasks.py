@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import uuid
@@ -172,13 +173,30 @@ def _register(sender: Any = None, **_: Any) -> None:
 
 
 @worker_shutting_down.connect
-def _draining(**_: Any) -> None:
-    """Stopping: take no new job, finish the running one (the soft shutdown's timeout)."""
+def _draining(how: str = "Warm", **_: Any) -> None:
+    """Stopping (SIGTERM, ``control shutdown``): take no new job, let the running one finish.
+
+    After ``SVDFARM_STOP_TIMEOUT`` seconds a job still running is handed back to the queue:
+    the worker sends itself SIGQUIT, Celery's cold shutdown, which cancels it unacknowledged.
+    """
     _registry.draining = True
     try:
         _registry.set_state(WorkerState.DRAINING)
     except Exception:
         log.exception("could not mark the worker draining")
+    if how == "Warm" and _registry.settings is not None:
+        timeout = _registry.settings.stop_timeout_s
+        threading.Thread(
+            target=_hand_back_after, args=(timeout,), name="svdfarm-stop", daemon=True
+        ).start()
+
+
+def _hand_back_after(timeout_s: float) -> None:
+    """If the worker has not stopped within ``timeout_s``, cancel its job back to the queue."""
+    if _registry.stop.wait(timeout_s) or _active_job_id() is None:
+        return
+    log.warning("stop timeout of %s s passed: handing the running job back", timeout_s)
+    os.kill(os.getpid(), signal.SIGQUIT)
 
 
 @worker_shutdown.connect
