@@ -18,7 +18,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import create_engine, text
 
-from svdfarm.db import upgrade
+from svdfarm.db import Database, upgrade
 from svdfarm.settings import Settings, load_settings
 
 PG_URL = os.environ.get("SVDFARM_TEST_DATABASE_URL", "")
@@ -104,6 +104,14 @@ def settings(tmp_path: Path, database_url: str, tiny_model_dir: Path) -> Setting
     result = make_settings(tmp_path / "var", database_url, tiny_model_dir)
     upgrade(result.database_url)
     return result
+
+
+@pytest.fixture
+def db(settings: Settings) -> Iterator[Database]:
+    """The test's migrated database, for reading and writing rows directly."""
+    database = Database(settings.database_url)
+    yield database
+    database.dispose()
 
 
 @pytest.fixture

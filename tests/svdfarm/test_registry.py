@@ -7,7 +7,6 @@ Rows are inserted directly, with heartbeats and creation times set in the past.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 
 import pytest
@@ -27,14 +26,6 @@ CPU_QUEUES = [f"svd.cpu.fp32.{t}g" for t in (8, 12, 16, 24)]
 MPS_QUEUES = [f"svd.mps.{p}.{t}g" for p in ("bf16", "fp16", "fp32") for t in (8, 12)]
 
 pytestmark = pytest.mark.parametrize("database_url", DATABASES, indirect=True)
-
-
-@pytest.fixture
-def db(settings: Settings) -> Iterator[Database]:
-    """The test's migrated database."""
-    database = Database(settings.database_url)
-    yield database
-    database.dispose()
 
 
 @pytest.fixture

@@ -12,13 +12,12 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import func, select
 
-from svdfarm.models import Job
 from svdfarm.settings import Settings
 from svdfarm.states import JobState
 from tests.conftest import DATABASES, make_settings
 from tests.factories import jpeg_bytes, png_bytes, webp_bytes
+from tests.records import job_count, load_job
 from web import create_app
 
 
@@ -26,20 +25,6 @@ def post_job(client: FlaskClient, data: bytes, filename: str = "in.png", **field
     """POST a multipart job with ``data`` as its image."""
     form: dict[str, Any] = {"image": (io.BytesIO(data), filename), **fields}
     return client.post("/api/v1/jobs", data=form, content_type="multipart/form-data")
-
-
-def load_job(app: Flask, job_id: str) -> Job:
-    """The job row, read in a session of its own."""
-    with app.extensions["svdfarm.db"].session() as session:
-        job = session.get(Job, uuid.UUID(job_id))
-        assert job is not None
-        return job
-
-
-def job_count(app: Flask) -> int:
-    """How many job rows the database holds."""
-    with app.extensions["svdfarm.db"].session() as session:
-        return session.scalar(select(func.count()).select_from(Job)) or 0
 
 
 def queue_messages(settings: Settings) -> list[dict[str, Any]]:

@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import func, select
 
 from svdfarm.models import Job, Worker, utcnow
 from svdfarm.queues import estimate_memory_bytes, route
@@ -27,6 +26,7 @@ from svdfarm.settings import Settings
 from svdfarm.states import JobState, WorkerState
 from tests.conftest import DATABASES
 from tests.factories import png_bytes
+from tests.records import job_count, load_job
 from web import create_app
 
 GB = 1_000_000_000
@@ -52,20 +52,6 @@ def submit(client: FlaskClient, **fields: str) -> str:
     assert response.status_code == 201, response.get_json()
     job_id: str = response.get_json()["id"]
     return job_id
-
-
-def load_job(app: Flask, job_id: str) -> Job:
-    """The job row, read in a session of its own."""
-    with app.extensions["svdfarm.db"].session() as session:
-        job = session.get(Job, uuid.UUID(job_id))
-        assert job is not None
-        return job
-
-
-def job_count(app: Flask) -> int:
-    """How many job rows the database holds."""
-    with app.extensions["svdfarm.db"].session() as session:
-        return session.scalar(select(func.count()).select_from(Job)) or 0
 
 
 def messages(settings: Settings) -> dict[str, str]:

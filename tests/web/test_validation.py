@@ -15,10 +15,8 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from markupsafe import escape
-from sqlalchemy import func, select
 
 from svdfarm.db import upgrade
-from svdfarm.models import Job
 from svdfarm.params import FIELDS
 from svdfarm.settings import Settings
 from tests.conftest import DATABASES, make_settings
@@ -30,6 +28,7 @@ from tests.factories import (
     png_header_bytes,
     truncated,
 )
+from tests.records import job_count
 from web import create_app
 
 SMALL_LIMIT = 2048
@@ -82,12 +81,6 @@ BAD_UPLOADS: list[Any] = [
     pytest.param(png_bytes(12, 64), "thin.png", 400, "at least 16", id="too-small"),
     pytest.param(png_header_bytes(20000, 20000), "bomb.png", 413, "40,000,000", id="bomb"),
 ]
-
-
-def job_count(app: Flask) -> int:
-    """How many job rows the database holds."""
-    with app.extensions["svdfarm.db"].session() as session:
-        return session.scalar(select(func.count()).select_from(Job)) or 0
 
 
 def assert_nothing_written(app: Flask, settings: Settings) -> None:

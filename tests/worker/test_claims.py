@@ -7,7 +7,6 @@ Real rows on real databases; the takeover renders with the tiny model (2 frames,
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
@@ -26,14 +25,6 @@ from worker.execute import run_job
 ME = "w2@test"
 OWNER = "w1@gone"
 LOST = "The worker running this attempt was lost; the job was redelivered."
-
-
-@pytest.fixture
-def db(settings: Settings) -> Iterator[Database]:
-    """The test database."""
-    database = Database(settings.database_url)
-    yield database
-    database.dispose()
 
 
 @pytest.fixture

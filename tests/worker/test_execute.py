@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,14 +21,6 @@ from tests.conftest import DATABASES
 from tests.factories import png_bytes
 from tests.media import probe_video
 from worker.execute import run_job
-
-
-@pytest.fixture
-def db(settings: Settings) -> Iterator[Database]:
-    """The test database."""
-    database = Database(settings.database_url)
-    yield database
-    database.dispose()
 
 
 def _submit(db: Database, settings: Settings, **fields: str) -> uuid.UUID:
