@@ -316,3 +316,64 @@ def test_render_refuses_bad_dtypes(tmp_path: Path, tiny_model_dir: Path) -> None
     )
     assert done.returncode == 2
     assert "vae=fp8" in done.stderr
+
+
+def test_worker_gpus_all_needs_cuda(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """``--gpus all`` on a machine without CUDA says so and exits 2."""
+    done = subprocess.run(
+        [*SVDFARM, "worker", "--gpus", "all"],
+        env=_env(tmp_path / "var", tiny_model_dir),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "no CUDA device" in done.stderr
+
+
+@pytest.mark.slow
+def test_worker_per_gpu_starts_one_named_worker_each_and_stops_them(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """``--gpus 0,1`` starts a worker per index (gpu0@, gpu1@, each with its own
+    CUDA_VISIBLE_DEVICES); SIGTERM to the parent stops both."""
+    from sqlalchemy import select
+
+    from svdfarm.db import Database, upgrade
+    from svdfarm.models import Worker
+
+    env = _env(tmp_path / "var", tiny_model_dir)
+    database_url = f"sqlite:///{tmp_path / 'var' / 'svdfarm.db'}"
+    upgrade(database_url)
+    log = tmp_path / "gpus.log"
+    with open(log, "wb") as out:
+        parent = subprocess.Popen(
+            [*SVDFARM, "worker", "--gpus", "0,1"], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    db = Database(database_url)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            with db.session() as session:
+                rows = session.scalars(select(Worker)).all()
+                names = sorted(w.hostname.split("@")[0] for w in rows)
+            if names == ["gpu0", "gpu1"]:
+                break
+            assert parent.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        children = _children(parent.pid)
+        assert len(children) == 2
+        for pid in children:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert any(e.startswith(b"CUDA_VISIBLE_DEVICES=") for e in environ)
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=120) == 0, log.read_text()
+        for pid in children:
+            assert (
+                not Path(f"/proc/{pid}").exists() or " Z " in Path(f"/proc/{pid}/stat").read_text()
+            )
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        db.dispose()
