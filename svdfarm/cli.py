@@ -354,8 +354,8 @@ def _queue_order(name: str) -> tuple[str, str, int]:
 
 def _cmd_queues(args: argparse.Namespace, settings: Settings) -> int:
     """``svdfarm queues``: messages waiting in each queue and the live workers consuming it."""
-    from svdfarm.celery_app import create_celery
     from svdfarm.db import database_for
+    from svdfarm.depths import BrokerUnavailable, queue_depths
     from svdfarm.queues import all_queues
     from svdfarm.registry import online_workers
 
@@ -365,17 +365,17 @@ def _cmd_queues(args: argparse.Namespace, settings: Settings) -> int:
     for worker in workers:
         for queue in worker.queues:
             consumers.setdefault(queue, []).append(worker.hostname)
-    rows: list[dict[str, Any]] = []
-    celery = create_celery(settings)
-    with celery.connection_for_read() as connection:
-        channel = connection.default_channel
-        for queue in sorted(set(all_queues()) | set(consumers), key=_queue_order):
-            try:
-                depth = int(channel.queue_declare(queue=queue, passive=True).message_count)
-            except Exception:  # a broker that does not know the queue (AMQP): nothing waits
-                depth = 0
-            if depth or queue in consumers or args.all:
-                rows.append({"queue": queue, "waiting": depth, "workers": consumers.get(queue, [])})
+    names = sorted(set(all_queues()) | set(consumers), key=_queue_order)
+    try:
+        depths = queue_depths(settings, names)
+    except BrokerUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    rows: list[dict[str, Any]] = [
+        {"queue": queue, "waiting": depths[queue], "workers": consumers.get(queue, [])}
+        for queue in names
+        if depths[queue] or queue in consumers or args.all
+    ]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -384,6 +384,26 @@ def _cmd_queues(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{row['queue']:<22} {row['waiting']:>7}  {', '.join(row['workers']) or '-'}")
     if not rows:
         print("(no queue has messages or live workers)")
+    return 0
+
+
+def _cmd_admin(args: argparse.Namespace, settings: Settings) -> int:
+    """``svdfarm admin hash-password``: read a password twice, print its hash for the env."""
+    import getpass
+
+    from web.auth import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("Admin password: ")
+        if getpass.getpass("Again: ") != password:
+            print("error: the two passwords differ", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    if not password:
+        print("error: the password must not be empty", file=sys.stderr)
+        return 1
+    print(hash_password(password))
     return 0
 
 
@@ -442,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--no-casts", action="store_true", help="turn the boundary casts off")
     render.add_argument("--json", action="store_true", help="print the attempts as JSON")
 
+    admin = sub.add_parser("admin", help="admin pages: make the password hash")
+    admin.add_argument("action", choices=["hash-password"])
+
     queues = sub.add_parser("queues", help="queue depths and the live workers on each queue")
     queues.add_argument("--all", action="store_true", help="also queues with nothing on them")
     queues.add_argument("--json", action="store_true", help="print them as JSON")
@@ -464,6 +487,7 @@ COMMANDS = {
     "model": _cmd_model,
     "caps": _cmd_caps,
     "queues": _cmd_queues,
+    "admin": _cmd_admin,
 }
 
 

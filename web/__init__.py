@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any
 
 from flask import Flask, request
@@ -28,6 +29,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         MAX_CONTENT_LENGTH=settings.max_upload_bytes + FORM_OVERHEAD_BYTES,
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
+        PERMANENT_SESSION_LIFETIME=timedelta(hours=12),
         SVDFARM_SETTINGS=settings,
     )
     app.config.update(test_config)
@@ -37,13 +39,17 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     database.init_app(app, settings)
     app.extensions["celery"] = create_celery(settings)
 
+    from web.admin import bp as admin_bp
     from web.api import bp as api_bp
     from web.health import bp as health_bp
+    from web.metrics import bp as metrics_bp
     from web.pages import bp as pages_bp
 
     app.register_blueprint(pages_bp)
     app.register_blueprint(api_bp)
     app.register_blueprint(health_bp)
+    app.register_blueprint(admin_bp)
+    app.register_blueprint(metrics_bp)
 
     too_large = f"The upload is larger than the {format_size(settings.max_upload_bytes)} limit."
 

@@ -1,0 +1,411 @@
+"""The admin pages through the Flask client on real databases: login, rate limit, CSRF, the
+failed-jobs list and its filters, a job's attempts, requeue / cancel / delete, the workers page.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from werkzeug.test import TestResponse
+
+from svdfarm.db import Database
+from svdfarm.models import utcnow
+from svdfarm.requeue import FP32_DTYPES
+from svdfarm.settings import Settings
+from svdfarm.states import ErrorClass, JobState, WorkerState
+from tests.conftest import DATABASES
+from tests.svdfarm.test_requeue import QUEUE, add_job, add_worker, broker_messages, read_job
+from web import create_app
+from web.auth import LoginLimiter, check_password, hash_password, is_password_hash
+
+PASSWORD = "correct horse battery staple"
+
+
+def register_admin(app: Flask) -> Flask:
+    """Register the admin and metrics blueprints unless create_app already does."""
+    from web.admin import bp as admin_bp
+    from web.metrics import bp as metrics_bp
+
+    for bp in (admin_bp, metrics_bp):
+        if bp.name not in app.blueprints:
+            app.register_blueprint(bp)
+    return app
+
+
+@pytest.fixture(scope="session")
+def password_hash() -> str:
+    """The admin password's hash, made once (scrypt is slow on purpose)."""
+    return hash_password(PASSWORD)
+
+
+def admin_app(settings: Settings, admin_password: str) -> Flask:
+    """The web app with the admin on, using ``admin_password`` (a hash or plain)."""
+    configured = settings.with_overrides(admin_password=admin_password)
+    return register_admin(create_app({"SVDFARM_SETTINGS": configured, "TESTING": True}))
+
+
+@pytest.fixture
+def app(settings: Settings, password_hash: str) -> Iterator[Flask]:
+    """The web app with ``SVDFARM_ADMIN_PASSWORD`` set to a hash of :data:`PASSWORD`."""
+    flask_app = admin_app(settings, password_hash)
+    yield flask_app
+    flask_app.extensions["svdfarm.db"].dispose()
+
+
+def token(client: FlaskClient, path: str = "/admin/login") -> str:
+    """The CSRF token of the form on ``path``."""
+    found = re.search(r'name="csrf_token" value="([^"]+)"', client.get(path).get_data(True))
+    assert found, f"no CSRF field on {path}"
+    return found.group(1)
+
+
+def log_in(client: FlaskClient, password: str = PASSWORD, **environ: str) -> TestResponse:
+    """Submit the login form with its CSRF token."""
+    csrf = token(client)
+    return client.post(
+        "/admin/login",
+        data={"password": password, "csrf_token": csrf, "next": "/admin/"},
+        environ_base=environ,
+    )
+
+
+@pytest.fixture
+def admin(client: FlaskClient) -> FlaskClient:
+    """A client logged in to the admin."""
+    assert log_in(client).status_code == 303
+    return client
+
+
+def act(client: FlaskClient, action: str, ids: list[uuid.UUID], **fields: str) -> str:
+    """POST a bulk action from the jobs list; returns the page it leads back to."""
+    data: dict[str, object] = {
+        "action": action,
+        "job": [str(i) for i in ids],
+        "csrf_token": token(client, "/admin/?state="),
+        "next": "/admin/?state=",
+        **fields,
+    }
+    response = client.post("/admin/jobs/actions", data=data)
+    assert response.status_code == 303, response.get_data(True)
+    assert response.headers["Location"] == "/admin/?state="
+    return client.get(response.headers["Location"]).get_data(True)
+
+
+def test_admin_is_disabled_without_a_password(settings: Settings) -> None:
+    """Unset ``SVDFARM_ADMIN_PASSWORD``: every admin page is a 503 saying how to set it."""
+    app = admin_app(settings, "")
+    client = app.test_client()
+    for path in ("/admin/", "/admin/login", "/admin/workers"):
+        response = client.get(path)
+        assert response.status_code == 503
+        page = response.get_data(True)
+        assert "SVDFARM_ADMIN_PASSWORD" in page and "svdfarm admin hash-password" in page
+    assert client.post("/admin/login", data={"password": ""}).status_code == 503
+    app.extensions["svdfarm.db"].dispose()
+
+
+@pytest.mark.parametrize("database_url", DATABASES, indirect=True)
+def test_login_success_failure_and_logout(client: FlaskClient) -> None:
+    """Pages redirect to the login; a wrong password is 401; the right one opens the admin."""
+    response = client.get("/admin/workers")
+    assert response.status_code == 302
+    assert response.headers["Location"] == "/admin/login?next=/admin/workers"
+    wrong = log_in(client, "guess")
+    assert wrong.status_code == 401 and "Wrong password." in wrong.get_data(True)
+    assert client.get("/admin/").status_code == 302
+    right = log_in(client)
+    assert right.status_code == 303 and right.headers["Location"] == "/admin/"
+    cookie = right.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Expires=" in cookie
+    assert client.get("/admin/").status_code == 200
+    response = client.post("/admin/logout", data={"csrf_token": token(client, "/admin/")})
+    assert response.status_code == 303
+    assert client.get("/admin/").status_code == 302
+
+
+def test_login_does_not_redirect_outside_the_admin(client: FlaskClient) -> None:
+    """``next`` pointing elsewhere is replaced by the jobs list."""
+    csrf = token(client)
+    data = {"password": PASSWORD, "csrf_token": csrf, "next": "https://evil.example/"}
+    response = client.post("/admin/login", data=data)
+    assert response.headers["Location"] == "/admin/"
+
+
+def test_plain_password_works_and_warns(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A value that is not a hash is a plain password, with a warning logged at setup."""
+    with caplog.at_level(logging.WARNING, logger="web.auth"):
+        app = admin_app(settings, "hunter2")
+    assert "plain password, not a hash" in caplog.text
+    client = app.test_client()
+    assert log_in(client, "hunter").status_code == 401
+    assert log_in(client, "hunter2").status_code == 303
+    app.extensions["svdfarm.db"].dispose()
+
+
+def test_login_rate_limit(client: FlaskClient) -> None:
+    """Five failures from one address, then 429 with Retry-After even for the right password."""
+    for _ in range(5):
+        assert log_in(client, "guess").status_code == 401
+    limited = log_in(client)
+    assert limited.status_code == 429
+    assert 0 < int(limited.headers["Retry-After"]) <= 15 * 60
+    assert "Too many failed logins" in limited.get_data(True)
+    other = client.application.test_client()
+    assert log_in(other, REMOTE_ADDR="10.0.0.9").status_code == 303
+
+
+def test_limiter_window_slides() -> None:
+    """Failures older than the window stop counting; a success resets the client."""
+    limiter = LoginLimiter(max_failures=2, window_s=60)
+    limiter.failed("a", now=0)
+    limiter.failed("a", now=10)
+    assert limiter.retry_after("a", now=20) == 40
+    assert limiter.retry_after("b", now=20) == 0
+    assert limiter.retry_after("a", now=61) == 0
+    limiter.failed("a", now=62)
+    limiter.reset("a")
+    assert limiter.retry_after("a", now=63) == 0
+
+
+def test_password_hashes() -> None:
+    """hash_password makes a werkzeug hash that check_password accepts; damage is refused."""
+    hashed = hash_password("s3cret")
+    assert hashed.startswith("scrypt:") and is_password_hash(hashed)
+    assert check_password(hashed, "s3cret") and not check_password(hashed, "s3cre")
+    assert not check_password("scrypt:broken$x$y", "s3cret")
+    assert not check_password("", "") and not check_password("plain", "")
+    with pytest.raises(ValueError, match="must not be empty"):
+        hash_password("")
+
+
+@pytest.mark.parametrize("database_url", DATABASES, indirect=True)
+def test_every_post_needs_the_csrf_token(
+    admin: FlaskClient, db: Database, settings: Settings
+) -> None:
+    """Missing or wrong tokens are 400 on every POST route, and nothing changes."""
+    job_id = add_job(db, settings)
+    routes = {
+        "/admin/login": {"password": PASSWORD},
+        "/admin/logout": {},
+        "/admin/jobs/actions": {"action": "delete", "job": str(job_id)},
+    }
+    for path, data in routes.items():
+        for bad in ({}, {"csrf_token": "forged"}):
+            response = admin.post(path, data={**data, **bad})
+            assert response.status_code == 400, path
+            assert "security token is" in response.get_data(True)
+    assert read_job(db, job_id) is not None
+    assert admin.get("/admin/").status_code == 200  # still logged in
+
+
+@pytest.mark.parametrize("database_url", DATABASES, indirect=True)
+def test_filters_and_search(admin: FlaskClient, db: Database, settings: Settings) -> None:
+    """Failed by default; state, error class, worker, model, dates and search narrow it."""
+    now = utcnow()
+    oom = add_job(db, settings, filename="beach.png")
+    nan = add_job(
+        db,
+        settings,
+        error_class=ErrorClass.NON_FINITE,
+        worker="gpu2@farm",
+        error="NaN in the VAE output",
+        finished_at=now - timedelta(days=3),
+    )
+    other_model = add_job(db, settings, model="svd-custom", error="weird")
+    canceled = add_job(db, settings, JobState.CANCELED, error=None)
+
+    def shown(**args: str) -> set[uuid.UUID]:
+        page = admin.get("/admin/", query_string=args).get_data(True)
+        ids = {oom, nan, other_model, canceled}
+        return {i for i in ids if f'name="job" value="{i}"' in page}
+
+    assert shown() == {oom, nan, other_model}
+    assert shown(state="") == {oom, nan, other_model, canceled}
+    assert shown(state="canceled") == {canceled}
+    assert shown(error_class="non_finite") == {nan}
+    assert shown(worker="gpu2@farm") == {nan}
+    assert shown(model="svd-custom") == {other_model}
+    assert shown(since=(now - timedelta(days=1)).date().isoformat()) == {oom, other_model}
+    assert shown(until=(now - timedelta(days=2)).date().isoformat()) == {nan}
+    assert shown(q="nan in the vae") == {nan}
+    assert shown(q="beach") == {oom}
+    assert shown(q=str(other_model)) == {other_model}
+    assert shown(q=str(nan)[:8]) == {nan}
+    assert shown(q="100%_") == set()
+    bad = admin.get("/admin/", query_string={"since": "yesterday", "state": "lost"})
+    assert bad.status_code == 200 and "is not a date" in bad.get_data(True)
+
+
+@pytest.mark.parametrize("database_url", DATABASES, indirect=True)
+def test_detail_shows_every_attempt_with_traceback(
+    admin: FlaskClient, db: Database, settings: Settings
+) -> None:
+    """Plan and reason, error class and type, message, traceback, worker, duration, memory."""
+    job_id = add_job(db, settings, traceback="Traceback (most recent call last):\n<boom & bust>")
+    page = admin.get(f"/admin/jobs/{job_id}").get_data(True)
+    for text in (
+        "fp16 unet+enc, fp32 vae, chunk 8 on cuda",
+        "the card has no bf16",
+        "out of memory",
+        "torch.OutOfMemoryError",
+        "CUDA out of memory. Tried to allocate 2.00 GiB",
+        "gpu1@farm",
+        "42.0 s",
+        "14.25 GiB",
+        '<pre class="traceback">Traceback (most recent call last):\n&lt;boom &amp; bust&gt;</pre>',
+    ):
+        assert text in page
+    assert admin.get(f"/admin/jobs/{uuid.uuid4()}").status_code == 404
+
+
+@pytest.mark.parametrize("database_url", DATABASES, indirect=True)
+def test_requeue_one_with_fp32_and_bulk_with_casts_off_and_a_queue(
+    admin: FlaskClient, db: Database, settings: Settings
+) -> None:
+    """One click from the detail page, then several at once; each lands on its queue."""
+    single = add_job(db, settings)
+    csrf = token(admin, f"/admin/jobs/{single}")
+    response = admin.post(
+        "/admin/jobs/actions",
+        data={
+            "action": "requeue",
+            "job": str(single),
+            "force_fp32": "1",
+            "csrf_token": csrf,
+            "next": f"/admin/jobs/{single}",
+        },
+    )
+    assert response.headers["Location"] == f"/admin/jobs/{single}"
+    assert "requeued on svd." in admin.get(response.headers["Location"]).get_data(True)
+    job = read_job(db, single)
+    assert job is not None and job.state is JobState.QUEUED and job.dtypes == FP32_DTYPES
+    assert broker_messages(settings) == [(job.queue, str(single))]
+
+    bulk = [add_job(db, settings), add_job(db, settings, JobState.CANCELED)]
+    running = add_job(db, settings, JobState.RUNNING)
+    page = act(admin, "requeue", [*bulk, running], casts_off="1", queue="svd.cuda.bf16.40g")
+    assert "2 of 3 jobs requeued." in page
+    assert "is running: only failed or canceled jobs can be requeued" in page
+    for job_id in bulk:
+        job = read_job(db, job_id)
+        assert job is not None
+        assert (job.state, job.casts, job.queue) == (JobState.QUEUED, False, "svd.cuda.bf16.40g")
+    assert broker_messages(settings)[1:] == [("svd.cuda.bf16.40g", str(i)) for i in bulk]
+
+
+def test_requeue_with_a_bad_queue_changes_nothing(
+    admin: FlaskClient, db: Database, settings: Settings
+) -> None:
+    """An invalid queue is refused with the scheme in the message."""
+    job_id = add_job(db, settings)
+    page = act(admin, "requeue", [job_id], queue="gpu-please")
+    assert "Nothing was requeued:" in page and "is not an svdfarm queue" in page
+    job = read_job(db, job_id)
+    assert job is not None and job.state is JobState.FAILED
+    assert broker_messages(settings) == []
+
+
+@pytest.mark.parametrize("database_url", DATABASES, indirect=True)
+def test_cancel_and_delete(admin: FlaskClient, db: Database, settings: Settings) -> None:
+    """Cancel a queued job; delete removes rows and files, refusing a running job."""
+    queued = add_job(db, settings, JobState.QUEUED)
+    assert "is canceled" in act(admin, "cancel", [queued])
+    job = read_job(db, queued)
+    assert job is not None and job.state is JobState.CANCELED
+    assert "nothing to cancel" in act(admin, "cancel", [add_job(db, settings)])
+
+    failed, running = add_job(db, settings), add_job(db, settings, JobState.RUNNING)
+    page = act(admin, "delete", [failed, queued, running])
+    assert "2 of 3 jobs deleted." in page and "cancel it and delete it" in page
+    assert read_job(db, failed) is None and read_job(db, queued) is None
+    assert not (settings.storage_dir / str(failed)).exists()
+    assert (settings.storage_dir / str(running)).is_dir()
+    assert "Select at least one job." in act(admin, "delete", [])
+
+
+def test_delete_from_the_detail_page_goes_back_to_the_list(
+    admin: FlaskClient, db: Database, settings: Settings
+) -> None:
+    """The deleted job's page is gone, so the action leads to the list."""
+    job_id = add_job(db, settings)
+    data = {
+        "action": "delete",
+        "job": str(job_id),
+        "csrf_token": token(admin, f"/admin/jobs/{job_id}"),
+        "next": f"/admin/jobs/{job_id}",
+    }
+    response = admin.post("/admin/jobs/actions", data=data)
+    assert response.headers["Location"] == "/admin/"
+
+
+@pytest.mark.parametrize("database_url", DATABASES, indirect=True)
+def test_workers_page(admin: FlaskClient, db: Database, settings: Settings) -> None:
+    """A worker row with its state, heartbeat and job; queue depths; failures by class."""
+    job_id = add_job(db, settings, JobState.RUNNING)
+    add_worker(
+        db,
+        "gpu1@farm",
+        [QUEUE, "svd.cuda.fp32.16g"],
+        heartbeat_age_s=4,
+        state=WorkerState.BUSY,
+        current_job_id=job_id,
+        capabilities={
+            "device": "cuda",
+            "name": "Tesla T4",
+            "count": 1,
+            "fp16": True,
+            "total_memory_bytes": 15_835_660_288,
+        },
+    )
+    add_worker(db, "old@farm", [QUEUE], heartbeat_age_s=3600, capabilities={"device": "cpu"})
+    add_job(db, settings)
+    add_job(db, settings, error_class=ErrorClass.NON_FINITE)
+    add_job(db, settings, finished_at=utcnow() - timedelta(days=2))
+    act(admin, "requeue", [add_job(db, settings)])
+    page = admin.get("/admin/workers").get_data(True)
+    assert '<tr class="worker-busy">' in page and "<code>gpu1@farm</code>" in page
+    assert "Tesla T4" in page and "14.75 GiB" in page
+    assert re.search(r"<td>4\.\d s ago</td>", page), page.split('id="workers"')[1][:1500]
+    assert f'href="/admin/jobs/{job_id}"' in page
+    assert '<tr class="worker-offline">' in page and "<code>old@farm</code>" in page
+    queues = page.split('id="queues"')[1].split("</table>")[0]
+    assert f'<code>{QUEUE}</code></td><td class="num">1</td><td class="num">1</td>' in queues
+    failures = page.split('id="failures"')[1].split("</table>")[0]
+    assert failures.index("out of memory") < failures.index("non finite")
+    assert '<td class="num">2</td>' in failures and '<td class="num">1</td>' in failures
+
+
+def test_pages_of_fifty(admin: FlaskClient, db: Database, settings: Settings) -> None:
+    """More than a page of failed jobs: 50 on the first page, the rest on the next."""
+    for _ in range(51):
+        add_job(db, settings)
+    first = admin.get("/admin/").get_data(True)
+    assert first.count('name="job" value=') == 50 and "page 1 of 2" in first
+    second = admin.get("/admin/?page=2").get_data(True)
+    assert second.count('name="job" value=') == 1 and "&larr; newer" in second
+
+
+def test_workers_page_with_no_worker_and_no_broker(
+    admin: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An empty farm says how to start a worker; a dead broker is named, not a 500."""
+    from svdfarm.depths import BrokerUnavailable
+
+    def down(*_: object, **__: object) -> dict[str, int]:
+        raise BrokerUnavailable("The broker at redis://nowhere could not be reached")
+
+    monkeypatch.setattr("web.admin.queue_depths", down)
+    response = admin.get("/admin/workers")
+    page = response.get_data(True)
+    assert response.status_code == 200
+    assert "No worker has registered yet" in page and "redis://nowhere" in page
+    assert "No failed attempt in the last 24 hours." in page

@@ -1,0 +1,397 @@
+"""The admin pages under ``/admin``: failed jobs, their attempts, requeue, workers and queues.
+
+Every page needs the admin login and every POST its CSRF token (web/auth.py). Requeueing and
+deleting go through :mod:`svdfarm.requeue`, canceling through :mod:`web.cancel`, so the pages
+and any script change jobs the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta, timezone
+from typing import Any
+
+from flask import (
+    Blueprint,
+    current_app,
+    flash,
+    make_response,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
+from flask.blueprints import BlueprintSetupState
+from sqlalchemy import ColumnElement, Select, String, and_, cast, func, or_, select
+from sqlalchemy.orm import aliased
+
+from svdfarm.depths import BrokerUnavailable, queue_depths
+from svdfarm.models import Attempt, Job, Worker, utcnow
+from svdfarm.queues import all_queues
+from svdfarm.registry import effective_state
+from svdfarm.requeue import JobChange, delete_job, parse_job_id, requeue_jobs
+from svdfarm.states import AttemptOutcome, ErrorClass, JobState, WorkerState
+from web import auth
+from web.cancel import cancel_job
+from web.database import get_session
+from web.jobs import find_job
+
+bp = Blueprint("admin", __name__, url_prefix="/admin")
+
+PAGE_SIZE = 50
+#: Skipped jobs named one by one after a bulk action; the rest are counted (the flash
+#: messages travel in the session cookie, which must stay small).
+MAX_LISTED = 5
+
+
+@bp.record_once
+def _setup(state: BlueprintSetupState) -> None:
+    """Warn once per app when the admin password is not a hash."""
+    auth.warn_if_plain(state.app.config["SVDFARM_SETTINGS"].admin_password)
+
+
+@bp.before_request
+def _guard() -> Any:
+    """The admin is off without a password; every POST must carry the CSRF token."""
+    if not auth.admin_password():
+        return render_template("admin/disabled.html"), 503
+    if request.method == "POST":
+        auth.check_csrf()
+    return None
+
+
+@bp.context_processor
+def _helpers() -> dict[str, Any]:
+    """Template helpers: the CSRF token, login state and value formatters."""
+    return {
+        "csrf_token": auth.csrf_token,
+        "admin_logged_in": auth.logged_in,
+        "age": format_age,
+        "memory": format_memory,
+        "seconds": format_seconds,
+    }
+
+
+def format_age(moment: datetime | None, now: datetime | None = None) -> str:
+    """How long ago ``moment`` was: ``12 s``, ``3 min``, ``2.5 h``, ``4 d``."""
+    if moment is None:
+        return ""
+    return format_seconds(((now or utcnow()) - moment).total_seconds())
+
+
+def format_seconds(value: float | None) -> str:
+    """A duration as people read it: ``8.2 s``, ``3.5 min``, ``2.1 h``, ``1.3 d``."""
+    if value is None:
+        return ""
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if value >= size:
+            return f"{value / size:.1f} {unit}"
+    return f"{value:.1f} s"
+
+
+def format_memory(value: int | None) -> str:
+    """A byte count in GiB (MiB below 1 GiB), as torch reports peak memory."""
+    if value is None:
+        return ""
+    if value >= 1024**3:
+        return f"{value / 1024**3:.2f} GiB"
+    return f"{value / 1024**2:.0f} MiB"
+
+
+@bp.route("/login", methods=["GET", "POST"])
+def login() -> Any:
+    """The login form; 5 failures per 15 minutes per client, then 429 with Retry-After."""
+    target = auth.safe_next(request.values.get("next"), url_for("admin.index"))
+    if request.method == "GET":
+        if auth.logged_in():
+            return redirect(target)
+        return render_template("admin/login.html", next=target, error=None)
+    limiter, client = auth.limiter(), auth.client_address()
+    wait = limiter.retry_after(client)
+    if wait:
+        page = render_template("admin/login.html", next=target, error=auth.too_many_failures(wait))
+        return make_response(page, 429, {"Retry-After": str(wait)})
+    if auth.check_password(auth.admin_password(), request.form.get("password", "")):
+        limiter.reset(client)
+        auth.log_in()
+        return redirect(target, code=303)
+    limiter.failed(client)
+    error = "Wrong password."
+    if limiter.retry_after(client):
+        error += " " + auth.too_many_failures(limiter.retry_after(client))
+    return render_template("admin/login.html", next=target, error=error), 401
+
+
+@bp.post("/logout")
+def logout() -> Any:
+    """End the admin session."""
+    auth.log_out()
+    return redirect(url_for("admin.login"), code=303)
+
+
+@dataclass
+class Filters:
+    """The failed-jobs list's filters, read from the query string."""
+
+    state: str = "failed"
+    error_class: str = ""
+    worker: str = ""
+    model: str = ""
+    since: date | None = None
+    until: date | None = None
+    q: str = ""
+    page: int = 1
+
+    @classmethod
+    def from_args(cls, args: Any) -> tuple[Filters, list[str]]:
+        """Parse ``request.args``; returns the filters and a problem per ignored value."""
+        problems: list[str] = []
+        found = cls(state=args.get("state", "failed").strip())
+        if found.state not in {"", *(s.value for s in JobState)}:
+            problems.append(f"Unknown state {found.state!r}: showing every state.")
+            found.state = ""
+        found.error_class = args.get("error_class", "").strip()
+        if found.error_class not in {"", *(e.value for e in ErrorClass)}:
+            problems.append(f"Unknown error class {found.error_class!r}: ignored.")
+            found.error_class = ""
+        found.worker = args.get("worker", "").strip()
+        found.model = args.get("model", "").strip()
+        found.q = args.get("q", "").strip()[:200]
+        for name in ("since", "until"):
+            raw = args.get(name, "").strip()
+            if raw:
+                try:
+                    setattr(found, name, date.fromisoformat(raw))
+                except ValueError:
+                    problems.append(f"{name} {raw!r} is not a date (YYYY-MM-DD): ignored.")
+        try:
+            found.page = max(1, int(args.get("page", "1")))
+        except ValueError:
+            found.page = 1
+        return found, problems
+
+    def args(self, **changes: Any) -> dict[str, Any]:
+        """The filters as query arguments (blank ones left out), with ``changes`` applied."""
+        values = {
+            "state": self.state,
+            "error_class": self.error_class,
+            "worker": self.worker,
+            "model": self.model,
+            "since": self.since.isoformat() if self.since else "",
+            "until": self.until.isoformat() if self.until else "",
+            "q": self.q,
+            "page": self.page if self.page > 1 else "",
+        }
+        values.update(changes)
+        # "state" stays even when blank: blank means every state, absent means failed.
+        return {k: v for k, v in values.items() if v != "" or k == "state"}
+
+
+def _like(text: str) -> str:
+    """``text`` as a LIKE pattern matching it anywhere, wildcards escaped."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+def filtered_jobs(filters: Filters) -> Select[Job]:
+    """Jobs matching ``filters``, newest first; error class is that of the last attempt."""
+    numbers = (
+        select(Attempt.job_id, func.max(Attempt.number).label("number"))
+        .group_by(Attempt.job_id)
+        .subquery()
+    )
+    last = aliased(Attempt)
+    stmt = (
+        select(Job)
+        .outerjoin(numbers, numbers.c.job_id == Job.id)
+        .outerjoin(last, and_(last.job_id == Job.id, last.number == numbers.c.number))
+    )
+    if filters.state:
+        stmt = stmt.where(Job.state == JobState(filters.state))
+    if filters.error_class:
+        stmt = stmt.where(last.error_class == ErrorClass(filters.error_class))
+    if filters.worker:
+        stmt = stmt.where(Job.attempts.any(Attempt.worker == filters.worker))
+    if filters.model:
+        stmt = stmt.where(Job.model == filters.model)
+    when = func.coalesce(Job.finished_at, Job.created_at)
+    if filters.since:
+        stmt = stmt.where(when >= datetime.combine(filters.since, time(), timezone.utc))
+    if filters.until:
+        end = datetime.combine(filters.until + timedelta(days=1), time(), timezone.utc)
+        stmt = stmt.where(when < end)
+    if filters.q:
+        pattern = _like(filters.q)
+        matches: list[ColumnElement[bool]] = [
+            Job.error.ilike(pattern, escape="\\"),
+            Job.input_filename.ilike(pattern, escape="\\"),
+            last.message.ilike(pattern, escape="\\"),
+        ]
+        key = parse_job_id(filters.q)
+        hex_part = filters.q.replace("-", "").lower()
+        if key is not None:
+            matches.append(Job.id == key)
+        elif hex_part and all(c in "0123456789abcdef" for c in hex_part):
+            # PostgreSQL prints UUIDs with dashes, SQLite stores 32 hex digits: compare without.
+            matches.append(func.replace(cast(Job.id, String), "-", "").like(f"{hex_part}%"))
+        stmt = stmt.where(or_(*matches))
+    return stmt.order_by(when.desc(), Job.id)
+
+
+@bp.get("/")
+@auth.login_required
+def index() -> Any:
+    """Failed jobs (or any state), filtered and searched, with bulk actions."""
+    session = get_session()
+    filters, problems = Filters.from_args(request.args)
+    stmt = filtered_jobs(filters)
+    total = session.scalar(select(func.count()).select_from(stmt.order_by(None).subquery())) or 0
+    pages = max(1, -(-total // PAGE_SIZE))
+    filters.page = min(filters.page, pages)
+    rows = session.scalars(stmt.offset((filters.page - 1) * PAGE_SIZE).limit(PAGE_SIZE)).all()
+    return render_template(
+        "admin/jobs.html",
+        jobs=rows,
+        filters=filters,
+        problems=problems,
+        total=total,
+        pages=pages,
+        states=list(JobState),
+        error_classes=list(ErrorClass),
+        workers=session.scalars(select(Attempt.worker).distinct().order_by(Attempt.worker)).all(),
+        models=session.scalars(select(Job.model).distinct().order_by(Job.model)).all(),
+        queues=all_queues(),
+        back_to=request.full_path.rstrip("?"),
+    )
+
+
+@bp.get("/jobs/<job_id>")
+@auth.login_required
+def job(job_id: str) -> Any:
+    """One job with every attempt: plan and reason, error, full traceback, worker, memory."""
+    found = find_job(get_session(), job_id)
+    return render_template(
+        "admin/job.html", job=found, queues=all_queues(), back_to=request.full_path.rstrip("?")
+    )
+
+
+@bp.post("/jobs/actions")
+@auth.login_required
+def actions() -> Any:
+    """Requeue (with overrides), cancel or delete the selected jobs, then go back."""
+    back = auth.safe_next(request.form.get("next"), url_for("admin.index"))
+    ids = request.form.getlist("job")
+    action = request.form.get("action", "")
+    if not ids:
+        flash("Select at least one job.", "bad")
+        return redirect(back, code=303)
+    session = get_session()
+    settings = current_app.config["SVDFARM_SETTINGS"]
+    changes: list[JobChange]
+    if action == "requeue":
+        try:
+            changes = requeue_jobs(
+                session,
+                current_app.extensions["celery"],
+                settings,
+                ids,
+                force_fp32=bool(request.form.get("force_fp32")),
+                queue=request.form.get("queue"),
+                casts_off=bool(request.form.get("casts_off")),
+            )
+        except ValueError as exc:
+            flash(f"Nothing was requeued: {exc}", "bad")
+            return redirect(back, code=303)
+    elif action == "cancel":
+        changes = [_cancel(str(i)) for i in ids]
+    elif action == "delete":
+        changes = [delete_job(session, settings, i) for i in ids]
+        if any(c.done for c in changes) and back.startswith(url_for("admin.index") + "jobs/"):
+            back = url_for("admin.index")  # the job's own page is gone
+    else:
+        flash(f"Unknown action {action[:40]!r}: choose requeue, cancel or delete.", "bad")
+        return redirect(back, code=303)
+    _report(action, changes)
+    return redirect(back, code=303)
+
+
+def _cancel(raw: str) -> JobChange:
+    """Cancel one job by id, saying why when it cannot be."""
+    session = get_session()
+    key = parse_job_id(raw)
+    found = session.get(Job, key) if key else None
+    if found is None:
+        return JobChange(raw, False, f"No job with id {raw[:64]}.")
+    if cancel_job(session, found):
+        return JobChange(raw, True, f"Job {key} is {found.state.label}.")
+    return JobChange(raw, False, f"Job {key} is {found.state.label}: there is nothing to cancel.")
+
+
+def _report(action: str, changes: list[JobChange]) -> None:
+    """Flash what an action did: the one job's outcome, or a count and the skipped reasons."""
+    if len(changes) == 1:
+        flash(changes[0].message, "ok" if changes[0].done else "bad")
+        return
+    done = sum(1 for c in changes if c.done)
+    past = {"requeue": "requeued", "cancel": "canceled", "delete": "deleted"}[action]
+    flash(f"{done} of {len(changes)} jobs {past}.", "ok" if done else "bad")
+    skipped = [c for c in changes if not c.done]
+    for change in skipped[:MAX_LISTED]:
+        flash(change.message, "bad")
+    if len(skipped) > MAX_LISTED:
+        flash(f"... and {len(skipped) - MAX_LISTED} more skipped.", "bad")
+
+
+@bp.get("/workers")
+@auth.login_required
+def workers() -> Any:
+    """Workers with their state and heartbeat, queue depths, failures of the last 24 hours."""
+    session = get_session()
+    settings = current_app.config["SVDFARM_SETTINGS"]
+    now = utcnow()
+    rows = session.scalars(select(Worker).order_by(Worker.hostname)).all()
+    states = {w.hostname: effective_state(w, settings, now) for w in rows}
+    consumers: dict[str, list[str]] = {}
+    for w in rows:
+        if states[w.hostname] is not WorkerState.OFFLINE:
+            for queue in w.queues:
+                consumers.setdefault(queue, []).append(w.hostname)
+    queued = dict(
+        session.execute(
+            select(Job.queue, func.count()).where(Job.state == JobState.QUEUED).group_by(Job.queue)
+        ).all()
+    )
+    broker_error = None
+    try:
+        depths = queue_depths(
+            settings,
+            [*all_queues(), *consumers, *queued],
+            celery=current_app.extensions["celery"],
+        )
+    except BrokerUnavailable as exc:
+        depths, broker_error = {}, str(exc)
+    shown = [q for q in depths if depths[q] or q in consumers or queued.get(q)]
+    return render_template(
+        "admin/workers.html",
+        workers=rows,
+        states=states,
+        now=now,
+        depths=[(q, depths[q], queued.get(q, 0), consumers.get(q, [])) for q in shown],
+        broker_error=broker_error,
+        failures=failures_by_class(since=now - timedelta(hours=24)),
+    )
+
+
+def failures_by_class(since: datetime) -> list[tuple[ErrorClass, int]]:
+    """Failed attempts per error class that ended after ``since``, most frequent first."""
+    ended = func.coalesce(Attempt.finished_at, Attempt.started_at)
+    counts = get_session().execute(
+        select(Attempt.error_class, func.count())
+        .where(Attempt.outcome == AttemptOutcome.FAILED, ended >= since)
+        .group_by(Attempt.error_class)
+    )
+    merged: dict[ErrorClass, int] = {}
+    for error_class, n in counts.all():  # a failure without a class counts as "other"
+        key = error_class or ErrorClass.OTHER
+        merged[key] = merged.get(key, 0) + int(n)
+    return sorted(merged.items(), key=lambda item: (-item[1], item[0].value))
