@@ -50,9 +50,13 @@ def _post_job(base: str, fields: dict[str, str], image: bytes) -> str:
         for k, v in fields.items()
     )
     body += (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="in.png"\r\n'
-        f"Content-Type: image/png\r\n\r\n"
-    ).encode() + image + f"\r\n--{boundary}--\r\n".encode()
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="in.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + image
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     request = urllib.request.Request(
         f"{base}/api/v1/jobs",
         data=body,

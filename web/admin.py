@@ -209,7 +209,13 @@ def filtered_jobs(filters: Filters) -> Select[Job]:
     if filters.state:
         stmt = stmt.where(Job.state == JobState(filters.state))
     if filters.error_class:
-        stmt = stmt.where(last.error_class == ErrorClass(filters.error_class))
+        wanted = ErrorClass(filters.error_class)
+        # With a state filter: the failure that put the job there (its last attempt); without
+        # one, any attempt, so "jobs" from the failures-by-class table lists them all.
+        if filters.state:
+            stmt = stmt.where(last.error_class == wanted)
+        else:
+            stmt = stmt.where(Job.attempts.any(Attempt.error_class == wanted))
     if filters.worker:
         stmt = stmt.where(Job.attempts.any(Attempt.worker == filters.worker))
     if filters.model:

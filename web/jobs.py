@@ -9,9 +9,9 @@ from typing import Any
 from flask import abort, current_app, url_for
 from sqlalchemy.orm import Session
 
-from svdfarm.models import Attempt, Job
+from svdfarm.models import Attempt, Job, utcnow
 from svdfarm.registry import waiting_reason
-from svdfarm.states import JobState
+from svdfarm.states import AttemptOutcome, JobState
 
 PHASE_LABELS = {
     "queued": "Waiting in the queue",
@@ -64,27 +64,94 @@ def attempt_json(attempt: Attempt) -> dict[str, Any]:
     }
 
 
+def _duration(seconds: float) -> str:
+    """A duration as a person reads it: "8.2 s", "3 min 05 s", "1 h 02 min"."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
 def phase_text(job: Job) -> str:
     """The job's phase as a person reads it, with the step while denoising."""
+    if job.state is JobState.CANCEL_REQUESTED:
+        return "Canceling: the worker stops at its next step"
+    if job.state is JobState.CANCELED:
+        return "Canceled: no video was made"
+    if job.state is JobState.FAILED:
+        return "Stopped with an error"
+    if job.state is JobState.SUCCEEDED and job.started_at and job.finished_at:
+        seconds = (job.finished_at - job.started_at).total_seconds()
+        return f"Done in {_duration(seconds)}"
     label = PHASE_LABELS.get(job.phase, job.phase)
     if job.phase == "denoising":
         label += f" (step {job.step}/{job.num_inference_steps})"
     return label
 
 
+def _running_since(job: Job) -> datetime | None:
+    """When the attempt now running started (the job's start when no attempt row exists yet)."""
+    running = [a for a in job.attempts if a.outcome is AttemptOutcome.RUNNING]
+    return running[-1].started_at if running else job.started_at
+
+
+def eta_seconds(job: Job, now: datetime | None = None) -> float | None:
+    """Seconds the running job probably still needs, or None while that cannot be measured.
+
+    Simple and honest: the time since the current attempt started, divided by the progress made,
+    times the progress left. The worker's progress shares already give decoding and encoding
+    their slice of the bar, so that is the allowance for them. It is only given once at least one
+    denoising step is done (before that nothing has been measured), and because the model load
+    counts as measured time it errs long on a worker's first job, less so as the render goes on.
+    """
+    if job.state is not JobState.RUNNING or job.phase not in ("denoising", "decoding", "encoding"):
+        return None
+    if job.phase == "denoising" and job.step < 1:
+        return None
+    since = _running_since(job)
+    if since is None or job.progress <= 0:
+        return None
+    elapsed = max(0.0, ((now or utcnow()) - since).total_seconds())
+    progress = min(job.progress, 1.0)
+    return elapsed / progress * (1.0 - progress)
+
+
+def eta_text(seconds: float | None) -> str | None:
+    """An ETA as a person reads it: "about 3 min left", "a few seconds left"."""
+    if seconds is None:
+        return None
+    if seconds < 10:
+        return "a few seconds left"
+    if seconds < 90:
+        return f"about {int(round(seconds / 5.0)) * 5} s left"
+    if seconds < 90 * 60:
+        return f"about {int(round(seconds / 60.0))} min left"
+    return f"about {seconds / 3600.0:.1f} h left"
+
+
 def job_json(job: Job, waiting: str | None = None) -> dict[str, Any]:
-    """The job as ``GET /api/v1/jobs/<id>`` answers it (``waiting``: why a queued job waits)."""
+    """The job as ``GET /api/v1/jobs/<id>`` answers it (``waiting``: why a queued job waits).
+
+    ``phase_text`` is the waiting reason while there is one, else ``phase_label`` (the phase as a
+    person reads it); ``eta_s``/``eta_text`` come from :func:`eta_seconds`.
+    """
     done = job.state is JobState.SUCCEEDED and job.video_key
+    eta = eta_seconds(job)
     return {
         "id": str(job.id),
         "state": job.state.value,
         "phase": job.phase,
         "phase_text": waiting or phase_text(job),
+        "phase_label": phase_text(job),
         "waiting": waiting,
         "queue": job.queue,
         "memory_estimate_bytes": job.memory_estimate_bytes,
         "progress": round(job.progress, 4),
         "step": job.step,
+        "eta_s": round(eta, 1) if eta is not None else None,
+        "eta_text": eta_text(eta),
         "model": job.model,
         "params": job.params(),
         "input_filename": job.input_filename,

@@ -1,7 +1,9 @@
-"""The pages people use: the submit form, a job's status page, and its files."""
+"""The pages people use: the submit form, a job's status page, its files, and the jobs this
+browser submitted ("My jobs", kept in the signed session cookie)."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from flask import (
@@ -12,12 +14,15 @@ from flask import (
     render_template,
     request,
     send_file,
+    session,
     url_for,
 )
+from sqlalchemy import select
 
 from svdfarm.images import format_size
 from svdfarm.jobs import QueueUnavailable, submit_job, validate_submission
-from svdfarm.params import FIELDS, PRECISIONS, ParamError, defaults_for
+from svdfarm.models import Job
+from svdfarm.params import FIELDS, PRECISIONS, ParamError, defaults_for, is_tiny
 from svdfarm.storage import Storage
 from web.cancel import cancel_job
 from web.database import get_session
@@ -25,11 +30,30 @@ from web.jobs import describe_job, find_job
 
 bp = Blueprint("pages", __name__)
 
+#: Session key of the ids of the jobs this browser submitted through the form, newest first.
+RECENT_KEY = "recent_jobs"
+#: How many of them the cookie keeps (50 UUIDs stay well under a cookie's 4 KB).
+RECENT_LIMIT = 50
+#: The form fields "render again" may prefill from the query string.
+PREFILL = (*FIELDS, "precision")
+
+
+@bp.app_context_processor
+def _navigation() -> dict[str, Any]:
+    """Lets every template ask whether an endpoint exists (the admin link needs its blueprint)."""
+    return {"has_endpoint": lambda name: name in current_app.view_functions}
+
 
 def form_page(
-    errors: dict[str, str] | None = None, status: int = 200, values: dict[str, Any] | None = None
+    errors: dict[str, str] | None = None,
+    status: int = 200,
+    values: dict[str, Any] | None = None,
+    again: Job | None = None,
 ) -> Any:
-    """Render the submit form, with the values the person typed and any errors beside them."""
+    """Render the submit form, with the values the person typed and any errors beside them.
+
+    ``again`` is the job whose settings prefill the form ("render again with these settings").
+    """
     settings = current_app.config["SVDFARM_SETTINGS"]
     return (
         render_template(
@@ -41,15 +65,35 @@ def form_page(
             errors=errors or {},
             model=settings.model,
             max_size=format_size(settings.max_upload_bytes),
+            again=again,
+            tiny=is_tiny(settings.model),
         ),
         status,
     )
 
 
+def _job_or_none(job_id: str) -> Job | None:
+    """The job with this id, or None when the id is malformed or unknown."""
+    try:
+        key = uuid.UUID(job_id)
+    except ValueError:
+        return None
+    return get_session().get(Job, key)
+
+
 @bp.get("/")
 def index() -> Any:
-    """The submit form."""
-    return form_page()
+    """The submit form; query parameters named like its fields prefill it (render again)."""
+    values = {name: request.args[name] for name in PREFILL if request.args.get(name)}
+    again = _job_or_none(request.args["again"]) if request.args.get("again") else None
+    return form_page(values=values, again=again)
+
+
+def remember_job(job_id: str) -> None:
+    """Add a job to this browser's recent jobs, newest first, keeping the last fifty."""
+    recent = [j for j in session.get(RECENT_KEY, []) if isinstance(j, str) and j != job_id]
+    session[RECENT_KEY] = [job_id, *recent][:RECENT_LIMIT]
+    session.permanent = True
 
 
 @bp.post("/")
@@ -68,6 +112,7 @@ def submit() -> Any:
         job = submit_job(get_session(), current_app.extensions["celery"], settings, submission)
     except QueueUnavailable as exc:
         return form_page({"image": str(exc)}, 503, values)
+    remember_job(str(job.id))
     return redirect(url_for("pages.job", job_id=job.id), code=303)
 
 
@@ -77,7 +122,43 @@ def job(job_id: str) -> Any:
     session = get_session()
     found = find_job(session, job_id)
     info = describe_job(session, found)
-    return render_template("job.html", job=found, info=info, phase=info["phase_text"])
+    again = url_for("pages.index", again=info["id"], **info["params"])
+    return render_template(
+        "job.html",
+        job=found,
+        info=info,
+        phase=info["phase_label"],
+        waiting=_waiting_text(info["waiting"]),
+        again_url=again,
+        labels={name: field.label for name, field in FIELDS.items()},
+    )
+
+
+def _waiting_text(waiting: str | None) -> str:
+    """The registry's waiting reason as a sentence of its own on the status page."""
+    if not waiting:
+        return ""
+    text = waiting.removeprefix("waiting: ")
+    return text[:1].upper() + text[1:] + "."
+
+
+@bp.get("/jobs")
+def recent() -> Any:
+    """The jobs this browser submitted through the form, newest first, with thumbnails.
+
+    Jobs submitted through the API are not listed: the list lives in this browser's cookie.
+    """
+    keys = []
+    for value in session.get(RECENT_KEY, []):
+        try:
+            keys.append(uuid.UUID(str(value)))
+        except ValueError:
+            continue
+    jobs: list[Job] = []
+    if keys:
+        query = select(Job).where(Job.id.in_(keys)).order_by(Job.created_at.desc())
+        jobs = list(get_session().scalars(query))
+    return render_template("recent.html", jobs=jobs, limit=RECENT_LIMIT)
 
 
 @bp.post("/jobs/<job_id>/cancel")

@@ -112,8 +112,8 @@ def test_a_valid_form_redirects_to_the_status_page(
     assert '<strong id="state">queued</strong>' in html
     assert 'role="progressbar"' in html
     assert 'aria-valuenow="0"' in html
-    assert "<dt>num_frames</dt><dd>10</dd>" in html
-    assert "<dt>precision</dt><dd>fp32</dd>" in html
+    assert '<dt title="num_frames">Frames</dt><dd>10</dd>' in html
+    assert '<dt title="precision">Precision</dt><dd>fp32</dd>' in html
     assert "<video" not in html
     assert f'action="/jobs/{job_id}/cancel"' in html
 
@@ -246,3 +246,150 @@ def test_a_recorded_but_missing_video_is_404(app: Flask, client: FlaskClient) ->
     job_id = job_id_from(submit(client))
     update_job(app, job_id, state=JobState.SUCCEEDED, video_key=Storage.key(job_id, "video.mp4"))
     assert client.get(f"/jobs/{job_id}/video.mp4").status_code == 404
+
+
+def test_the_status_page_shows_an_eta_once_steps_are_measured(
+    app: Flask, client: FlaskClient
+) -> None:
+    """No ETA before a denoising step is done; then elapsed / progress x progress left."""
+    from datetime import timedelta
+
+    from svdfarm.models import Attempt
+    from svdfarm.states import AttemptOutcome
+
+    job_id = job_id_from(submit(client))
+    started = utcnow() - timedelta(seconds=30)
+    update_job(app, job_id, state=JobState.RUNNING, phase="denoising", step=0, progress=0.05)
+    with app.extensions["svdfarm.db"].begin() as session:
+        session.add(
+            Attempt(
+                job_id=uuid.UUID(job_id),
+                number=1,
+                worker="w1",
+                plan_name="fp32 on cpu",
+                plan={},
+                started_at=started,
+                outcome=AttemptOutcome.RUNNING,
+            )
+        )
+    body = client.get(f"/api/v1/jobs/{job_id}").get_json()
+    assert body["eta_s"] is None and body["eta_text"] is None
+    assert '<p class="muted" id="eta"></p>' in client.get(f"/jobs/{job_id}").get_data(as_text=True)
+
+    update_job(app, job_id, step=2, progress=0.25)
+    body = client.get(f"/api/v1/jobs/{job_id}").get_json()
+    assert 89 <= body["eta_s"] <= 95  # 30 s for a quarter: about 90 s for the rest
+    assert body["eta_text"] == "about 2 min left"
+    html = client.get(f"/jobs/{job_id}").get_data(as_text=True)
+    assert '<p class="muted" id="eta">about 2 min left</p>' in html
+
+
+def test_eta_text_reads_like_a_person_wrote_it() -> None:
+    """Short ETAs in seconds, longer ones in minutes and hours; none when unknown."""
+    from web.jobs import eta_text
+
+    assert eta_text(None) is None
+    assert eta_text(4) == "a few seconds left"
+    assert eta_text(42) == "about 40 s left"
+    assert eta_text(600) == "about 10 min left"
+    assert eta_text(3 * 3600) == "about 3.0 h left"
+
+
+def test_a_queued_job_says_why_it_waits(client: FlaskClient) -> None:
+    """With no worker online, a queued job's page says which worker it needs."""
+    job_id = job_id_from(submit(client))
+    html = client.get(f"/jobs/{job_id}").get_data(as_text=True)
+    assert '<span id="phase">Waiting in the queue</span>' in html
+    assert re.search(
+        r'<p id="waiting">No worker online that can take it \(.+ is needed\)\.</p>', html
+    )
+
+
+def test_a_finished_job_offers_render_again_which_prefills_the_form(
+    app: Flask, client: FlaskClient, settings: Settings, mp4_bytes: bytes
+) -> None:
+    """ "Render again" links to the form with the job's settings, which the form shows."""
+    job_id = job_id_from(submit(client, num_frames="6", seed="1234", precision="fp32"))
+    finish_job(app, settings, job_id, mp4_bytes)
+    html = client.get(f"/jobs/{job_id}").get_data(as_text=True)
+    link = re.search(r'<a class="button secondary" id="again" href="([^"]+)"', html)
+    assert link
+    form = client.get(link[1].replace("&amp;", "&")).get_data(as_text=True)
+    assert re.search(r'<input id="num_frames" name="num_frames"[^>]*value="6"', form, re.DOTALL)
+    assert re.search(r'<input id="seed" name="seed"[^>]*value="1234"', form, re.DOTALL)
+    assert re.search(r'<option value="fp32"\s+selected>', form)
+    assert 'id="again"' in form and "Choose the image again" in form
+    assert f'href="/jobs/{job_id}/input">in.png</a>' in form
+
+
+def test_the_form_ignores_unknown_or_bad_prefill(client: FlaskClient) -> None:
+    """Unknown names and a malformed job id in the query string change nothing."""
+    html = client.get("/?again=nope&evil=1&num_frames=%22%3E").get_data(as_text=True)
+    assert 'id="again"' not in html
+    assert "evil" not in html
+    assert 'value="&#34;&gt;"' in html  # shown escaped; the validator refuses it on submit
+
+
+def test_my_jobs_lists_this_browsers_form_jobs_newest_first(
+    app: Flask, client: FlaskClient, settings: Settings, mp4_bytes: bytes
+) -> None:
+    """/jobs lists the form's jobs of this session with thumbnails; API jobs are not tracked."""
+    assert "has not submitted a job yet" in client.get("/jobs").get_data(as_text=True)
+    first = job_id_from(submit(client))
+    second = job_id_from(submit(client))
+    Storage(settings.storage_dir).write_bytes(Storage.key(first, "poster.png"), png_bytes())
+    finish_job(app, settings, first, mp4_bytes)
+    update_job(app, first, poster_key=Storage.key(first, "poster.png"))
+    api = client.post("/api/v1/jobs", data={"image": (io.BytesIO(png_bytes()), "api.png")})
+    assert api.status_code == 201
+
+    html = client.get("/jobs").get_data(as_text=True)
+    listed = re.findall(r'data-job-id="([0-9a-f-]{36})"', html)
+    assert listed == [second, first]
+    assert f'<img src="/jobs/{first}/poster.png"' in html
+    assert f'<img src="/jobs/{second}/input"' in html
+    assert api.get_json()["id"] not in html
+    assert app.test_client().get("/jobs").get_data(as_text=True).count("data-job-id") == 0
+
+
+def test_my_jobs_keeps_the_last_fifty(client: FlaskClient) -> None:
+    """The session keeps at most fifty ids, dropping the oldest."""
+    from web.pages import RECENT_KEY, RECENT_LIMIT
+
+    ids = [str(uuid.uuid4()) for _ in range(RECENT_LIMIT)]
+    with client.session_transaction() as session:
+        session[RECENT_KEY] = ids
+    newest = job_id_from(submit(client))
+    with client.session_transaction() as session:
+        kept = session[RECENT_KEY]
+    assert kept == [newest, *ids[:-1]]
+
+
+def test_the_nav_links_admin_only_when_its_blueprint_exists(settings: Settings) -> None:
+    """New video and My jobs always; Admin only where an ``admin.index`` endpoint exists."""
+    from flask import Blueprint
+
+    from web import create_app
+
+    def nav(with_admin: bool) -> str:
+        """The form page's nav of a fresh app, with or without an admin endpoint."""
+        app = create_app({"SVDFARM_SETTINGS": settings, "TESTING": True})
+        try:
+            if not with_admin:
+                app.view_functions.pop("admin.index", None)
+            elif "admin.index" not in app.view_functions:
+                admin = Blueprint("admin", __name__, url_prefix="/admin")
+                admin.add_url_rule("/", "index", lambda: "admin")
+                app.register_blueprint(admin)
+            html = app.test_client().get("/").get_data(as_text=True)
+        finally:
+            app.extensions["svdfarm.db"].dispose()
+        found = re.search(r"<nav[^>]*>(.*?)</nav>", html, re.DOTALL)
+        assert found
+        return re.sub(r"\s+", " ", found[1])
+
+    plain = nav(with_admin=False)
+    assert '<a href="/" aria-current="page">New video</a>' in plain
+    assert re.search(r'<a href="/jobs"\s*>My jobs</a>', plain)
+    assert "Admin" not in plain
+    assert re.search(r'<a href="/admin/?"\s*>Admin</a>', nav(with_admin=True))

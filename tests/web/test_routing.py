@@ -356,14 +356,15 @@ def test_the_status_page_shows_why_it_waits(app: Flask, client: FlaskClient) -> 
     page = client.get(f"/jobs/{job_id}")
     assert page.status_code == 200
     text = html.unescape(page.get_data(as_text=True))
+    assert '<span id="phase">Waiting in the queue</span>' in text
     assert (
-        '<span id="phase">waiting: no worker online that can take it '
-        "(a cpu worker with fp32 and >= 12 GB is needed)</span>"
+        '<p id="waiting">No worker online that can take it '
+        "(a cpu worker with fp32 and >= 12 GB is needed).</p>"
     ) in text
 
     add_worker(app, "cpu@box-1", [f"svd.cpu.fp32.{t}g" for t in (8, 12, 16, 24)], 1)
     text = html.unescape(client.get(f"/jobs/{job_id}").get_data(as_text=True))
-    assert "waiting: 0 job(s) ahead in queue svd.cpu.fp32.12g; 1 worker(s) can take it" in text
+    assert "0 job(s) ahead in queue svd.cpu.fp32.12g; 1 worker(s) can take it" in text
 
 
 def test_the_status_page_of_a_gpu_only_farm(gpu_only: tuple[Flask, FlaskClient]) -> None:

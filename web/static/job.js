@@ -1,29 +1,50 @@
-// Live status: poll the JSON API and update the page; reload once the job ends so the
-// video (or the error) appears. Without JavaScript the page refreshes itself instead.
+// Live status: poll the JSON API and update the page; reload once the job ends (or a new
+// attempt starts) so the video, the error and the attempts appear. Without JavaScript the page
+// refreshes itself instead (a <noscript> meta refresh).
 (function () {
   "use strict";
+  const ENDED = ["succeeded", "failed", "canceled"];
   const root = document.getElementById("job");
-  if (!root || ["succeeded", "failed", "canceled"].includes(root.dataset.state)) return;
+  if (!root || ENDED.includes(root.dataset.state)) return;
   const url = root.dataset.statusUrl;
   const bar = document.getElementById("bar");
   const percent = document.getElementById("percent");
+  const eta = document.getElementById("eta");
   const state = document.getElementById("state");
+  const stateLine = document.getElementById("state-line");
   const phase = document.getElementById("phase");
-  let attempts = document.querySelectorAll("#attempts tbody tr:not(.message)").length;
+  const waiting = document.getElementById("waiting");
+  const attempts = document.querySelectorAll("#attempts tbody tr:not(.message)").length;
+  let lastState = root.dataset.state;
+
+  function show(job) {
+    const pct = Math.round(job.progress * 1000) / 10;
+    if (bar) {
+      bar.style.width = pct + "%";
+      bar.parentElement.setAttribute("aria-valuenow", Math.round(pct));
+    }
+    if (percent) percent.textContent = Math.round(pct) + "%";
+    if (eta) eta.textContent = job.eta_text || "";
+    state.textContent = job.state.replace("_", " ");
+    stateLine.className = "state state-" + job.state;
+    phase.textContent = job.phase_label;
+    if (waiting && job.waiting) {
+      const text = job.waiting.replace(/^waiting: /, "");
+      waiting.textContent = text.charAt(0).toUpperCase() + text.slice(1) + ".";
+    }
+  }
 
   async function poll() {
     try {
       const response = await fetch(url, { headers: { Accept: "application/json" } });
       if (response.ok) {
         const job = await response.json();
-        const pct = Math.round(job.progress * 1000) / 10;
-        bar.style.width = pct + "%";
-        bar.parentElement.setAttribute("aria-valuenow", Math.round(pct));
-        percent.textContent = Math.round(pct) + "%";
-        state.textContent = job.state.replace("_", " ");
-        phase.textContent = job.phase_text;
-        if (["succeeded", "failed", "canceled"].includes(job.state) ||
+        show(job);
+        // A new state (queued -> running, a cancel requested) or attempt changes more of the
+        // page than the bar: load it again.
+        if (ENDED.includes(job.state) || job.state !== lastState ||
             job.attempts.length !== attempts) {
+          lastState = job.state;
           window.location.reload();
           return;
         }
