@@ -22,3 +22,26 @@ def job_count(app: Flask) -> int:
     """How many job rows the database holds."""
     with app.extensions["svdfarm.db"].session() as session:
         return session.scalar(select(func.count()).select_from(Job)) or 0
+
+
+#: The render parameters of a small job, for rows inserted directly.
+SMALL_JOB = {
+    "model": "tiny",
+    "num_frames": 4,
+    "num_inference_steps": 2,
+    "fps": 7,
+    "motion_bucket_id": 127,
+    "noise_aug_strength": 0.02,
+    "seed": 1,
+    "decode_chunk_size": 8,
+    "width": 64,
+    "height": 64,
+    "precision": "auto",
+    "memory_estimate_bytes": 6_000_000_000,
+}
+
+
+def job_row(job_id: uuid.UUID, **fields: object) -> Job:
+    """A job row with a small job's parameters; ``fields`` set or replace any column."""
+    values: dict[str, object] = {**SMALL_JOB, "input_key": f"{job_id}/input.png", **fields}
+    return Job(id=job_id, **values)

@@ -7,6 +7,7 @@ set; with it set (as CI does) a missing browser fails them.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -27,8 +29,19 @@ from sqlalchemy import select
 from svdfarm.db import Database
 from svdfarm.models import Worker
 
-#: Where the screenshots of the pages go (committed, so the docs can show them).
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+#: Where the committed screenshots of the pages live (docs show them).
+DOCS_SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+
+
+@functools.cache
+def screenshot_dir() -> Path:
+    """``docs/screenshots`` when ``SVDFARM_SCREENSHOTS`` is set (to refresh the committed
+    pictures), else a temporary folder, so that a test run never changes tracked files."""
+    if os.environ.get("SVDFARM_SCREENSHOTS"):
+        DOCS_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        return DOCS_SCREENSHOTS
+    return Path(tempfile.mkdtemp(prefix="svdfarm-screenshots-"))
+
 
 #: Chromium's flags for a quiet, sandbox-less headless run in a container.
 CHROMIUM_ARGS = [
@@ -173,6 +186,5 @@ def farm(
 
 @pytest.fixture(scope="session")
 def screenshots() -> Path:
-    """The folder the page screenshots are saved in."""
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    return SCREENSHOTS
+    """The folder the page screenshots are saved in (see :func:`screenshot_dir`)."""
+    return screenshot_dir()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -34,28 +33,18 @@ import pytest
 
 from svdfarm.db import Database
 from svdfarm.models import Job
+from tests.browser.conftest import screenshot_dir
 from tests.factories import png_bytes
 from web.auth import hash_password
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 SVDFARM = [sys.executable, "-m", "svdfarm.cli"]
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 PASSWORD = "correct horse battery staple"
 #: Jobs made to fail: one requeued alone, the rest together.
 FAILED_JOBS = 3
 #: The error the tiny pipeline raises with casts off and a bf16 VAE.
 DTYPE_ERROR = "bias type (c10::BFloat16) should be the same"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def expect(target: Any) -> Any:
@@ -63,31 +52,6 @@ def expect(target: Any) -> Any:
     from playwright.sync_api import expect as playwright_expect
 
     return playwright_expect(target)
-
-
-def _missing(reason: str) -> None:
-    """Skip for a missing browser, or fail when ``SVDFARM_TEST_BROWSER`` asks for the tests."""
-    if os.environ.get("SVDFARM_TEST_BROWSER"):
-        pytest.fail(f"SVDFARM_TEST_BROWSER is set but {reason}", pytrace=False)
-    pytest.skip(f"{reason} (set SVDFARM_TEST_BROWSER to make this a failure)")
-
-
-@pytest.fixture(scope="module")
-def chromium() -> Iterator[Any]:
-    """Headless Debian Chromium driven by Playwright, launched once for the module."""
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _missing("Playwright for Python is not installed (pip install playwright)")
-    executable = shutil.which("chromium") or shutil.which("chromium-browser")
-    if executable is None:
-        _missing("no chromium on PATH (apt-get install chromium)")
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(
-            executable_path=executable, headless=True, args=CHROMIUM_ARGS
-        )
-        yield launched
-        launched.close()
 
 
 @dataclass
@@ -213,7 +177,7 @@ def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None
 
 @pytest.fixture(scope="module")
 def farm(
-    chromium: Any, tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+    browser: Any, tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
 ) -> Iterator[AdminFarm]:
     """``svdfarm web`` and ``svdfarm worker`` on one data folder, with jobs failed by dtype."""
     root = tmp_path_factory.mktemp("admin-farm")
@@ -263,9 +227,9 @@ def farm(
 
 
 @pytest.fixture
-def context(chromium: Any) -> Iterator[Any]:
+def context(browser: Any) -> Iterator[Any]:
     """A fresh browser context: its own cookies, so its own (logged-out) session."""
-    made = chromium.new_context(viewport={"width": 1280, "height": 900})
+    made = browser.new_context(viewport={"width": 1280, "height": 900})
     made.set_default_timeout(30_000)
     yield made
     made.close()
@@ -289,8 +253,7 @@ def admin(context: Any, farm: AdminFarm) -> Any:
 
 def screenshot(page: Any, name: str) -> None:
     """Save the whole page as ``docs/screenshots/<name>.png``."""
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+    page.screenshot(path=str(screenshot_dir() / f"{name}.png"), full_page=True)
 
 
 def test_login_refuses_a_wrong_password_and_admits_the_right_one(

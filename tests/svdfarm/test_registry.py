@@ -17,6 +17,7 @@ from svdfarm.registry import effective_state, online_queues, online_workers, wai
 from svdfarm.settings import Settings
 from svdfarm.states import JobState, WorkerState
 from tests.conftest import DATABASES
+from tests.records import job_row
 
 T4_QUEUES = [f"svd.cuda.{p}.{t}g" for p in ("fp16", "fp32") for t in (8, 12, 16)]
 H100_QUEUES = [
@@ -70,26 +71,7 @@ def add_job(
     job_id = uuid.uuid4()
     with db.begin() as session:
         session.add(
-            Job(
-                id=job_id,
-                state=state,
-                created_at=created_at,
-                updated_at=created_at,
-                model="tiny",
-                num_frames=4,
-                num_inference_steps=2,
-                fps=7,
-                motion_bucket_id=127,
-                noise_aug_strength=0.02,
-                seed=1,
-                decode_chunk_size=8,
-                width=64,
-                height=64,
-                precision="auto",
-                queue=queue,
-                memory_estimate_bytes=6_000_000_000,
-                input_key=f"{job_id}/input.png",
-            )
+            job_row(job_id, state=state, created_at=created_at, updated_at=created_at, queue=queue)
         )
     return job_id
 

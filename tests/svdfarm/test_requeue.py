@@ -23,6 +23,7 @@ from svdfarm.settings import Settings
 from svdfarm.states import AttemptOutcome, ErrorClass, JobState, WorkerState
 from svdfarm.storage import Storage
 from tests.conftest import DATABASES
+from tests.records import job_row
 
 QUEUE = "svd.cuda.fp16.16g"
 
@@ -50,25 +51,14 @@ def add_job(
     storage.write_bytes(Storage.key(job_id, "input.png"), b"not really a png")
     with db.begin() as session:
         session.add(
-            Job(
-                id=job_id,
+            job_row(
+                job_id,
                 state=state,
                 created_at=started - timedelta(seconds=5),
                 started_at=started if state is not JobState.QUEUED else None,
                 finished_at=finished if ended else None,
                 model=model,
-                num_frames=4,
-                num_inference_steps=2,
-                fps=7,
-                motion_bucket_id=127,
-                noise_aug_strength=0.02,
-                seed=1,
-                decode_chunk_size=8,
-                width=64,
-                height=64,
-                precision="auto",
                 queue=QUEUE,
-                memory_estimate_bytes=6_000_000_000,
                 input_key=Storage.key(job_id, "input.png"),
                 input_filename=filename,
                 phase="done" if ended else "denoising",
