@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +89,6 @@ class Settings:
     allow_cpu: bool = True
     stop_timeout_s: int = 600
     heartbeat_interval_s: float = 10.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def offline_after_s(self) -> float:

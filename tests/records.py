@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
 import uuid
+from collections.abc import Callable
 
 from flask import Flask
 from sqlalchemy import func, select
 
-from svdfarm.models import Job
+from svdfarm.db import Database
+from svdfarm.models import Job, Worker
 
 
 def load_job(app: Flask, job_id: str) -> Job:
@@ -45,3 +49,21 @@ def job_row(job_id: uuid.UUID, **fields: object) -> Job:
     """A job row with a small job's parameters; ``fields`` set or replace any column."""
     values: dict[str, object] = {**SMALL_JOB, "input_key": f"{job_id}/input.png", **fields}
     return Job(id=job_id, **values)
+
+
+def wait_for_worker(
+    db: Database,
+    hostname: str,
+    process: subprocess.Popen[bytes],
+    log: Callable[[], str],
+    timeout_s: float = 120,
+) -> None:
+    """Block until the worker process has registered itself; fail with its log if it died."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"worker {hostname} exited early:\n{log()}"
+        with db.session() as session:
+            if session.get(Worker, hostname) is not None:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"worker {hostname} did not register in {timeout_s:g} s:\n{log()}")

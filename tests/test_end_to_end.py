@@ -19,15 +19,14 @@ from pathlib import Path
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import select
 
-from svdfarm.db import Database, upgrade
-from svdfarm.models import Worker
+from svdfarm.db import upgrade
 from svdfarm.queues import queues_for
 from svdfarm.settings import Settings
 from tests.conftest import REDIS_URL, fresh_database, make_settings, needs_postgres, needs_redis
 from tests.factories import png_bytes
 from tests.media import probe_video
+from tests.records import wait_for_worker
 
 pytestmark = pytest.mark.slow
 
@@ -62,21 +61,6 @@ def cpu_queues() -> list[str]:
     from worker.probe import probe
 
     return queues_for(probe().as_dict())
-
-
-def _wait_for_worker(
-    db: Database, hostname: str, worker: subprocess.Popen[bytes], log: Path
-) -> None:
-    """Block until the worker has registered itself in the database."""
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if worker.poll() is not None:
-            raise AssertionError(f"worker exited early:\n{log.read_text(errors='replace')}")
-        with db.session() as session:
-            if session.scalar(select(Worker).where(Worker.hostname == hostname)):
-                return
-        time.sleep(0.2)
-    raise AssertionError(f"worker did not register in 90 s:\n{log.read_text(errors='replace')}")
 
 
 @pytest.fixture
@@ -129,7 +113,12 @@ def _run_farm(
             stderr=subprocess.STDOUT,
         )
     try:
-        _wait_for_worker(app.extensions["svdfarm.db"], hostname, worker, log_path)
+        wait_for_worker(
+            app.extensions["svdfarm.db"],
+            hostname,
+            worker,
+            lambda: log_path.read_text(errors="replace"),
+        )
         yield Farm(settings, app, app.test_client(), worker, hostname, log_path)
     finally:
         worker.terminate()

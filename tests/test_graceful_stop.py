@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 from flask.testing import FlaskClient
 
-from svdfarm.db import upgrade
+from svdfarm.db import Database, upgrade
 from svdfarm.settings import Settings
 from svdfarm.storage import Storage
 from tests.conftest import REDIS_URL, fresh_database, make_settings, needs_postgres, needs_redis
 from tests.factories import png_bytes
+from tests.records import wait_for_worker
 
 pytestmark = [
     pytest.mark.slow,
@@ -127,19 +128,13 @@ def _wait_until(predicate: object, what: str, timeout: float = 180) -> None:
         time.sleep(0.2)
 
 
-def _wait_registered(settings: Settings, client: FlaskClient, hostname: str) -> None:
+def _registered(
+    settings: Settings, hostname: str, process: subprocess.Popen[bytes], log: Path
+) -> None:
     """Until the worker is in the registry."""
-    from svdfarm.db import Database
-    from svdfarm.models import Worker
-
     db = Database(settings.database_url)
     try:
-
-        def registered() -> bool:
-            with db.session() as session:
-                return session.get(Worker, hostname) is not None
-
-        _wait_until(registered, f"{hostname} to register")
+        wait_for_worker(db, hostname, process, lambda: log.read_text(errors="replace"))
     finally:
         db.dispose()
 
@@ -150,7 +145,7 @@ def test_sigterm_lets_the_running_job_finish(
     """SIGTERM mid-job: the job still succeeds on that worker, then the worker exits."""
     settings, client, workers = stack
     hostname, process, log = workers.start("w", stop_timeout=120)
-    _wait_registered(settings, client, hostname)
+    _registered(settings, hostname, process, log)
     job_id = _submit(client, steps=20)
     _wait_until(lambda: _job(client, job_id)["phase"] == "denoising", "denoising")
     process.send_signal(signal.SIGTERM)
@@ -168,7 +163,7 @@ def test_past_the_stop_timeout_the_job_is_redelivered_once(
     finishes it, and there is exactly one video."""
     settings, client, workers = stack
     first, process, log = workers.start("first", stop_timeout=2)
-    _wait_registered(settings, client, first)
+    _registered(settings, first, process, log)
     job_id = _submit(client, steps=60)
     _wait_until(lambda: _job(client, job_id)["phase"] == "denoising", "denoising")
     process.send_signal(signal.SIGTERM)

@@ -29,6 +29,7 @@ from svdfarm.settings import Settings
 from svdfarm.states import WorkerState
 from tests.conftest import REDIS_URL, fresh_database, make_settings, needs_postgres, needs_redis
 from tests.factories import png_bytes
+from tests.records import wait_for_worker
 
 pytestmark = [
     pytest.mark.slow,
@@ -100,18 +101,6 @@ def _start(name: str, memory_gb: int, env: dict[str, str], tmp_path: Path) -> Li
     return LiveWorker(hostname, process, log)
 
 
-def _wait_registered(db: Database, worker: LiveWorker) -> None:
-    """Block until the worker's row exists."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert worker.process.poll() is None, worker.text()
-        with db.session() as session:
-            if session.get(Worker, worker.hostname) is not None:
-                return
-        time.sleep(0.2)
-    raise AssertionError(f"{worker.hostname} never registered:\n{worker.text()}")
-
-
 def _stop(worker: LiveWorker) -> None:
     """Stop a worker if it still runs, and anything left of its process group."""
     if worker.process.poll() is None:
@@ -157,8 +146,8 @@ def farm(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Farm]:
         small = _start("small", SMALL_GB, env, tmp_path)
         large = _start("large", LARGE_GB, env, tmp_path)
         try:
-            _wait_registered(db, small)
-            _wait_registered(db, large)
+            wait_for_worker(db, small.hostname, small.process, small.text)
+            wait_for_worker(db, large.hostname, large.process, large.text)
             yield Farm(settings, app, app.test_client(), db, env, small, large)
         finally:
             _stop(small)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from worker.casts import set_casts
-from worker.plans import COMPONENTS, Plan, device_type
+from worker.plans import COMPONENTS, Plan
 
 _EXACT_UP = {(torch.bfloat16, torch.float32), (torch.float16, torch.float32)}
 
@@ -84,11 +84,6 @@ class Placement:
         _set_forward_chunking(pipe.unet, plan.forward_chunking)
         set_casts(pipe, plan.casts)
         self.plan = plan
-
-    @property
-    def device_kind(self) -> str:
-        """The kind of device of the current plan ("cpu" before any)."""
-        return device_type(self.plan.device) if self.plan else "cpu"
 
 
 @contextmanager

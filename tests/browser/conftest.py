@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from sqlalchemy import select
 
 from svdfarm.db import Database
 from svdfarm.models import Worker
+from tests.http import free_port
 
 #: Where the committed screenshots of the pages live (docs show them).
 DOCS_SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
@@ -109,13 +109,6 @@ class Farm:
         return self.log_path.read_text(errors="replace")
 
 
-def _free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _wait_until_ready(farm: Farm) -> None:
     """Block until the web answers /healthz and the worker has registered."""
     database = Database(farm.database_url)
@@ -148,7 +141,7 @@ def farm(
     data_dir = tmp_path_factory.mktemp("farm") / "var"
     (data_dir / "models").mkdir(parents=True)
     (data_dir / "models" / "tiny").symlink_to(tiny_model_dir, target_is_directory=True)
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "SVDFARM_DATA_DIR": str(data_dir),

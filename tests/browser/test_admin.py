@@ -18,7 +18,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from svdfarm.db import Database
 from svdfarm.models import Job
 from tests.browser.conftest import screenshot_dir
 from tests.factories import png_bytes
+from tests.http import free_port, multipart
 from web.auth import hash_password
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -90,35 +90,12 @@ class AdminFarm:
             time.sleep(0.3)
 
 
-def _free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _multipart(fields: dict[str, str], image: bytes) -> tuple[bytes, str]:
-    """A multipart/form-data body with an ``image`` file and text fields, and its type."""
-    boundary = uuid.uuid4().hex
-    parts = [
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
-        for name, value in fields.items()
-    ]
-    parts.append(
-        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="cat.png"\r\n'
-        "Content-Type: image/png\r\n\r\n".encode()
-        + image
-        + b"\r\n"
-    )
-    parts.append(f"--{boundary}--\r\n".encode())
-    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
-
-
 def _submit(url: str) -> str:
     """Submit a small job (4 frames, 64 x 64, 2 steps) through the API; its id."""
-    body, content_type = _multipart(
+    body, content_type = multipart(
         {"num_frames": "4", "num_inference_steps": "2", "width": "64", "height": "64"},
         png_bytes(64, 64),
+        "cat.png",
     )
     request = urllib.request.Request(
         f"{url}/api/v1/jobs", data=body, headers={"Content-Type": content_type}
@@ -202,7 +179,7 @@ def farm(
         [*SVDFARM, "db", "upgrade"], env=env, capture_output=True, text=True, timeout=120
     )
     assert migrated.returncode == 0, migrated.stderr
-    port = _free_port()
+    port = free_port()
     logs = {"web": root / "web.log", "worker": root / "worker.log"}
     farm = AdminFarm(f"http://127.0.0.1:{port}", f"sqlite:///{data_dir / 'svdfarm.db'}", logs)
     processes = [_start(["web", "--port", str(port)], env, logs["web"])]

@@ -5,18 +5,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, inspect
 
 from tests.factories import png_bytes
+from tests.http import free_port, multipart
 from tests.media import probe_video
 
 SVDFARM = [sys.executable, "-m", "svdfarm.cli"]
@@ -148,30 +147,6 @@ def test_render_refuses_a_file_that_is_not_an_image(tmp_path: Path, tiny_model_d
     assert "not a PNG, JPEG or WebP image" in done.stderr
 
 
-def _free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _multipart(fields: dict[str, str], image: bytes) -> tuple[bytes, str]:
-    """Encode a multipart/form-data body with an ``image`` file and text fields."""
-    boundary = uuid.uuid4().hex
-    parts = []
-    for name, value in fields.items():
-        head = f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
-        parts.append(f"{head}{value}\r\n".encode())
-    parts.append(
-        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="in.png"\r\n'
-        "Content-Type: image/png\r\n\r\n".encode()
-        + image
-        + b"\r\n"
-    )
-    parts.append(f"--{boundary}--\r\n".encode())
-    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
-
-
 def _children(pid: int) -> list[int]:
     """The process ids whose parent is ``pid`` (Linux /proc)."""
     found = []
@@ -188,7 +163,7 @@ def _children(pid: int) -> list[int]:
 @pytest.mark.slow
 def test_up_serves_renders_and_stops_every_child(tmp_path: Path, tiny_model_dir: Path) -> None:
     """``svdfarm up`` migrates, serves HTTP, renders a job; SIGINT stops all its children."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "up.log"
     with open(log, "wb") as out:
         up = subprocess.Popen(
@@ -209,7 +184,7 @@ def test_up_serves_renders_and_stops_every_child(tmp_path: Path, tiny_model_dir:
             except OSError:
                 assert time.monotonic() < deadline, log.read_text()
                 time.sleep(0.3)
-        body, content_type = _multipart(
+        body, content_type = multipart(
             {"num_frames": "4", "num_inference_steps": "2"}, png_bytes(64, 64)
         )
         request = urllib.request.Request(
