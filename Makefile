@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	# is installed or let pip pick one, so GPU users keep their own CUDA build.
 	if $(PIP) install --dry-run --no-index --no-deps torch==2.13.0 >/dev/null 2>&1; then \
 		$(PIP) install -q torch==2.13.0; fi
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[test,bench]'
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -50,11 +50,19 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "polling_interval": 0.1,
         }
     elif settings.broker_url.startswith(("redis://", "rediss://")):
-        # Longer than the longest job, or Redis hands a running job to a second worker.
+        # Longer than the longest job (the hard time limit) plus an hour: a shorter one makes
+        # Redis hand a job that is still rendering to a second worker (celery#3541, #5935).
+        # A worker killed mid-job is not left to this timeout: the reaper (svdfarm.reaper)
+        # requeues its job once its heartbeats stop. See docs/RELIABILITY.md.
         config["broker_transport_options"] = {
-            "visibility_timeout": settings.task_time_limit_s + 3600,
+            "visibility_timeout": visibility_timeout_s(settings),
         }
     return config
+
+
+def visibility_timeout_s(settings: Settings) -> int:
+    """Seconds Redis waits before handing an unacknowledged message to another worker."""
+    return settings.task_time_limit_s + 3600
 
 
 def create_celery(settings: Settings) -> Celery:

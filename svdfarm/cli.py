@@ -387,6 +387,25 @@ def _cmd_queues(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_reap(args: argparse.Namespace, settings: Settings) -> int:
+    """``svdfarm reap``: one reaper pass (workers run it on their own every reap interval)."""
+    from svdfarm.celery_app import create_celery
+    from svdfarm.db import database_for
+    from svdfarm.reaper import reap
+
+    celery = create_celery(settings)
+    try:
+        reaped = reap(database_for(settings.database_url), settings, celery)
+    finally:
+        celery.close()
+    if args.json:
+        print(json.dumps(reaped.__dict__, indent=2))
+        return 0
+    for what, ids in reaped.__dict__.items():
+        print(f"{what}: {len(ids)}" + (f" ({', '.join(ids)})" if ids else ""))
+    return 0
+
+
 def _cmd_admin(args: argparse.Namespace, settings: Settings) -> int:
     """``svdfarm admin hash-password``: read a password twice, print its hash for the env."""
     import getpass
@@ -469,6 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
     queues.add_argument("--all", action="store_true", help="also queues with nothing on them")
     queues.add_argument("--json", action="store_true", help="print them as JSON")
 
+    reap = sub.add_parser(
+        "reap", help="requeue jobs of lost workers and publish queued jobs the broker lost"
+    )
+    reap.add_argument("--json", action="store_true", help="print what was done as JSON")
+
     caps = sub.add_parser("caps", help="this machine's capabilities and the plans it would pick")
     caps.add_argument("--json", action="store_true", help="print them as JSON")
 
@@ -487,6 +511,7 @@ COMMANDS = {
     "model": _cmd_model,
     "caps": _cmd_caps,
     "queues": _cmd_queues,
+    "reap": _cmd_reap,
     "admin": _cmd_admin,
 }
 

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -57,6 +63,38 @@ class Database:
     def dispose(self, close: bool = True) -> None:
         """Drop pooled connections; ``close=False`` in a forked child leaves the parent's alone."""
         self.engine.dispose(close=close)
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True when ``exc`` means the database could not be reached, not a bug in a query."""
+    if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)):
+        return True
+    return isinstance(exc, sa_exc.DBAPIError) and bool(exc.connection_invalidated)
+
+
+def retrying(fn: Callable[[], T], *, timeout_s: float, what: str) -> T:
+    """Call ``fn`` (one whole transaction) until it works while the database is unreachable.
+
+    Waits 0.5 s, then twice as long each time up to 10 s, for at most ``timeout_s``; errors
+    other than an unreachable database are raised at once, and so is the last one.
+    """
+    deadline = time.monotonic() + timeout_s
+    delay = 0.5
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            left = deadline - time.monotonic()
+            if not is_unavailable(exc) or left <= 0:
+                raise
+            log.warning(
+                "%s: database unavailable (%s); trying again in %.1f s",
+                what,
+                type(exc).__name__,
+                min(delay, left),
+            )
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 10.0)
 
 
 _databases: dict[str, Database] = {}

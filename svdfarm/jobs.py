@@ -1,18 +1,26 @@
-"""Submitting jobs: validate, record, store the input, then enqueue; in that order.
+"""Submitting jobs: validate, check the limits, record, store the input, then enqueue.
 
 Nothing is written or enqueued for a refused request. A job row is committed before its id
-goes on the queue, so a worker never receives an id the database does not know.
+goes on the queue, so a worker never receives an id the database does not know; when the
+broker cannot take the id, the job stays queued in the database and the reaper
+(:mod:`svdfarm.reaper`) publishes it once the broker is back. A client that retries with the
+same ``Idempotency-Key`` gets the job its first request made.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from celery import Celery
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from svdfarm.celery_app import enqueue_render
@@ -28,8 +36,32 @@ from svdfarm.storage import Storage
 log = logging.getLogger(__name__)
 
 
+#: How long a client that hit the queue-full limit is asked to wait before trying again.
+QUEUE_FULL_RETRY_AFTER_S = 10
+#: The longest ``Idempotency-Key`` accepted (the column's size).
+MAX_IDEMPOTENCY_KEY = 255
+
+
 class QueueUnavailable(RuntimeError):
     """The job was recorded but its id could not be put on the queue."""
+
+
+class SubmitRefused(RuntimeError):
+    """A valid request the farm will not take now: too many from this client, or full.
+
+    ``status`` is 429 (this client's per-minute limit) or 503 (the farm's queue is full);
+    ``retry_after`` says in whole seconds when trying again can succeed.
+    """
+
+    def __init__(self, message: str, status: int, retry_after: int) -> None:
+        """A refusal with its HTTP status and Retry-After seconds."""
+        super().__init__(message)
+        self.status = status
+        self.retry_after = max(1, retry_after)
+
+
+class IdempotencyConflict(ValueError):
+    """An ``Idempotency-Key`` reused for a different request."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +72,14 @@ class Submission:
     image: ImageInfo
     data: bytes
     filename: str
+
+    def fingerprint(self) -> str:
+        """A hash of what was asked (parameters and image bytes), for idempotent retries."""
+        digest = hashlib.sha256()
+        for name, value in sorted(self.params.as_dict().items()):
+            digest.update(f"{name}={value!r};".encode())
+        digest.update(hashlib.sha256(self.data).digest())
+        return digest.hexdigest()
 
 
 def validate_submission(
@@ -84,8 +124,89 @@ def _route(settings: Settings, params: RenderParams, online: Iterable[str]) -> R
     )
 
 
-def submit_job(session: Session, celery: Celery, settings: Settings, submission: Submission) -> Job:
-    """Record a validated submission, store its image, commit, and enqueue its id."""
+def check_idempotency_key(key: str | None) -> str | None:
+    """The ``Idempotency-Key`` header's value, or None; raises ParamError when malformed."""
+    if key is None:
+        return None
+    if not key or len(key) > MAX_IDEMPOTENCY_KEY or not key.isascii() or not key.isprintable():
+        raise ParamError(
+            {
+                "Idempotency-Key": "The Idempotency-Key header must be 1 to "
+                f"{MAX_IDEMPOTENCY_KEY} printable ASCII characters (a UUID is a good choice)."
+            }
+        )
+    return key
+
+
+def find_idempotent(session: Session, key: str, submission: Submission) -> Job | None:
+    """The job an earlier request with ``key`` made, or None.
+
+    Raises :class:`IdempotencyConflict` when the key was used for a different request.
+    """
+    job = session.scalar(select(Job).where(Job.idempotency_key == key))
+    if job is not None and job.request_hash != submission.fingerprint():
+        raise IdempotencyConflict(
+            "This Idempotency-Key was already used for a different request (other image or "
+            "settings); use a new key for a new job."
+        )
+    return job
+
+
+def check_limits(session: Session, settings: Settings, client: str | None) -> None:
+    """Raise :class:`SubmitRefused` when ``client`` is over its per-minute limit or the farm
+    is full; both limits count what the database holds, so every web process agrees."""
+    now = utcnow()
+    rate = settings.submit_rate_per_minute
+    if rate and client:
+        window_start = now - timedelta(minutes=1)
+        recent = session.execute(
+            select(func.count(), func.min(Job.created_at)).where(
+                Job.client == client, Job.created_at > window_start
+            )
+        ).one()
+        if recent[0] >= rate:
+            oldest = recent[1] or now
+            wait = math.ceil((oldest - window_start).total_seconds())
+            raise SubmitRefused(
+                f"Too many submissions: at most {rate} per minute from one client. "
+                f"Try again in {max(1, wait)} s.",
+                429,
+                wait,
+            )
+    limit = settings.max_queued_jobs
+    if limit:
+        queued = session.scalar(
+            select(func.count()).select_from(Job).where(Job.state == JobState.QUEUED)
+        )
+        if (queued or 0) >= limit:
+            raise SubmitRefused(
+                f"The farm is full ({limit} jobs are waiting). "
+                f"Try again in {QUEUE_FULL_RETRY_AFTER_S} s.",
+                503,
+                QUEUE_FULL_RETRY_AFTER_S,
+            )
+
+
+def submit_job(
+    session: Session,
+    celery: Celery,
+    settings: Settings,
+    submission: Submission,
+    *,
+    client: str | None = None,
+    idempotency_key: str | None = None,
+) -> Job:
+    """Record a validated submission, store its image, commit, and enqueue its id.
+
+    With ``idempotency_key``, a request already made with that key returns its job instead
+    (:class:`IdempotencyConflict` when the request differs). Raises :class:`SubmitRefused`
+    when a limit says no; nothing is written then.
+    """
+    if idempotency_key is not None:
+        earlier = find_idempotent(session, idempotency_key, submission)
+        if earlier is not None:
+            return earlier
+    check_limits(session, settings, client)
     storage = Storage(settings.storage_dir)
     job_id = uuid.uuid4()
     routed = _route(settings, submission.params, online_queues(session, settings))
@@ -98,6 +219,9 @@ def submit_job(session: Session, celery: Celery, settings: Settings, submission:
         input_filename=submission.filename,
         queue=routed.queue,
         memory_estimate_bytes=routed.memory_bytes,
+        client=(client or None) and client[:64],
+        idempotency_key=idempotency_key,
+        request_hash=submission.fingerprint() if idempotency_key is not None else None,
         **submission.params.as_dict(),
     )
     session.add(job)
@@ -105,17 +229,37 @@ def submit_job(session: Session, celery: Celery, settings: Settings, submission:
         session.flush()
         storage.write_bytes(input_key, submission.data)
         session.commit()
+    except IntegrityError:
+        # The same key raced in from a concurrent retry: answer with the job that won.
+        session.rollback()
+        storage.delete_job(job_id)
+        if idempotency_key is not None:
+            earlier = find_idempotent(session, idempotency_key, submission)
+            if earlier is not None:
+                return earlier
+        raise
     except BaseException:
         session.rollback()
         storage.delete_job(job_id)
         raise
-    try:
-        enqueue_render(celery, str(job_id), routed.queue)
-    except Exception as exc:
-        log.exception("could not enqueue job %s", job_id)
-        job.state = JobState.FAILED
-        job.error = f"The job could not be queued ({type(exc).__name__}: {exc}). Try again later."
-        job.finished_at = utcnow()
-        session.commit()
-        raise QueueUnavailable(job.error) from exc
+    publish(celery, job)
     return job
+
+
+def publish(celery: Celery, job: Job) -> bool:
+    """Put a queued job's id on its queue; False (logged) when the broker cannot take it.
+
+    The job stays queued in the database either way: the reaper publishes what the broker
+    does not hold, so a broker outage delays jobs and loses none.
+    """
+    try:
+        enqueue_render(celery, str(job.id), job.queue)
+    except Exception as exc:
+        log.warning(
+            "could not enqueue job %s (%s: %s); the reaper will publish it later",
+            job.id,
+            type(exc).__name__,
+            exc,
+        )
+        return False
+    return True

@@ -17,6 +17,7 @@ from sqlalchemy import (
     Enum,
     Float,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -84,6 +85,7 @@ class Job(Base):
     """One image-to-video request, from submit to its MP4."""
 
     __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_client_created_at", "client", "created_at"),)
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     state: Mapped[JobState] = mapped_column(_enum(JobState), index=True, default=JobState.QUEUED)
@@ -120,6 +122,14 @@ class Job(Base):
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     step: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
+
+    # Who asked (the client address, for the per-client submit limit) and, for API clients
+    # that retry, their Idempotency-Key with a hash of the request it was first used for.
+    client: Mapped[str | None] = mapped_column(String(64))
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    # Set by each claim: only the holder of the latest claim may finish the job.
+    claim_token: Mapped[str | None] = mapped_column(String(32))
 
     attempts: Mapped[list[Attempt]] = relationship(
         back_populates="job",

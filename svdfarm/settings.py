@@ -89,6 +89,13 @@ class Settings:
     allow_cpu: bool = True
     stop_timeout_s: int = 600
     heartbeat_interval_s: float = 10.0
+    production: bool = False
+    submit_rate_per_minute: int = 30
+    max_queued_jobs: int = 1000
+    trusted_proxies: int = 0
+    max_deliveries: int = 3
+    reap_interval_s: float = 30.0
+    db_retry_timeout_s: float = 600.0
 
     @property
     def offline_after_s(self) -> float:
@@ -157,6 +164,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         allow_cpu=_bool(env, "ALLOW_CPU", True),
         stop_timeout_s=_int(env, "STOP_TIMEOUT", 600, minimum=1),
         heartbeat_interval_s=_float(env, "HEARTBEAT_INTERVAL", 10.0),
+        production=_bool(env, "PRODUCTION", False),
+        submit_rate_per_minute=_int(env, "SUBMIT_RATE", 30, minimum=0),
+        max_queued_jobs=_int(env, "MAX_QUEUED", 1000, minimum=0),
+        trusted_proxies=_int(env, "TRUSTED_PROXIES", 0, minimum=0, maximum=10),
+        max_deliveries=_int(env, "MAX_DELIVERIES", 3, minimum=1, maximum=100),
+        reap_interval_s=_float(env, "REAP_INTERVAL", 30.0),
+        db_retry_timeout_s=_float(env, "DB_RETRY_TIMEOUT", 600.0),
     )
     if settings.task_time_limit_s <= settings.task_soft_time_limit_s:
         raise SettingsError(

@@ -47,6 +47,7 @@ class ErrorClass(_Readable):
     NON_FINITE = "non_finite"
     MODEL_UNAVAILABLE = "model_unavailable"
     TIMEOUT = "timeout"
+    WORKER_LOST = "worker_lost"
     OTHER = "other"
 
 

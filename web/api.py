@@ -6,7 +6,14 @@ from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request, url_for
 
-from svdfarm.jobs import QueueUnavailable, submit_job, validate_submission
+from svdfarm.jobs import (
+    IdempotencyConflict,
+    SubmitRefused,
+    check_idempotency_key,
+    submit_job,
+    validate_submission,
+)
+from svdfarm.models import utcnow
 from svdfarm.params import ParamError
 from web.cancel import cancel_job
 from web.database import get_session
@@ -23,23 +30,45 @@ def error_response(message: str, status: int, **extra: Any) -> Any:
 
 @bp.post("/jobs")
 def create_job() -> Any:
-    """Multipart ``image`` plus SVD's fields -> 201 with the new job's id and status URL."""
+    """Multipart ``image`` plus SVD's fields -> 201 with the new job's id and status URL.
+
+    An ``Idempotency-Key`` header makes retries safe: the same key with the same request
+    answers with the job the first request made (header ``Idempotent-Replayed: true``).
+    """
+    from web.security import client_address
+
     settings = current_app.config["SVDFARM_SETTINGS"]
     upload = request.files.get("image")
     data = upload.read() if upload is not None else None
     filename = (upload.filename or "") if upload is not None else ""
     try:
+        key = check_idempotency_key(request.headers.get("Idempotency-Key"))
         submission = validate_submission(settings, request.form, data, filename)
     except ParamError as exc:
         return error_response(str(exc), exc.status, fields=exc.errors)
     session = get_session()
+    asked_at = utcnow()
     try:
-        job = submit_job(session, current_app.extensions["celery"], settings, submission)
-    except QueueUnavailable as exc:
-        return error_response(str(exc), 503)
+        job = submit_job(
+            session,
+            current_app.extensions["celery"],
+            settings,
+            submission,
+            client=client_address(),
+            idempotency_key=key,
+        )
+    except SubmitRefused as exc:
+        response, status = error_response(str(exc), exc.status)
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response, status
+    except IdempotencyConflict as exc:
+        return error_response(str(exc), 422)
     status_url = url_for("api.get_job", job_id=job.id, _external=True)
     body = {"id": str(job.id), "state": job.state.value, "status_url": status_url}
-    return jsonify(body), 201, {"Location": status_url}
+    headers = {"Location": status_url}
+    if key is not None and job.created_at < asked_at:
+        headers["Idempotent-Replayed"] = "true"
+    return jsonify(body), 201, headers
 
 
 @bp.get("/jobs/<job_id>")

@@ -1,28 +1,36 @@
 """Running one job from its id: claim it in the database, record the attempt, render, store.
 
 Every state change is a conditional UPDATE, so a redelivered or canceled job is never
-rendered twice or overwritten once it has finished.
+rendered twice or overwritten once it has finished. Each claim takes a fresh token; the
+video is rendered under a name of its own and moved into place only in the transaction that
+marks the job succeeded, and only while the token is still the job's. A worker whose job was
+taken over (it was thought lost) throws its output away. Status writes are retried while
+the database is unreachable (``SVDFARM_DB_RETRY_TIMEOUT``), so a restart of PostgreSQL does
+not lose a finished video.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 import traceback
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from svdfarm.db import Database
+from svdfarm.db import Database, is_unavailable, retrying
 from svdfarm.images import open_upright_rgb
 from svdfarm.models import Attempt, Job, Worker, utcnow
 from svdfarm.params import RenderParams
+from svdfarm.reaper import poisoned_message, record_lost_delivery
 from svdfarm.registry import effective_state
 from svdfarm.settings import Settings
-from svdfarm.states import AttemptOutcome, ErrorClass, JobState, WorkerState
+from svdfarm.states import AttemptOutcome, JobState, WorkerState
 from svdfarm.storage import Storage
 from worker.errors import JobCanceled, classify, user_message
 from worker.planner import first_plan
@@ -42,6 +50,7 @@ class Claimed:
     input_key: str
     plan: Plan
     reason: str | None
+    token: str
 
 
 def _params_of(job: Job) -> RenderParams:
@@ -50,7 +59,7 @@ def _params_of(job: Job) -> RenderParams:
 
 
 def _claim(db: Database, settings: Settings, job_id: uuid.UUID, hostname: str) -> Claimed | str:
-    """Mark the job running and choose its first plan; or say why there is nothing to do."""
+    """Mark the job running under a new token and choose its first plan; or say why not."""
     with db.begin() as session:
         job = session.get(Job, job_id)
         if job is None:
@@ -64,11 +73,26 @@ def _claim(db: Database, settings: Settings, job_id: uuid.UUID, hostname: str) -
             return "canceled"
         if job.state not in _CLAIMABLE:
             return job.state.value
-        if job.state is JobState.RUNNING and _running_elsewhere(
-            session, settings, job_id, hostname
-        ):
-            # A duplicate delivery while its first worker still beats: that one finishes it.
-            return "running elsewhere"
+        if job.state is JobState.RUNNING:
+            if _running_elsewhere(session, settings, job_id, hostname):
+                # A duplicate delivery while its first worker still beats: that one finishes.
+                return "running elsewhere"
+            # Redelivered after the worker rendering it died (its pool process was killed).
+            streak = record_lost_delivery(session, job)
+            if streak >= settings.max_deliveries:
+                session.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.state == JobState.RUNNING)
+                    .values(
+                        state=JobState.FAILED,
+                        error=poisoned_message(streak),
+                        claim_token=None,
+                        finished_at=utcnow(),
+                        updated_at=utcnow(),
+                    )
+                )
+                return "failed"
+        token = uuid.uuid4().hex
         claimed = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.state.in_(_CLAIMABLE))
@@ -78,6 +102,7 @@ def _claim(db: Database, settings: Settings, job_id: uuid.UUID, hostname: str) -
                 progress=0.0,
                 step=0,
                 error=None,
+                claim_token=token,
                 started_at=utcnow(),
                 finished_at=None,
                 updated_at=utcnow(),
@@ -85,17 +110,6 @@ def _claim(db: Database, settings: Settings, job_id: uuid.UUID, hostname: str) -
         )
         if not claimed.rowcount:  # type: ignore[attr-defined]
             return "taken"
-        # An attempt left running by a worker that died is closed before the new one starts.
-        session.execute(
-            update(Attempt)
-            .where(Attempt.job_id == job_id, Attempt.outcome == AttemptOutcome.RUNNING)
-            .values(
-                outcome=AttemptOutcome.FAILED,
-                error_class=ErrorClass.OTHER,
-                message="The worker running this attempt was lost; the job was redelivered.",
-                finished_at=utcnow(),
-            )
-        )
         params = _params_of(job)
         casts = settings.casts if job.casts is None else job.casts
         plan, reason = first_plan(local_capabilities(), params, casts=casts, dtypes=job.dtypes)
@@ -109,7 +123,7 @@ def _claim(db: Database, settings: Settings, job_id: uuid.UUID, hostname: str) -
             .where(Worker.hostname == hostname, Worker.state == WorkerState.IDLE)
             .values(state=WorkerState.BUSY)
         )
-        return Claimed(params, job.input_key, plan, reason)
+        return Claimed(params, job.input_key, plan, reason, token)
 
 
 def _running_elsewhere(
@@ -151,13 +165,20 @@ class _ProgressWriter:
         if phase == self.last_phase and now - self.last_write < self.interval_s:
             return
         self.last_write, self.last_phase = now, phase
-        with self.db.begin() as session:
-            session.execute(
-                update(Job)
-                .where(Job.id == self.job_id, Job.state == JobState.RUNNING)
-                .values(phase=phase, progress=progress, step=step, updated_at=utcnow())
-            )
-            state = session.scalar(select(Job.state).where(Job.id == self.job_id))
+        try:
+            with self.db.begin() as session:
+                session.execute(
+                    update(Job)
+                    .where(Job.id == self.job_id, Job.state == JobState.RUNNING)
+                    .values(phase=phase, progress=progress, step=step, updated_at=utcnow())
+                )
+                state = session.scalar(select(Job.state).where(Job.id == self.job_id))
+        except Exception as exc:
+            if not is_unavailable(exc):
+                raise
+            # Progress is advisory: the render goes on; the heartbeat keeps the job ours.
+            log.warning("progress of job %s not written: database unavailable", self.job_id)
+            return
         if state is JobState.CANCEL_REQUESTED:
             raise JobCanceled()
 
@@ -165,13 +186,24 @@ class _ProgressWriter:
 class _AttemptRows:
     """Records each attempt of the ladder as a row, as it starts and as it ends."""
 
-    def __init__(self, db: Database, job_id: uuid.UUID, hostname: str) -> None:
-        """Record attempts of ``job_id`` run by ``hostname``."""
+    def __init__(
+        self, db: Database, job_id: uuid.UUID, hostname: str, retry_timeout_s: float = 0.0
+    ) -> None:
+        """Record attempts of ``job_id`` run by ``hostname``, retrying for ``retry_timeout_s``."""
         self.db, self.job_id, self.hostname = db, job_id, hostname
+        self.retry_timeout_s = retry_timeout_s
         self.rows: dict[int, int] = {}  # attempt number in this run -> row id
 
     def started(self, attempt: AttemptResult) -> None:
         """Insert the attempt's row, numbered after any earlier runs of the job."""
+        retrying(
+            lambda: self._started(attempt),
+            timeout_s=self.retry_timeout_s,
+            what=f"job {self.job_id}: recording attempt {attempt.number}",
+        )
+
+    def _started(self, attempt: AttemptResult) -> None:
+        """One try at inserting the attempt's row."""
         with self.db.begin() as session:
             number = (
                 session.scalar(
@@ -198,10 +230,18 @@ class _AttemptRows:
 
     def finished(self, attempt: AttemptResult) -> None:
         """Write how the attempt ended."""
+        retrying(
+            lambda: self._finished(attempt),
+            timeout_s=self.retry_timeout_s,
+            what=f"job {self.job_id}: recording how attempt {attempt.number} ended",
+        )
+
+    def _finished(self, attempt: AttemptResult) -> None:
+        """One try at writing how the attempt ended."""
         with self.db.begin() as session:
             row = session.get(Attempt, self.rows[attempt.number])
-            if row is None:
-                return
+            if row is None or row.outcome is not AttemptOutcome.RUNNING:
+                return  # the reaper closed it: this worker was taken for lost
             row.finished_at = utcnow()
             row.outcome = attempt.outcome
             row.error_class = attempt.error_class
@@ -212,18 +252,63 @@ class _AttemptRows:
             row.peak_memory_bytes = attempt.peak_memory_bytes
 
 
-def _finish(db: Database, job_id: uuid.UUID, hostname: str, values: dict[str, Any]) -> None:
-    """Move the job to its end state and free the worker, in one transaction."""
+def _finish(
+    db: Database,
+    settings: Settings,
+    claimed: Claimed,
+    job_id: uuid.UUID,
+    hostname: str,
+    values: dict[str, Any],
+    outputs: dict[Path, Path] | None = None,
+) -> bool:
+    """Move the job to its end state and free the worker, in one transaction.
+
+    Only while ``claimed.token`` is still the job's; ``outputs`` (rendered file -> its final
+    name) are moved into place inside that transaction, so a succeeded job's files are never
+    replaced and a job taken over elsewhere gets none of this worker's. Retried while the
+    database is unreachable. Returns False (the outputs deleted) when the job was not ours.
+    """
+    won = retrying(
+        lambda: _finish_once(db, claimed.token, job_id, hostname, values, outputs or {}),
+        timeout_s=settings.db_retry_timeout_s,
+        what=f"job {job_id}: recording how it ended",
+    )
+    if not won:
+        log.warning("job %s was taken over by another worker; this run's output is dropped", job_id)
+        for rendered in (outputs or {}):
+            rendered.unlink(missing_ok=True)
+    return won
+
+
+def _finish_once(
+    db: Database,
+    token: str,
+    job_id: uuid.UUID,
+    hostname: str,
+    values: dict[str, Any],
+    outputs: dict[Path, Path],
+) -> bool:
+    """One try at :func:`_finish`."""
     now = utcnow()
     with db.begin() as session:
-        session.execute(
+        changed = session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.state.in_((JobState.RUNNING, JobState.CANCEL_REQUESTED)))
+            .where(
+                Job.id == job_id,
+                Job.claim_token == token,
+                Job.state.in_((JobState.RUNNING, JobState.CANCEL_REQUESTED)),
+            )
             .values(finished_at=now, updated_at=now, **values)
         )
+        won = bool(changed.rowcount)  # type: ignore[attr-defined]
+        if won:
+            # The row is locked until commit: nobody else can finish the job meanwhile.
+            for rendered, final in outputs.items():
+                if rendered.exists():  # a retry after a failed commit finds it moved
+                    os.replace(rendered, final)
         session.execute(
             update(Worker)
-            .where(Worker.hostname == hostname)
+            .where(Worker.hostname == hostname, Worker.current_job_id == job_id)
             .values(current_job_id=None, last_heartbeat=now)
         )
         session.execute(
@@ -231,17 +316,29 @@ def _finish(db: Database, job_id: uuid.UUID, hostname: str, values: dict[str, An
             .where(Worker.hostname == hostname, Worker.state == WorkerState.BUSY)
             .values(state=WorkerState.IDLE)
         )
+    return won
 
 
 def run_job(db: Database, settings: Settings, job_id: str, hostname: str) -> str:
     """Render job ``job_id`` down the ladder and record everything; returns how it ended."""
     key = uuid.UUID(job_id)
-    claimed = _claim(db, settings, key, hostname)
+    claimed = retrying(
+        lambda: _claim(db, settings, key, hostname),
+        timeout_s=settings.db_retry_timeout_s,
+        what=f"job {job_id}: claiming it",
+    )
     if isinstance(claimed, str):
         log.info("job %s not run: %s", job_id, claimed)
         return claimed
     storage = Storage(settings.storage_dir)
     video_key, poster_key = Storage.key(key, "video.mp4"), Storage.key(key, "poster.png")
+    # Rendered under this claim's own names, moved into place only by _finish.
+    rendered_video = storage.path(Storage.key(key, f"video.{claimed.token}.mp4"))
+    rendered_poster = storage.path(Storage.key(key, f"poster.{claimed.token}.png"))
+    outputs = {
+        rendered_video: storage.path(video_key),
+        rendered_poster: storage.path(poster_key),
+    }
     try:
         image = open_upright_rgb(storage.path(claimed.input_key).read_bytes())
         render_with_ladder(
@@ -250,28 +347,40 @@ def run_job(db: Database, settings: Settings, job_id: str, hostname: str) -> str
             claimed.plan,
             claimed.reason,
             image,
-            storage.path(video_key),
-            storage.path(poster_key),
+            rendered_video,
+            rendered_poster,
             _ProgressWriter(db, key, settings.progress_interval_s),
-            _AttemptRows(db, key, hostname),
+            _AttemptRows(db, key, hostname, settings.db_retry_timeout_s),
         )
     except JobCanceled:
-        _finish(db, key, hostname, {"state": JobState.CANCELED, "phase": "done"})
+        _finish(db, settings, claimed, key, hostname, {"state": JobState.CANCELED, "phase": "done"})
+        _discard(outputs)
         return "canceled"
     except RenderFailed as failed:
         log.warning("job %s failed after %d attempt(s): %s", job_id, len(failed.attempts), failed)
-        _finish(db, key, hostname, {"state": JobState.FAILED, "error": str(failed)})
+        _finish(
+            db, settings, claimed, key, hostname, {"state": JobState.FAILED, "error": str(failed)}
+        )
+        _discard(outputs)
         return "failed"
     except Exception as exc:
         # Before the first attempt (the input could not be read): record it as one.
         log.exception("job %s failed before rendering", job_id)
-        _record_early_failure(db, key, hostname, claimed.plan, exc)
+        _record_early_failure(db, settings, key, hostname, claimed.plan, exc)
         _finish(
-            db, key, hostname, {"state": JobState.FAILED, "error": user_message(classify(exc), exc)}
+            db,
+            settings,
+            claimed,
+            key,
+            hostname,
+            {"state": JobState.FAILED, "error": user_message(classify(exc), exc)},
         )
+        _discard(outputs)
         return "failed"
-    _finish(
+    won = _finish(
         db,
+        settings,
+        claimed,
         key,
         hostname,
         {
@@ -282,15 +391,27 @@ def run_job(db: Database, settings: Settings, job_id: str, hostname: str) -> str
             "video_key": video_key,
             "poster_key": poster_key,
         },
+        outputs,
     )
-    return "succeeded"
+    return "succeeded" if won else "superseded"
+
+
+def _discard(outputs: dict[Path, Path]) -> None:
+    """Delete this run's rendered files that were not moved into place."""
+    for rendered in outputs:
+        rendered.unlink(missing_ok=True)
 
 
 def _record_early_failure(
-    db: Database, job_id: uuid.UUID, hostname: str, plan: Plan, exc: BaseException
+    db: Database,
+    settings: Settings,
+    job_id: uuid.UUID,
+    hostname: str,
+    plan: Plan,
+    exc: BaseException,
 ) -> None:
     """Record a failure that happened before rendering as a failed attempt."""
-    rows = _AttemptRows(db, job_id, hostname)
+    rows = _AttemptRows(db, job_id, hostname, settings.db_retry_timeout_s)
     attempt = AttemptResult(1, plan, None, outcome=AttemptOutcome.FAILED)
     attempt.error_class = classify(exc)
     attempt.error_type = f"{type(exc).__module__}.{type(exc).__qualname__}"

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -125,9 +126,15 @@ class _Registry:
         threading.Thread(target=self._beat, name="svdfarm-heartbeat", daemon=True).start()
 
     def _beat(self) -> None:
-        """Every heartbeat interval: the time, the queues, and draining once stopping."""
+        """Every heartbeat interval: the time, the queues, and draining once stopping; every
+        reap interval, a pass of the reaper (jobs of lost workers, messages the broker lost).
+        """
         assert self.settings is not None
+        next_reap = time.monotonic() + min(self.settings.reap_interval_s, 5.0)
         while not self.stop.wait(self.settings.heartbeat_interval_s):
+            if self.settings.reap_interval_s and time.monotonic() >= next_reap:
+                next_reap = time.monotonic() + self.settings.reap_interval_s
+                self._reap()
             try:
                 with database_for(self.settings.database_url).begin() as session:
                     row = session.get(Worker, self.hostname)
@@ -146,6 +153,24 @@ class _Registry:
                         row.state = WorkerState.BUSY if active else WorkerState.IDLE
             except Exception:  # a database hiccup must not kill the heartbeat
                 log.exception("heartbeat failed")
+
+    def _reap(self) -> None:
+        """One pass of the reaper; a failure is logged and tried again next time."""
+        assert self.settings is not None
+        from svdfarm.reaper import reap
+
+        try:
+            reaped = reap(database_for(self.settings.database_url), self.settings, self.app)
+        except Exception:
+            log.exception("reaper pass failed")
+            return
+        if reaped:
+            log.warning("reaper: %s", reaped)
+
+    @property
+    def app(self) -> Any:
+        """The Celery app this worker runs."""
+        return self.consumer.app if self.consumer is not None else None
 
     def set_state(self, state: WorkerState) -> None:
         """Write a new state now (draining, offline)."""
@@ -193,10 +218,55 @@ def _draining(how: str = "Warm", **_: Any) -> None:
 
 def _hand_back_after(timeout_s: float) -> None:
     """If the worker has not stopped within ``timeout_s``, cancel its job back to the queue."""
-    if _registry.stop.wait(timeout_s) or _active_job_id() is None:
+    if _registry.stop.wait(timeout_s):
+        return
+    job_id = _active_job_id()
+    if job_id is None:
         return
     log.warning("stop timeout of %s s passed: handing the running job back", timeout_s)
+    try:
+        _hand_back(job_id, timeout_s)
+    except Exception:  # the cold shutdown still hands it back; the claim records it lost
+        log.exception("could not record the hand-back of job %s", job_id)
     os.kill(os.getpid(), signal.SIGQUIT)
+
+
+def _hand_back(job_id: uuid.UUID, timeout_s: float) -> None:
+    """Record that this worker gives the job back (not lost: stopped) and queue it again."""
+    from sqlalchemy import update
+
+    from svdfarm.models import Attempt, Job
+    from svdfarm.states import AttemptOutcome, ErrorClass, JobState
+
+    assert _registry.settings is not None
+    now = utcnow()
+    with database_for(_registry.settings.database_url).begin() as session:
+        session.execute(
+            update(Attempt)
+            .where(Attempt.job_id == job_id, Attempt.outcome == AttemptOutcome.RUNNING)
+            .values(
+                outcome=AttemptOutcome.FAILED,
+                error_class=ErrorClass.OTHER,
+                error_type="HandedBack",
+                message=(
+                    f"The worker {_registry.hostname} was stopped and its stop timeout of "
+                    f"{timeout_s:g} s passed: the job was handed back to the queue."
+                ),
+                finished_at=now,
+            )
+        )
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.RUNNING)
+            .values(
+                state=JobState.QUEUED,
+                phase="queued",
+                progress=0.0,
+                step=0,
+                claim_token=None,
+                updated_at=now,
+            )
+        )
 
 
 @worker_shutdown.connect

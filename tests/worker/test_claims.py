@@ -15,6 +15,7 @@ from celery import Celery
 from svdfarm.db import Database
 from svdfarm.jobs import submit_job, validate_submission
 from svdfarm.models import Attempt, Job, Worker, utcnow
+from svdfarm.reaper import lost_message
 from svdfarm.settings import Settings
 from svdfarm.states import AttemptOutcome, ErrorClass, JobState, WorkerState
 from svdfarm.storage import Storage
@@ -24,7 +25,6 @@ from worker.execute import run_job
 
 ME = "w2@test"
 OWNER = "w1@gone"
-LOST = "The worker running this attempt was lost; the job was redelivered."
 
 
 @pytest.fixture
@@ -143,8 +143,8 @@ def assert_taken_over(db: Database, settings: Settings, job_id: uuid.UUID, lost:
     first, second = job.attempts
     assert (first.number, first.worker) == (1, lost)
     assert first.outcome is AttemptOutcome.FAILED
-    assert first.error_class is ErrorClass.OTHER
-    assert first.message == LOST
+    assert first.error_class is ErrorClass.WORKER_LOST
+    assert first.message == lost_message(lost)
     assert first.finished_at is not None and first.finished_at >= first.started_at
     assert (second.number, second.worker) == (2, ME)
     assert second.outcome is AttemptOutcome.SUCCEEDED
@@ -238,7 +238,8 @@ def test_a_restarted_worker_takes_its_own_job_back(db: Database, beats: Settings
     assert run_job(db, beats, str(job_id), ME) == "succeeded"
     job = load(db, job_id)
     first, second = job.attempts
-    assert (first.worker, first.outcome, first.message) == (ME, AttemptOutcome.FAILED, LOST)
+    assert (first.worker, first.outcome) == (ME, AttemptOutcome.FAILED)
+    assert first.message == lost_message(ME)
     assert (second.worker, second.outcome) == (ME, AttemptOutcome.SUCCEEDED)
 
 
