@@ -1,0 +1,260 @@
+"""The reaper on real rows and the real embedded broker: jobs of lost workers are requeued,
+failed once their workers were lost too often, canceled when asked; queued jobs the broker
+lost are published again, once; jobs a live worker holds are left alone."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import timedelta
+
+import pytest
+from celery import Celery
+
+from svdfarm.celery_app import create_celery
+from svdfarm.db import Database
+from svdfarm.models import Attempt, Job, Worker, utcnow
+from svdfarm.reaper import broker_held_ids, lost_streak, reap
+from svdfarm.settings import Settings
+from svdfarm.states import AttemptOutcome, ErrorClass, JobState, WorkerState
+from tests.conftest import DATABASES
+from tests.records import job_row
+
+DEAD = "dead@host"
+ALIVE = "alive@host"
+
+
+@pytest.fixture
+def fast(settings: Settings) -> Settings:
+    """A 1 s heartbeat: a worker is offline after 3 s without one; at most 3 lost deliveries."""
+    return settings.with_overrides(heartbeat_interval_s=1.0, max_deliveries=3)
+
+
+@pytest.fixture
+def celery(fast: Settings) -> Celery:
+    """A Celery app on the test's embedded broker."""
+    fast.ensure_dirs()
+    return create_celery(fast)
+
+
+def queued_messages(settings: Settings) -> list[str]:
+    """Task ids of the messages waiting in the embedded broker, one per message."""
+    ids = []
+    for path in sorted((settings.broker_dir / "queue").glob("*.msg")):
+        ids.append(json.loads(path.read_text())["headers"]["id"])
+    return ids
+
+
+def add_worker(db: Database, hostname: str, age_s: float, job_id: uuid.UUID | None) -> None:
+    """A worker row whose last heartbeat was ``age_s`` ago, naming ``job_id`` as its job."""
+    with db.begin() as session:
+        session.add(
+            Worker(
+                hostname=hostname,
+                capabilities={"device": "cpu"},
+                queues=["svd.cpu.fp32.8g"],
+                state=WorkerState.BUSY,
+                last_heartbeat=utcnow() - timedelta(seconds=age_s),
+                current_job_id=job_id,
+            )
+        )
+
+
+def running_job(
+    db: Database,
+    *,
+    quiet_s: float = 60,
+    lost_before: int = 0,
+    attempt: bool = True,
+    state: JobState = JobState.RUNNING,
+) -> uuid.UUID:
+    """A job left running ``quiet_s`` ago with ``lost_before`` earlier lost attempts and, if
+    ``attempt``, a running attempt by :data:`DEAD`."""
+    job_id = uuid.uuid4()
+    then = utcnow() - timedelta(seconds=quiet_s)
+    with db.begin() as session:
+        session.add(
+            job_row(
+                job_id,
+                state=state,
+                queue="svd.cpu.fp32.8g",
+                started_at=then,
+                updated_at=then,
+                claim_token="a" * 32,
+            )
+        )
+        session.flush()
+        for number in range(1, lost_before + 1):
+            session.add(
+                Attempt(
+                    job_id=job_id,
+                    number=number,
+                    worker=DEAD,
+                    plan_name="cpu fp32",
+                    plan={},
+                    outcome=AttemptOutcome.FAILED,
+                    error_class=ErrorClass.WORKER_LOST,
+                )
+            )
+        if attempt:
+            session.add(
+                Attempt(
+                    job_id=job_id,
+                    number=lost_before + 1,
+                    worker=DEAD,
+                    plan_name="cpu fp32",
+                    plan={},
+                    started_at=then,
+                )
+            )
+    return job_id
+
+
+def load(db: Database, job_id: uuid.UUID) -> Job:
+    """The job with its attempts."""
+    with db.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.attempts  # noqa: B018 - loaded before the session closes
+        return job
+
+
+@pytest.mark.parametrize("database_url", DATABASES, indirect=True)
+def test_a_job_of_a_dead_worker_is_requeued_and_published(
+    db: Database, fast: Settings, celery: Celery
+) -> None:
+    """Offline owner: the attempt is closed as worker lost, the job queued and on the broker."""
+    job_id = running_job(db)
+    add_worker(db, DEAD, age_s=10, job_id=job_id)
+    reaped = reap(db, fast, celery)
+    assert reaped.requeued == [str(job_id)] and reaped.republished == [str(job_id)]
+    job = load(db, job_id)
+    assert job.state is JobState.QUEUED and job.claim_token is None
+    (attempt,) = job.attempts
+    assert attempt.outcome is AttemptOutcome.FAILED
+    assert attempt.error_class is ErrorClass.WORKER_LOST
+    assert DEAD in (attempt.message or "") and attempt.finished_at is not None
+    assert queued_messages(fast) == [str(job_id)]
+    with db.session() as session:
+        dead = session.get(Worker, DEAD)
+        assert dead is not None and dead.current_job_id is None
+    # A second pass finds nothing to do: the message is on the broker now.
+    assert not reap(db, fast, celery)
+    assert queued_messages(fast) == [str(job_id)]
+
+
+@pytest.mark.parametrize("database_url", DATABASES, indirect=True)
+def test_a_job_a_live_worker_holds_is_left_alone(
+    db: Database, fast: Settings, celery: Celery
+) -> None:
+    """Quiet for a minute (a long model load) but its worker beats: not touched."""
+    job_id = running_job(db)
+    add_worker(db, ALIVE, age_s=0.2, job_id=job_id)
+    assert not reap(db, fast, celery)
+    assert load(db, job_id).state is JobState.RUNNING
+    assert queued_messages(fast) == []
+
+
+def test_a_job_that_moved_recently_is_left_alone(
+    db: Database, fast: Settings, celery: Celery
+) -> None:
+    """Progress written a second ago (under the 3 s offline limit): not stale yet."""
+    job_id = running_job(db, quiet_s=1)
+    assert not reap(db, fast, celery)
+    assert load(db, job_id).state is JobState.RUNNING
+
+
+def test_the_worker_lost_before_its_first_attempt_still_counts(
+    db: Database, fast: Settings, celery: Celery
+) -> None:
+    """No attempt row (it died loading the model): one lost attempt is recorded for it."""
+    job_id = running_job(db, attempt=False)
+    add_worker(db, DEAD, age_s=10, job_id=job_id)
+    assert reap(db, fast, celery).requeued == [str(job_id)]
+    (attempt,) = load(db, job_id).attempts
+    assert attempt.error_class is ErrorClass.WORKER_LOST and attempt.worker == DEAD
+    assert attempt.plan_name == "(lost before its first attempt began)"
+
+
+@pytest.mark.parametrize("database_url", DATABASES, indirect=True)
+def test_a_job_that_lost_its_worker_too_often_fails_with_the_reason(
+    db: Database, fast: Settings, celery: Celery
+) -> None:
+    """Two lost before and this third one: failed (max 3), not published again."""
+    job_id = running_job(db, lost_before=2)
+    reaped = reap(db, fast, celery)
+    assert reaped.failed == [str(job_id)] and reaped.republished == []
+    job = load(db, job_id)
+    assert job.state is JobState.FAILED and job.finished_at is not None
+    assert "lost 3 times in a row" in (job.error or "")
+    with db.session() as session:
+        assert lost_streak(session, job_id) == 3
+    assert queued_messages(fast) == []
+
+
+def test_a_success_between_lost_workers_resets_the_count(
+    db: Database, fast: Settings, celery: Celery
+) -> None:
+    """Only the lost attempts since the last other outcome count."""
+    job_id = running_job(db, lost_before=2)
+    with db.begin() as session:
+        session.execute(
+            Attempt.__table__.update()
+            .where(Attempt.job_id == job_id, Attempt.number == 1)
+            .values(error_class=ErrorClass.DTYPE_MISMATCH)
+        )
+    assert reap(db, fast, celery).requeued == [str(job_id)]
+
+
+def test_a_cancel_requested_on_a_lost_worker_is_canceled(
+    db: Database, fast: Settings, celery: Celery
+) -> None:
+    """Cancel asked, then the worker died: canceled, nothing published."""
+    job_id = running_job(db, state=JobState.CANCEL_REQUESTED)
+    assert reap(db, fast, celery).canceled == [str(job_id)]
+    assert load(db, job_id).state is JobState.CANCELED
+    assert queued_messages(fast) == []
+
+
+@pytest.mark.parametrize("database_url", DATABASES, indirect=True)
+def test_a_queued_job_the_broker_lost_is_published_once(
+    db: Database, fast: Settings, celery: Celery
+) -> None:
+    """Queued in the database, absent from the broker, older than the grace: published;
+    a queued job the broker holds is not published twice; a brand-new one is left alone."""
+    lost, held, fresh = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    old = utcnow() - timedelta(minutes=5)
+    with db.begin() as session:
+        for job_id, when in ((lost, old), (held, old), (fresh, utcnow())):
+            session.add(
+                job_row(job_id, queue="svd.cpu.fp32.8g", created_at=when, updated_at=when)
+            )
+    from svdfarm.celery_app import enqueue_render
+
+    enqueue_render(celery, str(held), "svd.cpu.fp32.8g")
+    assert broker_held_ids(fast, celery, ["svd.cpu.fp32.8g"]) == {str(held)}
+    reaped = reap(db, fast, celery)
+    assert reaped.republished == [str(lost)]
+    assert sorted(queued_messages(fast)) == sorted([str(held), str(lost)])
+    assert not reap(db, fast, celery)  # both on the broker now
+
+
+def test_reapers_racing_publish_a_lost_job_once(db: Database, fast: Settings) -> None:
+    """Two reapers that read the same stale row: only the first one's conditional update
+    wins, so the job gets one new message."""
+    job_id = running_job(db)
+    from svdfarm.reaper import settle_lost_job
+
+    with db.begin() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        seen = job.updated_at
+    with db.begin() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        assert settle_lost_job(session, fast, job, seen) == "requeued"
+    with db.begin() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        assert settle_lost_job(session, fast, job, seen) is None
+    assert [a.error_class for a in load(db, job_id).attempts] == [ErrorClass.WORKER_LOST]
