@@ -48,7 +48,16 @@ def _cmd_web(args: argparse.Namespace, settings: Settings) -> int:
 
     app = create_app({"SVDFARM_SETTINGS": settings})
     print(f"svdfarm web on http://{args.host}:{args.port}/", flush=True)
-    serve(app, host=args.host, port=args.port, threads=args.threads, ident="svdfarm")
+    serve(
+        app,
+        host=args.host,
+        port=args.port,
+        threads=args.threads,
+        ident="svdfarm",
+        # waitress drops X-Forwarded-* unless told otherwise; keep them only when a proxy is
+        # trusted (SVDFARM_TRUSTED_PROXIES), and ProxyFix decides how many hops to believe.
+        clear_untrusted_proxy_headers=not settings.trusted_proxies,
+    )
     return 0
 
 
@@ -177,6 +186,10 @@ def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             env["SVDFARM_MODEL"] = "tiny"
             print("no GPU found: using the built-in tiny model (set SVDFARM_MODEL to change)")
     settings = load_settings(env)
+    if settings.production:
+        from web.security import check_production
+
+        check_production(settings)  # before anything is written or started
     settings.ensure_dirs()
     db.upgrade(settings.database_url)
     print(f"database: {_redact(settings.database_url)}; broker: {_redact(settings.broker_url)}")
@@ -524,7 +537,11 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return COMMANDS[args.command](args, settings)
+    try:
+        return COMMANDS[args.command](args, settings)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -19,14 +19,14 @@ from datetime import timedelta
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from svdfarm.celery_app import enqueue_render
 from svdfarm.images import ImageError, ImageInfo, inspect_image
 from svdfarm.models import Job, utcnow
-from svdfarm.params import ParamError, RenderParams, parse_params
+from svdfarm.params import FIELDS, ParamError, RenderParams, parse_params
 from svdfarm.queues import Route, Unroutable, route
 from svdfarm.registry import online_queues
 from svdfarm.settings import Settings
@@ -72,14 +72,47 @@ class Submission:
     image: ImageInfo
     data: bytes
     filename: str
+    #: The fields as the client sent them (a blank seed stays blank: the random seed drawn
+    #: for it must not make a retry look like another request).
+    sent: tuple[tuple[str, str], ...] = ()
 
     def fingerprint(self) -> str:
-        """A hash of what was asked (parameters and image bytes), for idempotent retries."""
+        """A hash of what was asked (the fields as sent and the image bytes), for retries."""
         digest = hashlib.sha256()
-        for name, value in sorted(self.params.as_dict().items()):
+        for name, value in self.sent:
             digest.update(f"{name}={value!r};".encode())
         digest.update(hashlib.sha256(self.data).digest())
         return digest.hexdigest()
+
+
+#: The fields a submission may carry besides its image.
+SUBMIT_FIELDS = (*FIELDS, "precision")
+
+
+def repeated_fields(form: Any, files: Any) -> dict[str, str]:
+    """Fields (and the image) sent more than once: refused, never one copy silently chosen.
+
+    ``form`` and ``files`` are werkzeug MultiDicts (``request.form``, ``request.files``).
+    """
+    errors = {}
+    for name in SUBMIT_FIELDS:
+        count = len(form.getlist(name))
+        if count > 1:
+            label = FIELDS[name].label if name in FIELDS else name.capitalize()
+            errors[name] = f"{label} was sent {count} times; send it once."
+    images = len(files.getlist("image"))
+    if images > 1:
+        errors["image"] = f"Send one image; {images} were sent."
+    return errors
+
+
+def clean_filename(name: str) -> str:
+    """The client's file name as display text: printable characters only, at most 255.
+
+    It is never used as a path (inputs are stored under generated names); a NUL would not
+    even fit in a PostgreSQL text column.
+    """
+    return "".join(c for c in name if c.isprintable())[:255]
 
 
 def validate_submission(
@@ -108,7 +141,10 @@ def validate_submission(
             errors["job"] = str(exc)
     if errors or info is None or data is None:
         raise ParamError(errors, status)
-    return Submission(params=params, image=info, data=data, filename=filename[:255])
+    sent = tuple((name, str(fields.get(name, "") or "").strip()) for name in SUBMIT_FIELDS)
+    return Submission(
+        params=params, image=info, data=data, filename=clean_filename(filename), sent=sent
+    )
 
 
 def _route(settings: Settings, params: RenderParams, online: Iterable[str]) -> Route:
@@ -154,10 +190,21 @@ def find_idempotent(session: Session, key: str, submission: Submission) -> Job |
 
 def check_limits(session: Session, settings: Settings, client: str | None) -> None:
     """Raise :class:`SubmitRefused` when ``client`` is over its per-minute limit or the farm
-    is full; both limits count what the database holds, so every web process agrees."""
+    is full; both limits count what the database holds, so every web process agrees.
+
+    On PostgreSQL one client's submits are serialised by an advisory lock, so its limit is
+    exact; the farm-wide queue limit is not serialised (that would make every submit wait for
+    every other) and can be passed by the number of submits in flight at the same moment.
+    """
     now = utcnow()
     rate = settings.submit_rate_per_minute
     if rate and client:
+        if session.get_bind().dialect.name == "postgresql":
+            # One client's concurrent submits count one after another (until commit).
+            session.execute(
+                text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
+                {"key": f"svdfarm-submit:{client}"},
+            )
         window_start = now - timedelta(minutes=1)
         recent = session.execute(
             select(func.count(), func.min(Job.created_at)).where(
@@ -180,7 +227,7 @@ def check_limits(session: Session, settings: Settings, client: str | None) -> No
         )
         if (queued or 0) >= limit:
             raise SubmitRefused(
-                f"The farm is full ({limit} jobs are waiting). "
+                f"The farm is full ({queued} of at most {limit} jobs are waiting). "
                 f"Try again in {QUEUE_FULL_RETRY_AFTER_S} s.",
                 503,
                 QUEUE_FULL_RETRY_AFTER_S,

@@ -84,9 +84,7 @@ def poisoned_message(times: int) -> str:
 def lost_streak(session: Session, job_id: uuid.UUID) -> int:
     """How many of the job's latest attempts, counted back from the last, lost their worker."""
     classes = session.scalars(
-        select(Attempt.error_class)
-        .where(Attempt.job_id == job_id)
-        .order_by(Attempt.number.desc())
+        select(Attempt.error_class).where(Attempt.job_id == job_id).order_by(Attempt.number.desc())
     ).all()
     streak = 0
     for error_class in classes:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import uuid
+
+from flask.testing import FlaskClient
 
 
 def free_port() -> int:
@@ -28,3 +31,10 @@ def multipart(fields: dict[str, str], image: bytes, filename: str = "in.png") ->
     )
     parts.append(f"--{boundary}--\r\n".encode())
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def form_token(client: FlaskClient, path: str = "/") -> str:
+    """The CSRF token in the form on ``path``, read from the page as a browser would."""
+    found = re.search(r'name="csrf_token" value="([^"]+)"', client.get(path).get_data(True))
+    assert found, f"no CSRF field on {path}"
+    return found[1]

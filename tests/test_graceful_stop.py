@@ -168,7 +168,8 @@ def test_past_the_stop_timeout_the_job_is_redelivered_once(
     _wait_until(lambda: _job(client, job_id)["phase"] == "denoising", "denoising")
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=120)
-    assert _job(client, job_id)["state"] == "running"  # not finished, not failed
+    handed_back = _job(client, job_id)
+    assert handed_back["state"] == "queued", handed_back  # given back, not failed
 
     second, _, log2 = workers.start("second", stop_timeout=120)
     _wait_until(
@@ -178,6 +179,8 @@ def test_past_the_stop_timeout_the_job_is_redelivered_once(
     assert job["state"] == "succeeded", (job, log.read_text(), log2.read_text())
     workers_seen = [a["worker"] for a in job["attempts"]]
     assert workers_seen == [first, second], json.dumps(job["attempts"], indent=1)
-    assert job["attempts"][0]["outcome"] == "failed" and "lost" in job["attempts"][0]["message"]
+    first_attempt = job["attempts"][0]
+    assert first_attempt["outcome"] == "failed" and "handed back" in first_attempt["message"]
+    assert first_attempt["error_class"] == "other"  # a stop, not a lost worker
     outputs = list(Storage(settings.storage_dir).path(job_id).glob("*.mp4"))
     assert [p.name for p in outputs] == ["video.mp4"]

@@ -12,15 +12,22 @@ from werkzeug.exceptions import HTTPException
 from svdfarm.celery_app import create_celery
 from svdfarm.images import format_size
 from svdfarm.settings import Settings, load_settings, persistent_secret
+from web import security
 
 #: Room for the form fields around an upload of the largest allowed image.
 FORM_OVERHEAD_BYTES = 64 * 1024
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
-    """Create the web app; ``test_config`` may carry ``SVDFARM_SETTINGS`` and Flask options."""
+    """Create the web app; ``test_config`` may carry ``SVDFARM_SETTINGS`` and Flask options.
+
+    Raises :class:`~svdfarm.settings.SettingsError` when production mode is on with unsafe
+    settings (:func:`web.security.check_production`).
+    """
     test_config = dict(test_config or {})
     settings: Settings = test_config.pop("SVDFARM_SETTINGS", None) or load_settings()
+    if settings.production:
+        security.check_production(settings)  # before anything is written
     settings.ensure_dirs()
 
     app = Flask(__name__)
@@ -36,6 +43,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
     from web import database
 
+    security.init_app(app, settings)
     database.init_app(app, settings)
     app.extensions["celery"] = create_celery(settings)
 
@@ -43,15 +51,29 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     from web.api import bp as api_bp
     from web.health import bp as health_bp
     from web.metrics import bp as metrics_bp
+    from web.openapi import bp as openapi_bp
     from web.pages import bp as pages_bp
 
     app.register_blueprint(pages_bp)
     app.register_blueprint(api_bp)
+    app.register_blueprint(openapi_bp)
     app.register_blueprint(health_bp)
     app.register_blueprint(admin_bp)
     app.register_blueprint(metrics_bp)
 
     too_large = f"The upload is larger than the {format_size(settings.max_upload_bytes)} limit."
+
+    def _too_large_message() -> str:
+        """Why werkzeug refused the body 413: its size, or (under the size limit) a form of
+        more parts, or a longer text field, than Flask allows."""
+        length = request.content_length
+        if length is None or length > app.config["MAX_CONTENT_LENGTH"]:
+            return too_large
+        return (
+            f"The form has more than {app.config['MAX_FORM_PARTS']:,} parts or a text field over "
+            f"{format_size(app.config['MAX_FORM_MEMORY_SIZE'])}: send the image and the "
+            "documented fields only."
+        )
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Any:
@@ -61,12 +83,12 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
             message = exc.description or exc.name
             if exc.code == 413:
-                message = too_large
+                message = _too_large_message()
             return error_response(message, exc.code or 500)
         if exc.code == 413:
             from web.pages import form_page
 
-            return form_page({"image": too_large}, 413)
+            return form_page({"image": _too_large_message()}, 413)
         return exc
 
     return app

@@ -10,6 +10,7 @@ from svdfarm.jobs import (
     IdempotencyConflict,
     SubmitRefused,
     check_idempotency_key,
+    repeated_fields,
     submit_job,
     validate_submission,
 )
@@ -38,6 +39,15 @@ def create_job() -> Any:
     from web.security import client_address
 
     settings = current_app.config["SVDFARM_SETTINGS"]
+    if request.mimetype != "multipart/form-data":
+        return error_response(
+            "The API takes multipart/form-data: the image in a part named 'image' and each "
+            f"setting as a form field (this request was {request.mimetype or 'without a type'}).",
+            415,
+        )
+    repeated = repeated_fields(request.form, request.files)
+    if repeated:
+        return error_response(" ".join(repeated.values()), 400, fields=repeated)
     upload = request.files.get("image")
     data = upload.read() if upload is not None else None
     filename = (upload.filename or "") if upload is not None else ""

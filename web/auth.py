@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import hmac
 import logging
-import secrets
 import threading
 import time
 from collections import deque
@@ -26,8 +25,16 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar, cast
 
-from flask import abort, current_app, redirect, request, session, url_for
+from flask import current_app, redirect, request, session, url_for
 from werkzeug.security import check_password_hash, generate_password_hash
+
+from web.security import (  # noqa: F401 - the admin views use them as auth.*
+    CSRF_FIELD,
+    check_csrf,
+    client_address,
+    csrf_token,
+    new_csrf_token,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +43,7 @@ HASH_METHODS = ("scrypt:", "pbkdf2:")
 LOGIN_LIFETIME = timedelta(hours=12)
 MAX_FAILURES = 5
 FAILURE_WINDOW = timedelta(minutes=15)
-CSRF_FIELD = "csrf_token"
 _SESSION_USER = "admin_login_until"
-_SESSION_CSRF = "admin_csrf"
 _LIMITER_KEY = "svdfarm.admin_limiter"
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -137,34 +142,6 @@ def limiter() -> LoginLimiter:
     return found
 
 
-def client_address() -> str:
-    """The client's IP address as the limiter counts it."""
-    return request.remote_addr or "unknown"
-
-
-def csrf_token() -> str:
-    """This session's CSRF token, made on first use; every admin form carries it."""
-    token = session.get(_SESSION_CSRF)
-    if not isinstance(token, str) or not token:
-        token = secrets.token_urlsafe(32)
-        session[_SESSION_CSRF] = token
-    return token
-
-
-def check_csrf() -> None:
-    """Abort with 400 unless the POSTed form carries this session's CSRF token."""
-    expected = session.get(_SESSION_CSRF)
-    given = request.form.get(CSRF_FIELD, "")
-    if not isinstance(expected, str) or not expected or not given:
-        abort(400, description="The form's security token is missing: reload the page and retry.")
-    if not hmac.compare_digest(expected.encode(), given.encode()):
-        abort(
-            400,
-            description="The form's security token is wrong or out of date: reload the "
-            "page and retry.",
-        )
-
-
 def too_many_failures(wait_s: int) -> str:
     """The refusal after too many failed logins, with the wait in minutes."""
     return (
@@ -186,7 +163,7 @@ def log_in() -> None:
     session.clear()
     session.permanent = True
     session[_SESSION_USER] = time.time() + LOGIN_LIFETIME.total_seconds()
-    session[_SESSION_CSRF] = secrets.token_urlsafe(32)
+    new_csrf_token()
 
 
 def log_out() -> None:

@@ -10,6 +10,7 @@ from flask import (
     Blueprint,
     abort,
     current_app,
+    make_response,
     redirect,
     render_template,
     request,
@@ -20,13 +21,14 @@ from flask import (
 from sqlalchemy import select
 
 from svdfarm.images import format_size
-from svdfarm.jobs import QueueUnavailable, submit_job, validate_submission
+from svdfarm.jobs import SubmitRefused, repeated_fields, submit_job, validate_submission
 from svdfarm.models import Job
 from svdfarm.params import FIELDS, PRECISIONS, ParamError, defaults_for, is_tiny
 from svdfarm.storage import Storage
 from web.cancel import cancel_job
 from web.database import get_session
 from web.jobs import describe_job, find_job
+from web.security import check_csrf, client_address, csrf_problem
 
 bp = Blueprint("pages", __name__)
 
@@ -98,20 +100,39 @@ def remember_job(job_id: str) -> None:
 
 @bp.post("/")
 def submit() -> Any:
-    """Validate the form, record and enqueue the job, then show its status page."""
+    """Validate the form, record and enqueue the job, then show its status page.
+
+    A form without this session's CSRF token is refused (400) before anything is read into a
+    job; a submission over the farm's limits gets the form back with the reason, its status
+    (429 or 503) and ``Retry-After``.
+    """
     settings = current_app.config["SVDFARM_SETTINGS"]
+    values = {k: v for k, v in request.form.to_dict().items() if k in PREFILL}
+    problem = csrf_problem()
+    if problem:
+        return form_page({"csrf": problem}, 400, values)
+    repeated = repeated_fields(request.form, request.files)
+    if repeated:
+        return form_page(repeated, 400, values)
     upload = request.files.get("image")
     data = upload.read() if upload is not None and upload.filename else None
     filename = upload.filename or "" if upload is not None else ""
-    values = request.form.to_dict()
     try:
         submission = validate_submission(settings, request.form, data, filename)
     except ParamError as exc:
         return form_page(exc.errors, exc.status, values)
     try:
-        job = submit_job(get_session(), current_app.extensions["celery"], settings, submission)
-    except QueueUnavailable as exc:
-        return form_page({"image": str(exc)}, 503, values)
+        job = submit_job(
+            get_session(),
+            current_app.extensions["celery"],
+            settings,
+            submission,
+            client=client_address(),
+        )
+    except SubmitRefused as exc:
+        response = make_response(form_page({"job": str(exc)}, exc.status, values))
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
     remember_job(str(job.id))
     return redirect(url_for("pages.job", job_id=job.id), code=303)
 
@@ -163,7 +184,8 @@ def recent() -> Any:
 
 @bp.post("/jobs/<job_id>/cancel")
 def cancel(job_id: str) -> Any:
-    """Cancel from the status page, then show it again."""
+    """Cancel from the status page (with the form's CSRF token), then show it again."""
+    check_csrf()
     session = get_session()
     cancel_job(session, find_job(session, job_id))
     return redirect(url_for("pages.job", job_id=job_id), code=303)

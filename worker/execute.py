@@ -275,7 +275,7 @@ def _finish(
     )
     if not won:
         log.warning("job %s was taken over by another worker; this run's output is dropped", job_id)
-        for rendered in (outputs or {}):
+        for rendered in outputs or {}:
             rendered.unlink(missing_ok=True)
     return won
 

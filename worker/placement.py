@@ -39,7 +39,10 @@ class Placement:
         self.pipe = pipe
         self.loaded = {c: _dtype_of(getattr(pipe, c)) for c in COMPONENTS}
         self.masters: dict[str, dict[str, torch.Tensor]] = {}
+        #: The plan the pipeline is in; None before the first apply and while one runs.
         self.plan: Plan | None = None
+        #: accelerate's offload hooks may be installed (set before they are).
+        self.offloaded = False
 
     def _cast(self, component: str, want: torch.dtype) -> None:
         """Cast one component to ``want`` in place, exactly."""
@@ -64,24 +67,40 @@ class Placement:
         module.to(dtype=want)
 
     def apply(self, plan: Plan) -> None:
-        """Re-cast and re-place the pipeline for ``plan``."""
+        """Re-cast and re-place the pipeline for ``plan``.
+
+        The plan already in place (every job after a worker's first) costs nothing: without
+        offload hooks there is nothing to redo. Only what differs from the plan in place is
+        redone: moving to a device walks every module, which took tens of milliseconds per
+        job even when every tensor was already there.
+        """
+        if plan == self.plan and not self.offloaded:
+            return
         with _quiet_diffusers():
             self._apply(plan)
 
     def _apply(self, plan: Plan) -> None:
         """:meth:`apply`, with diffusers' warnings about deliberate casts silenced."""
         pipe = self.pipe
-        if self.plan is not None and self.plan.offload != "none":
+        # Until this apply completes the state is unknown: a failure leaves None, and the
+        # next apply redoes everything.
+        placed, self.plan = self.plan, None
+        if self.offloaded:
             pipe.remove_all_hooks()  # accelerate's offload hooks, before anything moves
+            self.offloaded = False
+            placed = None  # the hooks left weights on either device: place them again
         for component in COMPONENTS:
             self._cast(component, plan.torch_dtype(component))
-        if plan.offload == "model":
-            pipe.enable_model_cpu_offload(device=plan.device)
-        elif plan.offload == "sequential":
-            pipe.enable_sequential_cpu_offload(device=plan.device)
-        else:
+        if plan.offload != "none":
+            self.offloaded = True
+            if plan.offload == "model":
+                pipe.enable_model_cpu_offload(device=plan.device)
+            else:
+                pipe.enable_sequential_cpu_offload(device=plan.device)
+        elif placed is None or placed.device != plan.device:
             pipe.to(plan.device)
-        _set_forward_chunking(pipe.unet, plan.forward_chunking)
+        if placed is None or placed.forward_chunking != plan.forward_chunking:
+            _set_forward_chunking(pipe.unet, plan.forward_chunking)
         set_casts(pipe, plan.casts)
         self.plan = plan
 

@@ -96,6 +96,7 @@ class _Registry:
         self.hostname = ""
         self.draining = False
         self.stop = threading.Event()
+        self.reaper_celery: Any = None
 
     def queues(self) -> list[str]:
         """The queues this worker consumes right now (add/cancel_consumer change them)."""
@@ -159,18 +160,21 @@ class _Registry:
         assert self.settings is not None
         from svdfarm.reaper import reap
 
+        if self.reaper_celery is None:
+            # Its own app and connections: publishing through the worker's app from this
+            # thread would share connections with the consumer's event loop.
+            from svdfarm.celery_app import create_celery
+
+            self.reaper_celery = create_celery(self.settings)
         try:
-            reaped = reap(database_for(self.settings.database_url), self.settings, self.app)
+            reaped = reap(
+                database_for(self.settings.database_url), self.settings, self.reaper_celery
+            )
         except Exception:
             log.exception("reaper pass failed")
             return
         if reaped:
             log.warning("reaper: %s", reaped)
-
-    @property
-    def app(self) -> Any:
-        """The Celery app this worker runs."""
-        return self.consumer.app if self.consumer is not None else None
 
     def set_state(self, state: WorkerState) -> None:
         """Write a new state now (draining, offline)."""

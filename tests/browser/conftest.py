@@ -86,13 +86,30 @@ def browser() -> Iterator[Any]:
         launched.close()
 
 
+def watch_csp(context: Any) -> list[str]:
+    """Collect what the Content-Security-Policy blocks in ``context``'s pages, as Chromium
+    reports it on the console ("Refused to execute inline script ...")."""
+    violations: list[str] = []
+
+    def on_console(message: Any) -> None:
+        """Keep console errors that are CSP refusals."""
+        if message.type == "error" and "Content Security Policy" in message.text:
+            violations.append(message.text)
+
+    context.on("console", on_console)
+    return violations
+
+
 @pytest.fixture
 def page(browser: Any) -> Iterator[Any]:
-    """A page in a fresh browser context (its own cookies: its own "My jobs")."""
+    """A page in a fresh browser context (its own cookies: its own "My jobs"); the test fails
+    if the Content-Security-Policy blocked anything on it."""
     context = browser.new_context(viewport={"width": 1100, "height": 900})
     context.set_default_timeout(30_000)
+    violations = watch_csp(context)
     yield context.new_page()
     context.close()
+    assert violations == [], violations
 
 
 @dataclass

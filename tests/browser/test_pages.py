@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.browser.conftest import Farm
+from tests.browser.conftest import Farm, watch_csp
 from tests.factories import png_bytes
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -32,11 +32,17 @@ def expect(target: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def my_browser(browser: Any) -> Any:
-    """One person's browser context, shared by the module's tests: its cookie is "My jobs"."""
+    """One person's browser context, shared by the module's tests: its cookie is "My jobs".
+
+    Nothing on its pages may be blocked by the Content-Security-Policy (the live bar, the
+    video, the thumbnails all come from the farm's own origin).
+    """
     context = browser.new_context(viewport={"width": 1100, "height": 900})
     context.set_default_timeout(30_000)
+    violations = watch_csp(context)
     yield context
     context.close()
+    assert violations == [], violations
 
 
 def submit_form(page: Any, farm: Farm, **fields: str) -> str:
@@ -63,16 +69,16 @@ def api_job(page: Any, farm: Farm, job_id: str) -> dict[str, Any]:
 
 
 def read_bar(page: Any) -> tuple[str, int, str] | None:
-    """The state, the bar's aria-valuenow and the ETA text, or None mid-reload."""
+    """The state, the bar's value in percent and the ETA text, or None mid-reload."""
     from playwright.sync_api import Error
 
     try:
         values: list[Any] = page.evaluate(
             """() => {
-                const bar = document.querySelector('[role=progressbar]');
+                const bar = document.getElementById('bar');
                 const eta = document.getElementById('eta');
                 return [document.getElementById('state').textContent,
-                        bar ? Number(bar.getAttribute('aria-valuenow')) : -1,
+                        bar ? Math.round(bar.value) : -1,
                         eta ? eta.textContent : ''];
             }"""
         )
@@ -227,5 +233,28 @@ def test_the_pages_work_without_javascript(browser: Any, farm: Farm, screenshots
         assert page.locator("meta[http-equiv=refresh]").count() == 0
         page.goto(f"{farm.url}/jobs")
         expect(page.locator("#recent li")).to_have_count(1)
+    finally:
+        context.close()
+
+
+def test_the_csp_blocks_inline_script_in_the_browser(browser: Any, farm: Farm) -> None:
+    """The policy the farm sends is enforced: an inline script added to a page does not run,
+    and Chromium reports the refusal (what the other tests watch for and find none of)."""
+    from playwright.sync_api import Error
+
+    context = browser.new_context()
+    try:
+        violations = watch_csp(context)
+        page = context.new_page()
+        response = page.goto(f"{farm.url}/")
+        assert response is not None
+        assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+        try:
+            page.add_script_tag(content="window.injected = true;")
+        except Error:
+            pass  # Playwright may report the blocked script itself
+        assert page.evaluate("() => window.injected === undefined")
+        page.wait_for_timeout(200)
+        assert any("inline script" in v for v in violations), violations
     finally:
         context.close()

@@ -226,9 +226,7 @@ def test_a_queued_job_the_broker_lost_is_published_once(
     old = utcnow() - timedelta(minutes=5)
     with db.begin() as session:
         for job_id, when in ((lost, old), (held, old), (fresh, utcnow())):
-            session.add(
-                job_row(job_id, queue="svd.cpu.fp32.8g", created_at=when, updated_at=when)
-            )
+            session.add(job_row(job_id, queue="svd.cpu.fp32.8g", created_at=when, updated_at=when))
     from svdfarm.celery_app import enqueue_render
 
     enqueue_render(celery, str(held), "svd.cpu.fp32.8g")

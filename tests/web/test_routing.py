@@ -26,6 +26,7 @@ from svdfarm.settings import Settings
 from svdfarm.states import JobState, WorkerState
 from tests.conftest import DATABASES
 from tests.factories import png_bytes
+from tests.http import form_token
 from tests.records import job_count, load_job
 from web import create_app
 
@@ -297,6 +298,7 @@ def test_the_form_shows_the_refusal(app: Flask, client: FlaskClient, settings: S
         "precision": "fp32",
         "decode_chunk_size": "64",
     }
+    form["csrf_token"] = form_token(client)
     response = client.post("/", data=form, content_type="multipart/form-data")
     assert response.status_code == 400
     assert "the largest worker class (141 GB cards) holds about 127 GB" in html.unescape(

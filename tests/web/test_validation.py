@@ -28,6 +28,7 @@ from tests.factories import (
     png_header_bytes,
     truncated,
 )
+from tests.http import form_token
 from tests.records import job_count
 from web import create_app
 
@@ -104,8 +105,8 @@ def post_api(client: FlaskClient, data: bytes | None, filename: str = "in.png", 
 
 
 def post_form(client: FlaskClient, data: bytes | None, filename: str = "in.png", **f: str) -> Any:
-    """POST the form."""
-    return client.post("/", data=multipart(data, filename, f))
+    """POST the form with the page's CSRF token."""
+    return client.post("/", data={**multipart(data, filename, f), "csrf_token": form_token(client)})
 
 
 def field_block(html: str, name: str) -> str:

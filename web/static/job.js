@@ -20,8 +20,8 @@
   function show(job) {
     const pct = Math.round(job.progress * 1000) / 10;
     if (bar) {
-      bar.style.width = pct + "%";
-      bar.parentElement.setAttribute("aria-valuenow", Math.round(pct));
+      bar.value = pct;
+      bar.textContent = Math.round(pct) + "%";
     }
     if (percent) percent.textContent = Math.round(pct) + "%";
     if (eta) eta.textContent = job.eta_text || "";

@@ -1,0 +1,286 @@
+"""Faults, for real: workers killed with SIGKILL mid-render, and a poison job that takes its
+worker down every time. Real `svdfarm worker` processes, PostgreSQL and Redis.
+
+The promises (docs/RELIABILITY.md): a job whose worker is killed is redelivered and finishes
+exactly once, the lost attempt recorded as *worker lost*; a job that kills its worker every
+time is failed with the reason after ``SVDFARM_MAX_DELIVERIES`` deliveries while other jobs
+keep flowing.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from flask.testing import FlaskClient
+
+from svdfarm.db import Database, upgrade
+from svdfarm.settings import Settings
+from svdfarm.storage import Storage
+from tests.conftest import REDIS_URL, fresh_database, make_settings, needs_postgres, needs_redis
+from tests.factories import png_bytes
+from tests.records import wait_for_worker
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.postgres,
+    pytest.mark.redis,
+    needs_postgres,
+    needs_redis,
+]
+
+#: Fast failure detection for the test: beats every 0.5 s (offline after 1.5 s), a reaper
+#: pass every second, at most three lost deliveries.
+WORKER_ENV = {
+    "SVDFARM_HEARTBEAT_INTERVAL": "0.5",
+    "SVDFARM_REAP_INTERVAL": "1",
+    "SVDFARM_PROGRESS_INTERVAL": "0.2",
+    "SVDFARM_MAX_DELIVERIES": "3",
+    # Two workers on a small machine: one thread each, no OpenMP oversubscription.
+    "OMP_NUM_THREADS": "1",
+}
+TERMINAL = ("succeeded", "failed", "canceled")
+
+
+def _broker_url() -> str:
+    """The test Redis, on a database number of its own (no other test's workers there)."""
+    base = REDIS_URL.rsplit("/", 1)[0] if REDIS_URL.count("/") > 2 else REDIS_URL
+    return f"{base}/7"
+
+
+class Farm:
+    """The web app (in process) and real worker processes on one database and Redis."""
+
+    def __init__(self, settings: Settings, client: FlaskClient, tmp_path: Path) -> None:
+        """Nothing started yet."""
+        self.settings, self.client, self.tmp_path = settings, client, tmp_path
+        self.workers: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+        self.db = Database(settings.database_url)
+
+    def start_worker(self, name: str) -> str:
+        """Start a worker; returns its hostname (not waiting for it to register)."""
+        hostname = f"{name}-{uuid.uuid4().hex[:6]}@localhost"
+        log = self.tmp_path / f"{hostname}.log"
+        env = {
+            **os.environ,
+            **WORKER_ENV,
+            "SVDFARM_DATA_DIR": str(self.settings.data_dir),
+            "SVDFARM_DATABASE_URL": self.settings.database_url,
+            "SVDFARM_BROKER_URL": self.settings.broker_url,
+            "SVDFARM_MODEL": "tiny",
+        }
+        with open(log, "wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "svdfarm.cli", "worker", "--hostname", hostname],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.workers[hostname] = (process, log)
+        return hostname
+
+    def wait_registered(self, hostname: str) -> None:
+        """Until the worker is in the registry."""
+        process, log = self.workers[hostname]
+        wait_for_worker(self.db, hostname, process, lambda: log.read_text(errors="replace"))
+
+    def kill(self, hostname: str) -> None:
+        """SIGKILL the whole worker: its main process and its pool process."""
+        process, _ = self.workers[hostname]
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+    def kill_pool(self, hostname: str) -> int:
+        """SIGKILL the worker's pool processes (where the render runs); the worker lives on."""
+        process, _ = self.workers[hostname]
+        children = psutil.Process(process.pid).children(recursive=True)
+        for child in children:
+            child.kill()
+        return len(children)
+
+    def logs(self) -> str:
+        """Every worker's log, for failure messages."""
+        return "\n".join(
+            f"--- {h}\n{log.read_text(errors='replace')[-4000:]}"
+            for h, (_, log) in self.workers.items()
+        )
+
+    def close(self) -> None:
+        """Kill whatever is left and close the database."""
+        for process, _ in self.workers.values():
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            process.wait()
+        self.db.dispose()
+
+    def submit(self, steps: int, seed: int = 1, frames: int = 8) -> str:
+        """A job through the API; returns its id."""
+        response = self.client.post(
+            "/api/v1/jobs",
+            data={
+                "image": (io.BytesIO(png_bytes(64, 64)), "in.png"),
+                "num_frames": str(frames),
+                "num_inference_steps": str(steps),
+                "seed": str(seed),
+            },
+            content_type="multipart/form-data",
+        )
+        assert response.status_code == 201, response.get_json()
+        return str(response.get_json()["id"])
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        """The job as the API shows it."""
+        return dict(self.client.get(f"/api/v1/jobs/{job_id}").get_json())
+
+    def wait(self, what: str, predicate: Callable[..., bool], timeout: float = 300) -> None:
+        """Poll until ``predicate`` holds; fail with the workers' logs."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}\n{self.logs()}"
+            time.sleep(0.1)
+
+    def videos(self, job_id: str) -> list[str]:
+        """Names of the video files in the job's folder."""
+        folder = Storage(self.settings.storage_dir).path(job_id)
+        return sorted(p.name for p in folder.glob("*.mp4"))
+
+
+@pytest.fixture
+def farm(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Farm]:
+    """A farm on a fresh PostgreSQL schema and the test Redis."""
+    import redis
+
+    redis.Redis.from_url(_broker_url()).flushdb()
+    with fresh_database("postgresql", tmp_path) as url:
+        settings = make_settings(
+            tmp_path / "var",
+            url,
+            tiny_model_dir,
+            SVDFARM_BROKER_URL=_broker_url(),
+            SVDFARM_HEARTBEAT_INTERVAL="0.5",
+            SVDFARM_SUBMIT_RATE="0",
+        )
+        upgrade(settings.database_url)
+        from web import create_app
+
+        app = create_app({"SVDFARM_SETTINGS": settings, "TESTING": True})
+        farm = Farm(settings, app.test_client(), tmp_path)
+        try:
+            yield farm
+        finally:
+            farm.close()
+            app.extensions["svdfarm.db"].dispose()
+
+
+@pytest.mark.timeout(900)
+def test_a_worker_killed_mid_render_ten_times_loses_nothing(farm: Farm) -> None:
+    """Ten times: SIGKILL the worker rendering a job; another worker finishes it, once.
+
+    The killed worker's Redis message stays unacknowledged (the visibility timeout is hours
+    on purpose); the reaper sees the worker's heartbeats stop and requeues the job.
+    """
+    live = [farm.start_worker("w0"), farm.start_worker("w1")]
+    for hostname in live:
+        farm.wait_registered(hostname)
+    recoveries: list[float] = []
+    for round_number in range(10):
+        job_id = farm.submit(steps=12, seed=round_number)
+        farm.wait(
+            f"round {round_number}: job {job_id} denoising",
+            lambda j=job_id: farm.job(j)["phase"] == "denoising",
+        )
+        victim = farm.job(job_id)["attempts"][-1]["worker"]
+        farm.kill(victim)
+        killed_at = time.monotonic()
+        live.remove(victim)
+        live.append(farm.start_worker(f"w{round_number + 2}"))  # keep two for the next round
+        farm.wait(
+            f"round {round_number}: job {job_id} finished after its worker was killed",
+            lambda j=job_id: farm.job(j)["state"] in TERMINAL,
+        )
+        recoveries.append(time.monotonic() - killed_at)
+        job = farm.job(job_id)
+        assert job["state"] == "succeeded", (job, farm.logs())
+        first, *_, last = job["attempts"]
+        assert (first["worker"], first["outcome"], first["error_class"]) == (
+            victim,
+            "failed",
+            "worker_lost",
+        ), job["attempts"]
+        assert last["outcome"] == "succeeded" and last["worker"] != victim
+        assert all(a["error_class"] == "worker_lost" for a in job["attempts"][:-1])
+        assert farm.videos(job_id) == ["video.mp4"], farm.videos(job_id)
+    recoveries.sort()
+    print(
+        f"\nSIGKILL x10: all 10 jobs succeeded once; kill -> succeeded "
+        f"median {recoveries[4]:.1f} s, max {recoveries[-1]:.1f} s"
+    )
+
+
+@pytest.mark.timeout(600)
+def test_a_poison_job_is_capped_while_others_flow(farm: Farm) -> None:
+    """A job whose render process dies every time it runs (here: the test kills the pool
+    process whenever the job denoises, as a segfault or the kernel's OOM killer would) is
+    failed after three deliveries with the reason; four other jobs succeed meanwhile."""
+    workers = [farm.start_worker("p0"), farm.start_worker("p1")]
+    for hostname in workers:
+        farm.wait_registered(hostname)
+    poison = farm.submit(steps=40, seed=666)
+    others = [farm.submit(steps=2, seed=n, frames=4) for n in range(4)]
+    kills: list[int] = []
+    stop = threading.Event()
+
+    def killer() -> None:
+        """Kill the render process of each new delivery of the poison job."""
+        seen: set[int] = set()
+        while not stop.is_set():
+            job = farm.job(poison)
+            running = [a for a in job["attempts"] if a["outcome"] == "running"]
+            if job["state"] == "running" and job["phase"] == "denoising" and running:
+                number = running[-1]["number"]
+                if number not in seen:
+                    seen.add(number)
+                    farm.kill_pool(running[-1]["worker"])
+                    kills.append(number)
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        farm.wait(
+            "the poison job and the others to finish",
+            lambda: all(farm.job(j)["state"] in TERMINAL for j in [poison, *others]),
+            timeout=240,
+        )
+    finally:
+        stop.set()
+        thread.join()
+    job = farm.job(poison)
+    assert job["state"] == "failed", (job, farm.logs())
+    assert "lost 3 times in a row" in job["error"]
+    assert [a["error_class"] for a in job["attempts"]] == ["worker_lost"] * 3, job["attempts"]
+    assert len(kills) == 3
+    assert farm.videos(poison) == []
+    for job_id in others:
+        other = farm.job(job_id)
+        assert other["state"] == "succeeded", (other, farm.logs())
+        assert farm.videos(job_id) == ["video.mp4"]
+    # The workers themselves survived: Celery replaced each killed pool process.
+    for hostname in workers:
+        process, _ = farm.workers[hostname]
+        assert process.poll() is None, farm.logs()
+    print(f"\npoison: failed after {len(kills)} deliveries; 4 other jobs succeeded")
