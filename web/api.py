@@ -39,7 +39,7 @@ def create_job() -> Any:
     from web.security import client_address
 
     settings = current_app.config["SVDFARM_SETTINGS"]
-    if request.mimetype != "multipart/form-data":
+    if request.mimetype not in ("multipart/form-data", "application/x-www-form-urlencoded", ""):
         return error_response(
             "The API takes multipart/form-data: the image in a part named 'image' and each "
             f"setting as a form field (this request was {request.mimetype or 'without a type'}).",

@@ -298,7 +298,9 @@ def _submit_operation() -> dict[str, Any]:
                 "Idempotency-Key is malformed; fields says which."
             ),
             "413": _error("The body or the image is over the upload or pixel limit."),
-            "415": _error("The file is not a PNG, JPEG or WebP image."),
+            "415": _error(
+                "The file is not a PNG, JPEG or WebP image, or the body is not multipart/form-data."
+            ),
             "422": _error("The Idempotency-Key was used before for a different request."),
             "429": _error("Too many submissions from this client this minute.", True),
             "503": _error("The farm's queue is full, or the database is unavailable.", True),

@@ -65,6 +65,8 @@ KNOWN_DEFAULT_SECRETS = frozenset(
         "changeme",
         "change-me-to-a-long-random-string",
         "another-long-random-string",
+        "another-long-random-string-of-at-least-32-characters",
+        "a-password-for-flower",
         "a-long-random-password",
         "the-admin-password",
         "dev",

@@ -481,8 +481,8 @@ _HEADER_START = b'--b\r\nContent-Disposition: form-data; name="image"; filename=
 API_ONLY: list[Any] = [
     pytest.param(
         lambda c: c.post("/api/v1/jobs", json={"image": "aGk=", "num_frames": 4}),
-        400,
-        CHOOSE,
+        415,
+        "The API takes multipart/form-data",
         id="json-body",
     ),
     pytest.param(

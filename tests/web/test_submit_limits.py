@@ -27,18 +27,16 @@ from web import create_app
 
 
 def post(
-    client: FlaskClient, key: str | None = None, seed: str = "1", addr: str = "127.0.0.1"
+    client: FlaskClient, key: str | None = None, seed: str | None = "1", addr: str = "127.0.0.1"
 ) -> Any:
-    """POST a small job, with an Idempotency-Key when given."""
+    """POST a small job, with an Idempotency-Key when given (no seed field when None)."""
     headers = {"Idempotency-Key": key} if key is not None else {}
+    fields = {"num_frames": "2", "num_inference_steps": "1"}
+    if seed is not None:
+        fields["seed"] = seed
     return client.post(
         "/api/v1/jobs",
-        data={
-            "image": (io.BytesIO(png_bytes()), "in.png"),
-            "num_frames": "2",
-            "num_inference_steps": "1",
-            "seed": seed,
-        },
+        data={"image": (io.BytesIO(png_bytes()), "in.png"), **fields},
         headers=headers,
         content_type="multipart/form-data",
         environ_base={"REMOTE_ADDR": addr},
@@ -74,6 +72,16 @@ def test_a_retry_with_the_same_key_gets_the_same_job(app: Flask, client: FlaskCl
     assert job_count(app) == 1
     assert post(client, str(uuid.uuid4())).get_json()["id"] != first.get_json()["id"]
     assert job_count(app) == 2
+
+
+def test_a_retry_without_a_seed_is_the_same_request(app: Flask, client: FlaskClient) -> None:
+    """No seed sent: the job draws a random one, and a retry still matches (the fields as
+    sent are compared, not the drawn seed)."""
+    key = str(uuid.uuid4())
+    first, second = post(client, key, seed=None), post(client, key, seed=None)
+    assert (first.status_code, second.status_code) == (201, 201), second.get_json()
+    assert first.get_json()["id"] == second.get_json()["id"]
+    assert job_count(app) == 1
 
 
 @pytest.mark.parametrize("database_url", DATABASES, indirect=True)
