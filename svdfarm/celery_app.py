@@ -30,6 +30,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
+        # A broker hiccup must not cancel a render in progress (Celery 6's coming default):
+        # the claim token already makes a redelivered job harmless.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_concurrency": 1,
         "task_default_queue": "svd.default",
         "task_soft_time_limit": settings.task_soft_time_limit_s,

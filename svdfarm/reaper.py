@@ -185,12 +185,21 @@ def reap(db: Database, settings: Settings, celery: Celery | None = None) -> Reap
     reaped = Reaped()
     stale_before = utcnow() - timedelta(seconds=settings.offline_after_s)
     with db.session() as session:
-        candidates = session.scalars(
-            select(Job).where(
-                Job.state.in_((JobState.RUNNING, JobState.CANCEL_REQUESTED)),
-                Job.updated_at < stale_before,
-            )
-        ).all()
+        anyone_beating = session.scalar(
+            select(func.count()).select_from(Worker).where(Worker.last_heartbeat >= stale_before)
+        )
+        # No worker beat lately: the database (or this clock) was away, not every worker.
+        # Judging now would take live workers' jobs for lost; nobody could run them anyway.
+        candidates = (
+            []
+            if not anyone_beating
+            else session.scalars(
+                select(Job).where(
+                    Job.state.in_((JobState.RUNNING, JobState.CANCEL_REQUESTED)),
+                    Job.updated_at < stale_before,
+                )
+            ).all()
+        )
     for candidate in candidates:
         with db.begin() as session:
             job = session.get(Job, candidate.id)

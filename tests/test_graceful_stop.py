@@ -54,6 +54,8 @@ class Workers:
             "SVDFARM_STOP_TIMEOUT": str(stop_timeout),
             "SVDFARM_HEARTBEAT_INTERVAL": "0.5",
             "SVDFARM_PROGRESS_INTERVAL": "0.2",
+            "SVDFARM_REAP_INTERVAL": "1",
+            "OMP_NUM_THREADS": "1",  # two workers on a small machine: no oversubscription
         }
         with open(log, "wb") as out:
             process = subprocess.Popen(

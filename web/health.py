@@ -19,5 +19,6 @@ def healthz() -> Any:
     try:
         get_session().execute(text("SELECT 1"))
     except SQLAlchemyError as exc:
-        return {"status": "error", "database": f"unreachable: {type(exc).__name__}"}, 503
+        body = {"status": "error", "database": f"unreachable: {type(exc).__name__}"}
+        return body, 503, {"Retry-After": "5"}
     return {"status": "ok", "database": "ok"}

@@ -27,7 +27,7 @@ from celery.signals import (
 
 from svdfarm.celery_app import RENDER_TASK, settings_of
 from svdfarm.control import WORKER_INFO
-from svdfarm.db import database_for, forget_databases_after_fork
+from svdfarm.db import database_for, forget_databases_after_fork, is_unavailable
 from svdfarm.models import Worker, utcnow
 from svdfarm.settings import Settings
 from svdfarm.states import WorkerState
@@ -96,6 +96,7 @@ class _Registry:
         self.hostname = ""
         self.draining = False
         self.stop = threading.Event()
+        self.beating_since: float | None = None
         self.reaper_celery: Any = None
 
     def queues(self) -> list[str]:
@@ -124,18 +125,18 @@ class _Registry:
             row.started_at = row.last_heartbeat = now
             row.current_job_id = None
         log.info("worker %s registered; queues: %s", self.hostname, ", ".join(self.queues()))
+        self.beating_since = time.monotonic()
         threading.Thread(target=self._beat, name="svdfarm-heartbeat", daemon=True).start()
+        if self.settings.reap_interval_s:
+            threading.Thread(target=self._reaper, name="svdfarm-reaper", daemon=True).start()
 
     def _beat(self) -> None:
-        """Every heartbeat interval: the time, the queues, and draining once stopping; every
-        reap interval, a pass of the reaper (jobs of lost workers, messages the broker lost).
+        """Every heartbeat interval: the time, the queues, and draining once stopping.
+
+        Nothing else runs in this thread, so a slow broker or reaper never delays a beat.
         """
         assert self.settings is not None
-        next_reap = time.monotonic() + min(self.settings.reap_interval_s, 5.0)
         while not self.stop.wait(self.settings.heartbeat_interval_s):
-            if self.settings.reap_interval_s and time.monotonic() >= next_reap:
-                next_reap = time.monotonic() + self.settings.reap_interval_s
-                self._reap()
             try:
                 with database_for(self.settings.database_url).begin() as session:
                     row = session.get(Worker, self.hostname)
@@ -152,8 +153,31 @@ class _Registry:
                         row.state = WorkerState.DRAINING
                     else:
                         row.state = WorkerState.BUSY if active else WorkerState.IDLE
-            except Exception:  # a database hiccup must not kill the heartbeat
-                log.exception("heartbeat failed")
+            except Exception as exc:  # a database hiccup must not kill the heartbeat
+                self.beating_since = None
+                if is_unavailable(exc):
+                    log.warning(
+                        "heartbeat not written: database unavailable (%s)", type(exc).__name__
+                    )
+                else:
+                    log.exception("heartbeat failed")
+                continue
+            if self.beating_since is None:
+                self.beating_since = time.monotonic()
+
+    def _reaper(self) -> None:
+        """Every reap interval, a pass of the reaper (jobs of lost workers, messages the broker
+        lost), once this worker's heartbeats have gone through for ``offline_after_s``: after
+        the database was unreachable every worker's heartbeat is old, and each must get the
+        time to beat again before anyone is judged lost (this one included)."""
+        assert self.settings is not None
+        wait = min(self.settings.reap_interval_s, 5.0)
+        while not self.stop.wait(wait):
+            wait = self.settings.reap_interval_s
+            since = self.beating_since
+            if since is None or time.monotonic() - since < self.settings.offline_after_s:
+                continue
+            self._reap()
 
     def _reap(self) -> None:
         """One pass of the reaper; a failure is logged and tried again next time."""

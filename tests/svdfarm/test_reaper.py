@@ -22,6 +22,7 @@ from tests.records import job_row
 
 DEAD = "dead@host"
 ALIVE = "alive@host"
+REAPER = "reaper@host"
 
 
 @pytest.fixture
@@ -35,6 +36,13 @@ def celery(fast: Settings) -> Celery:
     """A Celery app on the test's embedded broker."""
     fast.ensure_dirs()
     return create_celery(fast)
+
+
+@pytest.fixture(autouse=True)
+def live_reaper(db: Database) -> str:
+    """The worker running the reaper: beating, no job of its own."""
+    add_worker(db, REAPER, age_s=0.1, job_id=None)
+    return REAPER
 
 
 def queued_messages(settings: Settings) -> list[str]:
@@ -162,6 +170,25 @@ def test_a_job_that_moved_recently_is_left_alone(
     job_id = running_job(db, quiet_s=1)
     assert not reap(db, fast, celery)
     assert load(db, job_id).state is JobState.RUNNING
+
+
+def test_nothing_is_judged_while_no_worker_beats(
+    db: Database, fast: Settings, celery: Celery
+) -> None:
+    """Every heartbeat is old (the database was away): nobody is taken for lost yet."""
+    from sqlalchemy import update
+
+    job_id = running_job(db)
+    add_worker(db, DEAD, age_s=10, job_id=job_id)
+    with db.begin() as session:
+        session.execute(update(Worker).values(last_heartbeat=utcnow() - timedelta(seconds=60)))
+    assert not reap(db, fast, celery)
+    assert load(db, job_id).state is JobState.RUNNING
+    with db.begin() as session:  # the reaper's own worker beats again: now it is judged
+        session.execute(
+            update(Worker).where(Worker.hostname == REAPER).values(last_heartbeat=utcnow())
+        )
+    assert reap(db, fast, celery).requeued == [str(job_id)]
 
 
 def test_the_worker_lost_before_its_first_attempt_still_counts(
