@@ -1,111 +1,17 @@
-"""Helpers of the load test: a Redis database of its own, live server and worker processes,
-HTTP clients that record every answer, and latency percentiles."""
+"""Helpers of the load test: waiting for the live web server, HTTP clients that record every
+answer, and latency percentiles (the processes themselves: :mod:`tests.processes`)."""
 
 from __future__ import annotations
 
 import http.client
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 import time
-import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-#: Marks a Redis database as taken by a running test (expires) and as a test's own (stays, so
-#: what a killed run left behind may be cleared by the next one).
-LEASE_KEY = "svdfarm:test-lease"
-OWNER_KEY = "svdfarm:test-db"
-
-
-@contextmanager
-def private_redis_db(base_url: str, lease_s: int = 1800) -> Iterator[str]:
-    """A Redis URL on a database number no one else uses, emptied when the block ends.
-
-    Live tests that share one Redis database and the farm's fixed queue names take each
-    other's jobs; this claims a database (15 down to 1) that is empty, or was a test's and is
-    no longer leased, so runs in parallel with other tests keep to their own queues. Raises
-    when Redis cannot be reached.
-    """
-    import redis
-
-    base = redis.Redis.from_url(base_url)
-    try:
-        base.ping()  # unreachable: fail here, with Redis's own error
-    finally:
-        base.close()
-    token = uuid.uuid4().hex
-    prefix = base_url.rsplit("/", 1)[0] if base_url.count("/") > 2 else base_url.rstrip("/")
-    for number in range(15, 0, -1):
-        url = f"{prefix}/{number}"
-        client = redis.Redis.from_url(url)
-        try:
-            free = client.dbsize() == 0 or bool(client.exists(OWNER_KEY))
-            if not free or not client.set(LEASE_KEY, token, nx=True, ex=lease_s):
-                client.close()
-                continue
-        except redis.ResponseError:  # a server configured with fewer databases
-            client.close()
-            continue
-        client.set(OWNER_KEY, "1")
-        for key in client.scan_iter():  # what an earlier, killed run left
-            if key not in (LEASE_KEY.encode(), OWNER_KEY.encode()):
-                client.delete(key)
-        try:
-            yield url
-        finally:
-            client.flushdb()
-            client.close()
-        return
-    raise AssertionError(f"no free Redis database (1-15) at {base_url} for the load test")
-
-
-@dataclass
-class LiveProcess:
-    """A process of the farm (``svdfarm web`` or ``svdfarm worker``) and its log file."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def text(self, tail: int = 6000) -> str:
-        """The end of what the process printed."""
-        return self.log.read_text(errors="replace")[-tail:]
-
-    def stop(self, timeout_s: float = 60) -> None:
-        """SIGTERM, then SIGKILL to whatever is left of its process group."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def start_svdfarm(name: str, args: Sequence[str], env: dict[str, str], folder: Path) -> LiveProcess:
-    """Start ``svdfarm <args>`` in its own process group, its output in ``folder/<name>.log``."""
-    log = folder / f"{name}.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "svdfarm.cli", *args],
-            env=env,
-            cwd=folder,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    return LiveProcess(name, process, log)
+from tests.processes import LiveProcess
 
 
 def wait_until_serving(server: LiveProcess, port: int, timeout_s: float = 90) -> None:

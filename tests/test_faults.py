@@ -10,13 +10,8 @@ keep flowing.
 from __future__ import annotations
 
 import io
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +25,7 @@ from svdfarm.settings import Settings
 from svdfarm.storage import Storage
 from tests.conftest import REDIS_URL, fresh_database, make_settings, needs_postgres, needs_redis
 from tests.factories import png_bytes
+from tests.processes import LiveProcess, private_redis_db, start_worker
 from tests.records import wait_for_worker
 
 pytestmark = [
@@ -47,16 +43,8 @@ WORKER_ENV = {
     "SVDFARM_REAP_INTERVAL": "1",
     "SVDFARM_PROGRESS_INTERVAL": "0.2",
     "SVDFARM_MAX_DELIVERIES": "3",
-    # Two workers on a small machine: one thread each, no OpenMP oversubscription.
-    "OMP_NUM_THREADS": "1",
 }
 TERMINAL = ("succeeded", "failed", "canceled")
-
-
-def _broker_url() -> str:
-    """The test Redis, on a database number of its own (no other test's workers there)."""
-    base = REDIS_URL.rsplit("/", 1)[0] if REDIS_URL.count("/") > 2 else REDIS_URL
-    return f"{base}/7"
 
 
 class Farm:
@@ -65,66 +53,39 @@ class Farm:
     def __init__(self, settings: Settings, client: FlaskClient, tmp_path: Path) -> None:
         """Nothing started yet."""
         self.settings, self.client, self.tmp_path = settings, client, tmp_path
-        self.workers: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+        self.workers: dict[str, LiveProcess] = {}
         self.db = Database(settings.database_url)
 
     def start_worker(self, name: str) -> str:
         """Start a worker; returns its hostname (not waiting for it to register)."""
-        hostname = f"{name}-{uuid.uuid4().hex[:6]}@localhost"
-        log = self.tmp_path / f"{hostname}.log"
-        env = {
-            **os.environ,
-            **WORKER_ENV,
-            "SVDFARM_DATA_DIR": str(self.settings.data_dir),
-            "SVDFARM_DATABASE_URL": self.settings.database_url,
-            "SVDFARM_BROKER_URL": self.settings.broker_url,
-            "SVDFARM_MODEL": "tiny",
-        }
-        with open(log, "wb") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "svdfarm.cli", "worker", "--hostname", hostname],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.workers[hostname] = (process, log)
-        return hostname
+        worker = start_worker(self.settings, self.tmp_path, name, **WORKER_ENV)
+        self.workers[worker.hostname] = worker
+        return worker.hostname
 
     def wait_registered(self, hostname: str) -> None:
         """Until the worker is in the registry."""
-        process, log = self.workers[hostname]
-        wait_for_worker(self.db, hostname, process, lambda: log.read_text(errors="replace"))
+        worker = self.workers[hostname]
+        wait_for_worker(self.db, hostname, worker.process, lambda: worker.text(None))
 
     def kill(self, hostname: str) -> None:
         """SIGKILL the whole worker: its main process and its pool process."""
-        process, _ = self.workers[hostname]
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        self.workers[hostname].kill()
 
     def kill_pool(self, hostname: str) -> int:
         """SIGKILL the worker's pool processes (where the render runs); the worker lives on."""
-        process, _ = self.workers[hostname]
-        children = psutil.Process(process.pid).children(recursive=True)
+        children = psutil.Process(self.workers[hostname].process.pid).children(recursive=True)
         for child in children:
             child.kill()
         return len(children)
 
     def logs(self) -> str:
         """Every worker's log, for failure messages."""
-        return "\n".join(
-            f"--- {h}\n{log.read_text(errors='replace')[-4000:]}"
-            for h, (_, log) in self.workers.items()
-        )
+        return "\n".join(f"--- {h}\n{w.text(4000)}" for h, w in self.workers.items())
 
     def close(self) -> None:
         """Kill whatever is left and close the database."""
-        for process, _ in self.workers.values():
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            process.wait()
+        for worker in self.workers.values():
+            worker.kill()
         self.db.dispose()
 
     def submit(self, steps: int, seed: int = 1, frames: int = 8) -> str:
@@ -161,16 +122,13 @@ class Farm:
 
 @pytest.fixture
 def farm(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Farm]:
-    """A farm on a fresh PostgreSQL schema and the test Redis."""
-    import redis
-
-    redis.Redis.from_url(_broker_url()).flushdb()
-    with fresh_database("postgresql", tmp_path) as url:
+    """A farm on a fresh PostgreSQL schema and a Redis database of its own."""
+    with fresh_database("postgresql", tmp_path) as url, private_redis_db(REDIS_URL) as broker:
         settings = make_settings(
             tmp_path / "var",
             url,
             tiny_model_dir,
-            SVDFARM_BROKER_URL=_broker_url(),
+            SVDFARM_BROKER_URL=broker,
             SVDFARM_HEARTBEAT_INTERVAL="0.5",
             SVDFARM_SUBMIT_RATE="0",
         )
@@ -281,6 +239,5 @@ def test_a_poison_job_is_capped_while_others_flow(farm: Farm) -> None:
         assert farm.videos(job_id) == ["video.mp4"]
     # The workers themselves survived: Celery replaced each killed pool process.
     for hostname in workers:
-        process, _ = farm.workers[hostname]
-        assert process.poll() is None, farm.logs()
+        assert farm.workers[hostname].process.poll() is None, farm.logs()
     print(f"\npoison: failed after {len(kills)} deliveries; 4 other jobs succeeded")

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +19,7 @@ from svdfarm.settings import Settings
 from svdfarm.storage import Storage
 from tests.conftest import REDIS_URL, fresh_database, make_settings, needs_postgres, needs_redis
 from tests.factories import png_bytes
+from tests.processes import LiveProcess, start_worker
 from tests.records import wait_for_worker
 
 pytestmark = [
@@ -39,43 +37,26 @@ class Workers:
     def __init__(self, settings: Settings, tmp_path: Path) -> None:
         """Remember where the workers run."""
         self.settings, self.tmp_path = settings, tmp_path
-        self.processes: list[subprocess.Popen[bytes]] = []
+        self.started: list[LiveProcess] = []
 
     def start(self, name: str, stop_timeout: int) -> tuple[str, subprocess.Popen[bytes], Path]:
         """A worker that gives a running job ``stop_timeout`` seconds after SIGTERM."""
-        hostname = f"{name}-{uuid.uuid4().hex[:6]}@localhost"
-        log = self.tmp_path / f"{name}.log"
-        env = {
-            **os.environ,
-            "SVDFARM_DATA_DIR": str(self.settings.data_dir),
-            "SVDFARM_DATABASE_URL": self.settings.database_url,
-            "SVDFARM_BROKER_URL": REDIS_URL,
-            "SVDFARM_MODEL": "tiny",
-            "SVDFARM_STOP_TIMEOUT": str(stop_timeout),
-            "SVDFARM_HEARTBEAT_INTERVAL": "0.5",
-            "SVDFARM_PROGRESS_INTERVAL": "0.2",
-            "SVDFARM_REAP_INTERVAL": "1",
-            "OMP_NUM_THREADS": "1",  # two workers on a small machine: no oversubscription
-        }
-        with open(log, "wb") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "svdfarm.cli", "worker", "--hostname", hostname],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.processes.append(process)
-        return hostname, process, log
+        worker = start_worker(
+            self.settings,
+            self.tmp_path,
+            name,
+            SVDFARM_STOP_TIMEOUT=str(stop_timeout),
+            SVDFARM_HEARTBEAT_INTERVAL="0.5",
+            SVDFARM_PROGRESS_INTERVAL="0.2",
+            SVDFARM_REAP_INTERVAL="1",
+        )
+        self.started.append(worker)
+        return worker.hostname, worker.process, worker.log
 
     def close(self) -> None:
         """Kill whatever is left."""
-        for process in self.processes:
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            process.wait()
+        for worker in self.started:
+            worker.kill()
 
 
 @pytest.fixture

@@ -10,11 +10,9 @@ endpoint's latency (run pytest with ``-s``).
 
 from __future__ import annotations
 
-import os
 import random
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,14 +29,13 @@ from svdfarm.storage import Storage
 from tests.conftest import REDIS_URL, fresh_database, make_settings, needs_postgres, needs_redis
 from tests.factories import png_bytes
 from tests.http import free_port, multipart
-from tests.load import (
-    Answer,
+from tests.load import Answer, percentile, request, wait_until_serving
+from tests.processes import (
     LiveProcess,
-    percentile,
     private_redis_db,
-    request,
     start_svdfarm,
-    wait_until_serving,
+    start_worker,
+    worker_env,
 )
 from tests.records import wait_for_worker
 
@@ -98,20 +95,15 @@ def load_farm(tmp_path: Path, tiny_model_dir: Path) -> Iterator[LoadFarm]:
             tmp_path / "var", url, tiny_model_dir, SVDFARM_BROKER_URL=broker, **limits
         )
         upgrade(settings.database_url)
-        env = {
-            **os.environ,
+        # One torch thread per process (worker_env): two CPU workers share a small machine,
+        # and with torch's default (a thread per core each) a tiny job costs about four
+        # times the CPU.
+        extra = {
             **limits,
-            "SVDFARM_DATA_DIR": str(settings.data_dir),
-            "SVDFARM_DATABASE_URL": settings.database_url,
-            "SVDFARM_BROKER_URL": broker,
-            "SVDFARM_MODEL": "tiny",
             "SVDFARM_SECRET_KEY": "test-secret",
             "SVDFARM_PROGRESS_INTERVAL": "0.2",
             "SVDFARM_HEARTBEAT_INTERVAL": "2",
             "SVDFARM_STOP_TIMEOUT": "30",
-            # Two CPU workers share a small machine: one torch thread each. With torch's
-            # default (a thread per core each) a tiny job costs about four times the CPU.
-            "OMP_NUM_THREADS": "1",
             # Both workers serve the 12 and 16 GB tiers, whatever this machine has.
             "SVDFARM_CAPABILITIES": '{"total_memory_bytes": 17000000000}',
         }
@@ -120,19 +112,22 @@ def load_farm(tmp_path: Path, tiny_model_dir: Path) -> Iterator[LoadFarm]:
         processes: list[LiveProcess] = []
         try:
             web = start_svdfarm(
-                "web", ["web", "--host", "127.0.0.1", "--port", str(port)], env, tmp_path
+                "web",
+                ["web", "--host", "127.0.0.1", "--port", str(port)],
+                worker_env(settings, **extra),
+                tmp_path,
+                cwd=tmp_path,
             )
             processes.append(web)
             workers = []
             for name in ("worker-a", "worker-b"):
-                hostname = f"load-{name}-{uuid.uuid4().hex[:6]}@localhost"
-                worker = start_svdfarm(name, ["worker", "--hostname", hostname], env, tmp_path)
+                worker = start_worker(settings, tmp_path, f"load-{name}", cwd=tmp_path, **extra)
                 processes.append(worker)
-                workers.append((hostname, worker))
+                workers.append(worker)
             wait_until_serving(web, port)
-            for hostname, worker in workers:
-                wait_for_worker(db, hostname, worker.process, worker.text)
-            yield LoadFarm(settings, db, port, web, [w for _, w in workers])
+            for worker in workers:
+                wait_for_worker(db, worker.hostname, worker.process, worker.text)
+            yield LoadFarm(settings, db, port, web, workers)
         finally:
             for process in processes:
                 process.stop()

@@ -14,14 +14,8 @@ owns (:mod:`tests.servers`).
 from __future__ import annotations
 
 import io
-import os
-import signal
-import subprocess
-import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +29,7 @@ from svdfarm.storage import Storage
 from tests.conftest import fresh_database, make_settings, needs_postgres, needs_redis
 from tests.factories import png_bytes
 from tests.media import probe_video
+from tests.processes import LiveProcess, start_worker
 from tests.records import wait_for_worker
 from tests.servers import PrivatePostgres, PrivateRedis, ServerUnavailable
 
@@ -63,9 +58,9 @@ OUTAGE_S, FINAL_RETRY_S = 5.0, 4.0
 #: Seconds Redis stays down: a restart that takes a while, well past the 1.5 s after which a
 #: worker without heartbeats counts as offline here (heartbeats must not need the broker).
 REDIS_OUTAGE_S = 8.0
-#: One torch thread per worker: test machines are small and shared, and oversubscribed
-#: OpenMP threads make every step many times slower.
-THREADS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+#: One MKL thread per worker too (OpenMP's is one in every worker's environment): test
+#: machines are small and shared, and oversubscribed threads make every step many times slower.
+THREADS_ENV = {"MKL_NUM_THREADS": "1"}
 
 
 @pytest.fixture
@@ -100,49 +95,17 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         server.close()
 
 
-@dataclass
-class LiveWorker:
-    """A ``svdfarm worker`` process and its log."""
-
-    hostname: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def text(self) -> str:
-        """What the worker printed so far."""
-        return self.log.read_text(errors="replace")
-
-
 class Workers:
     """``svdfarm worker`` processes on the given settings; all killed at the end."""
 
     def __init__(self, settings: Settings, tmp_path: Path) -> None:
         """Remember where the workers run and log."""
         self.settings, self.tmp_path = settings, tmp_path
-        self.started: list[LiveWorker] = []
+        self.started: list[LiveProcess] = []
 
-    def start(self, name: str) -> LiveWorker:
+    def start(self, name: str) -> LiveProcess:
         """Start a worker (:meth:`wait_registered` waits until it is ready)."""
-        hostname = f"{name}-{uuid.uuid4().hex[:6]}@localhost"
-        log = self.tmp_path / f"{name}.log"
-        env = {
-            **os.environ,
-            **WORKER_ENV,
-            **THREADS_ENV,
-            "SVDFARM_DATA_DIR": str(self.settings.data_dir),
-            "SVDFARM_DATABASE_URL": self.settings.database_url,
-            "SVDFARM_BROKER_URL": self.settings.broker_url,
-            "SVDFARM_MODEL": "tiny",
-        }
-        with open(log, "wb") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "svdfarm.cli", "worker", "--hostname", hostname],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        worker = LiveWorker(hostname, process, log)
+        worker = start_worker(self.settings, self.tmp_path, name, **WORKER_ENV, **THREADS_ENV)
         self.started.append(worker)
         return worker
 
@@ -151,22 +114,18 @@ class Workers:
         db = Database(self.settings.database_url)
         try:
             for worker in self.started:
-                wait_for_worker(db, worker.hostname, worker.process, worker.text)
+                wait_for_worker(db, worker.hostname, worker.process, lambda w=worker: w.text(None))
         finally:
             db.dispose()
 
     def logs(self) -> str:
         """Every worker's log, for failure messages."""
-        return "\n".join(f"===== {w.hostname} =====\n{w.text()}" for w in self.started)
+        return "\n".join(f"===== {w.hostname} =====\n{w.text(None)}" for w in self.started)
 
     def close(self) -> None:
         """Kill whatever is left."""
         for worker in self.started:
-            try:
-                os.killpg(worker.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            worker.process.wait()
+            worker.kill()
 
 
 def _submit(client: FlaskClient, steps: int, seed: int = 2) -> Any:
@@ -308,7 +267,7 @@ def test_redis_restart_loses_no_job_and_workers_reconnect(
 
     # The same processes, still running, answer on the restarted broker.
     for worker in started:
-        assert worker.process.poll() is None, f"{worker.hostname} exited\n{worker.text()}"
+        assert worker.process.poll() is None, f"{worker.hostname} exited\n{worker.text(None)}"
     replies = app.extensions["celery"].control.ping(timeout=5)
     answered = {name for reply in replies for name in reply}
     assert answered >= {w.hostname for w in started}, (replies, workers.logs())
@@ -378,7 +337,7 @@ def test_postgres_restart_answers_503_and_keeps_the_video(
         # a few seconds, and at least OUTAGE_S in all.
         final_write = "ended: database unavailable"
         _wait_until(
-            lambda: final_write in worker.text(),
+            lambda: final_write in worker.text(None),
             "the worker to retry its final status write",
             120,
             workers.logs,
@@ -425,7 +384,7 @@ def test_postgres_restart_answers_503_and_keeps_the_video(
             lambda: _job(client, second_id)["state"] in TERMINAL, "the second job", 90, workers.logs
         )
         assert _job(client, second_id)["state"] == "succeeded", workers.logs()
-        assert worker.process.poll() is None, worker.text()
+        assert worker.process.poll() is None, worker.text(None)
     finally:
         workers.close()
         app.extensions["svdfarm.db"].dispose()

@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +26,7 @@ from svdfarm.settings import Settings
 from svdfarm.states import WorkerState
 from tests.conftest import REDIS_URL, fresh_database, make_settings, needs_postgres, needs_redis
 from tests.factories import png_bytes
+from tests.processes import LiveProcess, start_worker, worker_env
 from tests.records import wait_for_worker
 
 pytestmark = [
@@ -44,19 +42,6 @@ HEARTBEAT = 0.5
 
 
 @dataclass
-class LiveWorker:
-    """A ``svdfarm worker`` process and its log."""
-
-    hostname: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def text(self) -> str:
-        """What the worker printed."""
-        return self.log.read_text(errors="replace")
-
-
-@dataclass
 class Farm:
     """The web app and two live workers on one database and one Redis."""
 
@@ -65,8 +50,8 @@ class Farm:
     client: FlaskClient
     db: Database
     env: dict[str, str]
-    small: LiveWorker
-    large: LiveWorker
+    small: LiveProcess
+    large: LiveProcess
 
     def row(self, hostname: str) -> Worker | None:
         """The registry row of a worker."""
@@ -84,36 +69,20 @@ class Farm:
         )
 
 
-def _start(name: str, memory_gb: int, env: dict[str, str], tmp_path: Path) -> LiveWorker:
+#: The worker settings of this test (also in the environment of the commands it runs).
+WORKER_ENV = {
+    "SVDFARM_HEARTBEAT_INTERVAL": str(HEARTBEAT),
+    "SVDFARM_PROGRESS_INTERVAL": "0.2",
+    "SVDFARM_STOP_TIMEOUT": "60",
+}
+
+
+def _start(settings: Settings, name: str, memory_gb: int, tmp_path: Path) -> LiveProcess:
     """Start ``svdfarm worker`` pinned by the probe override to ``memory_gb`` of RAM."""
-    hostname = f"{name}-{uuid.uuid4().hex[:6]}@localhost"
-    log = tmp_path / f"{name}.log"
     override = json.dumps({"total_memory_bytes": memory_gb * 1_000_000_000})
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "svdfarm.cli", "worker", "--hostname", hostname],
-            env={**env, "SVDFARM_CAPABILITIES": override},
-            cwd=tmp_path,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: a kill reaches its pool too
-        )
-    return LiveWorker(hostname, process, log)
-
-
-def _stop(worker: LiveWorker) -> None:
-    """Stop a worker if it still runs, and anything left of its process group."""
-    if worker.process.poll() is None:
-        worker.process.send_signal(signal.SIGTERM)
-        try:
-            worker.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            worker.process.kill()
-            worker.process.wait()
-    try:
-        os.killpg(worker.process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    return start_worker(
+        settings, tmp_path, name, cwd=tmp_path, **WORKER_ENV, SVDFARM_CAPABILITIES=override
+    )
 
 
 @pytest.fixture
@@ -132,26 +101,17 @@ def farm(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Farm]:
         from web import create_app
 
         app = create_app({"SVDFARM_SETTINGS": settings, "TESTING": True})
-        env = {
-            **os.environ,
-            "SVDFARM_DATA_DIR": str(settings.data_dir),
-            "SVDFARM_DATABASE_URL": settings.database_url,
-            "SVDFARM_BROKER_URL": REDIS_URL,
-            "SVDFARM_MODEL": "tiny",
-            "SVDFARM_HEARTBEAT_INTERVAL": str(HEARTBEAT),
-            "SVDFARM_PROGRESS_INTERVAL": "0.2",
-            "SVDFARM_STOP_TIMEOUT": "60",
-        }
+        env = worker_env(settings, **WORKER_ENV)
         db: Database = app.extensions["svdfarm.db"]
-        small = _start("small", SMALL_GB, env, tmp_path)
-        large = _start("large", LARGE_GB, env, tmp_path)
+        small = _start(settings, "small", SMALL_GB, tmp_path)
+        large = _start(settings, "large", LARGE_GB, tmp_path)
         try:
             wait_for_worker(db, small.hostname, small.process, small.text)
             wait_for_worker(db, large.hostname, large.process, large.text)
             yield Farm(settings, app, app.test_client(), db, env, small, large)
         finally:
-            _stop(small)
-            _stop(large)
+            small.stop(60)
+            large.stop(60)
             db.dispose()
 
 
@@ -223,7 +183,7 @@ def test_jobs_go_to_the_worker_that_can_hold_them(farm: Farm) -> None:
         (small_id, "svd.cpu.fp32.12g", {farm.small.hostname, farm.large.hostname}),
     ):
         body = _wait(farm.client, job_id, ("succeeded", "failed"))
-        assert body["state"] == "succeeded", (body, farm.small.text(), farm.large.text())
+        assert body["state"] == "succeeded", (body, farm.small.text(None), farm.large.text(None))
         assert body["queue"] == queue
         assert {a["worker"] for a in body["attempts"]} <= workers
     assert farm.client.post(f"/api/v1/jobs/{huge_id}/cancel").status_code == 202
@@ -273,8 +233,7 @@ def test_heartbeats_and_offline_detection(farm: Farm) -> None:
     assert later is not None and later.last_heartbeat > first.last_heartbeat
     assert effective_state(later, farm.settings) is not WorkerState.OFFLINE
 
-    os.killpg(farm.small.process.pid, signal.SIGKILL)  # the worker and its pool, at once
-    farm.small.process.wait(timeout=30)
+    farm.small.kill()  # the worker and its pool, at once
     time.sleep(farm.settings.offline_after_s + HEARTBEAT)
     dead = farm.row(farm.small.hostname)
     assert dead is not None and effective_state(dead, farm.settings) is WorkerState.OFFLINE
