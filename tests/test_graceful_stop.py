@@ -147,7 +147,7 @@ def test_past_the_stop_timeout_the_job_is_redelivered_once(
     settings, client, workers = stack
     first, process, log = workers.start("first", stop_timeout=2)
     _registered(settings, first, process, log)
-    job_id = _submit(client, steps=60)
+    job_id = _submit(client, steps=30)
     _wait_until(lambda: _job(client, job_id)["phase"] == "denoising", "denoising")
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=120)

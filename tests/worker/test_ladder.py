@@ -18,7 +18,14 @@ FP32_CPU = Plan.uniform("fp32", "cpu")
 FP32_CUDA = Plan.uniform("fp32", "cuda")
 
 RETRIED = (ErrorClass.DTYPE_MISMATCH, ErrorClass.OUT_OF_MEMORY, ErrorClass.NON_FINITE)
-NOT_RETRIED = (ErrorClass.OTHER, ErrorClass.TIMEOUT, ErrorClass.MODEL_UNAVAILABLE)
+#: WORKER_LOST is never raised inside a render: a lost worker's job is redelivered by the claim
+#: or the reaper (svdfarm/reaper.py), not retried down the ladder.
+NOT_RETRIED = (
+    ErrorClass.OTHER,
+    ErrorClass.TIMEOUT,
+    ErrorClass.MODEL_UNAVAILABLE,
+    ErrorClass.WORKER_LOST,
+)
 
 
 def plan_id(plan: Plan) -> str:
@@ -349,7 +356,7 @@ def test_hard_cap_is_small() -> None:
 @pytest.mark.parametrize("start", STARTS, ids=plan_id)
 @pytest.mark.parametrize("component", [None, "unet"])
 def test_errors_not_retried(error: ErrorClass, start: Plan, component: str | None) -> None:
-    """OTHER, TIMEOUT and MODEL_UNAVAILABLE end the job at once."""
+    """OTHER, TIMEOUT, MODEL_UNAVAILABLE (and WORKER_LOST) end the attempts at once."""
     assert next_plan(start, error, component, [start]) is None
 
 
