@@ -156,7 +156,7 @@ def test_a_worker_killed_mid_render_ten_times_loses_nothing(farm: Farm) -> None:
         farm.wait_registered(hostname)
     recoveries: list[float] = []
     for round_number in range(10):
-        job_id = farm.submit(steps=8, seed=round_number)
+        job_id = farm.submit(steps=8, seed=round_number, frames=4)
         farm.wait(
             f"round {round_number}: job {job_id} denoising",
             lambda j=job_id: farm.job(j)["phase"] == "denoising",
