@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint venv clean
+.PHONY: run test lint venv clean bench
 
 venv: $(STAMP)
 
@@ -31,6 +31,17 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+
+# The benchmarks (bench/), side by side on this machine; they rewrite docs/BENCHMARKS.md.
+# They need PostgreSQL and Redis: started here when local and down, else the target fails.
+bench: $(STAMP)
+	$(PY) -m bench.services
+	$(PY) -m bench.farm_overhead --write
+	$(PY) -m bench.farm_overhead --write --all-cores
+	$(PY) -m bench.queue_latency --write
+	$(PY) -m bench.web_load --write
+	$(PY) -m bench.model_cache --write
+	$(PY) -m bench.profile_farm --write
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
