@@ -35,9 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     params = JobParams(frames=args.frames, steps=args.steps, size=args.size, seed=args.seed)
 
+    import diffusers
     import numpy as np
     import torch
     from diffusers import StableVideoDiffusionPipeline
+    from packaging.version import Version
     from PIL import Image
 
     from worker.video import encode_mp4
@@ -50,7 +52,12 @@ def main(argv: list[str] | None = None) -> int:
             f"torch runs {torch.get_num_threads()} threads, not {args.threads}: "
             f"set OMP_NUM_THREADS={args.threads}"
         )
-    pipe = StableVideoDiffusionPipeline.from_pretrained(args.model_dir, local_files_only=True)
+    # Loaded as the worker loads it: each component in its plan's dtype (fp32 on a CPU).
+    dtype_arg = "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
+    dtypes = dict.fromkeys(("image_encoder", "unet", "vae", "default"), torch.float32)
+    pipe = StableVideoDiffusionPipeline.from_pretrained(
+        args.model_dir, local_files_only=True, **{dtype_arg: dtypes}
+    )
     pipe.set_progress_bar_config(disable=True)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

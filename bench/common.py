@@ -214,7 +214,7 @@ class Farm:
 
     def _spawn(self, name: str, *argv: str) -> None:
         """Start ``svdfarm ARGV`` with its output in ``<data_dir>/<name>.log``."""
-        log = open(self.data_dir / f"{name}.log", "wb")  # noqa: SIM115 - the child keeps it
+        log = open(self.data_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it
         try:
             self.processes[name] = subprocess.Popen(
                 [sys.executable, "-m", "svdfarm.cli", *argv],
@@ -245,6 +245,19 @@ class Farm:
             self._spawn("worker", "worker", "--hostname", self.hostname)
         self._wait_ready()
         return self
+
+    def restart_worker(self) -> None:
+        """Stop the worker and start a fresh one (a new pool process), and wait until it is
+        idle; the web keeps running."""
+        process = self.processes.pop("worker")
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        self._spawn("worker", "worker", "--hostname", self.hostname)
+        self._wait_ready()
 
     def _wait_ready(self, timeout_s: float = 180) -> None:
         """Block until ``/healthz`` answers and the worker registered itself as idle."""

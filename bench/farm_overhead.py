@@ -2,14 +2,18 @@
 MP4 stored) against the same N renders in a bare loop (one process calling the diffusers
 pipeline and writing the MP4 the way the worker does), side by side in one run.
 
-    .venv/bin/python -m bench.farm_overhead [--jobs 20 --rounds 4] [--write]
+    .venv/bin/python -m bench.farm_overhead [--jobs 20] [--all-cores] [--write]
 
 Both sides are warm (one job each before timing) and use the same parameters, seed and torch
-thread count. The jobs run in rounds that alternate bare-farm, farm-bare, ... so drift in the
-machine's load falls on both sides alike. A farm round is timed from just before its first
-submit to the last ``jobs.finished_at``; it submits every job of the round at once, so the
-worker renders them back to back, as the bare loop does. The last line of the output is
-``farm/bare ratio: X`` (farm time over bare time, all rounds together); the target is 1.05.
+thread count; by default torch gets every core but one, and the model's processes are pinned
+to the same cores. Two bare loops run, and the farm is compared with their mean: two
+identical processes differ by a few percent on their own, and the second loop against the
+first (an A/A control) shows how much. Each round runs one job on each of the three, in an
+order that cycles through all six, so drift in the machine's load falls on all alike; the
+rounds are split over fresh processes (``--epochs``), since each process keeps its own few
+percent for as long as it lives. A farm round is timed from just before its HTTP submit to
+its ``jobs.finished_at``. The last line of the output is ``farm/bare ratio: X``, the median
+of the rounds' ratios; the target is 1.05.
 """
 
 from __future__ import annotations
@@ -159,10 +163,21 @@ def breakdown(rounds: list[list[JobRecord]]) -> dict[str, list[float]]:
     return parts
 
 
-def order_of(number: int) -> tuple[str, str]:
-    """Which side runs first in round ``number`` (from 1): bare-farm, farm-bare, farm-bare,
-    bare-farm, ... (ABBA), so a steady drift in load costs both sides the same."""
-    return ("bare", "farm") if number % 4 in (0, 1) else ("farm", "bare")
+SIDES = ("bare", "farm", "bare2")
+ORDERS = (
+    ("bare", "farm", "bare2"),
+    ("farm", "bare2", "bare"),
+    ("bare2", "bare", "farm"),
+    ("bare2", "farm", "bare"),
+    ("farm", "bare", "bare2"),
+    ("bare", "bare2", "farm"),
+)
+
+
+def order_of(number: int) -> tuple[str, ...]:
+    """The order of the sides in round ``number`` (from 1): all six orders in turn, so each
+    side runs first, second and last equally often, after each of the others."""
+    return ORDERS[(number - 1) % len(ORDERS)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=20, help="timed jobs on each side")
     parser.add_argument(
-        "--rounds", type=int, default=0, help="alternating rounds (default: one per job)"
+        "--rounds", type=int, default=0, help="rounds the jobs are split into (default: one each)"
     )
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4)
@@ -184,6 +199,12 @@ def main(argv: list[str] | None = None) -> int:
         "--all-cores", action="store_true", help="torch threads: every core (overrides --threads)"
     )
     parser.add_argument(
+        "--epochs",
+        type=int,
+        default=4,
+        help="fresh worker and bare loops this many times (processes differ by a few percent)",
+    )
+    parser.add_argument(
         "--poll", type=float, default=0.5, help="seconds between reads of the jobs' states"
     )
     parser.add_argument("--write", action="store_true", help="update docs/BENCHMARKS.md")
@@ -191,8 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.all_cores:
         args.threads = cpus()
+    pinned = args.threads < cpus()
     rounds = max(1, min(args.rounds or args.jobs, args.jobs))
     sizes = [args.jobs // rounds + (1 if r < args.jobs % rounds else 0) for r in range(rounds)]
+    count = max(1, min(args.epochs, rounds))
+    epochs = [sizes[e * rounds // count : (e + 1) * rounds // count] for e in range(count)]
     params = JobParams(frames=args.frames, steps=args.steps, size=args.size)
     image = png_bytes(args.size, args.size)
 
@@ -200,89 +224,115 @@ def main(argv: list[str] | None = None) -> int:
     image_path = data_dir / "input.png"
     image_path.write_bytes(image)
     rows = []
-    wall = {"farm": 0.0, "bare": 0.0}
-    cpu = {"farm": 0.0, "bare": 0.0}
+    wall = dict.fromkeys(SIDES, 0.0)
+    cpu = dict.fromkeys(SIDES, 0.0)
     ratios: list[float] = []
+    controls: list[float] = []
     farm_rounds: list[list[JobRecord]] = []
+    loops: dict[str, BareLoop] = {}
+    first_s: list[float] = []
+    rss: dict[str, int | None] = {}
     try:
         with (
             scratch_database(args.database, data_dir) as database_url,
             scratch_broker(args.broker) as broker_url,
             Farm(database_url, broker_url, data_dir / "farm", threads=args.threads) as farm,
         ):
-            # Warm the worker: its first job imports torch and loads the model.
-            first_s, _ = farm_round(farm, params, image, 1)
-            bare = BareLoop(
-                farm.data_dir / "models" / "tiny",
-                image_path,
-                data_dir / "bare",
-                params,
-                args.threads,
-            )
-            if args.threads < cpus():
-                # Both sides' model on the same cores, the farm's own processes beside them.
-                farm.pin()
-                pin(bare.process.pid, model_cpus())
-            try:
-                for number, size in enumerate(sizes, start=1):
-                    order = order_of(number)
-                    times: dict[str, float] = {}
-                    for side in order:
-                        if side == "bare":
-                            cpu_before = cpu_seconds(bare.process.pid)
-                            times["bare"] = bare.run(size)
-                            cpu["bare"] += cpu_seconds(bare.process.pid) - cpu_before
-                        else:
-                            cpu_before = farm.cpu_seconds()
-                            times["farm"], records = farm_round(
-                                farm, params, image, size, args.poll
-                            )
-                            cpu["farm"] += farm.cpu_seconds() - cpu_before
-                            farm_rounds.append(records)
-                    for side in wall:
-                        wall[side] += times[side]
-                    ratios.append(times["farm"] / times["bare"])
-                    rows.append(
-                        [
-                            number,
-                            size,
-                            " then ".join(order),
-                            f"{times['bare']:.2f} s",
-                            f"{times['farm']:.2f} s",
-                            f"{ratios[-1]:.3f}",
-                        ]
+            number = 0
+            for epoch, epoch_sizes in enumerate(epochs):
+                if epoch:
+                    farm.restart_worker()
+                # Warm the worker: its first job imports torch and loads the model.
+                warm_s, _ = farm_round(farm, params, image, 1)
+                first_s.append(warm_s)
+                for side in ("bare", "bare2"):
+                    loops[side] = BareLoop(
+                        farm.data_dir / "models" / "tiny",
+                        image_path,
+                        data_dir / f"{side}-{epoch}",
+                        params,
+                        args.threads,
                     )
-                    print(f"round {number}: {' | '.join(str(c) for c in rows[-1][1:])}", flush=True)
-                rss = farm.peak_rss()
-                rss["bare loop"] = bare.peak_rss()
-            finally:
-                bare.close()
+                if pinned:
+                    # Every side's model on the same cores, the farm's own processes beside.
+                    farm.pin()
+                    for loop in loops.values():
+                        pin(loop.process.pid, model_cpus())
+                try:
+                    for size in epoch_sizes:
+                        number += 1
+                        order = order_of(number)
+                        times: dict[str, float] = {}
+                        for side in order:
+                            if side in loops:
+                                loop = loops[side]
+                                cpu_before = cpu_seconds(loop.process.pid)
+                                times[side] = loop.run(size)
+                                cpu[side] += cpu_seconds(loop.process.pid) - cpu_before
+                            else:
+                                cpu_before = farm.cpu_seconds()
+                                times["farm"], records = farm_round(
+                                    farm, params, image, size, args.poll
+                                )
+                                cpu["farm"] += farm.cpu_seconds() - cpu_before
+                                farm_rounds.append(records)
+                        for side in SIDES:
+                            wall[side] += times[side]
+                        bare_mean = (times["bare"] + times["bare2"]) / 2
+                        ratios.append(times["farm"] / bare_mean)
+                        controls.append(times["bare2"] / times["bare"])
+                        rows.append(
+                            [
+                                number,
+                                epoch + 1,
+                                size,
+                                ", ".join(order),
+                                f"{times['bare']:.2f} s",
+                                f"{times['bare2']:.2f} s",
+                                f"{times['farm']:.2f} s",
+                                f"{ratios[-1]:.3f}",
+                                f"{controls[-1]:.3f}",
+                            ]
+                        )
+                        print(f"round {' | '.join(str(c) for c in rows[-1])}", flush=True)
+                    rss = farm.peak_rss()
+                    rss["bare loop"] = loops["bare"].peak_rss()
+                finally:
+                    for loop in loops.values():
+                        loop.close()
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
     ratio = statistics.median(ratios)
-    total_ratio = wall["farm"] / wall["bare"]
-    cpu_ratio = cpu["farm"] / cpu["bare"] if cpu["bare"] else float("nan")
+    control = statistics.median(controls)
+    bare_wall = (wall["bare"] + wall["bare2"]) / 2
+    bare_cpu = (cpu["bare"] + cpu["bare2"]) / 2
     summary = markdown_table(
-        ["figure", "bare loop", "farm", "farm/bare"],
+        ["figure", "bare loop (mean of the two)", "farm", "farm/bare"],
         [
             ["median of the per-round ratios", "", "", f"**{ratio:.3f}**"],
             [
                 f"wall time, all {args.jobs} jobs",
-                f"{wall['bare']:.2f} s",
+                f"{bare_wall:.2f} s",
                 f"{wall['farm']:.2f} s",
-                f"{total_ratio:.3f}",
+                f"{wall['farm'] / bare_wall:.3f}",
             ],
             [
                 "CPU time, all jobs (web, worker, pool, ffmpeg; not PostgreSQL or Redis)",
-                f"{cpu['bare']:.2f} s",
+                f"{bare_cpu:.2f} s",
                 f"{cpu['farm']:.2f} s",
-                f"{cpu_ratio:.3f}",
+                f"{cpu['farm'] / bare_cpu:.3f}" if bare_cpu else "-",
             ],
             [
                 "wall time per job",
-                f"{wall['bare'] / args.jobs:.3f} s",
+                f"{bare_wall / args.jobs:.3f} s",
                 f"{wall['farm'] / args.jobs:.3f} s",
+                f"{(wall['farm'] - bare_wall) / args.jobs * 1000:+.0f} ms",
+            ],
+            [
+                "A/A control: second bare loop / first, median (min-max) of the rounds",
                 "",
+                "",
+                f"{control:.3f} ({min(controls):.3f}-{max(controls):.3f})",
             ],
         ],
     )
@@ -302,35 +352,49 @@ def main(argv: list[str] | None = None) -> int:
         ],
     )
     rounds_table = markdown_table(
-        ["round", "jobs", "order", "bare loop", "farm", "farm/bare"], rows
+        [
+            "round",
+            "processes",
+            "jobs",
+            "order",
+            "bare loop",
+            "bare loop 2",
+            "farm",
+            "farm/bare",
+            "A/A",
+        ],
+        rows,
     )
     setup = setup_name(args.database, args.broker)
     verdict = "at or under" if ratio <= TARGET else "above"
-    if args.threads < cpus():
+    if pinned:
         threads_note = (
-            f"torch threads {args.threads} on both sides, pinned to the same "
-            f"{len(model_cpus())} of the {cpus()} cores (the bare loop and the worker's pool "
+            f"torch threads {args.threads} on every side, pinned to the same "
+            f"{len(model_cpus())} of the {cpus()} cores (the bare loops and the worker's pool "
             "process), the web and the worker's main process pinned to the core left (on a "
             "GPU farm the model does not run on the CPU at all)"
         )
     else:
         threads_note = (
-            f"torch threads {args.threads} on both sides: every core, so the farm's own "
-            "processes (web, worker main process, PostgreSQL, Redis) and anything else on the "
-            "machine preempt one of torch's threads whenever they wake, and the whole thread "
-            "team waits for it"
+            f"torch threads {args.threads} on every side: every core, so the farm's own "
+            "processes (web, worker main process, PostgreSQL, Redis), the idle bare loop and "
+            "anything else on the machine preempt one of torch's threads whenever they wake, "
+            "and the whole thread team waits for it"
         )
     notes = (
         f"{args.jobs} jobs of {params.describe()} (tiny model, seed {params.seed}, "
-        f"{threads_note}) on {setup}, the web served by waitress "
-        f"(`svdfarm web`), one `svdfarm worker`. Before timing, the worker runs one job "
-        f"({first_s:.2f} s from submit to finished: imports and model load) and the bare loop "
-        f"one render. {rounds} rounds alternate the sides (bare-farm, farm-bare, farm-bare, "
-        "bare-farm, ...); a farm round is timed from just before its first HTTP submit to "
-        "its last `jobs.finished_at`, the bare loop from its first image read to its last "
-        "MP4 written. The headline is the median of the per-round ratios, which a burst of "
-        "load from other processes on the machine moves least; the wall-time ratio of all "
-        "jobs together and the CPU-time ratio are shown beside it. "
+        f"{threads_note}) on {setup}, the web served by waitress (`svdfarm web`), one "
+        "`svdfarm worker`. Each round runs one job on the farm and one on each of two "
+        "identical bare loops, in an order that cycles through all six; a farm round is timed "
+        "from just before its HTTP submit to its `jobs.finished_at`, a bare loop from its image "
+        "read to its MP4 written. Two processes running the same code differ by a few percent "
+        "for as long as they live, so the rounds are split over "
+        f"{len(epochs)} sets of processes: before each set the worker is restarted and runs "
+        f"one job (imports and model load: {', '.join(f'{t:.1f}' for t in first_s)} s from "
+        "submit to finished) and two fresh bare loops render once. farm/bare is the farm's "
+        "time over the mean of the two loops'; the headline is its median over the rounds, "
+        "which a burst of load from elsewhere on the machine moves least. The A/A row is the "
+        "noise floor: the two identical loops differ by this much on their own. "
         f"farm/bare = **{ratio:.3f}**: {verdict} the target of {TARGET}."
     )
     print(rounds_table, summary, detail, notes, sep="\n\n")
@@ -344,18 +408,19 @@ def main(argv: list[str] | None = None) -> int:
             name, title = f"farm-overhead-{args.threads}-threads", "Farm overhead"
             title += f", {args.threads} torch threads"
         write_section(name, section(title, body, notes), args.doc)
-    if args.write and name == "farm-overhead":
-        memory = markdown_table(
-            ["process", "peak RSS"], [[proc, fmt_mb(value)] for proc, value in rss.items()]
-        )
-        memory_notes = (
-            f"Peak resident set size (`VmHWM`) of each process after the {args.jobs + 1} jobs "
-            "of the farm-overhead run; the worker's pool process loads the model and renders, "
-            "as the bare loop does. The web's peak under load is in the web section."
-        )
-        write_section("memory", section("5. Memory", memory, memory_notes), args.doc)
+        if name == "farm-overhead":
+            memory = markdown_table(
+                ["process", "peak RSS"], [[proc, fmt_mb(value)] for proc, value in rss.items()]
+            )
+            memory_notes = (
+                f"Peak resident set size (`VmHWM`) of each process after the {args.jobs + 1} "
+                "jobs of the farm-overhead run; the worker's pool process loads the model and "
+                "renders, as the bare loop does. The web's peak under load is in the web section."
+            )
+            write_section("memory", section("5. Memory", memory, memory_notes), args.doc)
     for proc, value in rss.items():
         print(f"peak RSS {proc}: {fmt_mb(value)}")
+    print(f"A/A control: {control:.3f}")
     print(f"farm/bare ratio: {ratio:.3f}")
     return 0
 

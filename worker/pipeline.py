@@ -111,6 +111,13 @@ def cached_placement(spec: str, models_dir: Path) -> Placement | None:
     return _cache.get(resolved)
 
 
+def pipeline_ready(spec: str, models_dir: Path, plan: Plan) -> bool:
+    """True when this process holds ``spec``'s pipeline already in ``plan``'s shape, so
+    :func:`load_pipeline` returns it at once."""
+    placement = cached_placement(spec, models_dir)
+    return placement is not None and placement.ready_for(plan)
+
+
 def clear_cache() -> None:
     """Forget every cached pipeline and free the memory it held."""
     with _cache_lock:

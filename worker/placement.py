@@ -66,6 +66,10 @@ class Placement:
         }
         module.to(dtype=want)
 
+    def ready_for(self, plan: Plan) -> bool:
+        """True when the pipeline is already in ``plan``'s shape: :meth:`apply` does nothing."""
+        return plan == self.plan and not self.offloaded
+
     def apply(self, plan: Plan) -> None:
         """Re-cast and re-place the pipeline for ``plan``.
 
@@ -74,7 +78,7 @@ class Placement:
         redone: moving to a device walks every module, which took tens of milliseconds per
         job even when every tensor was already there.
         """
-        if plan == self.plan and not self.offloaded:
+        if self.ready_for(plan):
             return
         with _quiet_diffusers():
             self._apply(plan)

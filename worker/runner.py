@@ -119,11 +119,13 @@ def render_to_files(
     report: Reporter,
 ) -> None:
     """One attempt: load or re-cast the model, render the frames, write the MP4 and poster."""
-    from worker.pipeline import load_pipeline
+    from worker.pipeline import load_pipeline, pipeline_ready
     from worker.render import render_frames
     from worker.video import encode_mp4, write_poster
 
-    report("loading", 0.0, 0)
+    if not pipeline_ready(settings.model, settings.models_dir, plan):
+        # Nothing to load or re-cast on a warm worker: one database write less per job.
+        report("loading", 0.0, 0)
     pipe = load_pipeline(settings.model, settings.models_dir, plan, settings.hub_timeout_s)
     report("denoising", _LOADED, 0)
 

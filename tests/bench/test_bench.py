@@ -25,7 +25,7 @@ from bench.common import (
     section,
     write_section,
 )
-from bench.farm_overhead import breakdown, order_of
+from bench.farm_overhead import SIDES, breakdown, order_of
 from bench.loadgen import run as load_run
 from bench.profile_farm import PIPELINE, TASK, Stacks
 
@@ -58,10 +58,14 @@ def test_percentile_nearest_rank() -> None:
     assert percentile([3.0], 99) == 3.0
 
 
-def test_rounds_alternate_abba() -> None:
-    """Rounds go bare-farm, farm-bare, farm-bare, bare-farm, then again."""
-    firsts = [order_of(n)[0] for n in range(1, 9)]
-    assert firsts == ["bare", "farm", "farm", "bare"] * 2
+def test_rounds_cycle_through_every_order() -> None:
+    """Six rounds run the three sides in all six orders: each is first, second and last
+    twice, and each follows each of the others equally often."""
+    orders = [order_of(n) for n in range(1, 7)]
+    assert len(set(orders)) == 6
+    for position in range(3):
+        assert sorted(o[position] for o in orders) == sorted(SIDES * 2)
+    assert order_of(7) == order_of(1)
 
 
 def test_breakdown_splits_a_round() -> None:

@@ -21,7 +21,13 @@ from diffusers import (
 )
 from transformers import CLIPVisionModelWithProjection
 
-from worker.pipeline import ModelUnavailable, clear_cache, load_pipeline, resolve_model
+from worker.pipeline import (
+    ModelUnavailable,
+    clear_cache,
+    load_pipeline,
+    pipeline_ready,
+    resolve_model,
+)
 from worker.plans import Plan
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -128,6 +134,24 @@ def test_plans_recast_the_cached_pipeline_in_place_and_exactly(tiny_model_dir: P
     assert back.unet.dtype == torch.float32
     for key, tensor in back.unet.state_dict().items():
         assert torch.equal(tensor, loaded[key]), f"{key} drifted after bf16 -> fp16 -> fp32"
+
+
+def test_pipeline_ready_only_when_the_cached_pipeline_has_the_plans_shape(
+    tiny_model_dir: Path,
+) -> None:
+    """A warm worker skips its "loading" progress write only when nothing is loaded or cast."""
+    clear_cache()
+    bf16 = Plan.uniform("bf16", "cpu")
+    assert not pipeline_ready(str(tiny_model_dir), Path("unused"), FP32), "nothing loaded yet"
+    load_pipeline(str(tiny_model_dir), Path("unused"), FP32)
+    assert pipeline_ready(str(tiny_model_dir), Path("unused"), FP32)
+    assert pipeline_ready("tiny", tiny_model_dir.parent, FP32)
+    assert not pipeline_ready(str(tiny_model_dir), Path("unused"), bf16), "a re-cast is due"
+    load_pipeline(str(tiny_model_dir), Path("unused"), bf16)
+    assert pipeline_ready(str(tiny_model_dir), Path("unused"), bf16)
+    assert not pipeline_ready(str(tiny_model_dir), Path("unused"), FP32)
+    clear_cache()
+    assert not pipeline_ready(str(tiny_model_dir), Path("unused"), bf16)
 
 
 def test_a_mixed_plan_casts_each_component(tiny_model_dir: Path) -> None:
