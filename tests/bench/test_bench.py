@@ -179,6 +179,7 @@ def test_farm_overhead_smoke(tmp_path: Path) -> None:
             "-m",
             "bench.farm_overhead",
             "--jobs=2",
+            "--epochs=1",
             "--frames=2",
             "--steps=1",
             "--database=sqlite",
