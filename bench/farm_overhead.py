@@ -180,6 +180,15 @@ def order_of(number: int) -> tuple[str, ...]:
     return ORDERS[(number - 1) % len(ORDERS)]
 
 
+def epoch_rounds(epochs: list[list[int]]) -> list[range]:
+    """The indexes (from 0) of the rounds each set of processes ran, in order."""
+    spans, start = [], 0
+    for sizes in epochs:
+        spans.append(range(start, start + len(sizes)))
+        start += len(sizes)
+    return spans
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print its tables and the ratio; optionally write them."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -201,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--epochs",
         type=int,
-        default=4,
+        default=10,
         help="fresh worker and bare loops this many times (processes differ by a few percent)",
     )
     parser.add_argument(
@@ -351,6 +360,18 @@ def main(argv: list[str] | None = None) -> int:
             if v
         ],
     )
+    sets_table = markdown_table(
+        ["set of processes", "rounds", "farm/bare, median", "A/A, median"],
+        [
+            [
+                number + 1,
+                len(members),
+                f"{statistics.median(ratios[i] for i in members):.3f}",
+                f"{statistics.median(controls[i] for i in members):.3f}",
+            ]
+            for number, members in enumerate(epoch_rounds(epochs))
+        ],
+    )
     rounds_table = markdown_table(
         [
             "round",
@@ -390,16 +411,19 @@ def main(argv: list[str] | None = None) -> int:
         "read to its MP4 written. Two processes running the same code differ by a few percent "
         "for as long as they live, so the rounds are split over "
         f"{len(epochs)} sets of processes: before each set the worker is restarted and runs "
-        f"one job (imports and model load: {', '.join(f'{t:.1f}' for t in first_s)} s from "
+        "one job (imports and model load: median "
+        f"{statistics.median(first_s):.1f} s, {min(first_s):.1f}-{max(first_s):.1f} s, from "
         "submit to finished) and two fresh bare loops render once. farm/bare is the farm's "
         "time over the mean of the two loops'; the headline is its median over the rounds, "
         "which a burst of load from elsewhere on the machine moves least. The A/A row is the "
         "noise floor: the two identical loops differ by this much on their own. "
         f"farm/bare = **{ratio:.3f}**: {verdict} the target of {TARGET}."
     )
-    print(rounds_table, summary, detail, notes, sep="\n\n")
+    print(rounds_table, sets_table, summary, detail, notes, sep="\n\n")
     if args.write:
-        body = "\n\n".join([summary, detail, "Rounds:", rounds_table])
+        body = "\n\n".join(
+            [summary, detail, "By set of processes:", sets_table, "Rounds:", rounds_table]
+        )
         if args.threads == torch_threads():
             name, title = "farm-overhead", "1. Farm overhead"
         elif args.threads == cpus():

@@ -26,9 +26,16 @@ def effective_state(worker: Worker, settings: Settings, now: datetime | None = N
 
 
 def online_workers(session: Session, settings: Settings) -> Sequence[Worker]:
-    """Workers that are not offline, by hostname."""
+    """Workers that are not offline, by hostname.
+
+    The database leaves out every worker whose heartbeat is too old, so a table that keeps
+    the rows of long-gone workers costs the status page and the submit nothing.
+    """
     now = utcnow()
-    rows = session.scalars(select(Worker).order_by(Worker.hostname)).all()
+    recent = now - timedelta(seconds=settings.offline_after_s)
+    rows = session.scalars(
+        select(Worker).where(Worker.last_heartbeat >= recent).order_by(Worker.hostname)
+    ).all()
     return [w for w in rows if effective_state(w, settings, now) is not WorkerState.OFFLINE]
 
 

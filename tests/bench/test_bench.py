@@ -25,7 +25,7 @@ from bench.common import (
     section,
     write_section,
 )
-from bench.farm_overhead import SIDES, breakdown, order_of
+from bench.farm_overhead import SIDES, breakdown, epoch_rounds, order_of
 from bench.loadgen import run as load_run
 from bench.profile_farm import PIPELINE, TASK, Stacks
 
@@ -198,8 +198,14 @@ def test_farm_overhead_smoke(tmp_path: Path) -> None:
     assert parse_ratio(done.stdout) > 0
     text = doc.read_text()
     farm = text.split("<!-- bench:farm-overhead -->")[1].split("<!-- /bench:farm-overhead -->")[0]
-    summary, _detail, rounds = parse_tables(farm)
+    summary, _detail, sets, rounds = parse_tables(farm)
+    assert [row["set of processes"] for row in sets] == ["1"]
     ratio = summary[0]["farm/bare"].strip("*")
     assert float(ratio) == pytest.approx(parse_ratio(done.stdout), abs=0.001)
     assert [row["round"] for row in rounds] == ["1", "2"]
     assert "<!-- bench:memory -->" in text
+
+
+def test_epoch_rounds_index_each_set_of_processes() -> None:
+    """Rounds are numbered across the sets of processes that ran them."""
+    assert epoch_rounds([[1, 1], [1], [2, 1, 1]]) == [range(0, 2), range(2, 3), range(3, 6)]

@@ -170,6 +170,25 @@ def test_online_queues_union_only_online_workers(db: Database, beats: Settings) 
     assert "svd.cuda.bf16.8g" not in queues and "svd.cuda.fp16.24g" not in queues
 
 
+def test_long_gone_workers_are_left_out_by_the_database(db: Database, beats: Settings) -> None:
+    """Hundreds of rows of workers gone for days leave the one live worker and its queues."""
+    now = utcnow()
+    with db.begin() as session:
+        session.add_all(
+            Worker(
+                hostname=f"gone-{n:03d}@old",
+                capabilities={"device": "cuda"},
+                queues=H100_QUEUES,
+                state=WorkerState.IDLE,  # never said goodbye: only the old beat tells
+                started_at=now - timedelta(days=3),
+                last_heartbeat=now - timedelta(days=2, seconds=n),
+            )
+            for n in range(300)
+        )
+    add_worker(db, "t4@a", T4_QUEUES, 1)
+    assert in_session(db, beats) == (["t4@a"], set(T4_QUEUES))
+
+
 def test_no_workers_no_queues(db: Database, beats: Settings) -> None:
     """An empty registry has nobody online and no queue consumed."""
     assert in_session(db, beats) == ([], set())
