@@ -37,7 +37,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.services
 	$(PY) -m bench.farm_overhead --write
-	$(PY) -m bench.farm_overhead --write --all-cores
+	$(PY) -m bench.farm_overhead --write --all-cores --epochs 4
 	$(PY) -m bench.queue_latency --write
 	$(PY) -m bench.web_load --write
 	$(PY) -m bench.model_cache --write
