@@ -121,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         f"loopback, {args.duration:g} s per request after a {args.warmup:g} s warm-up. A "
         f"submit is a {len(body)}-byte multipart POST ({params.describe()}, a "
         f"{params.size} x {params.size} PNG): validated, inserted, its input stored, enqueued "
-        f"on Redis. The status is a queued job's. Peak RSS of the web process after both "
+        "on Redis; the per-client submit rate and the queue cap are off "
+        "(`SVDFARM_SUBMIT_RATE=0`, `SVDFARM_MAX_QUEUED=0`), since every client here comes from "
+        "one address. The status is a queued job's, which also reads the worker registry to "
+        f"say why the job waits. Peak RSS of the web process after both "
         f"runs: {fmt_mb(web_rss)}. The machine has {len(os.sched_getaffinity(0))} "
         "cores shared by the server, the load generator, PostgreSQL and Redis."
     )
