@@ -17,6 +17,7 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +62,12 @@ def _params_of(job: Job) -> RenderParams:
 def _claim(db: Database, settings: Settings, job_id: uuid.UUID, hostname: str) -> Claimed | str:
     """Mark the job running under a new token and choose its first plan; or say why not."""
     with db.begin() as session:
-        job = session.get(Job, job_id)
+        # Locked until this claim commits: two deliveries of one job (a requeue can leave
+        # two) are decided one after the other, the second seeing what the first did.
+        job = session.get(Job, job_id, with_for_update=True)
         if job is None:
             return "missing"
+        seen_state, seen_token = job.state, job.claim_token
         if job.state is JobState.CANCEL_REQUESTED:
             session.execute(
                 update(Job)
@@ -93,9 +97,12 @@ def _claim(db: Database, settings: Settings, job_id: uuid.UUID, hostname: str) -
                 )
                 return "failed"
         token = uuid.uuid4().hex
+        unchanged = (
+            Job.claim_token.is_(None) if seen_token is None else Job.claim_token == seen_token
+        )
         claimed = session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.state.in_(_CLAIMABLE))
+            .where(Job.id == job_id, Job.state == seen_state, unchanged)
             .values(
                 state=JobState.RUNNING,
                 phase="loading",
@@ -131,21 +138,33 @@ def _running_elsewhere(
 ) -> bool:
     """True when a live worker other than ``hostname`` is still rendering the job.
 
-    Its heartbeat must be fresh and its row must name the job as the one it runs (the
-    heartbeat clears that when the process rendering it died).
+    Its heartbeat must be fresh, and its row must name the job as the one it runs (the
+    heartbeat clears that when the process rendering it died) or it must not have beaten
+    since its attempt began: a job requeued once can be delivered twice at the same moment,
+    and the second delivery must not take it from the first before that one's heartbeat
+    could say so. It retries, and claims the job once a beat shows the owner lost it.
     """
-    owners = set(
-        session.scalars(
-            select(Attempt.worker).where(
-                Attempt.job_id == job_id, Attempt.outcome == AttemptOutcome.RUNNING
-            )
+    started: dict[str, datetime] = {}
+    running = session.execute(
+        select(Attempt.worker, Attempt.started_at).where(
+            Attempt.job_id == job_id, Attempt.outcome == AttemptOutcome.RUNNING
         )
-    ) - {hostname}
-    if not owners:
+    ).all()
+    if not running:
+        # Claimed, but its attempt row is not written yet (a moment later, unless the
+        # claimer died): give it the time a worker has to prove it is alive.
+        claimed = session.scalar(select(Job.started_at).where(Job.id == job_id))
+        window = timedelta(seconds=settings.offline_after_s)
+        return claimed is not None and utcnow() - claimed <= window
+    for worker, began in running:
+        if worker != hostname:
+            started[worker] = max(began, started.get(worker, began))
+    if not started:
         return False
-    workers = session.scalars(select(Worker).where(Worker.hostname.in_(owners))).all()
+    workers = session.scalars(select(Worker).where(Worker.hostname.in_(started))).all()
     return any(
-        w.current_job_id == job_id and effective_state(w, settings) is not WorkerState.OFFLINE
+        effective_state(w, settings) is not WorkerState.OFFLINE
+        and (w.current_job_id == job_id or w.last_heartbeat <= started[w.hostname])
         for w in workers
     )
 

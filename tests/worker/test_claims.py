@@ -11,6 +11,7 @@ from datetime import timedelta
 
 import pytest
 from celery import Celery
+from sqlalchemy import select
 
 from svdfarm.db import Database
 from svdfarm.jobs import submit_job, validate_submission
@@ -252,6 +253,35 @@ def test_a_live_owner_whose_render_died_releases_the_job(db: Database, beats: Se
     assert run_job(db, beats, str(job_id), ME) == "succeeded"
     attempts = load(db, job_id).attempts
     assert [(a.worker, a.outcome) for a in attempts] == [
+        (OWNER, AttemptOutcome.FAILED),
+        (ME, AttemptOutcome.SUCCEEDED),
+    ]
+
+
+def test_a_duplicate_delivery_waits_for_the_owners_first_beat(
+    db: Database, beats: Settings
+) -> None:
+    """A job requeued once can be delivered to two workers at the same moment. The second
+    must not take it while the first has not beaten since its attempt began (its row cannot
+    name the job yet); once a beat after the attempt shows the job is not there, it may."""
+    job_id = submit(db, beats)
+    mark_running(db, job_id, OWNER)
+    add_worker(db, OWNER, 0, WorkerState.IDLE, current_job_id=None)
+    add_worker(db, ME, 0)
+    with db.begin() as session:
+        owner = session.get(Worker, OWNER)
+        attempt = session.scalars(select(Attempt).where(Attempt.job_id == job_id)).one()
+        assert owner is not None
+        began = owner.last_heartbeat + timedelta(milliseconds=200)
+        attempt.started_at = began
+    assert run_job(db, beats, str(job_id), ME) == "running elsewhere"
+    assert_untouched(db, job_id, [OWNER])
+    with db.begin() as session:  # the owner's next beat: alive, not running the job
+        owner = session.get(Worker, OWNER)
+        assert owner is not None
+        owner.last_heartbeat = began + timedelta(seconds=1)
+    assert run_job(db, beats, str(job_id), ME) == "succeeded"
+    assert [(a.worker, a.outcome) for a in load(db, job_id).attempts] == [
         (OWNER, AttemptOutcome.FAILED),
         (ME, AttemptOutcome.SUCCEEDED),
     ]

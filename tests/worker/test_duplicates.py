@@ -59,6 +59,15 @@ def test_a_second_delivery_after_success_changes_nothing(db: Database, settings:
     assert outputs(settings, job_id) == ["video.mp4"]
 
 
+def claimed_long_ago(db: Database, job_id: uuid.UUID) -> None:
+    """Date the job's claim a minute back: its claimer had all the time it needed to write
+    its first attempt, so a job without one is a lost delivery."""
+    with db.begin() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.started_at = utcnow() - timedelta(minutes=1)
+
+
 @pytest.mark.parametrize("database_url", DATABASES, indirect=True)
 def test_a_stale_claim_cannot_finish_or_overwrite(db: Database, settings: Settings) -> None:
     """Worker A claims, is taken for lost, worker B renders the job to success; when A then
@@ -75,6 +84,7 @@ def test_a_stale_claim_cannot_finish_or_overwrite(db: Database, settings: Settin
         )
     stale = _claim(db, settings, job_id, "a@test")
     assert isinstance(stale, Claimed)
+    claimed_long_ago(db, job_id)
     # A is offline, so nothing live holds the job: B's delivery takes it over.
     assert run_job(db, settings, str(job_id), "b@test") == "succeeded"
     job = load(db, job_id)
@@ -109,6 +119,8 @@ def test_a_stale_claim_cannot_fail_a_job_either(db: Database, settings: Settings
     """A's late failure report does not touch the job B now holds."""
     job_id = submit(db, settings)
     stale = _claim(db, settings, job_id, "a@test")
+    assert _claim(db, settings, job_id, "b@test") == "running elsewhere", "A just claimed it"
+    claimed_long_ago(db, job_id)
     fresh = _claim(db, settings, job_id, "b@test")
     assert isinstance(stale, Claimed) and isinstance(fresh, Claimed)
     assert not _finish(db, settings, stale, job_id, "a@test", {"state": JobState.FAILED})
