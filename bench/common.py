@@ -15,7 +15,6 @@ import os
 import platform
 import re
 import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +34,8 @@ from typing import Any
 from PIL import Image
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.pool import NullPool
+
+from svdfarm.cli import stop_children
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = ROOT / "docs" / "BENCHMARKS.md"
@@ -249,13 +250,7 @@ class Farm:
     def restart_worker(self) -> None:
         """Stop the worker and start a fresh one (a new pool process), and wait until it is
         idle; the web keeps running."""
-        process = self.processes.pop("worker")
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_children([self.processes.pop("worker")], 60)
         self._spawn("worker", "worker", "--hostname", self.hostname)
         self._wait_ready()
 
@@ -335,16 +330,7 @@ class Farm:
 
     def stop(self) -> None:
         """Stop every process (SIGTERM, then SIGKILL after 60 s)."""
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 60
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_children(list(self.processes.values()), 60)
 
     def __enter__(self) -> Farm:
         """Start the farm."""

@@ -30,7 +30,6 @@ from bench.common import (
     JobParams,
     check_succeeded,
     markdown_table,
-    multipart,
     png_bytes,
     scratch_broker,
     scratch_database,
@@ -39,7 +38,7 @@ from bench.common import (
     wait_jobs,
     write_section,
 )
-from bench.web_load import load
+from bench.web_load import load, web_targets
 
 RATE = 100  # samples per second
 OURS = re.compile(r"\((?:worker|svdfarm|web)/")
@@ -165,14 +164,7 @@ def profile_web(seconds: float, work: Path) -> dict[str, tuple[Stacks, int]]:
         scratch_broker("redis") as broker_url,
         Farm(database_url, broker_url, work / "web-farm", worker=False) as farm,
     ):
-        job_id = submit(farm.base, params, image)
-        body, content_type = multipart(params.fields(), image)
-        body_path = work / "submit.body"
-        body_path.write_bytes(body)
-        targets = {
-            "GET /api/v1/jobs/<id>": (f"{farm.base}/api/v1/jobs/{job_id}", None, ""),
-            "POST /api/v1/jobs": (f"{farm.base}/api/v1/jobs", body_path, content_type),
-        }
+        targets = web_targets(farm, params, image, work)
         for number, (name, (url, body_file, kind)) in enumerate(targets.items()):
             load(url, 64, 1.0, body_file, kind)  # warm-up
             recording = Recording(farm.processes["web"].pid, work / f"web{number}.txt", False)

@@ -58,6 +58,21 @@ def load(
     return result
 
 
+def web_targets(
+    farm: Farm, params: JobParams, image: bytes, work: Path
+) -> dict[str, tuple[str, Path | None, str]]:
+    """What the web benchmarks load: a queued job's status and a submit, by name, each as
+    (URL, file holding the POST body or None, its content type). Submits one job."""
+    job_id = submit(farm.base, params, image)
+    body, content_type = multipart(params.fields(), image)
+    body_path = work / "submit.body"
+    body_path.write_bytes(body)
+    return {
+        "GET /api/v1/jobs/<id>": (f"{farm.base}/api/v1/jobs/{job_id}", None, ""),
+        "POST /api/v1/jobs": (f"{farm.base}/api/v1/jobs", body_path, content_type),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """Load each endpoint, print the table; optionally write it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -84,14 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                 web_threads=args.web_threads,
             ) as farm,
         ):
-            job_id = submit(farm.base, params, image)
-            body, content_type = multipart(params.fields(), image)
-            body_path = data_dir / "submit.body"
-            body_path.write_bytes(body)
-            targets = {
-                "GET /api/v1/jobs/<id>": (f"{farm.base}/api/v1/jobs/{job_id}", None, ""),
-                "POST /api/v1/jobs": (f"{farm.base}/api/v1/jobs", body_path, content_type),
-            }
+            targets = web_targets(farm, params, image, data_dir)
+            body_bytes = (data_dir / "submit.body").stat().st_size
             for name, (url, body_file, kind) in targets.items():
                 load(url, args.concurrency, args.warmup, body_file, kind)
                 results[name] = load(url, args.concurrency, args.duration, body_file, kind)
@@ -119,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         f"`svdfarm web` (waitress, {args.web_threads} threads) on PostgreSQL and Redis, no "
         f"worker; {args.concurrency} keep-alive clients on asyncio in a separate process on "
         f"loopback, {args.duration:g} s per request after a {args.warmup:g} s warm-up. A "
-        f"submit is a {len(body)}-byte multipart POST ({params.describe()}, a "
+        f"submit is a {body_bytes}-byte multipart POST ({params.describe()}, a "
         f"{params.size} x {params.size} PNG): validated, inserted, its input stored, enqueued "
         "on Redis; the per-client submit rate and the queue cap are off "
         "(`SVDFARM_SUBMIT_RATE=0`, `SVDFARM_MAX_QUEUED=0`), since every client here comes from "

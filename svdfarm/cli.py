@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -161,17 +162,23 @@ def _supervise(children: list[subprocess.Popen[bytes]], grace_s: float = 30) -> 
     except KeyboardInterrupt:
         print("\nstopping…", file=sys.stderr)
     finally:
-        for child in children:
-            if child.poll() is None:
-                child.terminate()
-        deadline = time.monotonic() + grace_s
-        for child in children:
-            try:
-                child.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+        stop_children(children, grace_s)
     return status
+
+
+def stop_children(children: Sequence[subprocess.Popen[Any]], grace_s: float) -> None:
+    """SIGTERM each child still running, then SIGKILL whatever has not exited after
+    ``grace_s`` seconds (one deadline for all)."""
+    for child in children:
+        if child.poll() is None:
+            child.terminate()
+    deadline = time.monotonic() + grace_s
+    for child in children:
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
 
 
 def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:

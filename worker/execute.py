@@ -78,7 +78,7 @@ def _claim(db: Database, settings: Settings, job_id: uuid.UUID, hostname: str) -
         if job.state not in _CLAIMABLE:
             return job.state.value
         if job.state is JobState.RUNNING:
-            if _running_elsewhere(session, settings, job_id, hostname):
+            if _running_elsewhere(session, settings, job, hostname):
                 # A duplicate delivery while its first worker still beats: that one finishes.
                 return "running elsewhere"
             # Redelivered after the worker rendering it died (its pool process was killed).
@@ -133,9 +133,7 @@ def _claim(db: Database, settings: Settings, job_id: uuid.UUID, hostname: str) -
         return Claimed(params, job.input_key, plan, reason, token)
 
 
-def _running_elsewhere(
-    session: Session, settings: Settings, job_id: uuid.UUID, hostname: str
-) -> bool:
+def _running_elsewhere(session: Session, settings: Settings, job: Job, hostname: str) -> bool:
     """True when a live worker other than ``hostname`` is still rendering the job.
 
     Its heartbeat must be fresh, and its row must name the job as the one it runs (the
@@ -144,18 +142,17 @@ def _running_elsewhere(
     and the second delivery must not take it from the first before that one's heartbeat
     could say so. It retries, and claims the job once a beat shows the owner lost it.
     """
-    started: dict[str, datetime] = {}
     running = session.execute(
         select(Attempt.worker, Attempt.started_at).where(
-            Attempt.job_id == job_id, Attempt.outcome == AttemptOutcome.RUNNING
+            Attempt.job_id == job.id, Attempt.outcome == AttemptOutcome.RUNNING
         )
     ).all()
     if not running:
         # Claimed, but its attempt row is not written yet (a moment later, unless the
         # claimer died): give it the time a worker has to prove it is alive.
-        claimed = session.scalar(select(Job.started_at).where(Job.id == job_id))
         window = timedelta(seconds=settings.offline_after_s)
-        return claimed is not None and utcnow() - claimed <= window
+        return job.started_at is not None and utcnow() - job.started_at <= window
+    started: dict[str, datetime] = {}
     for worker, began in running:
         if worker != hostname:
             started[worker] = max(began, started.get(worker, began))
@@ -164,7 +161,7 @@ def _running_elsewhere(
     workers = session.scalars(select(Worker).where(Worker.hostname.in_(started))).all()
     return any(
         effective_state(w, settings) is not WorkerState.OFFLINE
-        and (w.current_job_id == job_id or w.last_heartbeat <= started[w.hostname])
+        and (w.current_job_id == job.id or w.last_heartbeat <= started[w.hostname])
         for w in workers
     )
 
