@@ -15,7 +15,7 @@ import math
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery
@@ -23,8 +23,10 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from svdfarm import lifecycle
 from svdfarm.celery_app import enqueue_render
 from svdfarm.images import ImageError, ImageInfo, inspect_image
+from svdfarm.lifecycle import By
 from svdfarm.models import Job, utcnow
 from svdfarm.params import FIELDS, ParamError, RenderParams, parse_params
 from svdfarm.queues import Route, Unroutable, route
@@ -242,12 +244,14 @@ def submit_job(
     *,
     client: str | None = None,
     idempotency_key: str | None = None,
+    by: By,
 ) -> Job:
     """Record a validated submission, store its image, commit, and enqueue its id.
 
-    With ``idempotency_key``, a request already made with that key returns its job instead
-    (:class:`IdempotencyConflict` when the request differs). Raises :class:`SubmitRefused`
-    when a limit says no; nothing is written then.
+    ``by`` is who submits (the web form or an API client). With ``idempotency_key``, a
+    request already made with that key returns its job instead (:class:`IdempotencyConflict`
+    when the request differs). Raises :class:`SubmitRefused` when a limit says no; nothing
+    is written then.
     """
     if idempotency_key is not None:
         earlier = find_idempotent(session, idempotency_key, submission)
@@ -260,7 +264,6 @@ def submit_job(
     input_key = Storage.key(job_id, f"input.{submission.image.extension}")
     job = Job(
         id=job_id,
-        state=JobState.QUEUED,
         model=settings.model,
         input_key=input_key,
         input_filename=submission.filename,
@@ -271,9 +274,8 @@ def submit_job(
         request_hash=submission.fingerprint() if idempotency_key is not None else None,
         **submission.params.as_dict(),
     )
-    session.add(job)
     try:
-        session.flush()
+        lifecycle.submit(session, job, by=by)
         storage.write_bytes(input_key, submission.data)
         session.commit()
     except IntegrityError:
@@ -289,16 +291,24 @@ def submit_job(
         session.rollback()
         storage.delete_job(job_id)
         raise
-    publish(celery, job)
+    publish(session, celery, job, by=by)
     return job
 
 
-def publish(celery: Celery, job: Job) -> bool:
-    """Put a queued job's id on its queue; False (logged) when the broker cannot take it.
+def publish(
+    session: Session, celery: Celery, job: Job, *, by: By, seen_updated_at: datetime | None = None
+) -> bool:
+    """Put a queued job's id on its queue; False when it was not (logged and recorded).
 
-    The job stays queued in the database either way: the reaper publishes what the broker
-    does not hold, so a broker outage delays jobs and loses none.
+    The ``published`` event is committed before the id is sent, so a worker's claim always
+    comes after it. When the broker refuses, the job stays queued in the database and the
+    reaper publishes it later: a broker outage delays jobs and loses none. With
+    ``seen_updated_at`` only a job nobody touched since is published (one reaper of many).
     """
+    if not lifecycle.publish(session, job.id, by=by, seen_updated_at=seen_updated_at):
+        session.rollback()
+        return False
+    session.commit()
     try:
         enqueue_render(celery, str(job.id), job.queue)
     except Exception as exc:
@@ -308,5 +318,7 @@ def publish(celery: Celery, job: Job) -> bool:
             type(exc).__name__,
             exc,
         )
+        lifecycle.publish_failed(session, job.id, by=by, error=type(exc).__name__)
+        session.commit()
         return False
     return True

@@ -1,4 +1,4 @@
-"""Typed SQLAlchemy 2 models: jobs, their attempts, and the workers that run them.
+"""Typed SQLAlchemy 2 models: jobs, their attempts and events, and the workers that run them.
 
 The database is the source of truth; the broker only carries job ids.
 """
@@ -27,7 +27,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from svdfarm.states import AttemptOutcome, ErrorClass, JobState, WorkerState
+from svdfarm.states import (
+    Actor,
+    AttemptOutcome,
+    ErrorClass,
+    EventType,
+    JobState,
+    Phase,
+    WorkerState,
+)
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -118,7 +126,7 @@ class Job(Base):
     video_key: Mapped[str | None] = mapped_column(String(200))
     poster_key: Mapped[str | None] = mapped_column(String(200))
 
-    phase: Mapped[str] = mapped_column(String(32), default="queued")
+    phase: Mapped[Phase] = mapped_column(_enum(Phase), default=Phase.QUEUED)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     step: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
@@ -194,3 +202,36 @@ class Worker(Base):
     current_job_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("jobs.id", ondelete="SET NULL")
     )
+
+
+class JobEvent(Base):
+    """One thing that happened to a job: a move of its state or a change of its phase.
+
+    Append-only, written by :mod:`svdfarm.lifecycle` in the transaction that made the change;
+    ids increase with every event, so a job's events read in id order are its story.
+    """
+
+    __tablename__ = "job_events"
+    __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"),)
+
+    # BIGINT on PostgreSQL; SQLite numbers rows only through an INTEGER primary key.
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    type: Mapped[EventType] = mapped_column(_enum(EventType))
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    actor_kind: Mapped[Actor] = mapped_column(_enum(Actor))
+    actor: Mapped[str] = mapped_column(String(255), default="")
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The event as the API shows it."""
+        who = self.actor_kind.value + (f":{self.actor}" if self.actor else "")
+        return {
+            "id": self.id,
+            "type": self.type.value,
+            "at": self.at.isoformat(),
+            "actor": who,
+            "details": self.details or {},
+        }

@@ -27,7 +27,7 @@ TIERS_GB = (8, 12, 16, 24, 40, 48, 80, 141)
 _TIER_SLACK = 0.9
 _GB = 1_000_000_000
 
-# SVD-XT's parameter counts (DESIGN.md), in millions.
+# SVD-XT's parameter counts, in millions (docs/ROUTING.md).
 _PARAMS_M = {"image_encoder": 632, "unet": 1525, "vae": 98}
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # Activation constants, to be calibrated on a GPU: bytes per latent pixel per frame for the

@@ -27,18 +27,21 @@ import logging
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from svdfarm import lifecycle
 from svdfarm.db import Database
-from svdfarm.models import Attempt, Job, Worker, utcnow
+from svdfarm.jobs import publish
+from svdfarm.lifecycle import By
+from svdfarm.models import Job, Worker, utcnow
 from svdfarm.registry import effective_state
 from svdfarm.settings import Settings
-from svdfarm.states import AttemptOutcome, ErrorClass, JobState, WorkerState
+from svdfarm.states import Actor, JobState, WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -63,125 +66,21 @@ class Reaped:
         return bool(self.requeued or self.failed or self.canceled or self.republished)
 
 
-def lost_message(worker: str) -> str:
-    """The message of an attempt whose worker was lost."""
-    return (
-        f"The worker {worker} was lost while rendering this attempt (killed, crashed or out "
-        "of host memory); the job was handed back to the queue."
-    )
-
-
-def poisoned_message(times: int) -> str:
-    """The job's error once its workers were lost ``times`` times in a row."""
-    return (
-        f"The worker rendering this job was lost {times} times in a row (killed, crashed or "
-        "out of host memory each time), so it is not retried again. A job that takes its "
-        "worker down every time usually needs less memory: try fewer frames, a smaller size "
-        "or a smaller decode chunk, or requeue it from the admin page to try once more."
-    )
-
-
-def lost_streak(session: Session, job_id: uuid.UUID) -> int:
-    """How many of the job's latest attempts, counted back from the last, lost their worker."""
-    classes = session.scalars(
-        select(Attempt.error_class).where(Attempt.job_id == job_id).order_by(Attempt.number.desc())
-    ).all()
-    streak = 0
-    for error_class in classes:
-        if error_class is not ErrorClass.WORKER_LOST:
-            break
-        streak += 1
-    return streak
-
-
-def record_lost_delivery(session: Session, job: Job, worker: str | None = None) -> int:
-    """Close the job's running attempts as *worker lost* and return the lost streak.
-
-    A worker that died before its first attempt began (loading the model, say) left no
-    attempt: one is recorded, so every lost delivery counts towards the limit.
-    """
-    now = utcnow()
-    running = session.scalars(
-        select(Attempt).where(Attempt.job_id == job.id, Attempt.outcome == AttemptOutcome.RUNNING)
-    ).all()
-    for attempt in running:
-        attempt.outcome = AttemptOutcome.FAILED
-        attempt.error_class = ErrorClass.WORKER_LOST
-        attempt.error_type = "WorkerLost"
-        attempt.message = lost_message(attempt.worker)
-        attempt.finished_at = now
-        attempt.duration_s = (now - attempt.started_at).total_seconds()
-    if not running:
-        if worker is None:
-            worker = session.scalar(select(Worker.hostname).where(Worker.current_job_id == job.id))
-        number = session.scalar(
-            select(func.coalesce(func.max(Attempt.number), 0)).where(Attempt.job_id == job.id)
-        )
-        session.add(
-            Attempt(
-                job_id=job.id,
-                number=(number or 0) + 1,
-                worker=worker or "unknown",
-                plan_name="(lost before its first attempt began)",
-                plan={},
-                started_at=job.started_at or now,
-                finished_at=now,
-                outcome=AttemptOutcome.FAILED,
-                error_class=ErrorClass.WORKER_LOST,
-                error_type="WorkerLost",
-                message=lost_message(worker or "unknown"),
-            )
-        )
-    session.flush()
-    return lost_streak(session, job.id)
-
-
-def settle_lost_job(session: Session, settings: Settings, job: Job, seen: datetime) -> str | None:
-    """Decide a job whose worker was lost: ``failed``, ``canceled`` or ``requeued``.
-
-    The change only happens if the job still has the state and ``updated_at`` the caller saw
-    (``seen``); otherwise someone else handled it and None is returned.
-    """
-    state = job.state
-    streak = record_lost_delivery(session, job)
-    now = utcnow()
-    values: dict[str, Any]
-    if state is JobState.CANCEL_REQUESTED:
-        outcome, values = "canceled", {"state": JobState.CANCELED, "phase": "done"}
-        values["finished_at"] = now
-    elif streak >= settings.max_deliveries:
-        outcome = "failed"
-        values = {"state": JobState.FAILED, "error": poisoned_message(streak), "finished_at": now}
-    else:
-        outcome = "requeued"
-        values = {"state": JobState.QUEUED, "phase": "queued", "progress": 0.0, "step": 0}
-    changed = session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.state == state, Job.updated_at == seen)
-        .values(claim_token=None, updated_at=now, **values)
-    )
-    if not changed.rowcount:  # type: ignore[attr-defined]
-        session.rollback()
-        return None
-    session.execute(
-        update(Worker).where(Worker.current_job_id == job.id).values(current_job_id=None)
-    )
-    return outcome
-
-
 def _held_by_live_worker(session: Session, settings: Settings, job_id: uuid.UUID) -> bool:
     """True when a worker whose heartbeats still come names the job as the one it runs."""
     workers = session.scalars(select(Worker).where(Worker.current_job_id == job_id)).all()
     return any(effective_state(w, settings) is not WorkerState.OFFLINE for w in workers)
 
 
-def reap(db: Database, settings: Settings, celery: Celery | None = None) -> Reaped:
+def reap(
+    db: Database, settings: Settings, celery: Celery | None = None, *, name: str = ""
+) -> Reaped:
     """One pass: settle jobs of lost workers, then publish queued jobs the broker lost.
 
     Without ``celery`` (no way to publish), requeued jobs wait for the next pass that has one.
+    ``name`` is who runs the pass (a worker's hostname), as its events show it.
     """
-    from svdfarm.jobs import publish
-
+    by = By(Actor.REAPER, name)
     reaped = Reaped()
     stale_before = utcnow() - timedelta(seconds=settings.offline_after_s)
     with db.session() as session:
@@ -195,7 +94,7 @@ def reap(db: Database, settings: Settings, celery: Celery | None = None) -> Reap
             if not anyone_beating
             else session.scalars(
                 select(Job).where(
-                    Job.state.in_((JobState.RUNNING, JobState.CANCEL_REQUESTED)),
+                    Job.state.in_(JobState.active_states()),
                     Job.updated_at < stale_before,
                 )
             ).all()
@@ -207,22 +106,29 @@ def reap(db: Database, settings: Settings, celery: Celery | None = None) -> Reap
                 continue
             if _held_by_live_worker(session, settings, job.id):
                 continue
-            outcome = settle_lost_job(session, settings, job, job.updated_at)
-        if outcome is not None:
-            log.warning("job %s: its worker was lost; %s", job.id, outcome)
-            getattr(reaped, outcome).append(str(job.id))
+            left = lifecycle.settle_lost(
+                session, settings, job, by=by, seen_updated_at=job.updated_at
+            )
+        if left is not None:
+            log.warning("job %s: its worker was lost; %s", candidate.id, left.label)
+            getattr(reaped, _OUTCOMES[left]).append(str(candidate.id))
     if celery is None:
         return reaped
     for job in republish_candidates(db, settings, celery, set(reaped.requeued)):
-        if publish(celery, job):
-            reaped.republished.append(str(job.id))
+        with db.session() as session:
+            if publish(session, celery, job, by=by, seen_updated_at=job.updated_at):
+                reaped.republished.append(str(job.id))
     return reaped
+
+
+#: Where a pass records a lost worker's job, by the state the job was left in.
+_OUTCOMES = {JobState.QUEUED: "requeued", JobState.FAILED: "failed", JobState.CANCELED: "canceled"}
 
 
 def republish_candidates(
     db: Database, settings: Settings, celery: Celery, just_requeued: set[str]
 ) -> list[Job]:
-    """Queued jobs the broker does not hold, each touched so only one reaper publishes it.
+    """Queued jobs the broker does not hold (the caller publishes each only if untouched).
 
     Jobs just requeued by this pass are always included; others only once they have waited
     longer than the grace period (so a submit between commit and publish is left alone), and
@@ -237,23 +143,11 @@ def republish_candidates(
     if not old:
         return []
     held = broker_held_ids(settings, celery, {j.queue for j in old})
-    chosen: list[Job] = []
-    for job in old:
-        if str(job.id) not in just_requeued and (held is None or str(job.id) in held):
-            continue
-        with db.begin() as session:
-            touched = session.execute(
-                update(Job)
-                .where(
-                    Job.id == job.id,
-                    Job.state == JobState.QUEUED,
-                    Job.updated_at == job.updated_at,
-                )
-                .values(updated_at=utcnow())
-            )
-            if touched.rowcount:  # type: ignore[attr-defined]
-                chosen.append(job)
-    return chosen
+    return [
+        job
+        for job in old
+        if str(job.id) in just_requeued or (held is not None and str(job.id) not in held)
+    ]
 
 
 def _task_id(message: Any) -> str | None:

@@ -25,18 +25,20 @@ from flask.blueprints import BlueprintSetupState
 from sqlalchemy import ColumnElement, Select, String, and_, cast, func, or_, select
 from sqlalchemy.orm import aliased
 
+from svdfarm.actions import JobChange, cancel_job, delete_job, parse_job_id, requeue_jobs
 from svdfarm.depths import BrokerUnavailable, queue_depths
+from svdfarm.lifecycle import By, events_of
 from svdfarm.models import Attempt, Job, Worker, utcnow
 from svdfarm.queues import all_queues
 from svdfarm.registry import effective_state
-from svdfarm.requeue import JobChange, delete_job, parse_job_id, requeue_jobs
-from svdfarm.states import AttemptOutcome, ErrorClass, JobState, WorkerState
+from svdfarm.states import Actor, AttemptOutcome, ErrorClass, JobState, WorkerState
 from web import auth
-from web.cancel import cancel_job
 from web.database import get_session
-from web.jobs import find_job
+from web.jobs import event_text, find_job
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
+#: Who the admin pages act as in job events (one admin login for now).
+ADMIN = By(Actor.ADMIN, "admin")
 
 PAGE_SIZE = 50
 #: Skipped jobs named one by one after a bulk action; the rest are counted (the flash
@@ -275,9 +277,16 @@ def index() -> Any:
 @auth.login_required
 def job(job_id: str) -> Any:
     """One job with every attempt: plan and reason, error, full traceback, worker, memory."""
-    found = find_job(get_session(), job_id)
+    session = get_session()
+    found = find_job(session, job_id)
     return render_template(
-        "admin/job.html", job=found, queues=all_queues(), back_to=request.full_path.rstrip("?")
+        "admin/job.html",
+        job=found,
+        queues=all_queues(),
+        back_to=request.full_path.rstrip("?"),
+        events=events_of(session, found.id),
+        event_text=event_text,
+        show_details=True,
     )
 
 
@@ -304,12 +313,13 @@ def actions() -> Any:
                 force_fp32=bool(request.form.get("force_fp32")),
                 queue=request.form.get("queue"),
                 casts_off=bool(request.form.get("casts_off")),
+                by=ADMIN,
             )
         except ValueError as exc:
             flash(f"Nothing was requeued: {exc}", "bad")
             return redirect(back, code=303)
     elif action == "cancel":
-        changes = [_cancel(str(i)) for i in ids]
+        changes = [cancel_job(session, i, by=ADMIN) for i in ids]
     elif action == "delete":
         changes = [delete_job(session, settings, i) for i in ids]
         if any(c.done for c in changes) and back.startswith(url_for("admin.index") + "jobs/"):
@@ -319,18 +329,6 @@ def actions() -> Any:
         return redirect(back, code=303)
     _report(action, changes)
     return redirect(back, code=303)
-
-
-def _cancel(raw: str) -> JobChange:
-    """Cancel one job by id, saying why when it cannot be."""
-    session = get_session()
-    key = parse_job_id(raw)
-    found = session.get(Job, key) if key else None
-    if found is None:
-        return JobChange(raw, False, f"No job with id {raw[:64]}.")
-    if cancel_job(session, found):
-        return JobChange(raw, True, f"Job {key} is {found.state.label}.")
-    return JobChange(raw, False, f"Job {key} is {found.state.label}: there is nothing to cancel.")
 
 
 def _report(action: str, changes: list[JobChange]) -> None:

@@ -6,6 +6,7 @@ from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request, url_for
 
+from svdfarm.actions import cancel_job
 from svdfarm.jobs import (
     IdempotencyConflict,
     SubmitRefused,
@@ -14,9 +15,10 @@ from svdfarm.jobs import (
     submit_job,
     validate_submission,
 )
+from svdfarm.lifecycle import By, events_of
 from svdfarm.models import utcnow
 from svdfarm.params import ParamError
-from web.cancel import cancel_job
+from svdfarm.states import Actor
 from web.database import get_session
 from web.jobs import describe_job, find_job, job_json
 
@@ -66,6 +68,7 @@ def create_job() -> Any:
             submission,
             client=client_address(),
             idempotency_key=key,
+            by=By(Actor.API),
         )
     except SubmitRefused as exc:
         response, status = error_response(str(exc), exc.status)
@@ -88,12 +91,20 @@ def get_job(job_id: str) -> Any:
     return jsonify(describe_job(session, find_job(session, job_id)))
 
 
+@bp.get("/jobs/<job_id>/events")
+def job_events(job_id: str) -> Any:
+    """The job's events in order: every move of its state and change of its phase."""
+    session = get_session()
+    job = find_job(session, job_id)
+    return jsonify({"events": [e.as_dict() for e in events_of(session, job.id)]})
+
+
 @bp.post("/jobs/<job_id>/cancel")
 def cancel(job_id: str) -> Any:
     """Cancel a queued job at once, or ask a running one to stop at its next step."""
     session = get_session()
     job = find_job(session, job_id)
-    changed = cancel_job(session, job)
-    if not changed:
+    change = cancel_job(session, job.id, by=By(Actor.API))
+    if not change.done:
         return error_response(f"The job is already {job.state.label}; nothing to cancel.", 409)
     return jsonify(job_json(job)), 202

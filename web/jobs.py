@@ -9,17 +9,17 @@ from typing import Any
 from flask import abort, current_app, url_for
 from sqlalchemy.orm import Session
 
-from svdfarm.models import Attempt, Job, utcnow
+from svdfarm.models import Attempt, Job, JobEvent, utcnow
 from svdfarm.registry import waiting_reason
-from svdfarm.states import AttemptOutcome, JobState
+from svdfarm.states import AttemptOutcome, EventType, JobState, Phase
 
 PHASE_LABELS = {
-    "queued": "Waiting in the queue",
-    "loading": "Loading the model",
-    "denoising": "Denoising",
-    "decoding": "Decoding frames",
-    "encoding": "Encoding the MP4",
-    "done": "Done",
+    Phase.QUEUED: "Waiting in the queue",
+    Phase.LOADING: "Loading the model",
+    Phase.DENOISING: "Denoising",
+    Phase.DECODING: "Decoding frames",
+    Phase.ENCODING: "Encoding the MP4",
+    Phase.DONE: "Done",
 }
 
 
@@ -85,8 +85,8 @@ def phase_text(job: Job) -> str:
     if job.state is JobState.SUCCEEDED and job.started_at and job.finished_at:
         seconds = (job.finished_at - job.started_at).total_seconds()
         return f"Done in {_duration(seconds)}"
-    label = PHASE_LABELS.get(job.phase, job.phase)
-    if job.phase == "denoising":
+    label = PHASE_LABELS[job.phase]
+    if job.phase is Phase.DENOISING:
         label += f" (step {job.step}/{job.num_inference_steps})"
     return label
 
@@ -106,9 +106,9 @@ def eta_seconds(job: Job, now: datetime | None = None) -> float | None:
     denoising step is done (before that nothing has been measured), and because the model load
     counts as measured time it errs long on a worker's first job, less so as the render goes on.
     """
-    if job.state is not JobState.RUNNING or job.phase not in ("denoising", "decoding", "encoding"):
+    if job.state is not JobState.RUNNING or not job.phase.rendering:
         return None
-    if job.phase == "denoising" and job.step < 1:
+    if job.phase is Phase.DENOISING and job.step < 1:
         return None
     since = _running_since(job)
     if since is None or job.progress <= 0:
@@ -142,7 +142,7 @@ def job_json(job: Job, waiting: str | None = None) -> dict[str, Any]:
     return {
         "id": str(job.id),
         "state": job.state.value,
-        "phase": job.phase,
+        "phase": job.phase.value,
         "phase_text": waiting or phase_text(job),
         "phase_label": phase_text(job),
         "waiting": waiting,
@@ -167,3 +167,42 @@ def job_json(job: Job, waiting: str | None = None) -> dict[str, Any]:
         "status_url": url_for("api.get_job", job_id=job.id, _external=True),
         "page_url": url_for("pages.job", job_id=job.id, _external=True),
     }
+
+
+def event_text(event: JobEvent) -> str:
+    """One event of a job's timeline as a person reads it (no server detail)."""
+    d = event.details or {}
+    kind = event.type
+    if kind is EventType.SUBMITTED:
+        return f"Submitted to {d.get('queue') or 'the queue'}"
+    if kind is EventType.PUBLISHED:
+        return f"Put on {d.get('queue') or 'its queue'}"
+    if kind is EventType.PUBLISH_FAILED:
+        return "The queue could not be reached; it is sent again once it can"
+    if kind is EventType.CLAIMED:
+        plan = f" with plan {d['plan']}" if d.get("plan") else ""
+        return f"Taken by {d.get('worker') or event.actor}{plan}"
+    if kind is EventType.PHASE:
+        try:
+            return PHASE_LABELS[Phase(d.get("phase"))]
+        except ValueError:
+            return "Next phase"
+    if kind is EventType.ATTEMPT_FAILED:
+        why = str(d.get("error_class") or "an error").replace("_", " ")
+        return f"Attempt {d.get('attempt', '')} failed ({why})".replace("  ", " ")
+    if kind is EventType.SUCCEEDED:
+        return "Video stored"
+    if kind is EventType.FAILED:
+        if d.get("reason") == "poison":
+            return f"Failed: its worker was lost {d.get('lost_in_a_row')} times in a row"
+        return "Failed"
+    if kind is EventType.CANCEL_REQUESTED:
+        return "Cancel requested"
+    if kind is EventType.CANCELED:
+        return "Canceled" + (f": {d['reason']}" if d.get("reason") else "")
+    if kind is EventType.REQUEUED:
+        changed = ", ".join(f"{k} {v}" for k, v in (d.get("overrides") or {}).items())
+        return "Queued again" + (f" ({changed})" if changed else "")
+    if kind is EventType.WORKER_LOST:
+        return f"Worker {d.get('worker') or ''} lost; back in the queue".replace("  ", " ")
+    return "Handed back to the queue by a stopping worker"

@@ -14,7 +14,7 @@ from flask import Blueprint, jsonify
 
 from svdfarm.jobs import MAX_IDEMPOTENCY_KEY
 from svdfarm.params import FIELDS, MAX_SIDE, MIN_SIDE, PRECISIONS, SIZE_MULTIPLE
-from svdfarm.states import AttemptOutcome, ErrorClass, JobState
+from svdfarm.states import AttemptOutcome, ErrorClass, EventType, JobState, Phase
 
 bp = Blueprint("openapi", __name__, url_prefix="/api/v1")
 
@@ -117,7 +117,7 @@ def _job() -> dict[str, Any]:
         "state": _ref("JobState"),
         "phase": {
             **text,
-            "description": "queued, loading, denoising, decoding, encoding or done.",
+            "enum": [p.value for p in Phase],
         },
         "phase_text": {**text, "description": "The waiting reason, else phase_label."},
         "phase_label": {**text, "description": "The phase as a person reads it."},
@@ -192,6 +192,13 @@ def _components() -> dict[str, Any]:
             "Job": _job(),
             "Attempt": _attempt(),
             "JobState": {"type": "string", "enum": [s.value for s in JobState]},
+            "JobEvent": _event(),
+            "JobEvents": {
+                "type": "object",
+                "required": ["events"],
+                "properties": {"events": {"type": "array", "items": _ref("JobEvent")}},
+                "additionalProperties": False,
+            },
             "Error": {
                 "type": "object",
                 "required": ["error"],
@@ -308,6 +315,25 @@ def _submit_operation() -> dict[str, Any]:
     }
 
 
+def _event() -> dict[str, Any]:
+    """One event of a job, as ``GET /api/v1/jobs/{job_id}/events`` lists it."""
+    return {
+        "type": "object",
+        "required": ["id", "type", "at", "actor", "details"],
+        "properties": {
+            "id": {"type": "integer", "description": "Increases with every event."},
+            "type": {"type": "string", "enum": [t.value for t in EventType]},
+            "at": {"type": "string", "format": "date-time"},
+            "actor": {
+                "type": "string",
+                "description": "web, api, admin, cli, worker:<hostname> or reaper:<hostname>.",
+            },
+            "details": {"type": "object", "description": "Queue, plan, error class, overrides."},
+        },
+        "additionalProperties": False,
+    }
+
+
 def _job_operation(operation_id: str, summary: str, ok: str, ok_text: str) -> dict[str, Any]:
     """An operation on one job by its id."""
     return {
@@ -331,6 +357,10 @@ def openapi_document() -> dict[str, Any]:
         "Canceled (a queued job) or asked to stop at the next step (a running one).",
     )
     cancel["responses"]["409"] = _error("The job has already ended: nothing to cancel.")
+    events = _job_operation(
+        "getJobEvents", "A job's events", "200", "Every move of its state and phase, in order."
+    )
+    events["responses"]["200"] = _json(_ref("JobEvents"), "The job's events, oldest first.")
     return {
         "openapi": "3.1.0",
         "info": {
@@ -347,6 +377,7 @@ def openapi_document() -> dict[str, Any]:
                     "getJob", "A job's state", "200", "The job's state, progress and attempts."
                 )
             },
+            "/api/v1/jobs/{job_id}/events": {"get": events},
             "/api/v1/jobs/{job_id}/cancel": {"post": cancel},
             "/api/v1/openapi.json": {
                 "get": {

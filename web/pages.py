@@ -20,14 +20,16 @@ from flask import (
 )
 from sqlalchemy import select
 
+from svdfarm.actions import cancel_job
 from svdfarm.images import format_size
 from svdfarm.jobs import SubmitRefused, repeated_fields, submit_job, validate_submission
+from svdfarm.lifecycle import By, events_of
 from svdfarm.models import Job
 from svdfarm.params import FIELDS, PRECISIONS, ParamError, defaults_for, is_tiny
+from svdfarm.states import Actor
 from svdfarm.storage import Storage
-from web.cancel import cancel_job
 from web.database import get_session
-from web.jobs import describe_job, find_job
+from web.jobs import describe_job, event_text, find_job
 from web.security import check_csrf, client_address, csrf_problem
 
 bp = Blueprint("pages", __name__)
@@ -128,6 +130,7 @@ def submit() -> Any:
             settings,
             submission,
             client=client_address(),
+            by=By(Actor.WEB),
         )
     except SubmitRefused as exc:
         response = make_response(form_page({"job": str(exc)}, exc.status, values))
@@ -152,6 +155,9 @@ def job(job_id: str) -> Any:
         waiting=_waiting_text(info["waiting"]),
         again_url=again,
         labels={name: field.label for name, field in FIELDS.items()},
+        events=events_of(session, found.id),
+        event_text=event_text,
+        show_details=False,
     )
 
 
@@ -187,7 +193,7 @@ def cancel(job_id: str) -> Any:
     """Cancel from the status page (with the form's CSRF token), then show it again."""
     check_csrf()
     session = get_session()
-    cancel_job(session, find_job(session, job_id))
+    cancel_job(session, find_job(session, job_id).id, by=By(Actor.WEB))
     return redirect(url_for("pages.job", job_id=job_id), code=303)
 
 

@@ -1,9 +1,10 @@
 """Running one job from its id: claim it in the database, record the attempt, render, store.
 
-Every state change is a conditional UPDATE, so a redelivered or canceled job is never
-rendered twice or overwritten once it has finished. Each claim takes a fresh token; the
-video is rendered under a name of its own and moved into place only in the transaction that
-marks the job succeeded, and only while the token is still the job's. A worker whose job was
+Every state change is a move of :mod:`svdfarm.lifecycle` (conditional, with its event), so a
+redelivered or canceled job is never rendered twice or overwritten once it has finished.
+Each claim takes a fresh token; the video is rendered under a name of its own and moved into
+place only in the transaction that marks the job succeeded, and only while the token is
+still the job's. A worker whose job was
 taken over (it was thought lost) throws its output away. Status writes are retried while
 the database is unreachable (``SVDFARM_DB_RETRY_TIMEOUT``), so a restart of PostgreSQL does
 not lose a finished video.
@@ -11,27 +12,34 @@ not lose a finished video.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
 import traceback
 import uuid
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session
 
+from svdfarm import lifecycle
 from svdfarm.db import Database, is_unavailable, retrying
 from svdfarm.images import open_upright_rgb
+from svdfarm.lifecycle import By
 from svdfarm.models import Attempt, Job, Worker, utcnow
 from svdfarm.params import RenderParams
-from svdfarm.reaper import poisoned_message, record_lost_delivery
-from svdfarm.registry import effective_state
 from svdfarm.settings import Settings
-from svdfarm.states import AttemptOutcome, JobState, WorkerState
+from svdfarm.states import (
+    Actor,
+    AttemptOutcome,
+    ClaimOutcome,
+    JobState,
+    Phase,
+    RunOutcome,
+    WorkerState,
+)
 from svdfarm.storage import Storage
 from worker.errors import JobCanceled, classify, user_message
 from worker.planner import first_plan
@@ -40,7 +48,6 @@ from worker.runner import AttemptResult, RenderFailed, local_capabilities, rende
 
 log = logging.getLogger(__name__)
 
-_CLAIMABLE = (JobState.QUEUED, JobState.RUNNING)  # RUNNING: redelivered after a lost worker
 
 
 @dataclass(frozen=True)
@@ -59,67 +66,20 @@ def _params_of(job: Job) -> RenderParams:
     return RenderParams(**job.params())
 
 
-def _claim(db: Database, settings: Settings, job_id: uuid.UUID, hostname: str) -> Claimed | str:
+def _claim(
+    db: Database, settings: Settings, job_id: uuid.UUID, hostname: str
+) -> Claimed | ClaimOutcome:
     """Mark the job running under a new token and choose its first plan; or say why not."""
     with db.begin() as session:
-        # Locked until this claim commits: two deliveries of one job (a requeue can leave
-        # two) are decided one after the other, the second seeing what the first did.
-        job = session.get(Job, job_id, with_for_update=True)
-        if job is None:
-            return "missing"
-        seen_state, seen_token = job.state, job.claim_token
-        if job.state is JobState.CANCEL_REQUESTED:
-            session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.state == JobState.CANCEL_REQUESTED)
-                .values(state=JobState.CANCELED, phase="done", finished_at=utcnow())
-            )
-            return "canceled"
-        if job.state not in _CLAIMABLE:
-            return job.state.value
-        if job.state is JobState.RUNNING:
-            if _running_elsewhere(session, settings, job, hostname):
-                # A duplicate delivery while its first worker still beats: that one finishes.
-                return "running elsewhere"
-            # Redelivered after the worker rendering it died (its pool process was killed).
-            streak = record_lost_delivery(session, job)
-            if streak >= settings.max_deliveries:
-                session.execute(
-                    update(Job)
-                    .where(Job.id == job_id, Job.state == JobState.RUNNING)
-                    .values(
-                        state=JobState.FAILED,
-                        error=poisoned_message(streak),
-                        claim_token=None,
-                        finished_at=utcnow(),
-                        updated_at=utcnow(),
-                    )
-                )
-                return "failed"
-        token = uuid.uuid4().hex
-        unchanged = (
-            Job.claim_token.is_(None) if seen_token is None else Job.claim_token == seen_token
-        )
-        claimed = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.state == seen_state, unchanged)
-            .values(
-                state=JobState.RUNNING,
-                phase="loading",
-                progress=0.0,
-                step=0,
-                error=None,
-                claim_token=token,
-                started_at=utcnow(),
-                finished_at=None,
-                updated_at=utcnow(),
-            )
-        )
-        if not claimed.rowcount:  # type: ignore[attr-defined]
-            return "taken"
+        taken = lifecycle.claim(session, settings, job_id, by=By(Actor.WORKER, hostname))
+        if taken.outcome is not ClaimOutcome.CLAIMED:
+            return taken.outcome
+        job = taken.job
+        assert job is not None and taken.event is not None
         params = _params_of(job)
         casts = settings.casts if job.casts is None else job.casts
         plan, reason = first_plan(local_capabilities(), params, casts=casts, dtypes=job.dtypes)
+        taken.event.details = {**taken.event.details, "plan": plan.name}
         session.execute(
             update(Worker)
             .where(Worker.hostname == hostname)
@@ -130,52 +90,19 @@ def _claim(db: Database, settings: Settings, job_id: uuid.UUID, hostname: str) -
             .where(Worker.hostname == hostname, Worker.state == WorkerState.IDLE)
             .values(state=WorkerState.BUSY)
         )
-        return Claimed(params, job.input_key, plan, reason, token)
-
-
-def _running_elsewhere(session: Session, settings: Settings, job: Job, hostname: str) -> bool:
-    """True when a live worker other than ``hostname`` is still rendering the job.
-
-    Its heartbeat must be fresh, and its row must name the job as the one it runs (the
-    heartbeat clears that when the process rendering it died) or it must not have beaten
-    since its attempt began: a job requeued once can be delivered twice at the same moment,
-    and the second delivery must not take it from the first before that one's heartbeat
-    could say so. It retries, and claims the job once a beat shows the owner lost it.
-    """
-    running = session.execute(
-        select(Attempt.worker, Attempt.started_at).where(
-            Attempt.job_id == job.id, Attempt.outcome == AttemptOutcome.RUNNING
-        )
-    ).all()
-    if not running:
-        # Claimed, but its attempt row is not written yet (a moment later, unless the
-        # claimer died): give it the time a worker has to prove it is alive.
-        window = timedelta(seconds=settings.offline_after_s)
-        return job.started_at is not None and utcnow() - job.started_at <= window
-    started: dict[str, datetime] = {}
-    for worker, began in running:
-        if worker != hostname:
-            started[worker] = max(began, started.get(worker, began))
-    if not started:
-        return False
-    workers = session.scalars(select(Worker).where(Worker.hostname.in_(started))).all()
-    return any(
-        effective_state(w, settings) is not WorkerState.OFFLINE
-        and (w.current_job_id == job.id or w.last_heartbeat <= started[w.hostname])
-        for w in workers
-    )
+        return Claimed(params, job.input_key, plan, reason, taken.token)
 
 
 class _ProgressWriter:
     """Writes phase and progress to the job row, throttled; stops the render on cancel."""
 
-    def __init__(self, db: Database, job_id: uuid.UUID, interval_s: float) -> None:
+    def __init__(self, db: Database, job_id: uuid.UUID, interval_s: float, by: By) -> None:
         """Write for ``job_id`` at most every ``interval_s`` seconds (phase changes at once)."""
-        self.db, self.job_id, self.interval_s = db, job_id, interval_s
+        self.db, self.job_id, self.interval_s, self.by = db, job_id, interval_s, by
         self.last_write = 0.0
-        self.last_phase = ""
+        self.last_phase: Phase | None = None
 
-    def __call__(self, phase: str, progress: float, step: int) -> None:
+    def __call__(self, phase: Phase, progress: float, step: int) -> None:
         """Record progress; raise :class:`JobCanceled` when a cancel was requested."""
         now = time.monotonic()
         if phase == self.last_phase and now - self.last_write < self.interval_s:
@@ -183,12 +110,9 @@ class _ProgressWriter:
         self.last_write, self.last_phase = now, phase
         try:
             with self.db.begin() as session:
-                session.execute(
-                    update(Job)
-                    .where(Job.id == self.job_id, Job.state == JobState.RUNNING)
-                    .values(phase=phase, progress=progress, step=step, updated_at=utcnow())
+                state = lifecycle.progress(
+                    session, self.job_id, by=self.by, phase=phase, fraction=progress, step=step
                 )
-                state = session.scalar(select(Job.state).where(Job.id == self.job_id))
         except Exception as exc:
             if not is_unavailable(exc):
                 raise
@@ -200,13 +124,15 @@ class _ProgressWriter:
 
 
 class _AttemptRows:
-    """Records each attempt of the ladder as a row, as it starts and as it ends."""
+    """Records each attempt of the ladder as a row, as it starts and as it ends; a failed one
+    is also an ``attempt_failed`` event of the job, while this claim holds it."""
 
     def __init__(
-        self, db: Database, job_id: uuid.UUID, hostname: str, retry_timeout_s: float = 0.0
+        self, db: Database, job_id: uuid.UUID, hostname: str, *, token: str, retry_timeout_s: float
     ) -> None:
-        """Record attempts of ``job_id`` run by ``hostname``, retrying for ``retry_timeout_s``."""
-        self.db, self.job_id, self.hostname = db, job_id, hostname
+        """Record attempts of ``job_id`` run by ``hostname`` under the claim ``token``,
+        retrying for ``retry_timeout_s`` while the database is unreachable."""
+        self.db, self.job_id, self.hostname, self.token = db, job_id, hostname, token
         self.retry_timeout_s = retry_timeout_s
         self.rows: dict[int, int] = {}  # attempt number in this run -> row id
 
@@ -266,15 +192,37 @@ class _AttemptRows:
             row.traceback = attempt.traceback
             row.duration_s = attempt.duration_s
             row.peak_memory_bytes = attempt.peak_memory_bytes
+            if attempt.outcome is AttemptOutcome.FAILED:
+                details = {
+                    "attempt": row.number,
+                    "plan": row.plan_name,
+                    "error_class": attempt.error_class.value if attempt.error_class else None,
+                    "component": attempt.component,
+                }
+                by = By(Actor.WORKER, self.hostname)
+                lifecycle.attempt_failed(
+                    session, self.job_id, by=by, token=self.token, details=details
+                )
+
+
+@dataclass(frozen=True)
+class _End:
+    """How a run ends: the outcome, with the error or the video's columns."""
+
+    outcome: RunOutcome
+    error: str = ""
+    values: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 def _finish(
     db: Database,
     settings: Settings,
     claimed: Claimed,
+    *,
     job_id: uuid.UUID,
     hostname: str,
-    values: dict[str, Any],
+    end: _End,
     outputs: dict[Path, Path] | None = None,
 ) -> bool:
     """Move the job to its end state and free the worker, in one transaction.
@@ -285,7 +233,7 @@ def _finish(
     database is unreachable. Returns False (the outputs deleted) when the job was not ours.
     """
     won = retrying(
-        lambda: _finish_once(db, claimed.token, job_id, hostname, values, outputs or {}),
+        lambda: _finish_once(db, claimed.token, job_id, hostname, end, outputs or {}),
         timeout_s=settings.db_retry_timeout_s,
         what=f"job {job_id}: recording how it ended",
     )
@@ -301,22 +249,23 @@ def _finish_once(
     token: str,
     job_id: uuid.UUID,
     hostname: str,
-    values: dict[str, Any],
+    end: _End,
     outputs: dict[Path, Path],
 ) -> bool:
     """One try at :func:`_finish`."""
     now = utcnow()
+    by = By(Actor.WORKER, hostname)
     with db.begin() as session:
-        changed = session.execute(
-            update(Job)
-            .where(
-                Job.id == job_id,
-                Job.claim_token == token,
-                Job.state.in_((JobState.RUNNING, JobState.CANCEL_REQUESTED)),
+        if end.outcome is RunOutcome.SUCCEEDED:
+            won = lifecycle.succeed(
+                session, job_id, by=by, token=token, values=end.values, details=end.details
             )
-            .values(finished_at=now, updated_at=now, **values)
-        )
-        won = bool(changed.rowcount)  # type: ignore[attr-defined]
+        elif end.outcome is RunOutcome.FAILED:
+            won = lifecycle.fail(
+                session, job_id, by=by, token=token, error=end.error, details=end.details
+            )
+        else:
+            won = lifecycle.confirm_cancel(session, job_id, by=by, token=token)
         if won:
             # The row is locked until commit: nobody else can finish the job meanwhile.
             for rendered, final in outputs.items():
@@ -335,7 +284,18 @@ def _finish_once(
     return won
 
 
-def run_job(db: Database, settings: Settings, job_id: str, hostname: str) -> str:
+#: What a delivery that did not become a render tells the task, by the claim's outcome.
+_NOT_RUN = {
+    ClaimOutcome.MISSING: RunOutcome.MISSING,
+    ClaimOutcome.CANCELED: RunOutcome.CANCELED,
+    ClaimOutcome.FINISHED: RunOutcome.FINISHED,
+    ClaimOutcome.RUNNING_ELSEWHERE: RunOutcome.RUNNING_ELSEWHERE,
+    ClaimOutcome.POISONED: RunOutcome.POISONED,
+    ClaimOutcome.TAKEN: RunOutcome.TAKEN,
+}
+
+
+def run_job(db: Database, settings: Settings, job_id: str, hostname: str) -> RunOutcome:
     """Render job ``job_id`` down the ladder and record everything; returns how it ended."""
     key = uuid.UUID(job_id)
     claimed = retrying(
@@ -343,9 +303,9 @@ def run_job(db: Database, settings: Settings, job_id: str, hostname: str) -> str
         timeout_s=settings.db_retry_timeout_s,
         what=f"job {job_id}: claiming it",
     )
-    if isinstance(claimed, str):
-        log.info("job %s not run: %s", job_id, claimed)
-        return claimed
+    if isinstance(claimed, ClaimOutcome):
+        log.info("job %s not run: %s", job_id, claimed.label)
+        return _NOT_RUN[claimed]
     storage = Storage(settings.storage_dir)
     video_key, poster_key = Storage.key(key, "video.mp4"), Storage.key(key, "poster.png")
     # Rendered under this claim's own names, moved into place only by _finish.
@@ -355,61 +315,52 @@ def run_job(db: Database, settings: Settings, job_id: str, hostname: str) -> str
         rendered_video: storage.path(video_key),
         rendered_poster: storage.path(poster_key),
     }
+    finish = functools.partial(_finish, db, settings, claimed, job_id=key, hostname=hostname)
+    by = By(Actor.WORKER, hostname)
+    rows = _AttemptRows(
+        db, key, hostname, token=claimed.token, retry_timeout_s=settings.db_retry_timeout_s
+    )
     try:
         image = open_upright_rgb(storage.path(claimed.input_key).read_bytes())
-        render_with_ladder(
+        attempts = render_with_ladder(
             settings,
             claimed.params,
-            claimed.plan,
-            claimed.reason,
-            image,
-            rendered_video,
-            rendered_poster,
-            _ProgressWriter(db, key, settings.progress_interval_s),
-            _AttemptRows(db, key, hostname, settings.db_retry_timeout_s),
+            plan=claimed.plan,
+            reason=claimed.reason,
+            image=image,
+            video_path=rendered_video,
+            poster_path=rendered_poster,
+            report=_ProgressWriter(db, key, settings.progress_interval_s, by),
+            hooks=rows,
         )
     except JobCanceled:
-        _finish(db, settings, claimed, key, hostname, {"state": JobState.CANCELED, "phase": "done"})
+        finish(end=_End(RunOutcome.CANCELED))
         _discard(outputs)
-        return "canceled"
+        return RunOutcome.CANCELED
     except RenderFailed as failed:
         log.warning("job %s failed after %d attempt(s): %s", job_id, len(failed.attempts), failed)
-        _finish(
-            db, settings, claimed, key, hostname, {"state": JobState.FAILED, "error": str(failed)}
-        )
+        last = failed.attempts[-1]
+        details: dict[str, Any] = {"error_class": last.error_class and last.error_class.value}
+        finish(end=_End(RunOutcome.FAILED, error=str(failed), details=details))
         _discard(outputs)
-        return "failed"
+        return RunOutcome.FAILED
     except Exception as exc:
         # Before the first attempt (the input could not be read): record it as one.
         log.exception("job %s failed before rendering", job_id)
-        _record_early_failure(db, settings, key, hostname, claimed.plan, exc)
-        _finish(
-            db,
-            settings,
-            claimed,
-            key,
-            hostname,
-            {"state": JobState.FAILED, "error": user_message(classify(exc), exc)},
-        )
+        _record_early_failure(rows, claimed.plan, exc)
+        error_class = classify(exc)
+        details = {"error_class": error_class.value, "before_rendering": True}
+        finish(end=_End(RunOutcome.FAILED, error=user_message(error_class, exc), details=details))
         _discard(outputs)
-        return "failed"
-    won = _finish(
-        db,
-        settings,
-        claimed,
-        key,
-        hostname,
-        {
-            "state": JobState.SUCCEEDED,
-            "phase": "done",
-            "progress": 1.0,
-            "step": claimed.params.num_inference_steps,
-            "video_key": video_key,
-            "poster_key": poster_key,
-        },
-        outputs,
-    )
-    return "succeeded" if won else "superseded"
+        return RunOutcome.FAILED
+    values = {
+        "step": claimed.params.num_inference_steps,
+        "video_key": video_key,
+        "poster_key": poster_key,
+    }
+    details = {"plan": attempts[-1].plan.name, "attempts": len(attempts)}
+    won = finish(end=_End(RunOutcome.SUCCEEDED, values=values, details=details), outputs=outputs)
+    return RunOutcome.SUCCEEDED if won else RunOutcome.SUPERSEDED
 
 
 def _discard(outputs: dict[Path, Path]) -> None:
@@ -418,16 +369,8 @@ def _discard(outputs: dict[Path, Path]) -> None:
         rendered.unlink(missing_ok=True)
 
 
-def _record_early_failure(
-    db: Database,
-    settings: Settings,
-    job_id: uuid.UUID,
-    hostname: str,
-    plan: Plan,
-    exc: BaseException,
-) -> None:
+def _record_early_failure(rows: _AttemptRows, plan: Plan, exc: BaseException) -> None:
     """Record a failure that happened before rendering as a failed attempt."""
-    rows = _AttemptRows(db, job_id, hostname, settings.db_retry_timeout_s)
     attempt = AttemptResult(1, plan, None, outcome=AttemptOutcome.FAILED)
     attempt.error_class = classify(exc)
     attempt.error_type = f"{type(exc).__module__}.{type(exc).__qualname__}"

@@ -20,13 +20,13 @@ from PIL import Image
 
 from svdfarm.params import RenderParams
 from svdfarm.settings import Settings
-from svdfarm.states import AttemptOutcome, ErrorClass
+from svdfarm.states import AttemptOutcome, ErrorClass, Phase
 from worker.errors import JobCanceled, classify, user_message
 from worker.ladder import next_plan
 from worker.plans import Plan, device_type
 
 #: report(phase, progress 0..1, step): called as the render moves; may raise to stop it.
-Reporter = Callable[[str, float, int], None]
+Reporter = Callable[[Phase, float, int], None]
 
 # Shares of the progress bar; denoising dominates the time of a real render.
 _LOADED, _DENOISED, _ENCODING = 0.05, 0.90, 0.96
@@ -125,16 +125,16 @@ def render_to_files(
 
     if not pipeline_ready(settings.model, settings.models_dir, plan):
         # Nothing to load or re-cast on a warm worker: one database write less per job.
-        report("loading", 0.0, 0)
+        report(Phase.LOADING, 0.0, 0)
     pipe = load_pipeline(settings.model, settings.models_dir, plan, settings.hub_timeout_s)
-    report("denoising", _LOADED, 0)
+    report(Phase.DENOISING, _LOADED, 0)
 
     def on_step(step: int, total: int) -> None:
         progress = _LOADED + (_DENOISED - _LOADED) * step / total
-        report("decoding" if step >= total else "denoising", progress, step)
+        report(Phase.DECODING if step >= total else Phase.DENOISING, progress, step)
 
     frames = render_frames(pipe, image, params, plan, on_step)
-    report("encoding", _ENCODING, params.num_inference_steps)
+    report(Phase.ENCODING, _ENCODING, params.num_inference_steps)
     encode_mp4(frames, params.fps, video_path)
     write_poster(frames, poster_path)
 
@@ -151,6 +151,7 @@ def _failing_component(settings: Settings, exc: BaseException) -> str | None:
 def render_with_ladder(
     settings: Settings,
     params: RenderParams,
+    *,
     plan: Plan,
     reason: str | None,
     image: Image.Image,
@@ -160,6 +161,9 @@ def render_with_ladder(
     hooks: AttemptHooks,
 ) -> list[AttemptResult]:
     """Render, retrying down the ladder on dtype, memory and non-finite errors.
+
+    ``plan`` (chosen for ``reason``) is the first rung; ``report`` hears the phase and
+    progress, ``hooks`` each attempt as it starts and ends.
 
     Returns the attempts (the last one succeeded). Raises :class:`JobCanceled` when a cancel
     stopped it and :class:`RenderFailed` when the ladder ran out or the error is not retried.

@@ -30,7 +30,7 @@ from svdfarm.control import WORKER_INFO
 from svdfarm.db import database_for, forget_databases_after_fork, is_unavailable
 from svdfarm.models import Worker, utcnow
 from svdfarm.settings import Settings
-from svdfarm.states import WorkerState
+from svdfarm.states import Actor, RunOutcome, WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +46,14 @@ def render(self: Task, job_id: str) -> str:
     settings = settings_of(self.app)
     hostname = self.request.hostname or socket.gethostname()
     outcome = run_job(database_for(settings.database_url), settings, job_id, hostname)
-    if outcome == "running elsewhere":
+    if outcome is RunOutcome.RUNNING_ELSEWHERE:
         # A duplicate delivery while a live worker renders the job: look again later, in case
         # that worker dies without finishing; once the job ends, the retry finds nothing to do.
         raise self.retry(
             countdown=settings.offline_after_s,
             max_retries=int(settings.task_time_limit_s / settings.offline_after_s) + 1,
         )
-    return outcome
+    return outcome.value
 
 
 @worker_process_init.connect
@@ -192,7 +192,10 @@ class _Registry:
             self.reaper_celery = create_celery(self.settings)
         try:
             reaped = reap(
-                database_for(self.settings.database_url), self.settings, self.reaper_celery
+                database_for(self.settings.database_url),
+                self.settings,
+                self.reaper_celery,
+                name=self.hostname,
             )
         except Exception:
             log.exception("reaper pass failed")
@@ -261,40 +264,16 @@ def _hand_back_after(timeout_s: float) -> None:
 
 def _hand_back(job_id: uuid.UUID, timeout_s: float) -> None:
     """Record that this worker gives the job back (not lost: stopped) and queue it again."""
-    from sqlalchemy import update
-
-    from svdfarm.models import Attempt, Job
-    from svdfarm.states import AttemptOutcome, ErrorClass, JobState
+    from svdfarm import lifecycle
 
     assert _registry.settings is not None
-    now = utcnow()
+    message = (
+        f"The worker {_registry.hostname} was stopped and its stop timeout of "
+        f"{timeout_s:g} s passed: the job was handed back to the queue."
+    )
+    by = lifecycle.By(Actor.WORKER, _registry.hostname)
     with database_for(_registry.settings.database_url).begin() as session:
-        session.execute(
-            update(Attempt)
-            .where(Attempt.job_id == job_id, Attempt.outcome == AttemptOutcome.RUNNING)
-            .values(
-                outcome=AttemptOutcome.FAILED,
-                error_class=ErrorClass.OTHER,
-                error_type="HandedBack",
-                message=(
-                    f"The worker {_registry.hostname} was stopped and its stop timeout of "
-                    f"{timeout_s:g} s passed: the job was handed back to the queue."
-                ),
-                finished_at=now,
-            )
-        )
-        session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.state == JobState.RUNNING)
-            .values(
-                state=JobState.QUEUED,
-                phase="queued",
-                progress=0.0,
-                step=0,
-                claim_token=None,
-                updated_at=now,
-            )
-        )
+        lifecycle.hand_back(session, job_id, by=by, message=message)
 
 
 @worker_shutdown.connect

@@ -13,7 +13,7 @@ from svdfarm.db import alembic_config, downgrade, upgrade
 from svdfarm.models import Base
 from tests.conftest import DATABASES
 
-TABLES = {"jobs", "attempts", "workers", "alembic_version"}
+TABLES = {"jobs", "attempts", "job_events", "workers", "alembic_version"}
 
 
 def test_single_head() -> None:

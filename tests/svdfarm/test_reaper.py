@@ -13,12 +13,14 @@ from celery import Celery
 
 from svdfarm.celery_app import create_celery
 from svdfarm.db import Database
+from svdfarm.deliveries import lost_streak
+from svdfarm.lifecycle import By, settle_lost
 from svdfarm.models import Attempt, Job, Worker, utcnow
-from svdfarm.reaper import broker_held_ids, lost_streak, reap
+from svdfarm.reaper import broker_held_ids, reap
 from svdfarm.settings import Settings
-from svdfarm.states import AttemptOutcome, ErrorClass, JobState, WorkerState
+from svdfarm.states import Actor, AttemptOutcome, ErrorClass, JobState, WorkerState
 from tests.conftest import DATABASES
-from tests.records import job_row
+from tests.rows import add_worker, job_row
 
 DEAD = "dead@host"
 ALIVE = "alive@host"
@@ -41,7 +43,7 @@ def celery(fast: Settings) -> Celery:
 @pytest.fixture(autouse=True)
 def live_reaper(db: Database) -> str:
     """The worker running the reaper: beating, no job of its own."""
-    add_worker(db, REAPER, age_s=0.1, job_id=None)
+    add_worker(db, REAPER, ["svd.cpu.fp32.8g"], 0.1, state=WorkerState.BUSY)
     return REAPER
 
 
@@ -51,21 +53,6 @@ def queued_messages(settings: Settings) -> list[str]:
     for path in sorted((settings.broker_dir / "queue").glob("*.msg")):
         ids.append(json.loads(path.read_text())["headers"]["id"])
     return ids
-
-
-def add_worker(db: Database, hostname: str, age_s: float, job_id: uuid.UUID | None) -> None:
-    """A worker row whose last heartbeat was ``age_s`` ago, naming ``job_id`` as its job."""
-    with db.begin() as session:
-        session.add(
-            Worker(
-                hostname=hostname,
-                capabilities={"device": "cpu"},
-                queues=["svd.cpu.fp32.8g"],
-                state=WorkerState.BUSY,
-                last_heartbeat=utcnow() - timedelta(seconds=age_s),
-                current_job_id=job_id,
-            )
-        )
 
 
 def running_job(
@@ -133,7 +120,7 @@ def test_a_job_of_a_dead_worker_is_requeued_and_published(
 ) -> None:
     """Offline owner: the attempt is closed as worker lost, the job queued and on the broker."""
     job_id = running_job(db)
-    add_worker(db, DEAD, age_s=10, job_id=job_id)
+    add_worker(db, DEAD, ["svd.cpu.fp32.8g"], 10, state=WorkerState.BUSY, current_job_id=job_id)
     reaped = reap(db, fast, celery)
     assert reaped.requeued == [str(job_id)] and reaped.republished == [str(job_id)]
     job = load(db, job_id)
@@ -157,7 +144,7 @@ def test_a_job_a_live_worker_holds_is_left_alone(
 ) -> None:
     """Quiet for a minute (a long model load) but its worker beats: not touched."""
     job_id = running_job(db)
-    add_worker(db, ALIVE, age_s=0.2, job_id=job_id)
+    add_worker(db, ALIVE, ["svd.cpu.fp32.8g"], 0.2, state=WorkerState.BUSY, current_job_id=job_id)
     assert not reap(db, fast, celery)
     assert load(db, job_id).state is JobState.RUNNING
     assert queued_messages(fast) == []
@@ -179,7 +166,7 @@ def test_nothing_is_judged_while_no_worker_beats(
     from sqlalchemy import update
 
     job_id = running_job(db)
-    add_worker(db, DEAD, age_s=10, job_id=job_id)
+    add_worker(db, DEAD, ["svd.cpu.fp32.8g"], 10, state=WorkerState.BUSY, current_job_id=job_id)
     with db.begin() as session:
         session.execute(update(Worker).values(last_heartbeat=utcnow() - timedelta(seconds=60)))
     assert not reap(db, fast, celery)
@@ -196,7 +183,7 @@ def test_the_worker_lost_before_its_first_attempt_still_counts(
 ) -> None:
     """No attempt row (it died loading the model): one lost attempt is recorded for it."""
     job_id = running_job(db, attempt=False)
-    add_worker(db, DEAD, age_s=10, job_id=job_id)
+    add_worker(db, DEAD, ["svd.cpu.fp32.8g"], 10, state=WorkerState.BUSY, current_job_id=job_id)
     assert reap(db, fast, celery).requeued == [str(job_id)]
     (attempt,) = load(db, job_id).attempts
     assert attempt.error_class is ErrorClass.WORKER_LOST and attempt.worker == DEAD
@@ -268,7 +255,6 @@ def test_reapers_racing_publish_a_lost_job_once(db: Database, fast: Settings) ->
     """Two reapers that read the same stale row: only the first one's conditional update
     wins, so the job gets one new message."""
     job_id = running_job(db)
-    from svdfarm.reaper import settle_lost_job
 
     with db.begin() as session:
         job = session.get(Job, job_id)
@@ -277,9 +263,15 @@ def test_reapers_racing_publish_a_lost_job_once(db: Database, fast: Settings) ->
     with db.begin() as session:
         job = session.get(Job, job_id)
         assert job is not None
-        assert settle_lost_job(session, fast, job, seen) == "requeued"
+        assert (
+            settle_lost(session, fast, job, by=By(Actor.REAPER, REAPER), seen_updated_at=seen)
+            is JobState.QUEUED
+        )
     with db.begin() as session:
         job = session.get(Job, job_id)
         assert job is not None
-        assert settle_lost_job(session, fast, job, seen) is None
+        assert (
+            settle_lost(session, fast, job, by=By(Actor.REAPER, REAPER), seen_updated_at=seen)
+            is None
+        )
     assert [a.error_class for a in load(db, job_id).attempts] == [ErrorClass.WORKER_LOST]

@@ -17,7 +17,7 @@ from svdfarm.settings import Settings
 from svdfarm.states import JobState
 from tests.conftest import DATABASES, make_settings
 from tests.factories import jpeg_bytes, png_bytes, webp_bytes
-from tests.records import job_count, load_job
+from tests.rows import job_count, load_job
 from web import create_app
 
 
@@ -105,16 +105,47 @@ def test_read_and_cancel_round_trip(client: FlaskClient) -> None:
 
 
 @pytest.mark.parametrize("database_url", DATABASES, indirect=True)
+def test_events_tell_the_story_in_order(client: FlaskClient) -> None:
+    """Submit then cancel: the events answer submitted, published, canceled, in id order,
+    each with its actor; the status page shows them as a timeline."""
+    job_id = post_job(client, png_bytes()).get_json()["id"]
+    assert client.post(f"/api/v1/jobs/{job_id}/cancel").status_code == 202
+    response = client.get(f"/api/v1/jobs/{job_id}/events")
+    assert response.status_code == 200
+    events = response.get_json()["events"]
+    assert [(e["type"], e["actor"]) for e in events] == [
+        ("submitted", "api"),
+        ("published", "api"),
+        ("canceled", "api"),
+    ]
+    assert [e["id"] for e in events] == sorted(e["id"] for e in events)
+    assert events[0]["details"]["queue"].startswith("svd.")
+    assert all(set(e) == {"id", "type", "at", "actor", "details"} for e in events)
+    page = client.get(f"/jobs/{job_id}").get_data(as_text=True)
+    assert 'id="timeline"' in page and "Submitted to svd." in page and "Canceled" in page
+
+
+@pytest.mark.parametrize("database_url", DATABASES, indirect=True)
 @pytest.mark.parametrize(
     ("method", "job_id", "suffix"),
     [
         ("get", None, ""),
+        ("get", None, "/events"),
+        ("get", "nope", "/events"),
         ("post", None, "/cancel"),
         ("get", "not-a-job-id", ""),
         ("get", "12345", ""),
         ("post", "nope", "/cancel"),
     ],
-    ids=["unknown", "cancel-unknown", "malformed", "number", "cancel-malformed"],
+    ids=[
+        "unknown",
+        "events-unknown",
+        "events-malformed",
+        "cancel-unknown",
+        "malformed",
+        "number",
+        "cancel-malformed",
+    ],
 )
 def test_unknown_and_malformed_ids_are_404_json(
     client: FlaskClient, method: str, job_id: str | None, suffix: str

@@ -10,13 +10,14 @@ from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from svdfarm.actions import requeue_jobs
 from svdfarm.celery_app import create_celery
 from svdfarm.db import Database
-from svdfarm.requeue import requeue_jobs
+from svdfarm.lifecycle import By
 from svdfarm.settings import Settings
-from svdfarm.states import ErrorClass, JobState, WorkerState
+from svdfarm.states import Actor, ErrorClass, JobState, WorkerState
 from tests.conftest import DATABASES, REDIS_URL, needs_redis
-from tests.svdfarm.test_requeue import QUEUE, add_job, add_worker
+from tests.rows import QUEUE, add_job, add_worker
 from web import create_app
 
 PLAN = "fp16 unet+enc, fp32 vae, chunk 8 on cuda"
@@ -77,7 +78,7 @@ def test_metrics_count_jobs_attempts_durations_queues_and_workers(
     add_job(db, settings, JobState.QUEUED)
     celery = create_celery(settings)
     with db.session() as session:
-        assert requeue_jobs(session, celery, settings, [requeued])[0].done
+        assert requeue_jobs(session, celery, settings, [requeued], by=By(Actor.ADMIN))[0].done
     celery.close()
     add_worker(db, "gpu1@farm", [QUEUE], state=WorkerState.IDLE)
     add_worker(db, "gone@farm", [QUEUE], heartbeat_age_s=3600)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from svdfarm.params import RenderParams
 from svdfarm.settings import Settings, load_settings
-from svdfarm.states import AttemptOutcome
+from svdfarm.states import AttemptOutcome, Phase
 from tests.media import probe_video
 from worker.casts import cast_floats, casts_enabled, failing_component, set_casts
 from worker.pipeline import load_pipeline
@@ -70,7 +70,15 @@ def test_every_dtype_plan_runs_in_one_attempt_with_casts(
     hooks = _Collect()
     video = tmp_path / "out.mp4"
     render_with_ladder(
-        tiny_settings, PARAMS, plan, None, IMAGE, video, tmp_path / "p.png", _ignore, hooks
+        tiny_settings,
+        PARAMS,
+        plan=plan,
+        reason=None,
+        image=IMAGE,
+        video_path=video,
+        poster_path=tmp_path / "p.png",
+        report=_ignore,
+        hooks=hooks,
     )
     assert [a.outcome for a in hooks.attempts] == [AttemptOutcome.SUCCEEDED]
     assert hooks.attempts[0].plan == plan
@@ -80,7 +88,7 @@ def test_every_dtype_plan_runs_in_one_attempt_with_casts(
         assert getattr(pipe, component).dtype == plan.torch_dtype(component)
 
 
-def _ignore(_phase: str, _progress: float, _step: int) -> None:
+def _ignore(_phase: Phase, _progress: float, _step: int) -> None:
     """A progress reporter that reports nowhere."""
 
 

@@ -14,14 +14,16 @@ from celery import Celery
 from sqlalchemy import select
 
 from svdfarm.db import Database
+from svdfarm.deliveries import lost_message
 from svdfarm.jobs import submit_job, validate_submission
+from svdfarm.lifecycle import By
 from svdfarm.models import Attempt, Job, Worker, utcnow
-from svdfarm.reaper import lost_message
 from svdfarm.settings import Settings
-from svdfarm.states import AttemptOutcome, ErrorClass, JobState, WorkerState
+from svdfarm.states import Actor, AttemptOutcome, ErrorClass, JobState, RunOutcome, WorkerState
 from svdfarm.storage import Storage
 from tests.conftest import DATABASES
 from tests.factories import png_bytes
+from tests.rows import add_worker
 from worker.execute import run_job
 
 ME = "w2@test"
@@ -44,30 +46,7 @@ def submit(db: Database, settings: Settings) -> uuid.UUID:
     submission = validate_submission(settings, raw, png_bytes(), "in.png")
     celery: Celery = create_celery(settings)
     with db.session() as session:
-        return submit_job(session, celery, settings, submission).id
-
-
-def add_worker(
-    db: Database,
-    hostname: str,
-    heartbeat_age_s: float,
-    state: WorkerState = WorkerState.IDLE,
-    current_job_id: uuid.UUID | None = None,
-) -> None:
-    """A worker row on the CPU queues whose last heartbeat was ``heartbeat_age_s`` ago."""
-    now = utcnow()
-    with db.begin() as session:
-        session.add(
-            Worker(
-                hostname=hostname,
-                capabilities={"device": "cpu"},
-                queues=[f"svd.cpu.fp32.{t}g" for t in (8, 12, 16, 24)],
-                state=state,
-                started_at=now - timedelta(hours=1),
-                last_heartbeat=now - timedelta(seconds=heartbeat_age_s),
-                current_job_id=current_job_id,
-            )
-        )
+        return submit_job(session, celery, settings, submission, by=By(Actor.API)).id
 
 
 def mark_running(db: Database, job_id: uuid.UUID, *owners: str) -> None:
@@ -100,8 +79,14 @@ def running_elsewhere(
     job_id = submit(db, settings)
     mark_running(db, job_id, OWNER)
     if owner_heartbeat_age_s is not None:
-        add_worker(db, OWNER, owner_heartbeat_age_s, WorkerState.BUSY, current_job_id=job_id)
-    add_worker(db, ME, 0)
+        add_worker(
+            db,
+            OWNER,
+            heartbeat_age_s=owner_heartbeat_age_s,
+            state=WorkerState.BUSY,
+            current_job_id=job_id,
+        )
+    add_worker(db, ME, heartbeat_age_s=0)
     return job_id
 
 
@@ -161,7 +146,7 @@ def assert_taken_over(db: Database, settings: Settings, job_id: uuid.UUID, lost:
 def test_a_job_running_on_a_live_worker_is_not_claimed(db: Database, beats: Settings) -> None:
     """A duplicate delivery while the owner beats returns "running elsewhere", adds nothing."""
     job_id = running_elsewhere(db, beats, owner_heartbeat_age_s=1)
-    assert run_job(db, beats, str(job_id), ME) == "running elsewhere"
+    assert run_job(db, beats, str(job_id), ME) == RunOutcome.RUNNING_ELSEWHERE
     assert_untouched(db, job_id, [OWNER])
     owner = worker_row(db, OWNER)
     assert owner.state is WorkerState.BUSY and owner.current_job_id == job_id
@@ -170,7 +155,7 @@ def test_a_job_running_on_a_live_worker_is_not_claimed(db: Database, beats: Sett
 def test_two_missed_beats_are_not_yet_lost(db: Database, beats: Settings) -> None:
     """An owner 25 s quiet at a 10 s interval (under three beats) still holds the job."""
     job_id = running_elsewhere(db, beats, owner_heartbeat_age_s=25)
-    assert run_job(db, beats, str(job_id), ME) == "running elsewhere"
+    assert run_job(db, beats, str(job_id), ME) == RunOutcome.RUNNING_ELSEWHERE
     assert_untouched(db, job_id, [OWNER])
 
 
@@ -178,9 +163,9 @@ def test_a_draining_owner_still_holds_its_job(db: Database, beats: Settings) -> 
     """A worker stopping gracefully finishes its running job: not claimed from under it."""
     job_id = submit(db, beats)
     mark_running(db, job_id, OWNER)
-    add_worker(db, OWNER, 2, WorkerState.DRAINING, current_job_id=job_id)
-    add_worker(db, ME, 0)
-    assert run_job(db, beats, str(job_id), ME) == "running elsewhere"
+    add_worker(db, OWNER, heartbeat_age_s=2, state=WorkerState.DRAINING, current_job_id=job_id)
+    add_worker(db, ME, heartbeat_age_s=0)
+    assert run_job(db, beats, str(job_id), ME) == RunOutcome.RUNNING_ELSEWHERE
     assert_untouched(db, job_id, [OWNER])
 
 
@@ -188,10 +173,10 @@ def test_one_live_owner_among_dead_ones_holds_the_job(db: Database, beats: Setti
     """Two running attempts, one of a dead worker and one of a live one: not claimed."""
     job_id = submit(db, beats)
     mark_running(db, job_id, OWNER, "w3@alive")
-    add_worker(db, OWNER, 300, WorkerState.BUSY)
-    add_worker(db, "w3@alive", 1, WorkerState.BUSY, current_job_id=job_id)
-    add_worker(db, ME, 0)
-    assert run_job(db, beats, str(job_id), ME) == "running elsewhere"
+    add_worker(db, OWNER, heartbeat_age_s=300, state=WorkerState.BUSY)
+    add_worker(db, "w3@alive", heartbeat_age_s=1, state=WorkerState.BUSY, current_job_id=job_id)
+    add_worker(db, ME, heartbeat_age_s=0)
+    assert run_job(db, beats, str(job_id), ME) == RunOutcome.RUNNING_ELSEWHERE
     assert_untouched(db, job_id, [OWNER, "w3@alive"])
 
 
@@ -218,8 +203,8 @@ def test_a_worker_that_shut_down_loses_its_job(db: Database, beats: Settings) ->
     """An owner that marked itself offline (fresh heartbeat, state offline) holds nothing."""
     job_id = submit(db, beats)
     mark_running(db, job_id, OWNER)
-    add_worker(db, OWNER, 1, WorkerState.OFFLINE)
-    add_worker(db, ME, 0)
+    add_worker(db, OWNER, heartbeat_age_s=1, state=WorkerState.OFFLINE)
+    add_worker(db, ME, heartbeat_age_s=0)
     assert run_job(db, beats, str(job_id), ME) == "succeeded"
     assert_taken_over(db, beats, job_id, OWNER)
 
@@ -235,7 +220,7 @@ def test_a_restarted_worker_takes_its_own_job_back(db: Database, beats: Settings
     """Redelivered to the same hostname (it restarted): claimed, its old attempt closed."""
     job_id = submit(db, beats)
     mark_running(db, job_id, ME)
-    add_worker(db, ME, 0)
+    add_worker(db, ME, heartbeat_age_s=0)
     assert run_job(db, beats, str(job_id), ME) == "succeeded"
     job = load(db, job_id)
     first, second = job.attempts
@@ -248,8 +233,8 @@ def test_a_live_owner_whose_render_died_releases_the_job(db: Database, beats: Se
     """The owner still beats but no longer runs the job (its pool process died): claimed."""
     job_id = submit(db, beats)
     mark_running(db, job_id, OWNER)
-    add_worker(db, OWNER, 1, WorkerState.IDLE, current_job_id=None)
-    add_worker(db, ME, 0)
+    add_worker(db, OWNER, heartbeat_age_s=1, state=WorkerState.IDLE, current_job_id=None)
+    add_worker(db, ME, heartbeat_age_s=0)
     assert run_job(db, beats, str(job_id), ME) == "succeeded"
     attempts = load(db, job_id).attempts
     assert [(a.worker, a.outcome) for a in attempts] == [
@@ -266,15 +251,15 @@ def test_a_duplicate_delivery_waits_for_the_owners_first_beat(
     name the job yet); once a beat after the attempt shows the job is not there, it may."""
     job_id = submit(db, beats)
     mark_running(db, job_id, OWNER)
-    add_worker(db, OWNER, 0, WorkerState.IDLE, current_job_id=None)
-    add_worker(db, ME, 0)
+    add_worker(db, OWNER, heartbeat_age_s=0, state=WorkerState.IDLE, current_job_id=None)
+    add_worker(db, ME, heartbeat_age_s=0)
     with db.begin() as session:
         owner = session.get(Worker, OWNER)
         attempt = session.scalars(select(Attempt).where(Attempt.job_id == job_id)).one()
         assert owner is not None
         began = owner.last_heartbeat + timedelta(milliseconds=200)
         attempt.started_at = began
-    assert run_job(db, beats, str(job_id), ME) == "running elsewhere"
+    assert run_job(db, beats, str(job_id), ME) == RunOutcome.RUNNING_ELSEWHERE
     assert_untouched(db, job_id, [OWNER])
     with db.begin() as session:  # the owner's next beat: alive, not running the job
         owner = session.get(Worker, OWNER)

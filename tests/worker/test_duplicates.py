@@ -12,13 +12,14 @@ from celery import Celery
 
 from svdfarm.db import Database
 from svdfarm.jobs import submit_job, validate_submission
+from svdfarm.lifecycle import By
 from svdfarm.models import Job, Worker, utcnow
 from svdfarm.settings import Settings
-from svdfarm.states import AttemptOutcome, ErrorClass, JobState
+from svdfarm.states import Actor, AttemptOutcome, ClaimOutcome, ErrorClass, JobState, RunOutcome
 from svdfarm.storage import Storage
 from tests.conftest import DATABASES
 from tests.factories import png_bytes
-from worker.execute import Claimed, _claim, _finish, run_job
+from worker.execute import Claimed, _claim, _End, _finish, run_job
 
 
 def submit(db: Database, settings: Settings) -> uuid.UUID:
@@ -29,7 +30,7 @@ def submit(db: Database, settings: Settings) -> uuid.UUID:
     submission = validate_submission(settings, raw, png_bytes(), "in.png")
     celery: Celery = create_celery(settings)
     with db.session() as session:
-        return submit_job(session, celery, settings, submission).id
+        return submit_job(session, celery, settings, submission, by=By(Actor.API)).id
 
 
 def load(db: Database, job_id: uuid.UUID) -> Job:
@@ -53,7 +54,7 @@ def test_a_second_delivery_after_success_changes_nothing(db: Database, settings:
     assert run_job(db, settings, str(job_id), "w1@test") == "succeeded"
     video = Storage(settings.storage_dir).path(load(db, job_id).video_key or "")
     before = (video.read_bytes(), video.stat().st_mtime_ns)
-    assert run_job(db, settings, str(job_id), "w2@test") == "succeeded"
+    assert run_job(db, settings, str(job_id), "w2@test") is RunOutcome.FINISHED
     assert (video.read_bytes(), video.stat().st_mtime_ns) == before
     assert len(load(db, job_id).attempts) == 1
     assert outputs(settings, job_id) == ["video.mp4"]
@@ -99,10 +100,10 @@ def test_a_stale_claim_cannot_finish_or_overwrite(db: Database, settings: Settin
         db,
         settings,
         stale,
-        job_id,
-        "a@test",
-        {"state": JobState.SUCCEEDED, "video_key": Storage.key(job_id, "video.mp4")},
-        {rendered: video},
+        job_id=job_id,
+        hostname="a@test",
+        end=_End(RunOutcome.SUCCEEDED, values={"video_key": Storage.key(job_id, "video.mp4")}),
+        outputs={rendered: video},
     )
     assert won is False
     assert video.read_bytes() == good and not rendered.exists()
@@ -119,11 +120,12 @@ def test_a_stale_claim_cannot_fail_a_job_either(db: Database, settings: Settings
     """A's late failure report does not touch the job B now holds."""
     job_id = submit(db, settings)
     stale = _claim(db, settings, job_id, "a@test")
-    assert _claim(db, settings, job_id, "b@test") == "running elsewhere", "A just claimed it"
+    assert _claim(db, settings, job_id, "b@test") is ClaimOutcome.RUNNING_ELSEWHERE, "A claimed it"
     claimed_long_ago(db, job_id)
     fresh = _claim(db, settings, job_id, "b@test")
     assert isinstance(stale, Claimed) and isinstance(fresh, Claimed)
-    assert not _finish(db, settings, stale, job_id, "a@test", {"state": JobState.FAILED})
+    failed = _End(RunOutcome.FAILED, error="boom")
+    assert not _finish(db, settings, stale, job_id=job_id, hostname="a@test", end=failed)
     assert load(db, job_id).state is JobState.RUNNING
-    assert _finish(db, settings, fresh, job_id, "b@test", {"state": JobState.FAILED})
+    assert _finish(db, settings, fresh, job_id=job_id, hostname="b@test", end=failed)
     assert load(db, job_id).state is JobState.FAILED

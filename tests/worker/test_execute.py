@@ -11,11 +11,13 @@ import pytest
 from celery import Celery
 from sqlalchemy import select
 
+from svdfarm import lifecycle
 from svdfarm.db import Database
 from svdfarm.jobs import submit_job, validate_submission
+from svdfarm.lifecycle import By
 from svdfarm.models import Attempt, Job
 from svdfarm.settings import Settings
-from svdfarm.states import AttemptOutcome, ErrorClass, JobState
+from svdfarm.states import Actor, AttemptOutcome, ErrorClass, JobState, RunOutcome
 from svdfarm.storage import Storage
 from tests.conftest import DATABASES
 from tests.factories import png_bytes
@@ -31,7 +33,7 @@ def _submit(db: Database, settings: Settings, **fields: str) -> uuid.UUID:
     submission = validate_submission(settings, raw, png_bytes(), "in.png")
     celery: Celery = create_celery(settings)
     with db.session() as session:
-        return submit_job(session, celery, settings, submission).id
+        return submit_job(session, celery, settings, submission, by=By(Actor.API)).id
 
 
 def _job(db: Database, job_id: uuid.UUID) -> Job:
@@ -70,7 +72,7 @@ def test_a_finished_job_is_not_run_again(db: Database, settings: Settings) -> No
     run_job(db, settings, str(job_id), "w1@test")
     video = Storage(settings.storage_dir).path(_job(db, job_id).video_key or "")
     before = (video.stat().st_mtime_ns, video.read_bytes())
-    assert run_job(db, settings, str(job_id), "w2@test") == "succeeded"
+    assert run_job(db, settings, str(job_id), "w2@test") is RunOutcome.FINISHED
     assert len(_job(db, job_id).attempts) == 1
     assert (video.stat().st_mtime_ns, video.read_bytes()) == before
 
@@ -117,8 +119,8 @@ def test_a_canceled_queued_job_is_skipped(db: Database, settings: Settings) -> N
     """A job canceled while queued is never started."""
     job_id = _submit(db, settings)
     with db.begin() as session:
-        session.get(Job, job_id).state = JobState.CANCELED  # type: ignore[union-attr]
-    assert run_job(db, settings, str(job_id), "w1@test") == "canceled"
+        lifecycle.cancel(session, job_id, by=By(Actor.API))
+    assert run_job(db, settings, str(job_id), "w1@test") is RunOutcome.FINISHED
     assert _job(db, job_id).attempts == []
 
 

@@ -1,0 +1,516 @@
+"""The job's life: its allowed moves, who may make each, and one function per move.
+
+This is the only module that writes ``jobs.state``. Each function is a conditional UPDATE on
+what its caller saw (the state, the claim token or the time of the last change), so two
+actors racing on one job never both win; and each writes a ``job_events`` row in the same
+transaction, so the events are the job's story, in order. A move the table does not allow
+raises :class:`IllegalMove` naming the job, its state and the move; a move that lost a race
+returns False (or None) and changes nothing. The functions never commit: the caller's
+transaction holds the change and its event together.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, select, update
+from sqlalchemy.orm import Session
+
+from svdfarm import deliveries
+from svdfarm.models import Job, JobEvent, Worker, utcnow
+from svdfarm.settings import Settings
+from svdfarm.states import (
+    Actor,
+    ClaimOutcome,
+    ErrorClass,
+    EventType,
+    JobState,
+    Phase,
+)
+
+Q, R, CR = JobState.QUEUED, JobState.RUNNING, JobState.CANCEL_REQUESTED
+S, F, C = JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED
+USERS = frozenset({Actor.WEB, Actor.API, Actor.ADMIN, Actor.CLI})
+OPERATORS = frozenset({Actor.ADMIN, Actor.CLI})
+
+
+@dataclass(frozen=True)
+class By:
+    """Who makes a move: a kind of actor and, where there is one, its name (a worker's
+    hostname, the admin's user name)."""
+
+    kind: Actor
+    name: str = ""
+
+    def __str__(self) -> str:
+        """``kind:name``, or the kind alone."""
+        return self.kind.value + (f":{self.name}" if self.name else "")
+
+
+@dataclass(frozen=True)
+class Move:
+    """One allowed move: from these states to one (None: the job stays where it is)."""
+
+    name: str
+    sources: tuple[JobState | None, ...]
+    target: JobState | None
+    actors: frozenset[Actor]
+    event: EventType | None
+    summary: str
+
+
+#: Every move a job can make. ``None`` as a source is "no job yet" (submit).
+MOVES: tuple[Move, ...] = (
+    Move("submit", (None,), Q, frozenset({Actor.WEB, Actor.API}), EventType.SUBMITTED,
+         "a request is recorded"),
+    Move("publish", (Q,), None, USERS | {Actor.REAPER}, EventType.PUBLISHED,
+         "its id is put on its queue (again, by the reaper, when the broker lost it)"),
+    Move("claim", (Q,), R, frozenset({Actor.WORKER}), EventType.CLAIMED,
+         "a worker takes it under a new claim token"),
+    Move("progress", (R,), None, frozenset({Actor.WORKER}), EventType.PHASE,
+         "the worker reports progress; a new phase is an event"),
+    Move("attempt_failed", (R, CR), None, frozenset({Actor.WORKER}), EventType.ATTEMPT_FAILED,
+         "one rung of the retry ladder failed; the next one starts"),
+    Move("succeed", (R, CR), S, frozenset({Actor.WORKER}), EventType.SUCCEEDED,
+         "the video is stored"),
+    Move("fail", (R, CR), F, frozenset({Actor.WORKER}), EventType.FAILED,
+         "every rung failed, or the job cannot be rendered"),
+    Move("request_cancel", (R,), CR, USERS, EventType.CANCEL_REQUESTED,
+         "a user asks a running job to stop; its worker stops at the next step"),
+    Move("cancel", (Q,), C, USERS, EventType.CANCELED, "a user cancels a waiting job"),
+    Move("confirm_cancel", (CR,), C, frozenset({Actor.WORKER, Actor.REAPER}),
+         EventType.CANCELED, "the worker stopped (or was lost) after a cancel request"),
+    Move("requeue", (F, C), Q, OPERATORS, EventType.REQUEUED,
+         "an operator queues an ended job again, with overrides"),
+    Move("hand_back", (R,), Q, frozenset({Actor.WORKER}), EventType.HANDED_BACK,
+         "a stopping worker gives its job back to the queue"),
+    Move("lose_worker", (R,), Q, frozenset({Actor.WORKER, Actor.REAPER}),
+         EventType.WORKER_LOST, "its worker was lost; the job goes back to the queue"),
+    Move("poison", (R,), F, frozenset({Actor.WORKER, Actor.REAPER}), EventType.FAILED,
+         "its workers were lost too many times in a row"),
+)  # fmt: skip
+
+_BY_NAME = {move.name: move for move in MOVES}
+
+
+class IllegalMove(ValueError):
+    """A move the table does not allow from the job's state, or not to this actor."""
+
+    def __init__(self, job_id: uuid.UUID | str, state: JobState | None, move: str, by: By):
+        """Say which job, in which state, refused which move by whom."""
+        where = state.label if state is not None else "not yet recorded"
+        allowed = _BY_NAME[move]
+        if state in allowed.sources or (state is None and None in allowed.sources):
+            why = f"{by.kind.label} may not {move.replace('_', ' ')}"
+        else:
+            sources = ", ".join(s.label if s else "new" for s in allowed.sources)
+            why = f"{move.replace('_', ' ')} is allowed only from {sources}"
+        super().__init__(f"Job {job_id} is {where}: {why}.")
+        self.job_id, self.state, self.move, self.by = job_id, state, move, by
+
+
+def check_move(job_id: uuid.UUID | str, state: JobState | None, move: str, by: By) -> Move:
+    """The move named ``move`` when the table allows it from ``state`` to ``by``."""
+    allowed = _BY_NAME[move]
+    if state not in allowed.sources or by.kind not in allowed.actors:
+        raise IllegalMove(job_id, state, move, by)
+    return allowed
+
+
+def sources(move: str) -> tuple[JobState, ...]:
+    """The states the move named ``move`` may start from."""
+    return tuple(s for s in _BY_NAME[move].sources if s is not None)
+
+
+def allowed_moves(state: JobState, actor: Actor) -> list[str]:
+    """The names of the moves ``actor`` may make from ``state`` (for pages and the CLI)."""
+    return [m.name for m in MOVES if state in m.sources and actor in m.actors]
+
+
+def record(
+    session: Session,
+    job_id: uuid.UUID,
+    event: EventType,
+    by: By,
+    details: Mapping[str, Any] | None = None,
+) -> JobEvent:
+    """Append one event for ``job_id`` to the caller's transaction."""
+    row = JobEvent(
+        job_id=job_id,
+        type=event,
+        at=utcnow(),
+        actor_kind=by.kind,
+        actor=by.name[:255],
+        details=dict(details or {}),
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def _move(
+    session: Session,
+    job_id: uuid.UUID,
+    move: Move,
+    seen: JobState,
+    by: By,
+    *,
+    where: Iterable[ColumnElement[bool]] = (),
+    values: Mapping[str, Any] | None = None,
+    details: Mapping[str, Any] | None = None,
+) -> bool:
+    """Make ``move`` if the job is still in ``seen`` (and ``where`` holds); True if made."""
+    now = utcnow()
+    target = {"state": move.target} if move.target is not None else {}
+    changed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == seen, *where)
+        .values(updated_at=now, **target, **(values or {}))
+        .execution_options(synchronize_session=False)
+    )
+    if not changed.rowcount:  # type: ignore[attr-defined]
+        return False
+    if move.event is not None:
+        record(session, job_id, move.event, by, details)
+    return True
+
+
+def _back_to_queue() -> dict[str, Any]:
+    """What a job that goes back to the queue forgets of its last run."""
+    return {
+        "phase": Phase.QUEUED,
+        "progress": 0.0,
+        "step": 0,
+        "error": None,
+        "claim_token": None,
+        "started_at": None,
+        "finished_at": None,
+    }
+
+
+def _ended(**values: Any) -> dict[str, Any]:
+    """The values of a job that has just ended: done, with its end time."""
+    return {"phase": Phase.DONE, "claim_token": None, "finished_at": utcnow(), **values}
+
+
+def _state_of(session: Session, job_id: uuid.UUID, lock: bool = False) -> JobState | None:
+    """The job's state now (row-locked until commit with ``lock``), None when it is gone."""
+    stmt = select(Job.state).where(Job.id == job_id)
+    if lock:
+        stmt = stmt.with_for_update()
+    return session.scalar(stmt)
+
+
+# -- Users: submit, publish, cancel, requeue -------------------------------------------------
+
+
+def submit(session: Session, job: Job, *, by: By) -> None:
+    """Record a new job, queued, with its ``submitted`` event (flushed, not committed)."""
+    check_move(job.id, None, "submit", by)
+    job.state, job.phase = Q, Phase.QUEUED
+    session.add(job)
+    session.flush()
+    details = {"queue": job.queue, "model": job.model, "precision": job.precision}
+    record(session, job.id, EventType.SUBMITTED, by, details)
+
+
+def publish(
+    session: Session, job_id: uuid.UUID, *, by: By, seen_updated_at: datetime | None = None
+) -> bool:
+    """Mark a queued job as being put on its queue; the caller sends it after commit.
+
+    With ``seen_updated_at`` only if nobody touched the job since (one reaper of many
+    republishes a job). False when the job is no longer queued or was touched.
+    """
+    state = _state_of(session, job_id)
+    if state is not Q:
+        return False
+    move = check_move(job_id, state, "publish", by)
+    where = [Job.updated_at == seen_updated_at] if seen_updated_at is not None else []
+    queue = session.scalar(select(Job.queue).where(Job.id == job_id))
+    return _move(session, job_id, move, Q, by, where=where, details={"queue": queue})
+
+
+def publish_failed(session: Session, job_id: uuid.UUID, *, by: By, error: str) -> None:
+    """Note that the broker refused a job's id; it stays queued for the reaper to publish."""
+    record(session, job_id, EventType.PUBLISH_FAILED, by, {"error": error[:500]})
+
+
+def cancel(session: Session, job_id: uuid.UUID, *, by: By) -> JobState:
+    """A user's cancel: a queued job is canceled, a running one asked to stop.
+
+    Returns the state it left the job in (cancel requested stays so); raises
+    :class:`IllegalMove` for a job that has already ended.
+    """
+    state = _state_of(session, job_id, lock=True)
+    if state is CR:
+        check_move(job_id, R, "request_cancel", by)  # the same right as asking again
+        return CR
+    name = "cancel" if state is Q else "request_cancel"
+    move = check_move(job_id, state, name, by)
+    assert state is not None and move.target is not None
+    values = _ended() if move.target is C else {}
+    if not _move(session, job_id, move, state, by, values=values):  # pragma: no cover - locked
+        raise IllegalMove(job_id, _state_of(session, job_id), name, by)
+    return move.target
+
+
+def requeue(
+    session: Session, job_id: uuid.UUID, *, by: By, overrides: Mapping[str, Any] | None = None
+) -> bool:
+    """Queue an ended job again (failed or canceled), with column ``overrides``.
+
+    Raises :class:`IllegalMove` from another state; False when it changed meanwhile.
+    """
+    state = _state_of(session, job_id, lock=True)
+    move = check_move(job_id, state, "requeue", by)
+    assert state is not None
+    values = {**_back_to_queue(), **(overrides or {})}
+    details = {"from": state.value, "overrides": _plain(overrides or {})}
+    return _move(session, job_id, move, state, by, values=values, details=details)
+
+
+def _plain(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Column values as JSON can hold them."""
+    return {k: v.value if hasattr(v, "value") else v for k, v in values.items()}
+
+
+# -- Workers: claim, progress, attempts, the end ---------------------------------------------
+
+
+@dataclass
+class Claim:
+    """What a claim found: the outcome, and the job and its new token when claimed."""
+
+    outcome: ClaimOutcome
+    job: Job | None = None
+    token: str = ""
+    event: JobEvent | None = field(default=None, repr=False)
+
+
+def claim(session: Session, settings: Settings, job_id: uuid.UUID, *, by: By) -> Claim:
+    """Take the job for the worker ``by`` under a new claim token, or say why not.
+
+    The row is locked until the caller commits, so two deliveries of one job are decided
+    one after the other. A job still running is a redelivery: left alone while a live
+    worker renders it, else its lost run is recorded (and the job poisoned after
+    ``SVDFARM_MAX_DELIVERIES`` such losses in a row) before it is claimed again.
+    """
+    job = session.get(Job, job_id, with_for_update=True, populate_existing=True)
+    if job is None:
+        return Claim(ClaimOutcome.MISSING)
+    if job.state is CR:
+        confirm_cancel(session, job_id, by=by, reason="its cancel was requested before it ran")
+        return Claim(ClaimOutcome.CANCELED, job)
+    if not job.state.claimable:
+        return Claim(ClaimOutcome.FINISHED, job)
+    seen_token = job.claim_token
+    if job.state is R:
+        if deliveries.running_elsewhere(session, settings, job, by.name):
+            return Claim(ClaimOutcome.RUNNING_ELSEWHERE, job)
+        # Redelivered after the worker rendering it died (its pool process was killed).
+        if settle_lost(session, settings, job, by=by, seen_updated_at=None) is not Q:
+            return Claim(ClaimOutcome.POISONED, job)
+        seen_token = None
+    move = check_move(job_id, Q, "claim", by)
+    token = uuid.uuid4().hex
+    unchanged = Job.claim_token.is_(None) if seen_token is None else Job.claim_token == seen_token
+    values = {
+        "phase": Phase.LOADING,
+        "progress": 0.0,
+        "step": 0,
+        "error": None,
+        "claim_token": token,
+        "started_at": utcnow(),
+        "finished_at": None,
+    }
+    if not _move(session, job_id, move, Q, by, where=[unchanged], values=values):
+        return Claim(ClaimOutcome.TAKEN, job)
+    session.refresh(job)
+    event = session.scalars(
+        select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id.desc()).limit(1)
+    ).one()
+    event.details = {"worker": by.name, "queue": job.queue}
+    return Claim(ClaimOutcome.CLAIMED, job, token, event)
+
+
+def progress(
+    session: Session, job_id: uuid.UUID, *, by: By, phase: Phase, fraction: float, step: int
+) -> JobState | None:
+    """Write a running job's progress; a new phase is an event. Returns the job's state."""
+    phase_changed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == R, Job.phase != phase)
+        .values(phase=phase, progress=fraction, step=step, updated_at=utcnow())
+    )
+    if phase_changed.rowcount:  # type: ignore[attr-defined]
+        record(session, job_id, EventType.PHASE, by, {"phase": phase.value, "step": step})
+    else:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == R)
+            .values(progress=fraction, step=step, updated_at=utcnow())
+        )
+    return _state_of(session, job_id)
+
+
+def _holding(job_id: uuid.UUID, token: str) -> list[ColumnElement[bool]]:
+    """The condition that the claim with ``token`` still holds the job."""
+    return [Job.id == job_id, Job.claim_token == token]
+
+
+def _finish_move(
+    session: Session,
+    job_id: uuid.UUID,
+    name: str,
+    by: By,
+    token: str,
+    *,
+    values: Mapping[str, Any] | None = None,
+    details: Mapping[str, Any] | None = None,
+) -> bool:
+    """A worker's move on the job its claim ``token`` holds; False when no longer held."""
+    state = session.scalar(
+        select(Job.state).where(*_holding(job_id, token)).with_for_update()
+    )
+    if state is None or not state.active:
+        return False
+    move = check_move(job_id, state, name, by)
+    where = [Job.claim_token == token]
+    return _move(session, job_id, move, state, by, where=where, values=values, details=details)
+
+
+def attempt_failed(
+    session: Session, job_id: uuid.UUID, *, by: By, token: str, details: Mapping[str, Any]
+) -> bool:
+    """One rung of the ladder failed and the next starts (``details``: plans, error class)."""
+    return _finish_move(session, job_id, "attempt_failed", by, token, details=details)
+
+
+def succeed(
+    session: Session,
+    job_id: uuid.UUID,
+    *,
+    by: By,
+    token: str,
+    values: Mapping[str, Any],
+    details: Mapping[str, Any] | None = None,
+) -> bool:
+    """The claim ``token`` finished the job with its video (``values``: keys, step)."""
+    done = _ended(progress=1.0, error=None, **values)
+    return _finish_move(session, job_id, "succeed", by, token, values=done, details=details)
+
+
+def fail(
+    session: Session,
+    job_id: uuid.UUID,
+    *,
+    by: By,
+    token: str,
+    error: str,
+    details: Mapping[str, Any] | None = None,
+) -> bool:
+    """The claim ``token`` gives the job up with ``error`` (every rung failed, bad input)."""
+    values = _ended(error=error)
+    return _finish_move(session, job_id, "fail", by, token, values=values, details=details)
+
+
+def confirm_cancel(
+    session: Session, job_id: uuid.UUID, *, by: By, token: str | None = None, reason: str = ""
+) -> bool:
+    """A job whose cancel was requested stops: canceled (by its worker, or on its claim)."""
+    where = [Job.claim_token == token] if token is not None else []
+    move = check_move(job_id, CR, "confirm_cancel", by)
+    details = {"reason": reason} if reason else {}
+    return _move(session, job_id, move, CR, by, where=where, values=_ended(), details=details)
+
+
+def hand_back(session: Session, job_id: uuid.UUID, *, by: By, message: str) -> bool:
+    """A stopping worker gives its running job back: its attempt closed, the job queued."""
+    state = _state_of(session, job_id, lock=True)
+    if state is not R:
+        return False
+    move = check_move(job_id, state, "hand_back", by)
+    deliveries.close_running_attempts(
+        session, job_id, error_class=ErrorClass.OTHER, error_type="HandedBack", message=message
+    )
+    details = {"worker": by.name, "reason": message}
+    return _move(session, job_id, move, R, by, values=_back_to_queue(), details=details)
+
+
+# -- Lost workers and poison jobs ------------------------------------------------------------
+
+
+def settle_lost(
+    session: Session,
+    settings: Settings,
+    job: Job,
+    *,
+    by: By,
+    seen_updated_at: datetime | None,
+) -> JobState | None:
+    """Decide a job whose worker was lost: queued again, failed as poison, or canceled.
+
+    Its running attempt is recorded as lost. A job whose cancel was requested is canceled;
+    one lost ``SVDFARM_MAX_DELIVERIES`` times in a row fails (the poison rule, here only);
+    any other goes back to the queue. With ``seen_updated_at``, only if nobody changed the
+    job since; returns the state it was left in, or None when someone else handled it.
+    """
+    state = job.state
+    if not state.active:
+        return None
+    lost_worker = session.scalar(select(Worker.hostname).where(Worker.current_job_id == job.id))
+    streak = deliveries.record_lost_delivery(session, job)
+    where = [Job.updated_at == seen_updated_at] if seen_updated_at is not None else []
+    details = {"worker": lost_worker or "", "lost_in_a_row": streak}
+    if state is CR:
+        move = check_move(job.id, state, "confirm_cancel", by)
+        details["reason"] = "its worker was lost after the cancel request"
+        values = _ended()
+    elif streak >= settings.max_deliveries:
+        move = check_move(job.id, state, "poison", by)
+        details["reason"] = "poison"
+        values = _ended(error=deliveries.poisoned_message(streak))
+    else:
+        move = check_move(job.id, state, "lose_worker", by)
+        values = _back_to_queue()
+    if not _move(session, job.id, move, state, by, where=where, values=values, details=details):
+        session.rollback()
+        return None
+    session.execute(
+        update(Worker).where(Worker.current_job_id == job.id).values(current_job_id=None)
+    )
+    assert move.target is not None
+    return move.target
+
+
+# -- Reading ---------------------------------------------------------------------------------
+
+
+def events_of(session: Session, job_id: uuid.UUID, after: int = 0) -> list[JobEvent]:
+    """The job's events in order (those after event id ``after``)."""
+    return list(
+        session.scalars(
+            select(JobEvent)
+            .where(JobEvent.job_id == job_id, JobEvent.id > after)
+            .order_by(JobEvent.id)
+        )
+    )
+
+
+def mermaid() -> str:
+    """The state diagram as a Mermaid block, drawn from :data:`MOVES`."""
+    lines = ["stateDiagram-v2"]
+    for move in MOVES:
+        for source in move.sources:
+            start = "[*]" if source is None else source.value
+            end = (move.target or source or Q).value
+            who = ", ".join(sorted(a.value for a in move.actors))
+            lines.append(f"    {start} --> {end}: {move.name} ({who})")
+    for state in JobState.terminal_states():
+        lines.append(f"    {state.value} --> [*]")
+    return "\n".join(lines)
