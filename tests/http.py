@@ -1,4 +1,5 @@
-"""Talking to a live server from tests: a free port, a multipart body for the API."""
+"""Requests from tests: a free port for a live server, a multipart body for the API, the CSRF
+token of a page's form and the job id a form's redirect names."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import socket
 import uuid
 
 from flask.testing import FlaskClient
+from werkzeug.test import TestResponse
 
 
 def free_port() -> int:
@@ -38,3 +40,10 @@ def form_token(client: FlaskClient, path: str = "/") -> str:
     found = re.search(r'name="csrf_token" value="([^"]+)"', client.get(path).get_data(True))
     assert found, f"no CSRF field on {path}"
     return found[1]
+
+
+def job_id_from(response: TestResponse) -> str:
+    """The job id in a redirect to a status page."""
+    match = re.fullmatch(r"/jobs/([0-9a-f-]{36})", response.headers["Location"])
+    assert match, response.headers["Location"]
+    return match[1]

@@ -26,7 +26,7 @@ from svdfarm.settings import Settings
 from tests.conftest import REDIS_URL, fresh_database, make_settings, needs_postgres, needs_redis
 from tests.factories import png_bytes
 from tests.media import probe_video
-from tests.records import wait_for_worker
+from tests.rows import wait_for_worker
 
 pytestmark = pytest.mark.slow
 

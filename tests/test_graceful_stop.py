@@ -7,7 +7,6 @@ import io
 import json
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from svdfarm.storage import Storage
 from tests.conftest import REDIS_URL, fresh_database, make_settings, needs_postgres, needs_redis
 from tests.factories import png_bytes
 from tests.processes import LiveProcess, start_worker
-from tests.records import wait_for_worker
+from tests.rows import wait_for_worker, wait_until
 
 pytestmark = [
     pytest.mark.slow,
@@ -103,14 +102,6 @@ def _job(client: FlaskClient, job_id: str) -> dict:
     return dict(client.get(f"/api/v1/jobs/{job_id}").get_json())
 
 
-def _wait_until(predicate: object, what: str, timeout: float = 180) -> None:
-    """Poll ``predicate`` until it is true."""
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
 def _registered(
     settings: Settings, hostname: str, process: subprocess.Popen[bytes], log: Path
 ) -> None:
@@ -130,7 +121,7 @@ def test_sigterm_lets_the_running_job_finish(
     hostname, process, log = workers.start("w", stop_timeout=120)
     _registered(settings, hostname, process, log)
     job_id = _submit(client, steps=20)
-    _wait_until(lambda: _job(client, job_id)["phase"] == "denoising", "denoising")
+    wait_until(lambda: _job(client, job_id)["phase"] == "denoising", "denoising", 180)
     process.send_signal(signal.SIGTERM)
     # It exits once the job is done, well before its 120 s stop timeout.
     assert process.wait(timeout=90) == 0, log.read_text()
@@ -148,14 +139,14 @@ def test_past_the_stop_timeout_the_job_is_redelivered_once(
     first, process, log = workers.start("first", stop_timeout=2)
     _registered(settings, first, process, log)
     job_id = _submit(client, steps=30)
-    _wait_until(lambda: _job(client, job_id)["phase"] == "denoising", "denoising")
+    wait_until(lambda: _job(client, job_id)["phase"] == "denoising", "denoising", 180)
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=120)
     handed_back = _job(client, job_id)
     assert handed_back["state"] == "queued", handed_back  # given back, not failed
 
     second, _, log2 = workers.start("second", stop_timeout=120)
-    _wait_until(
+    wait_until(
         lambda: _job(client, job_id)["state"] in ("succeeded", "failed"), "the redelivered job", 300
     )
     job = _job(client, job_id)

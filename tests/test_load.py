@@ -37,7 +37,7 @@ from tests.processes import (
     start_worker,
     worker_env,
 )
-from tests.records import wait_for_worker
+from tests.rows import wait_for_worker
 
 pytestmark = [
     pytest.mark.slow,

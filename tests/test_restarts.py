@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from tests.conftest import fresh_database, make_settings, needs_postgres, needs_
 from tests.factories import png_bytes
 from tests.media import probe_video
 from tests.processes import LiveProcess, start_worker
-from tests.records import wait_for_worker
+from tests.rows import wait_for_worker, wait_until
 from tests.servers import PrivatePostgres, PrivateRedis, ServerUnavailable
 
 pytestmark = [
@@ -158,18 +158,6 @@ def _job(client: FlaskClient, job_id: str) -> dict[str, Any]:
     return dict(response.get_json())
 
 
-def _wait_until(
-    predicate: Callable[[], bool], what: str, timeout_s: float, details: Callable[[], str]
-) -> float:
-    """Poll ``predicate`` until it is true; the seconds it took. Fails with ``details()``."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout_s:
-            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}\n{details()}")
-        time.sleep(0.2)
-    return time.monotonic() - start
-
-
 def _outputs(settings: Settings, job_id: str) -> list[str]:
     """The names of the MP4 files in a job's folder."""
     return sorted(p.name for p in Storage(settings.storage_dir).path(job_id).glob("*.mp4"))
@@ -218,7 +206,7 @@ def test_redis_restart_loses_no_job_and_workers_reconnect(
     # Two longer jobs, one for each worker, are rendering when Redis goes; four short ones wait.
     job_ids = [_created(client, steps=LONG_STEPS, seed=i) for i in range(2)]
     job_ids += [_created(client, steps=SHORT_STEPS, seed=i) for i in range(2, 6)]
-    _wait_until(
+    wait_until(
         lambda: any(_job(client, j)["phase"] == "denoising" for j in job_ids),
         "a job to be denoising",
         120,
@@ -247,7 +235,7 @@ def test_redis_restart_loses_no_job_and_workers_reconnect(
         states = {j: (_job(client, j)["state"], _job(client, j)["phase"]) for j in job_ids}
         return f"jobs: {states}\n{workers.logs()}"
 
-    drain_s = _wait_until(finished, "every job to end after the Redis restart", 150, details)
+    drain_s = wait_until(finished, "every job to end after the Redis restart", 150, details)
     jobs = {j: _job(client, j) for j in job_ids}
     print(
         f"\nRedis restart: states before {sorted(before.values())}; outage {outage_s:.1f} s; "
@@ -309,7 +297,7 @@ def test_postgres_restart_answers_503_and_keeps_the_video(
         worker = workers.start("pg")
         workers.wait_registered()
         job_id = _created(client, steps=PG_STEPS)
-        _wait_until(
+        wait_until(
             lambda: _job(client, job_id)["phase"] == "denoising", "denoising", 120, workers.logs
         )
 
@@ -336,7 +324,7 @@ def test_postgres_restart_answers_503_and_keeps_the_video(
         # writes ("recording how attempt 1 ended: ..." / "recording how it ended: ...") for
         # a few seconds, and at least OUTAGE_S in all.
         final_write = "ended: database unavailable"
-        _wait_until(
+        wait_until(
             lambda: final_write in worker.text(None),
             "the worker to retry its final status write",
             120,
@@ -353,13 +341,13 @@ def test_postgres_restart_answers_503_and_keeps_the_video(
             """True once the API reads the job again."""
             return client.get(f"/api/v1/jobs/{job_id}").status_code == 200
 
-        web_back_s = _wait_until(answers, "the web to answer again", 30, workers.logs)
+        web_back_s = wait_until(answers, "the web to answer again", 30, workers.logs)
         after = _during_outage(client, job_id)
         for name, response in after.items():
             assert response.status_code in (200, 201), (name, response.status_code)
         second_id = str(after["POST /api/v1/jobs"].get_json()["id"])
 
-        done_s = _wait_until(
+        done_s = wait_until(
             lambda: _job(client, job_id)["state"] in TERMINAL, "the job to end", 90, workers.logs
         )
         job = _job(client, job_id)
@@ -380,7 +368,7 @@ def test_postgres_restart_answers_503_and_keeps_the_video(
         assert video["codec"] == "h264" and video["pix_fmt"] == "yuv420p", video
 
         # The farm goes on: the job submitted after the restart is rendered too.
-        _wait_until(
+        wait_until(
             lambda: _job(client, second_id)["state"] in TERMINAL, "the second job", 90, workers.logs
         )
         assert _job(client, second_id)["state"] == "succeeded", workers.logs()

@@ -17,13 +17,12 @@ from svdfarm.registry import effective_state, online_queues, online_workers, wai
 from svdfarm.settings import Settings
 from svdfarm.states import JobState, WorkerState
 from tests.conftest import DATABASES
-from tests.records import job_row
+from tests.rows import CPU_QUEUES, add_worker, job_row
 
 T4_QUEUES = [f"svd.cuda.{p}.{t}g" for p in ("fp16", "fp32") for t in (8, 12, 16)]
 H100_QUEUES = [
     f"svd.cuda.{p}.{t}g" for p in ("bf16", "fp16", "fp32") for t in (8, 12, 16, 24, 40, 48, 80)
 ]
-CPU_QUEUES = [f"svd.cpu.fp32.{t}g" for t in (8, 12, 16, 24)]
 MPS_QUEUES = [f"svd.mps.{p}.{t}g" for p in ("bf16", "fp16", "fp32") for t in (8, 12)]
 
 pytestmark = pytest.mark.parametrize("database_url", DATABASES, indirect=True)
@@ -35,30 +34,6 @@ def beats(settings: Settings) -> Settings:
     result = settings.with_overrides(heartbeat_interval_s=5.0)
     assert result.offline_after_s == 15.0
     return result
-
-
-def add_worker(
-    db: Database,
-    hostname: str,
-    queues: list[str],
-    heartbeat_age_s: float,
-    state: WorkerState = WorkerState.IDLE,
-    current_job_id: uuid.UUID | None = None,
-) -> None:
-    """Insert a worker row whose last heartbeat was ``heartbeat_age_s`` seconds ago."""
-    now = utcnow()
-    with db.begin() as session:
-        session.add(
-            Worker(
-                hostname=hostname,
-                capabilities={"device": queues[0].split(".")[1] if queues else "cpu"},
-                queues=queues,
-                state=state,
-                started_at=now - timedelta(hours=1),
-                last_heartbeat=now - timedelta(seconds=heartbeat_age_s),
-                current_job_id=current_job_id,
-            )
-        )
 
 
 def add_job(
@@ -249,11 +224,12 @@ def test_jobs_ahead_are_counted_in_the_same_queue_only(db: Database, beats: Sett
     mine = add_job(db, queue, at[5])
     later = add_job(db, queue, at[6])  # behind
 
-    add_worker(db, "t4@a", T4_QUEUES, 1, WorkerState.BUSY, current_job_id=running)
+    add_worker(db, "t4@a", T4_QUEUES, 1, state=WorkerState.BUSY, current_job_id=running)
     add_worker(db, "h100@b", H100_QUEUES, 2)
-    add_worker(db, "t4@stale", T4_QUEUES, 100, WorkerState.BUSY)  # offline: not counted
+    add_worker(db, "t4@stale", T4_QUEUES, 100, state=WorkerState.BUSY)  # offline: not counted
     other = add_job(db, "svd.cpu.fp32.8g", at[0], JobState.RUNNING)
-    add_worker(db, "cpu@c", CPU_QUEUES, 1, WorkerState.BUSY, current_job_id=other)  # not on it
+    # not on it:
+    add_worker(db, "cpu@c", CPU_QUEUES, 1, state=WorkerState.BUSY, current_job_id=other)
 
     assert reason(db, beats, mine) == (
         f"waiting: 2 job(s) ahead in queue {queue}; 2 worker(s) can take it, 1 busy"

@@ -15,15 +15,15 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
+from svdfarm.actions import FP32_DTYPES
 from svdfarm.db import Database
 from svdfarm.models import utcnow
-from svdfarm.requeue import FP32_DTYPES
-from svdfarm.settings import Settings
+from svdfarm.settings import Settings, is_password_hash
 from svdfarm.states import ErrorClass, JobState, WorkerState
 from tests.conftest import DATABASES
-from tests.svdfarm.test_requeue import QUEUE, add_job, add_worker, broker_messages, read_job
+from tests.rows import QUEUE, add_job, add_worker, broker_messages, read_job
 from web import create_app
-from web.auth import LoginLimiter, check_password, hash_password, is_password_hash
+from web.auth import LoginLimiter, check_password, hash_password
 
 PASSWORD = "correct horse battery staple"
 

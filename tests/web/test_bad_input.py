@@ -40,7 +40,8 @@ from tests.factories import (
     truncated,
     webp_bytes,
 )
-from tests.records import job_count, load_job
+from tests.http import form_token
+from tests.rows import job_count, load_job
 from web import create_app
 
 LIMIT = 65_536
@@ -400,8 +401,6 @@ def post_api(client: FlaskClient, sent: Upload) -> Any:
 
 def post_form(client: FlaskClient, sent: Upload) -> Any:
     """POST a submission through the form, with the page's CSRF token."""
-    from tests.web.test_pages import form_token
-
     data = {**_multipart(sent), "csrf_token": form_token(client)}
     return client.post("/", data=data, content_type="multipart/form-data")
 
@@ -625,8 +624,6 @@ def test_the_pages_answer_unknown_jobs_404(farm: Farm, path: str) -> None:
 
 def test_canceling_an_unknown_job_from_the_page_is_404(farm: Farm) -> None:
     """The status page's cancel, with a valid token, on an unknown job: 404."""
-    from tests.web.test_pages import form_token
-
     client = farm.app.test_client()
     token = form_token(client)
     assert_refused(

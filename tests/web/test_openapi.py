@@ -38,7 +38,7 @@ from svdfarm.states import AttemptOutcome, ErrorClass, JobState
 from svdfarm.storage import Storage
 from tests.conftest import DATABASES, make_settings
 from tests.factories import jpeg_bytes, png_bytes, webp_bytes
-from tests.records import job_count
+from tests.rows import job_count
 from web import create_app
 
 #: No 5xx, and every status, content type, header and body as the document says.

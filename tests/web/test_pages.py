@@ -20,7 +20,7 @@ from svdfarm.states import JobState
 from svdfarm.storage import Storage
 from tests.conftest import DATABASES
 from tests.factories import png_bytes
-from tests.http import form_token
+from tests.http import form_token, job_id_from
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +44,6 @@ def submit(client: FlaskClient, **fields: str) -> Any:
         **fields,
     }
     return client.post("/", data=data)
-
-
-def job_id_from(response: Any) -> str:
-    """The job id in a redirect to a status page."""
-    match = re.fullmatch(r"/jobs/([0-9a-f-]{36})", response.headers["Location"])
-    assert match, response.headers["Location"]
-    return match[1]
 
 
 def update_job(app: Flask, job_id: str, **values: Any) -> None:

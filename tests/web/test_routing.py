@@ -13,27 +13,27 @@ import json
 import re
 import uuid
 from collections.abc import Iterator
-from datetime import timedelta
 from typing import Any
 
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from svdfarm.models import Job, Worker, utcnow
+from svdfarm.models import Job
 from svdfarm.queues import estimate_memory_bytes, route
 from svdfarm.settings import Settings
-from svdfarm.states import JobState, WorkerState
+from svdfarm.states import JobState
 from tests.conftest import DATABASES
 from tests.factories import png_bytes
 from tests.http import form_token
-from tests.records import job_count, load_job
+from tests.rows import CPU_QUEUES, add_worker, job_count, load_job
 from web import create_app
 
 GB = 1_000_000_000
 T4_QUEUES = [f"svd.cuda.{p}.{t}g" for p in ("fp16", "fp32") for t in (8, 12, 16)]
 RTX4090_QUEUES = [f"svd.cuda.{p}.{t}g" for p in ("bf16", "fp16", "fp32") for t in (8, 12, 16, 24)]
 M2_QUEUES = [f"svd.mps.{p}.{t}g" for p in ("bf16", "fp16", "fp32") for t in (8, 12)]
+T4 = {"device": "cuda", "name": "Tesla T4"}
 # SVD-XT's defaults at 1024 x 576 (15.2 GB at fp16: over a 16 GB card's 14.4 GB, the 24 GB tier)
 # and the same with a 4-frame decode chunk (11.6 GB at fp16: the 16 GB tier, a T4 takes it).
 SVD_XT = {"num_frames": "25", "width": "1024", "height": "576"}
@@ -70,28 +70,6 @@ def messages(settings: Settings) -> dict[str, str]:
         args = json.loads(base64.b64decode(message["body"]))[0]
         found[args[0]] = name["queue"]
     return found
-
-
-def add_worker(
-    app: Flask,
-    hostname: str,
-    queues: list[str],
-    heartbeat_age_s: float,
-    capabilities: dict[str, Any] | None = None,
-) -> None:
-    """A worker row consuming ``queues`` whose last heartbeat was ``heartbeat_age_s`` ago."""
-    now = utcnow()
-    with app.extensions["svdfarm.db"].begin() as session:
-        session.add(
-            Worker(
-                hostname=hostname,
-                capabilities=capabilities or {"device": "cuda", "name": "Tesla T4"},
-                queues=queues,
-                state=WorkerState.IDLE,
-                started_at=now - timedelta(minutes=5),
-                last_heartbeat=now - timedelta(seconds=heartbeat_age_s),
-            )
-        )
 
 
 def status(client: FlaskClient, job_id: str) -> dict[str, Any]:
@@ -153,7 +131,9 @@ def test_a_live_gpu_worker_gets_the_job(
     """With a fresh T4 row online, auto jobs go to the smallest fp16 GPU tier whose smallest
     card holds them when the T4 consumes it; SVD-XT's defaults need the 24 GB tier, which the
     T4 does not consume, so (CPU allowed) they go to the CPU."""
-    add_worker(app, "t4@gpu-1", T4_QUEUES, heartbeat_age_s=2)
+    add_worker(
+        app.extensions["svdfarm.db"], "t4@gpu-1", T4_QUEUES, heartbeat_age_s=2, capabilities=T4
+    )
     small = submit(client)
     chunk4 = submit(client, **SVD_XT_CHUNK4)
     svd_xt = submit(client, **SVD_XT)
@@ -176,7 +156,7 @@ def test_a_live_24_gb_worker_gets_svd_xt_defaults(
 ) -> None:
     """With a 24 GB card online (RTX 4090 queues), SVD-XT's defaults go to its fp16 24 GB
     queue, and bf16 to the 16 GB one."""
-    add_worker(app, "4090@gpu-2", RTX4090_QUEUES, heartbeat_age_s=1)
+    add_worker(app.extensions["svdfarm.db"], "4090@gpu-2", RTX4090_QUEUES, heartbeat_age_s=1)
     auto = submit(client, **SVD_XT)
     bf16 = submit(client, **SVD_XT, precision="bf16")
     assert load_job(app, auto).queue == "svd.cuda.fp16.24g"
@@ -191,7 +171,13 @@ def test_a_gpu_worker_that_missed_its_beats_gets_nothing(
     app: Flask, client: FlaskClient, settings: Settings
 ) -> None:
     """A T4 row whose heartbeat is older than three intervals is ignored: the CPU takes it."""
-    add_worker(app, "t4@gpu-1", T4_QUEUES, heartbeat_age_s=settings.offline_after_s + 5)
+    add_worker(
+        app.extensions["svdfarm.db"],
+        "t4@gpu-1",
+        T4_QUEUES,
+        settings.offline_after_s + 5,
+        capabilities=T4,
+    )
     job_id = submit(client)
     assert load_job(app, job_id).queue == "svd.cpu.fp32.12g"
     assert messages(settings) == {job_id: "svd.cpu.fp32.12g"}
@@ -201,7 +187,9 @@ def test_a_gpu_worker_without_the_class_does_not_take_it(
     app: Flask, client: FlaskClient, settings: Settings
 ) -> None:
     """A bf16 job is not sent to a T4 (no bf16 there); with the CPU allowed, it goes there."""
-    add_worker(app, "t4@gpu-1", T4_QUEUES, heartbeat_age_s=1)
+    add_worker(
+        app.extensions["svdfarm.db"], "t4@gpu-1", T4_QUEUES, heartbeat_age_s=1, capabilities=T4
+    )
     job_id = submit(client, precision="bf16")
     assert load_job(app, job_id).queue == "svd.cpu.fp32.12g"
 
@@ -230,7 +218,10 @@ def test_a_live_mac_gets_the_jobs_its_tier_holds(
     """CPU not allowed, only a Mac (mps, 12 GB tier) online: a small job goes to its mps queue;
     SVD-XT's defaults do not fit its tier and wait on the CUDA class."""
     app, client = gpu_only
-    add_worker(app, "m2@mac-1", M2_QUEUES, 1, {"device": "mps", "name": "Apple M2"})
+    m2 = {"device": "mps", "name": "Apple M2"}
+    add_worker(
+        app.extensions["svdfarm.db"], "m2@mac-1", M2_QUEUES, heartbeat_age_s=1, capabilities=m2
+    )
     small = submit(client)
     svd_xt = submit(client, **SVD_XT)
     assert load_job(app, small).queue == "svd.mps.fp16.8g"
@@ -279,7 +270,9 @@ def test_a_job_too_big_for_any_class_is_refused(
 
 def test_the_refusal_holds_even_with_workers_online(app: Flask, client: FlaskClient) -> None:
     """Live workers change where a job goes, never whether an impossible job is accepted."""
-    add_worker(app, "t4@gpu-1", T4_QUEUES, heartbeat_age_s=1)
+    add_worker(
+        app.extensions["svdfarm.db"], "t4@gpu-1", T4_QUEUES, heartbeat_age_s=1, capabilities=T4
+    )
     response = post_job(
         client, num_frames="128", width="2048", height="2048", decode_chunk_size="64"
     )
@@ -325,7 +318,9 @@ def test_waiting_says_no_worker_can_take_it(client: FlaskClient) -> None:
 
 def test_waiting_counts_the_jobs_ahead(app: Flask, client: FlaskClient) -> None:
     """With a live consumer, each job says how many are ahead of it and who could take it."""
-    add_worker(app, "t4@gpu-1", T4_QUEUES, heartbeat_age_s=1)
+    add_worker(
+        app.extensions["svdfarm.db"], "t4@gpu-1", T4_QUEUES, heartbeat_age_s=1, capabilities=T4
+    )
     first, second = submit(client), submit(client)
     other = submit(client, **SVD_XT_CHUNK4)  # another queue the T4 consumes
     assert status(client, first)["waiting"] == (
@@ -364,7 +359,7 @@ def test_the_status_page_shows_why_it_waits(app: Flask, client: FlaskClient) -> 
         "(a cpu worker with fp32 and >= 12 GB is needed).</p>"
     ) in text
 
-    add_worker(app, "cpu@box-1", [f"svd.cpu.fp32.{t}g" for t in (8, 12, 16, 24)], 1)
+    add_worker(app.extensions["svdfarm.db"], "cpu@box-1", CPU_QUEUES, heartbeat_age_s=1)
     text = html.unescape(client.get(f"/jobs/{job_id}").get_data(as_text=True))
     assert "0 job(s) ahead in queue svd.cpu.fp32.12g; 1 worker(s) can take it" in text
 

@@ -22,7 +22,7 @@ from svdfarm.reaper import reap
 from svdfarm.settings import Settings
 from tests.conftest import DATABASES
 from tests.factories import png_bytes
-from tests.records import job_count
+from tests.rows import job_count
 from web import create_app
 
 

@@ -29,7 +29,7 @@ from tests.factories import (
     truncated,
 )
 from tests.http import form_token
-from tests.records import job_count
+from tests.rows import job_count
 from web import create_app
 
 SMALL_LIMIT = 2048

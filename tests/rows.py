@@ -1,0 +1,225 @@
+"""Rows for tests: jobs, attempts and workers inserted directly, read back, and waits on a
+condition (a worker registering, a job reaching a phase)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+from flask import Flask
+from sqlalchemy import func, select
+
+from svdfarm.db import Database
+from svdfarm.models import Attempt, Job, Worker, utcnow
+from svdfarm.settings import Settings
+from svdfarm.states import AttemptOutcome, ErrorClass, JobState, WorkerState
+from svdfarm.storage import Storage
+
+#: The queue :func:`add_job` routes its jobs to (a 16 GB CUDA card at fp16).
+QUEUE = "svd.cuda.fp16.16g"
+
+#: The queues a CPU worker consumes: :func:`add_worker`'s when it is given none.
+CPU_QUEUES = [f"svd.cpu.fp32.{t}g" for t in (8, 12, 16, 24)]
+
+#: The render parameters of a small job, for rows inserted directly.
+SMALL_JOB = {
+    "model": "tiny",
+    "num_frames": 4,
+    "num_inference_steps": 2,
+    "fps": 7,
+    "motion_bucket_id": 127,
+    "noise_aug_strength": 0.02,
+    "seed": 1,
+    "decode_chunk_size": 8,
+    "width": 64,
+    "height": 64,
+    "precision": "auto",
+    "memory_estimate_bytes": 6_000_000_000,
+}
+
+
+# ---- reading rows back -----------------------------------------------------------------------
+
+
+def load_job(app: Flask, job_id: str) -> Job:
+    """The job row, read in a session of its own."""
+    with app.extensions["svdfarm.db"].session() as session:
+        job = session.get(Job, uuid.UUID(job_id))
+        assert job is not None
+        return job
+
+
+def read_job(db: Database, job_id: uuid.UUID) -> Job | None:
+    """The job row in a fresh session (None when it is gone)."""
+    with db.session() as session:
+        return session.get(Job, job_id)
+
+
+def job_count(app: Flask) -> int:
+    """How many job rows the database holds."""
+    with app.extensions["svdfarm.db"].session() as session:
+        return session.scalar(select(func.count()).select_from(Job)) or 0
+
+
+def broker_messages(settings: Settings) -> list[tuple[str, str]]:
+    """``(queue, job id)`` of every message in the filesystem broker, oldest first."""
+    folder = settings.broker_dir / "queue"
+    found = []
+    for path in sorted(folder.iterdir()) if folder.exists() else []:
+        queue = path.name.split(".", 1)[1].removesuffix(".msg")  # <n>_<uuid>.<queue>.msg
+        body = json.loads(base64.b64decode(json.loads(path.read_bytes())["body"]))
+        found.append((queue, body[0][0]))
+    return found
+
+
+# ---- inserting rows --------------------------------------------------------------------------
+
+
+def job_row(job_id: uuid.UUID, **fields: object) -> Job:
+    """A job row with a small job's parameters; ``fields`` set or replace any column."""
+    values: dict[str, object] = {**SMALL_JOB, "input_key": f"{job_id}/input.png", **fields}
+    return Job(id=job_id, **values)
+
+
+def add_job(
+    db: Database,
+    settings: Settings,
+    state: JobState = JobState.FAILED,
+    *,
+    error_class: ErrorClass | None = ErrorClass.OUT_OF_MEMORY,
+    worker: str = "gpu1@farm",
+    model: str = "tiny",
+    filename: str = "cat.png",
+    error: str | None = "CUDA out of memory. Tried to allocate 2.00 GiB",
+    finished_at: datetime | None = None,
+    duration_s: float = 42.0,
+    traceback: str = 'Traceback (most recent call last):\n  File "render.py"\nOutOfMemoryError',
+) -> uuid.UUID:
+    """Insert a job on :data:`QUEUE` in ``state`` with its input file in storage and, unless
+    queued, one attempt by ``worker`` (failed when ``error_class`` and the job failed)."""
+    job_id = uuid.uuid4()
+    finished = finished_at or utcnow()
+    started = finished - timedelta(seconds=duration_s)
+    ended = state in (JobState.FAILED, JobState.SUCCEEDED, JobState.CANCELED)
+    storage = Storage(settings.storage_dir)
+    storage.write_bytes(Storage.key(job_id, "input.png"), b"not really a png")
+    with db.begin() as session:
+        session.add(
+            job_row(
+                job_id,
+                state=state,
+                created_at=started - timedelta(seconds=5),
+                started_at=started if state is not JobState.QUEUED else None,
+                finished_at=finished if ended else None,
+                model=model,
+                queue=QUEUE,
+                input_key=Storage.key(job_id, "input.png"),
+                input_filename=filename,
+                phase="done" if ended else "denoising",
+                progress=0.5,
+                step=1,
+                error=error if state is JobState.FAILED else None,
+            )
+        )
+        if state is not JobState.QUEUED:
+            failed = error_class is not None and state is JobState.FAILED
+            session.add(
+                Attempt(
+                    job_id=job_id,
+                    number=1,
+                    worker=worker,
+                    plan_name="fp16 unet+enc, fp32 vae, chunk 8 on cuda",
+                    plan={"name": "fp16", "reason": "the card has no bf16"},
+                    started_at=started,
+                    finished_at=finished if ended else None,
+                    outcome=AttemptOutcome.FAILED if failed else AttemptOutcome.SUCCEEDED,
+                    error_class=error_class if failed else None,
+                    error_type="torch.OutOfMemoryError" if failed else None,
+                    message=error if failed else None,
+                    traceback=traceback if failed else None,
+                    duration_s=duration_s,
+                    peak_memory_bytes=15_300_000_000,
+                )
+            )
+    return job_id
+
+
+def add_worker(
+    db: Database,
+    hostname: str,
+    queues: list[str] | None = None,
+    heartbeat_age_s: float = 1.0,
+    *,
+    state: WorkerState = WorkerState.IDLE,
+    current_job_id: uuid.UUID | None = None,
+    capabilities: dict[str, Any] | None = None,
+) -> None:
+    """Insert a worker row, started an hour ago, whose last heartbeat was ``heartbeat_age_s``
+    seconds ago.
+
+    ``queues`` default to :data:`CPU_QUEUES`; ``capabilities`` to the device of the first
+    queue (``{"device": "cuda"}`` for ``svd.cuda.…``), ``cpu`` when it consumes none.
+    """
+    queues = CPU_QUEUES if queues is None else queues
+    if capabilities is None:
+        capabilities = {"device": queues[0].split(".")[1] if queues else "cpu"}
+    now = utcnow()
+    with db.begin() as session:
+        session.add(
+            Worker(
+                hostname=hostname,
+                capabilities=capabilities,
+                queues=list(queues),
+                state=state,
+                started_at=now - timedelta(hours=1),
+                last_heartbeat=now - timedelta(seconds=heartbeat_age_s),
+                current_job_id=current_job_id,
+            )
+        )
+
+
+# ---- waiting ---------------------------------------------------------------------------------
+
+
+def wait_until(
+    predicate: Callable[[], object],
+    what: str,
+    timeout_s: float,
+    details: Callable[[], str] | None = None,
+) -> float:
+    """Poll ``predicate`` every 0.2 s until it is true; the seconds that took.
+
+    Past ``timeout_s`` it fails naming ``what``, with ``details()`` (a log, say) when given.
+    """
+    start = time.monotonic()
+    deadline = start + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            more = f"\n{details()}" if details is not None else ""
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}{more}")
+        time.sleep(0.2)
+    return time.monotonic() - start
+
+
+def wait_for_worker(
+    db: Database,
+    hostname: str,
+    process: subprocess.Popen[bytes],
+    log: Callable[[], str],
+    timeout_s: float = 120,
+) -> None:
+    """Block until the worker process has registered itself; fail with its log if it died."""
+
+    def registered() -> bool:
+        """Whether the worker's row exists; fails at once when its process has exited."""
+        assert process.poll() is None, f"worker {hostname} exited early:\n{log()}"
+        with db.session() as session:
+            return session.get(Worker, hostname) is not None
+
+    wait_until(registered, f"worker {hostname} to register", timeout_s, log)
