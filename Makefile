@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint venv clean bench
+.PHONY: run test test-fast lint venv clean bench
 
 venv: $(STAMP)
 
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	# is installed or let pip pick one, so GPU users keep their own CUDA build.
 	if $(PIP) install --dry-run --no-index --no-deps torch==2.13.0 >/dev/null 2>&1; then \
 		$(PIP) install -q torch==2.13.0; fi
-	$(PIP) install -q -e '.[test,bench]'
+	$(PIP) install -q -e '.[web,worker,test,bench]'
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -27,6 +27,12 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The tests that start no worker process, server or browser: `make test` less the slow ones.
+test-fast: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(PY) -m pytest -m "not slow and not browser" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

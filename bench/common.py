@@ -35,7 +35,7 @@ from PIL import Image
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.pool import NullPool
 
-from svdfarm.cli import stop_children
+from cli.serve import stop_children
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = ROOT / "docs" / "BENCHMARKS.md"
@@ -218,7 +218,7 @@ class Farm:
         log = open(self.data_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it
         try:
             self.processes[name] = subprocess.Popen(
-                [sys.executable, "-m", "svdfarm.cli", *argv],
+                [sys.executable, "-m", "cli", *argv],
                 env=self.env(),
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -236,7 +236,7 @@ class Farm:
         """Migrate, start the processes and wait until the web answers and the worker is idle."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         subprocess.run(
-            [sys.executable, "-m", "svdfarm.cli", "db", "upgrade"],
+            [sys.executable, "-m", "cli", "db", "upgrade"],
             env=self.env(),
             check=True,
             capture_output=True,

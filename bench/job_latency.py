@@ -90,7 +90,7 @@ def main() -> int:
     }
     log = open(data_dir / "up.log", "wb")  # noqa: SIM115 - closed at the end
     up = subprocess.Popen(
-        [sys.executable, "-m", "svdfarm.cli", "up", "--port", str(port)],
+        [sys.executable, "-m", "cli", "up", "--port", str(port)],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -18,6 +18,32 @@ DEFAULT_MODEL = "stabilityai/stable-video-diffusion-img2vid-xt"
 #: Pillow refuses to open images above twice its MAX_IMAGE_PIXELS (89,478,485) whatever we
 #: allow, so a larger setting would promise what the upload check cannot keep.
 MAX_IMAGE_PIXELS_CAP = 2 * 89_478_485
+#: The shortest ``SVDFARM_SECRET_KEY`` production accepts.
+MIN_SECRET_LENGTH = 32
+#: Placeholders from the docs and deploy examples, and the usual guesses: never a real secret.
+KNOWN_DEFAULT_SECRETS = frozenset(
+    {
+        "change-me",
+        "changeme",
+        "change-me-to-a-long-random-string",
+        "another-long-random-string",
+        "another-long-random-string-of-at-least-32-characters",
+        "a-password-for-flower",
+        "a-long-random-password",
+        "the-admin-password",
+        "dev",
+        "development",
+        "secret",
+        "secret-key",
+        "secret_key",
+        "your-secret-key",
+        "test-secret",
+        "browser-test-secret",
+    }
+)
+#: Method prefixes of werkzeug password hashes; anything else is a plain password.
+PASSWORD_HASH_METHODS = ("scrypt:", "pbkdf2:")
+_MAKE_A_KEY = 'python -c "import secrets; print(secrets.token_hex(32))"'
 
 
 class SettingsError(ValueError):
@@ -133,6 +159,48 @@ class Settings:
         if self.embedded_broker:
             for sub in ("queue", "processed", "control"):
                 (self.broker_dir / sub).mkdir(parents=True, exist_ok=True)
+
+    def production_problems(self) -> list[str]:
+        """What makes these settings unsafe to serve the public with; empty when nothing does."""
+        problems = []
+        secret = self.secret_key
+        if not secret:
+            problems.append(
+                "SVDFARM_SECRET_KEY is not set: production needs its own key "
+                f"of at least {MIN_SECRET_LENGTH} characters ({_MAKE_A_KEY})."
+            )
+        elif secret.strip().lower() in KNOWN_DEFAULT_SECRETS:
+            problems.append(
+                "SVDFARM_SECRET_KEY is a placeholder from the examples: make a random key "
+                f"({_MAKE_A_KEY})."
+            )
+        elif len(secret) < MIN_SECRET_LENGTH:
+            problems.append(
+                f"SVDFARM_SECRET_KEY has {len(secret)} characters; production needs at least "
+                f"{MIN_SECRET_LENGTH} ({_MAKE_A_KEY})."
+            )
+        password = self.admin_password
+        if password and not is_password_hash(password):
+            problems.append(
+                "SVDFARM_ADMIN_PASSWORD is a plain password: production needs its hash "
+                "(make one with `svdfarm admin hash-password`)."
+            )
+        return problems
+
+    def check_production(self) -> None:
+        """With ``SVDFARM_PRODUCTION`` on, raise :class:`SettingsError` listing every unsafe
+        setting (:meth:`production_problems`); nothing otherwise. Run it before anything is
+        written or started."""
+        problems = self.production_problems() if self.production else []
+        if problems:
+            raise SettingsError(
+                "SVDFARM_PRODUCTION is on and the settings are unsafe: " + " ".join(problems)
+            )
+
+
+def is_password_hash(value: str) -> bool:
+    """True when ``value`` is a werkzeug password hash (``method$salt$hash``), not a password."""
+    return value.startswith(PASSWORD_HASH_METHODS) and value.count("$") == 2
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:

@@ -19,6 +19,9 @@ from pathlib import Path
 
 from svdfarm.settings import Settings
 
+#: The ``svdfarm`` command as tests start it: this interpreter, ``python -m cli``.
+SVDFARM = [sys.executable, "-m", "cli"]
+
 #: Marks a Redis database as taken by a running test (expires) and as a test's own (stays, so
 #: what a killed run left behind may be cleared by the next one).
 LEASE_KEY = "svdfarm:test-lease"
@@ -124,7 +127,7 @@ def start_svdfarm(
     log = folder / f"{name}.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "svdfarm.cli", *args],
+            [*SVDFARM, *args],
             env=env,
             cwd=cwd,
             stdout=out,
@@ -156,7 +159,7 @@ def start_worker(
     """Start ``svdfarm worker`` on ``settings`` (:func:`worker_env` plus ``extra_env``) with
     a unique hostname ``<name>-<6 hex>@localhost``, which is the returned process's name;
     its log is ``folder/<hostname>.log``. Does not wait for it to register
-    (:func:`tests.records.wait_for_worker` does)."""
+    (:func:`tests.rows.wait_for_worker` does)."""
     hostname = f"{name}-{uuid.uuid4().hex[:6]}@localhost"
     env = worker_env(settings, **extra_env)
     return start_svdfarm(hostname, ["worker", "--hostname", hostname], env, folder, cwd)

@@ -27,7 +27,7 @@ from svdfarm.states import WorkerState
 from tests.conftest import REDIS_URL, fresh_database, make_settings, needs_postgres, needs_redis
 from tests.factories import png_bytes
 from tests.processes import LiveProcess, start_worker, worker_env
-from tests.records import wait_for_worker
+from tests.rows import wait_for_worker
 
 pytestmark = [
     pytest.mark.slow,
@@ -167,7 +167,7 @@ def test_jobs_go_to_the_worker_that_can_hold_them(farm: Farm) -> None:
 
     # The operator's view of the same: the waiting job and who consumes what.
     shown = subprocess.run(
-        [sys.executable, "-m", "svdfarm.cli", "queues", "--json"],
+        [sys.executable, "-m", "cli", "queues", "--json"],
         env=farm.env,
         capture_output=True,
         text=True,

@@ -22,12 +22,11 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """Create the web app; ``test_config`` may carry ``SVDFARM_SETTINGS`` and Flask options.
 
     Raises :class:`~svdfarm.settings.SettingsError` when production mode is on with unsafe
-    settings (:func:`web.security.check_production`).
+    settings (:meth:`svdfarm.settings.Settings.check_production`).
     """
     test_config = dict(test_config or {})
     settings: Settings = test_config.pop("SVDFARM_SETTINGS", None) or load_settings()
-    if settings.production:
-        security.check_production(settings)  # before anything is written
+    settings.check_production()  # before anything is written
     settings.ensure_dirs()
 
     app = Flask(__name__)

@@ -28,6 +28,7 @@ from typing import Any, TypeVar, cast
 from flask import current_app, redirect, request, session, url_for
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from svdfarm.settings import is_password_hash
 from web.security import (  # noqa: F401 - the admin views use them as auth.*
     CSRF_FIELD,
     check_csrf,
@@ -39,7 +40,6 @@ from web.security import (  # noqa: F401 - the admin views use them as auth.*
 log = logging.getLogger(__name__)
 
 #: Method prefixes of werkzeug password hashes; anything else is a plain password.
-HASH_METHODS = ("scrypt:", "pbkdf2:")
 LOGIN_LIFETIME = timedelta(hours=12)
 MAX_FAILURES = 5
 FAILURE_WINDOW = timedelta(minutes=15)
@@ -54,11 +54,6 @@ def hash_password(plain: str) -> str:
     if not plain:
         raise ValueError("The admin password must not be empty.")
     return generate_password_hash(plain)
-
-
-def is_password_hash(value: str) -> bool:
-    """True when ``value`` looks like a werkzeug hash: a known method, a salt and a digest."""
-    return value.startswith(HASH_METHODS) and value.count("$") == 2
 
 
 def check_password(configured: str, given: str) -> bool:

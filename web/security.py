@@ -8,8 +8,9 @@
   (:func:`csrf_token` puts it in templates, :func:`csrf_problem` checks it). The JSON API under
   ``/api/`` uses no cookies and needs no token.
 - With ``SVDFARM_PRODUCTION=1`` the app refuses to start on a missing, short or placeholder
-  ``SVDFARM_SECRET_KEY`` or a plain-text ``SVDFARM_ADMIN_PASSWORD`` (:func:`check_production`),
-  and the session cookie is sent over HTTPS only.
+  ``SVDFARM_SECRET_KEY`` or a plain-text ``SVDFARM_ADMIN_PASSWORD``
+  (:meth:`svdfarm.settings.Settings.check_production`), and the session cookie is sent over
+  HTTPS only.
 - Behind ``SVDFARM_TRUSTED_PROXIES`` reverse proxies, werkzeug's ``ProxyFix`` takes the client's
   address and scheme from their ``X-Forwarded-For`` and ``X-Forwarded-Proto`` headers, so
   :func:`client_address` (the per-client submit limit's key) is the real client.
@@ -24,7 +25,7 @@ from typing import Any
 from flask import Flask, Response, abort, request, session
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from svdfarm.settings import Settings, SettingsError
+from svdfarm.settings import Settings
 
 #: The policy every response carries: this origin only, nothing inline, never in a frame.
 CONTENT_SECURITY_POLICY = "; ".join(
@@ -57,35 +58,12 @@ CSRF_WRONG = (
     "The form's security token is wrong or out of date: reload the page and submit it again."
 )
 
-MIN_SECRET_LENGTH = 32
-#: Placeholders from the docs and deploy examples, and the usual guesses: never a real secret.
-KNOWN_DEFAULT_SECRETS = frozenset(
-    {
-        "change-me",
-        "changeme",
-        "change-me-to-a-long-random-string",
-        "another-long-random-string",
-        "another-long-random-string-of-at-least-32-characters",
-        "a-password-for-flower",
-        "a-long-random-password",
-        "the-admin-password",
-        "dev",
-        "development",
-        "secret",
-        "secret-key",
-        "secret_key",
-        "your-secret-key",
-        "test-secret",
-        "browser-test-secret",
-    }
-)
-
 
 def init_app(app: Flask, settings: Settings) -> None:
     """Trust the configured proxies, add the headers to every response, give templates the CSRF
     token; in production, send the session cookie over HTTPS only.
 
-    ``create_app`` runs :func:`check_production` first, before anything is written.
+    ``create_app`` runs the settings' ``check_production`` first, before anything is written.
     """
     if settings.production:
         app.config["SESSION_COOKIE_SECURE"] = True
@@ -146,43 +124,3 @@ def check_csrf() -> None:
     problem = csrf_problem()
     if problem:
         abort(400, description=problem)
-
-
-def production_problems(settings: Settings) -> list[str]:
-    """What makes ``settings`` unsafe to serve the public with; empty when nothing does."""
-    from web.auth import is_password_hash
-
-    problems = []
-    secret = settings.secret_key
-    if not secret:
-        problems.append(
-            "SVDFARM_SECRET_KEY is not set: production needs its own key "
-            f"of at least {MIN_SECRET_LENGTH} characters "
-            '(python -c "import secrets; print(secrets.token_hex(32))").'
-        )
-    elif secret.strip().lower() in KNOWN_DEFAULT_SECRETS:
-        problems.append(
-            "SVDFARM_SECRET_KEY is a placeholder from the examples: make a random key "
-            '(python -c "import secrets; print(secrets.token_hex(32))").'
-        )
-    elif len(secret) < MIN_SECRET_LENGTH:
-        problems.append(
-            f"SVDFARM_SECRET_KEY has {len(secret)} characters; production needs at least "
-            f'{MIN_SECRET_LENGTH} (python -c "import secrets; print(secrets.token_hex(32))").'
-        )
-    password = settings.admin_password
-    if password and not is_password_hash(password):
-        problems.append(
-            "SVDFARM_ADMIN_PASSWORD is a plain password: production needs its hash "
-            "(make one with `svdfarm admin hash-password`)."
-        )
-    return problems
-
-
-def check_production(settings: Settings) -> None:
-    """Raise :class:`~svdfarm.settings.SettingsError` listing every unsafe production setting."""
-    problems = production_problems(settings)
-    if problems:
-        raise SettingsError(
-            "SVDFARM_PRODUCTION is on and the settings are unsafe: " + " ".join(problems)
-        )

@@ -173,7 +173,7 @@ def farm(
     log_path = data_dir.parent / "up.log"
     with open(log_path, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "svdfarm.cli", "up", "--port", str(port)],
+            [sys.executable, "-m", "cli", "up", "--port", str(port)],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

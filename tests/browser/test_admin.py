@@ -39,7 +39,7 @@ from web.auth import hash_password
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-SVDFARM = [sys.executable, "-m", "svdfarm.cli"]
+SVDFARM = [sys.executable, "-m", "cli"]
 PASSWORD = "correct horse battery staple"
 #: Jobs made to fail: one requeued alone, the rest together.
 FAILED_JOBS = 3

@@ -31,7 +31,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from svdfarm.cli import build_parser
+from cli import build_parser
 from svdfarm.queues import PRECISION_CLASSES, all_queues, parse_queue, queues_for
 from svdfarm.settings import load_settings
 
@@ -45,8 +45,11 @@ DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
 #: A stopped worker needs a moment after SVDFARM_STOP_TIMEOUT to requeue its job and exit.
 GRACE_MARGIN_S = 30
-#: Project dependencies only the worker needs; everything else must be in the web image.
-WORKER_ONLY = {"torch", "diffusers", "transformers", "accelerate", "imageio-ffmpeg", "numpy"}
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+#: The worker extra's packages: only the worker needs them; the web image has none of them.
+WORKER_ONLY = {
+    canonicalize_name(Requirement(r).name) for r in PROJECT["optional-dependencies"]["worker"]
+}
 TORCH_FAMILY = {"torch", "torchvision", "torchaudio", "diffusers", "transformers", "accelerate"}
 QUEUE_LIKE = re.compile(r"\bsvd\.[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
 SETTING = re.compile(r"\bSVDFARM_[A-Z0-9_]*[A-Z0-9]")
@@ -535,7 +538,12 @@ def test_compose_services() -> None:
     assert not [name for name, s in services.items() if name != "flower" and s.get("profiles")]
     # Flower runs in the web image, so that image must have it.
     installs = pip_installs(dockerfile(DEPLOY / "Dockerfile.web"))
-    names = {canonicalize_name(Requirement(r).name) for _, rs in installs for r in rs if r != "."}
+    names = {
+        canonicalize_name(Requirement(r).name)
+        for _, rs in installs
+        for r in rs
+        if not is_project(r)
+    }
     assert "flower" in names
 
 
@@ -708,25 +716,28 @@ def test_grace_periods_outlast_the_stop_timeout() -> None:
 # ---- images --------------------------------------------------------------------------------
 
 
-def project_dependencies() -> list[Requirement]:
-    """pyproject.toml's runtime dependencies."""
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return [Requirement(r) for r in project["dependencies"]]
+def is_project(requirement: str) -> bool:
+    """True for the project itself in a ``pip install`` line: ``.`` or ``.[extras]``."""
+    return requirement == "." or requirement.startswith(".[")
+
+
+def web_dependencies() -> list[Requirement]:
+    """What ``pip install '.[web]'`` asks for: the core's dependencies and the web extra."""
+    extras = PROJECT["optional-dependencies"]
+    return [Requirement(r) for r in PROJECT["dependencies"] + extras["web"]]
 
 
 def test_dockerfile_web_installs_no_torch() -> None:
     """The web image: the project without its deps, the web's deps by hand, no torch."""
     instructions = dockerfile(DEPLOY / "Dockerfile.web")
     installs = pip_installs(instructions)
-    given = [Requirement(r) for _, rs in installs for r in rs if r != "."]
+    given = [Requirement(r) for _, rs in installs for r in rs if not is_project(r)]
     names = {canonicalize_name(r.name) for r in given}
     assert not names & TORCH_FAMILY, names & TORCH_FAMILY
     assert not any("download.pytorch.org" in o for opts, _ in installs for o in opts)
     assert all("--no-deps" in opts for opts, rs in installs if "." in rs)
     assert any("." in rs for _, rs in installs), "the project itself is not installed"
-    for need in project_dependencies():
-        if canonicalize_name(need.name) in WORKER_ONLY:
-            continue
+    for need in web_dependencies():
         have = [r for r in given if canonicalize_name(r.name) == canonicalize_name(need.name)]
         assert have and need.extras <= have[0].extras, f"Dockerfile.web lacks {need}"
     user = [rest for kw, rest in instructions if kw == "USER"]
@@ -741,13 +752,17 @@ def test_dockerfile_worker_installs_cuda_torch() -> None:
         base.startswith("pytorch/pytorch:") and "cuda" in base
     ), base
     installs = pip_installs(instructions)
-    names = [[canonicalize_name(Requirement(r).name) for r in rs if r != "."] for _, rs in installs]
+    names = [
+        [canonicalize_name(Requirement(r).name) for r in rs if not is_project(r)]
+        for _, rs in installs
+    ]
     torch_at = next(i for i, n in enumerate(names) if "torch" in n)
     options = installs[torch_at][0]
     index = options[options.index("--index-url") + 1]
     assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu\d+", index), index
-    project_at = next(i for i, (_, rs) in enumerate(installs) if "." in rs)
+    project_at = next(i for i, (_, rs) in enumerate(installs) if any(map(is_project, rs)))
     assert torch_at < project_at and "--no-deps" not in installs[project_at][0]
+    assert ".[worker]" in installs[project_at][1], "the worker image needs the worker extra"
     user = [rest for kw, rest in instructions if kw == "USER"]
     assert user and user[-1] not in {"root", "0"}
 
@@ -759,7 +774,7 @@ class Missing(importlib.abc.MetaPathFinder):
         if name.split(".")[0] in {blocked!r}:
             raise ModuleNotFoundError(f"No module named {{name!r}} (not in the web image)")
 sys.meta_path.insert(0, Missing())
-import svdfarm.cli, svdfarm.celery_app
+import cli, svdfarm.celery_app
 from svdfarm import db
 db.upgrade(sys.argv[1])
 from web import create_app

@@ -9,8 +9,10 @@ import pytest
 
 from svdfarm.settings import (
     DEFAULT_MODEL,
+    MIN_SECRET_LENGTH,
     Settings,
     SettingsError,
+    is_password_hash,
     load_settings,
     persistent_secret,
 )
@@ -203,3 +205,43 @@ def test_a_set_secret_key_is_used_and_nothing_written(tmp_path: Path) -> None:
     )
     assert persistent_secret(settings) == "given"
     assert not (settings.data_dir / "secret_key").exists()
+
+
+#: A werkzeug scrypt hash's shape: method, salt, hash.
+HASHED = "scrypt:32768:8:1$c2FsdHNhbHQ$" + "ab" * 32
+
+
+def test_production_problems_name_every_unsafe_setting(tmp_path: Path) -> None:
+    """A placeholder secret and a plain admin password are both reported, each with its fix;
+    a long random secret and a hashed password report nothing."""
+    unsafe = load_settings(
+        {
+            "SVDFARM_DATA_DIR": str(tmp_path),
+            "SVDFARM_SECRET_KEY": "Change-Me",
+            "SVDFARM_ADMIN_PASSWORD": "hunter2",
+        }
+    )
+    problems = unsafe.production_problems()
+    assert len(problems) == 2
+    assert problems[0].startswith("SVDFARM_SECRET_KEY is a placeholder")
+    assert "token_hex(32)" in problems[0]
+    assert "svdfarm admin hash-password" in problems[1]
+    safe = unsafe.with_overrides(secret_key="k" * MIN_SECRET_LENGTH, admin_password=HASHED)
+    assert is_password_hash(HASHED) and not is_password_hash("hunter2")
+    assert safe.production_problems() == []
+
+
+def test_check_production_refuses_only_in_production(tmp_path: Path) -> None:
+    """Unsafe settings pass while SVDFARM_PRODUCTION is off and raise, listing every problem,
+    once it is on."""
+    env = {"SVDFARM_DATA_DIR": str(tmp_path), "SVDFARM_SECRET_KEY": "short"}
+    load_settings(env).check_production()
+    production = load_settings({**env, "SVDFARM_PRODUCTION": "1"})
+    with pytest.raises(SettingsError) as refused:
+        production.check_production()
+    assert str(refused.value) == (
+        "SVDFARM_PRODUCTION is on and the settings are unsafe: SVDFARM_SECRET_KEY has 5 "
+        f"characters; production needs at least {MIN_SECRET_LENGTH} "
+        '(python -c "import secrets; print(secrets.token_hex(32))").'
+    )
+    assert not tmp_path.joinpath("secret_key").exists()

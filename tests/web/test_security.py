@@ -25,15 +25,15 @@ from kombu.exceptions import ContentDisallowed
 
 from svdfarm.celery_app import create_celery
 from svdfarm.db import upgrade
-from svdfarm.settings import Settings, SettingsError
+from svdfarm.settings import KNOWN_DEFAULT_SECRETS, MIN_SECRET_LENGTH, Settings, SettingsError
 from svdfarm.states import JobState
 from tests.conftest import DATABASES, make_settings
 from tests.factories import noisy_png_bytes, png_bytes
-from tests.records import job_count, load_job
-from tests.web.test_pages import form_token, job_id_from
+from tests.http import form_token, job_id_from
+from tests.rows import job_count, load_job
 from web import create_app
 from web.auth import hash_password
-from web.security import CONTENT_SECURITY_POLICY, KNOWN_DEFAULT_SECRETS, MIN_SECRET_LENGTH
+from web.security import CONTENT_SECURITY_POLICY
 
 ROOT = Path(__file__).resolve().parents[2]
 GOOD_SECRET = "k" * MIN_SECRET_LENGTH
@@ -486,7 +486,7 @@ def test_svdfarm_web_refuses_to_start_in_production_with_a_default_secret(
         "SVDFARM_SECRET_KEY": "change-me",
     }
     result = subprocess.run(
-        [sys.executable, "-m", "svdfarm.cli", "web", "--port", "1"],
+        [sys.executable, "-m", "cli", "web", "--port", "1"],
         env=env,
         capture_output=True,
         text=True,

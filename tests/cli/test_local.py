@@ -1,0 +1,188 @@
+"""``svdfarm render``, ``caps`` and ``model`` (:mod:`cli.local`), run as real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.factories import png_bytes
+from tests.media import probe_video
+from tests.processes import SVDFARM
+
+
+def test_model_tiny_writes_a_loadable_folder(tmp_path: Path) -> None:
+    """``svdfarm model tiny DIR`` writes a folder that from_pretrained reads."""
+    target = tmp_path / "tiny-out"
+    done = subprocess.run(
+        [*SVDFARM, "model", "tiny", str(target)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    index = json.loads((target / "model_index.json").read_text())
+    assert index["_class_name"] == "StableVideoDiffusionPipeline"
+    from diffusers import StableVideoDiffusionPipeline
+
+    from svdfarm.params import TINY_BASE_SIDE, model_base_side
+
+    pipe = StableVideoDiffusionPipeline.from_pretrained(target)
+    assert type(pipe.unet).__name__ == "UNetSpatioTemporalConditionModel"
+    # Read from the saved configs without torch, the folder's native size is the tiny one.
+    assert model_base_side(str(target)) == TINY_BASE_SIDE
+
+
+def test_render_writes_the_mp4_asked_for(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """``svdfarm render`` renders without the queue, with the flags' frames and size."""
+    image = tmp_path / "in.png"
+    image.write_bytes(png_bytes(200, 100))
+    out = tmp_path / "out" / "video.mp4"
+    done = subprocess.run(
+        [
+            *SVDFARM,
+            "render",
+            str(image),
+            "-o",
+            str(out),
+            "--frames",
+            "5",
+            "--steps",
+            "2",
+            "--width",
+            "128",
+            "--height",
+            "64",
+            "--fps",
+            "5",
+            "--seed",
+            "3",
+            "--precision",
+            "fp32",
+        ],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "100.0%" in done.stderr  # the progress bar reached the end
+    info = probe_video(out)
+    assert info["frames"] == 5
+    assert (info["width"], info["height"]) == (128, 64)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--frames", "1"], "Frames must be between 2 and 128"),
+        (["--width", "100", "--height", "64"], "multiple of 64"),
+        (["--width", "128"], "Give both width and height"),
+    ],
+)
+def test_render_refuses_bad_flags(
+    tmp_path: Path, cli_env: dict[str, str], args: list[str], message: str
+) -> None:
+    """Bad flags exit with status 2 and the same message the form shows."""
+    image = tmp_path / "in.png"
+    image.write_bytes(png_bytes())
+    out = tmp_path / "out.mp4"
+    done = subprocess.run(
+        [*SVDFARM, "render", str(image), "-o", str(out), *args],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert not out.exists()
+
+
+def test_render_refuses_a_file_that_is_not_an_image(
+    tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    """A text file named .png is refused by its content."""
+    image = tmp_path / "fake.png"
+    image.write_text("not an image")
+    done = subprocess.run(
+        [*SVDFARM, "render", str(image), "-o", str(tmp_path / "o.mp4")],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "not a PNG, JPEG or WebP image" in done.stderr
+
+
+def test_caps_prints_the_probe_and_the_plans(cli_env: dict[str, str]) -> None:
+    """``svdfarm caps`` names this machine, its bf16/fp16 answers and a plan per precision."""
+    text = subprocess.run(
+        [*SVDFARM, "caps"], env=cli_env, capture_output=True, text=True, timeout=120
+    )
+    assert text.returncode == 0, text.stderr
+    assert "(cpu," in text.stdout and "bf16_op" in text.stdout
+    assert "auto  -> fp32, chunk 8 on cpu" in text.stdout
+    done = subprocess.run(
+        [*SVDFARM, "caps", "--json"], env=cli_env, capture_output=True, text=True, timeout=120
+    )
+    data = json.loads(done.stdout)
+    assert data["capabilities"]["device"] == "cpu"
+    assert data["capabilities"]["total_memory_bytes"] > 0
+    assert set(data["plans"]) == {"auto", "bf16", "fp16", "fp32"}
+    assert data["plans"]["bf16"]["unet"] == "bf16"
+
+
+def test_render_without_casts_recovers_in_fp32_and_prints_the_attempts(
+    tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    """``--no-casts --dtypes vae=bf16 --json``: the seed's error, then fp32, as JSON."""
+    image = tmp_path / "in.png"
+    image.write_bytes(png_bytes())
+    out = tmp_path / "out.mp4"
+    done = subprocess.run(
+        [
+            *SVDFARM,
+            "render",
+            str(image),
+            "-o",
+            str(out),
+            "--frames",
+            "3",
+            "--steps",
+            "1",
+            "--no-casts",
+            "--dtypes",
+            "vae=bf16",
+            "--json",
+        ],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    attempts = json.loads(done.stdout)["attempts"]
+    assert [a["outcome"] for a in attempts] == ["failed", "succeeded"]
+    assert attempts[0]["error_class"] == "dtype_mismatch"
+    assert attempts[0]["component"] == "vae"
+    assert "bias type (c10::BFloat16) should be the same" in attempts[0]["message"]
+    assert attempts[0]["plan"].startswith("fp32 unet+enc, bf16 vae")
+    assert attempts[1]["plan"].startswith("fp32, chunk 3")
+    assert all(a["duration_s"] > 0 and a["peak_memory_bytes"] > 0 for a in attempts)
+    assert probe_video(out)["frames"] == 3
+
+
+def test_render_refuses_bad_dtypes(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """A malformed ``--dtypes`` exits 2 naming the bad item."""
+    image = tmp_path / "in.png"
+    image.write_bytes(png_bytes())
+    done = subprocess.run(
+        [*SVDFARM, "render", str(image), "-o", str(tmp_path / "o.mp4"), "--dtypes", "vae=fp8"],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "vae=fp8" in done.stderr
