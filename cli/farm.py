@@ -1,10 +1,12 @@
-"""Operating the farm: ``svdfarm db`` (migrations), ``svdfarm queues`` (depths and consumers),
-``svdfarm reap`` (one reaper pass) and ``svdfarm admin hash-password``.
+"""Operating the farm: ``svdfarm db`` (migrations), ``svdfarm queues`` (what waits, and who
+consumes it; ``purge`` empties them), ``svdfarm reap`` (one reaper pass) and ``svdfarm admin
+hash-password``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Any
@@ -16,13 +18,25 @@ from svdfarm.settings import Settings
 def add_commands(sub: Any) -> None:
     """Register ``db``, ``queues``, ``reap`` and ``admin``."""
     db = sub.add_parser("db", help="database migrations")
-    db.set_defaults(run=cmd_db)
-    db.add_argument("action", choices=["upgrade", "downgrade"])
-    db.add_argument("revision", nargs="?", default="")
+    migrations = db.add_subparsers(dest="action", required=True, metavar="ACTION")
+    up = migrations.add_parser("upgrade", help="migrate up to REV (default: the newest)")
+    down = migrations.add_parser("downgrade", help="migrate down to REV (default: one step)")
+    for action in (up, down):
+        action.set_defaults(run=cmd_db)
+        action.add_argument("revision", nargs="?", default="", metavar="REV")
 
-    queues = sub.add_parser("queues", help="queue depths and the live workers on each queue")
+    queues = sub.add_parser(
+        "queues", help="jobs waiting in each queue and its live workers; purge: empty them all"
+    )
     queues.set_defaults(run=cmd_queues)
+    queues.add_argument(
+        "action",
+        nargs="?",
+        choices=["purge"],
+        help="purge: remove every message from the farm's queues and cancel the queued jobs",
+    )
     queues.add_argument("--all", action="store_true", help="also queues with nothing on them")
+    queues.add_argument("--yes", action="store_true", help="purge without asking")
     queues.add_argument("--json", action="store_true", help="print them as JSON")
 
     reap = sub.add_parser(
@@ -32,8 +46,14 @@ def add_commands(sub: Any) -> None:
     reap.add_argument("--json", action="store_true", help="print what was done as JSON")
 
     admin = sub.add_parser("admin", help="admin pages: make the password hash")
-    admin.set_defaults(run=cmd_admin)
-    admin.add_argument("action", choices=["hash-password"])
+    actions = admin.add_subparsers(dest="action", required=True, metavar="ACTION")
+    hash_password = actions.add_parser(
+        "hash-password",
+        help="read a password (twice, or one line from stdin), print its hash",
+        description="Read a password (twice at a terminal, or one line from stdin) and print "
+        "its hash, the value SVDFARM_ADMIN_PASSWORD takes.",
+    )
+    hash_password.set_defaults(run=cmd_admin)
 
 
 def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
@@ -44,7 +64,11 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
         db.upgrade(settings.database_url, args.revision or "head")
     else:
         db.downgrade(settings.database_url, args.revision or "-1")
-    print(f"database {redact(settings.database_url)} is at {args.revision or args.action}")
+    revision, newest = db.revision_of(settings.database_url)
+    where = f"revision {revision}" + (" (the newest)" if newest else "")
+    if revision is None:
+        where = "no revision (every migration undone)"
+    print(f"database {redact(settings.database_url)} is at {where}")
     return 0
 
 
@@ -60,36 +84,101 @@ def _queue_order(name: str) -> tuple[str, str, int]:
 
 
 def cmd_queues(args: argparse.Namespace, settings: Settings) -> int:
-    """``svdfarm queues``: messages waiting in each queue and the live workers consuming it."""
+    """``svdfarm queues``: jobs waiting in each queue (from the database), the messages the
+    broker holds there, and the live workers consuming it; ``purge`` empties them."""
     from svdfarm.db import database_for
-    from svdfarm.depths import BrokerUnavailable, queue_depths
+    from svdfarm.depths import BrokerUnavailable, queue_depths, waiting_jobs
     from svdfarm.queues import all_queues
     from svdfarm.registry import online_workers
 
+    if args.action == "purge":
+        return cmd_purge(args, settings)
     with database_for(settings.database_url).session() as session:
         workers = online_workers(session, settings)
+        waiting = waiting_jobs(session, all_queues())
     consumers: dict[str, list[str]] = {}
     for worker in workers:
         for queue in worker.queues:
             consumers.setdefault(queue, []).append(worker.hostname)
-    names = sorted(set(all_queues()) | set(consumers), key=_queue_order)
+    names = sorted(set(waiting) | set(consumers), key=_queue_order)
     try:
-        depths = queue_depths(settings, names)
+        messages = queue_depths(settings, names)
     except BrokerUnavailable as exc:
         return fail(str(exc), 1)
     rows: list[dict[str, Any]] = [
-        {"queue": queue, "waiting": depths[queue], "workers": consumers.get(queue, [])}
+        {
+            "queue": queue,
+            "waiting": waiting.get(queue, 0),
+            "messages": messages[queue],
+            "workers": consumers.get(queue, []),
+        }
         for queue in names
-        if depths[queue] or queue in consumers or args.all
+        if waiting.get(queue) or messages[queue] or queue in consumers or args.all
     ]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'queue':<22} {'waiting':>7}  workers")
+    print(f"{'queue':<22} {'waiting':>7} {'messages':>8}  workers")
     for row in rows:
-        print(f"{row['queue']:<22} {row['waiting']:>7}  {', '.join(row['workers']) or '-'}")
+        print(
+            f"{row['queue']:<22} {row['waiting']:>7} {row['messages']:>8}  "
+            f"{', '.join(row['workers']) or '-'}"
+        )
     if not rows:
-        print("(no queue has messages or live workers)")
+        print("(no queue has jobs, messages or live workers)")
+    if any(row["messages"] > row["waiting"] for row in rows):
+        print(
+            "(waiting counts queued jobs; the other messages are of jobs canceled while queued, "
+            "which workers drop)"
+        )
+    return 0
+
+
+def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
+    """``svdfarm queues purge [--yes]``: empty every queue of the farm on the broker and cancel
+    the jobs queued on them (event reason ``purged``); asks first unless ``--yes``."""
+    from cli.jobs import operator
+    from svdfarm.celery_app import create_celery, farm_queues
+    from svdfarm.db import database_for
+    from svdfarm.depths import BrokerUnavailable, queue_depths, waiting_jobs
+    from svdfarm.purge import purge
+    from svdfarm.registry import online_workers
+
+    db = database_for(settings.database_url)
+    with db.session() as session:
+        consumed = {q for worker in online_workers(session, settings) for q in worker.queues}
+        waiting = waiting_jobs(session, farm_queues())
+    names = sorted(set(waiting) | consumed, key=_queue_order)
+    if not args.yes:
+        try:
+            held = sum(queue_depths(settings, names).values())
+        except BrokerUnavailable as exc:
+            return fail(str(exc), 1)
+        what = (
+            f"{held} message(s) from {len(names)} queues and cancel "
+            f"{sum(waiting.values())} queued job(s)"
+        )
+        if not sys.stdin.isatty():
+            return fail(f"purging would remove {what}; add --yes to do it", 1)
+        if input(f"Remove {what}? Type yes to go on: ").strip().lower() != "yes":
+            return fail("nothing was purged", 1)
+    celery = create_celery(settings)
+    try:
+        purged = purge(db, settings, celery, names, by=operator())
+    except BrokerUnavailable as exc:
+        return fail(str(exc), 1)
+    finally:
+        celery.close()
+    removed = {queue: n for queue, n in purged.messages.items() if n}
+    if args.json:
+        print(json.dumps({"messages": removed, "canceled": purged.canceled}, indent=2))
+        return 0
+    for queue, n in sorted(removed.items(), key=lambda item: _queue_order(item[0])):
+        print(f"{queue:<22} {n:>7} message(s) removed")
+    print(
+        f"purged {purged.message_count} message(s) from {len(names)} queues; "
+        f"canceled {len(purged.canceled)} queued job(s)"
+    )
     return 0
 
 
@@ -105,9 +194,11 @@ def cmd_reap(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         celery.close()
     if args.json:
-        print(json.dumps(reaped.__dict__, indent=2))
+        print(json.dumps(dataclasses.asdict(reaped), indent=2))
         return 0
-    for what, ids in reaped.__dict__.items():
+    if reaped.skipped:
+        print(f"lost workers not looked for: {reaped.skipped}")
+    for what, ids in reaped.by_outcome().items():
         print(f"{what}: {len(ids)}" + (f" ({', '.join(ids)})" if ids else ""))
     return 0
 

@@ -1,7 +1,11 @@
 """The Celery app: transport only. Jobs travel as ids; their truth lives in the database.
 
-``celery -A svdfarm worker|inspect|control`` finds :data:`app` here. The web side sends
+``celery -A svdfarm worker|inspect|control|purge`` finds :data:`app` here. The web side sends
 tasks by name and never imports the worker's code.
+
+The farm's :class:`Settings` ride on the app object (:func:`settings_of`), never in Celery's
+config: ``celery inspect conf`` and Flower print that config to anyone who can reach the broker,
+and the settings hold the database password, the secret key and the admin password.
 """
 
 from __future__ import annotations
@@ -10,10 +14,15 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import celeryd_init
+from kombu import Exchange, Queue
 
+from svdfarm.queues import all_queues
 from svdfarm.settings import Settings, load_settings
 
 RENDER_TASK = "svdfarm.render"
+DEFAULT_QUEUE = "svd.default"
+#: The attribute of a Celery app that holds its settings (off ``app.conf``: see the module doc).
+_SETTINGS_ATTR = "svdfarm_settings"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -34,7 +43,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # the claim token already makes a redelivered job harmless.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_concurrency": 1,
-        "task_default_queue": "svd.default",
+        "task_default_queue": DEFAULT_QUEUE,
+        # Declared so that Celery's own tools know every queue (`celery purge`, Flower); workers
+        # still consume only what -Q names (`svdfarm worker` always passes it).
+        "task_queues": declared_queues(),
         "task_soft_time_limit": settings.task_soft_time_limit_s,
         "task_time_limit": settings.task_time_limit_s,
         "task_send_sent_event": True,
@@ -63,6 +75,17 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
+def declared_queues() -> list[Queue]:
+    """Every queue of the farm, each as Celery would create it on first use (a direct exchange
+    and a routing key of its own name), so declaring them changes no message's route."""
+    return [Queue(name, Exchange(name), routing_key=name) for name in farm_queues()]
+
+
+def farm_queues() -> list[str]:
+    """The names of every queue the farm may use: the default one and every worker class's."""
+    return [DEFAULT_QUEUE, *all_queues()]
+
+
 def visibility_timeout_s(settings: Settings) -> int:
     """Seconds Redis waits before handing an unacknowledged message to another worker."""
     return settings.task_time_limit_s + 3600
@@ -74,13 +97,13 @@ def create_celery(settings: Settings) -> Celery:
 
     celery = Celery("svdfarm", include=["worker.tasks"])
     celery.conf.update(celery_config(settings))
-    celery.conf.svdfarm_settings = settings
+    setattr(celery, _SETTINGS_ATTR, settings)
     return celery
 
 
 def settings_of(celery: Celery) -> Settings:
     """The :class:`Settings` a Celery app was built from."""
-    settings: Settings = celery.conf.svdfarm_settings
+    settings: Settings = getattr(celery, _SETTINGS_ATTR)
     return settings
 
 
@@ -93,11 +116,19 @@ def enqueue_render(celery: Celery, job_id: str, queue: str) -> None:
 
 
 @celeryd_init.connect
-def _prepare_worker(sender: Any = None, conf: Any = None, **_: Any) -> None:
-    """Create the data folders (and the embedded broker's) before the worker connects."""
-    settings = getattr(conf, "svdfarm_settings", None) if conf is not None else None
-    if settings is not None:
-        settings.ensure_dirs()
+def _prepare_worker(
+    sender: Any = None, instance: Any = None, options: Any = None, **_: Any
+) -> None:
+    """Create the data folders (and the embedded broker's) before the worker connects; a
+    worker started without ``-Q`` consumes the default queue only, as before every queue was
+    declared (else a bare ``celery -A svdfarm worker`` would take every class's jobs)."""
+    celery: Celery | None = getattr(instance, "app", None)
+    settings = getattr(celery, _SETTINGS_ATTR, None)
+    if celery is None or settings is None:
+        return
+    settings.ensure_dirs()
+    if not (options or {}).get("queues"):
+        celery.amqp.queues.select([DEFAULT_QUEUE])
 
 
 app = create_celery(load_settings())

@@ -1,8 +1,14 @@
-"""How many messages wait in each Celery queue, read from the broker itself.
+"""What waits in each queue: jobs queued in the database, and messages held by the broker.
 
-Shared by ``svdfarm queues``, the admin's workers page and ``/metrics``. A passive
-``queue_declare`` asks the broker for a queue's message count without creating it; a queue the
-broker does not know (AMQP answers NOT_FOUND) has nothing waiting.
+Shared by ``svdfarm queues``, the admin's workers page and ``/metrics``. What *waits* is
+counted from the database (:func:`waiting_jobs`), the source of truth: the broker's count
+(:func:`queue_depths`) also holds the messages of jobs canceled while queued (a worker drops
+each one when it comes to it) and misses those the broker lost (the reaper publishes them
+again), and no broker says whose a message is without reading it (AMQP cannot read one
+without taking it). The message count is still shown beside it, so a difference can be seen.
+
+A passive ``queue_declare`` asks the broker for a queue's message count without creating it; a
+queue the broker does not know (AMQP answers NOT_FOUND) holds nothing.
 """
 
 from __future__ import annotations
@@ -11,12 +17,28 @@ from collections.abc import Iterable
 
 from celery import Celery
 from kombu.utils.url import maybe_sanitize_url
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
+from svdfarm.models import Job
 from svdfarm.settings import Settings
+from svdfarm.states import JobState
 
 
 class BrokerUnavailable(RuntimeError):
     """The broker could not be reached to count messages."""
+
+
+def waiting_jobs(session: Session, queues: Iterable[str] = ()) -> dict[str, int]:
+    """Jobs queued in the database on each of ``queues`` (zero for none), and on any other
+    queue that has some, in the order given, then by name."""
+    counts = dict(
+        session.execute(
+            select(Job.queue, func.count()).where(Job.state == JobState.QUEUED).group_by(Job.queue)
+        ).all()
+    )
+    names = list(dict.fromkeys([*queues, *sorted(q for q in counts if q)]))
+    return {queue: int(counts.get(queue, 0)) for queue in names}
 
 
 def queue_depths(
@@ -26,7 +48,8 @@ def queue_depths(
     celery: Celery | None = None,
     max_retries: int = 1,
 ) -> dict[str, int]:
-    """Messages waiting in each of ``queues``, in the order given.
+    """Messages the broker holds in each of ``queues``, in the order given (those of canceled
+    jobs included: see the module doc).
 
     ``celery`` is the app to connect with (the web passes its own); without one, a Celery app
     is made for ``settings`` and closed afterwards. Raises :class:`BrokerUnavailable` when the

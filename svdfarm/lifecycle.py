@@ -240,11 +240,12 @@ def publish_failed(session: Session, job_id: uuid.UUID, *, by: By, error: str) -
     record(session, job_id, EventType.PUBLISH_FAILED, by, {"error": error[:500]})
 
 
-def cancel(session: Session, job_id: uuid.UUID, *, by: By) -> JobState:
+def cancel(session: Session, job_id: uuid.UUID, *, by: By, reason: str = "") -> JobState:
     """A user's cancel: a queued job is canceled, a running one asked to stop.
 
     Returns the state it left the job in (cancel requested stays so); raises
-    :class:`IllegalMove` for a job that has already ended.
+    :class:`IllegalMove` for a job that has already ended. A ``reason`` (``purged``) goes
+    into the event's details.
     """
     state = _state_of(session, job_id, lock=True)
     if state is CR:
@@ -254,7 +255,9 @@ def cancel(session: Session, job_id: uuid.UUID, *, by: By) -> JobState:
     move = check_move(job_id, state, name, by)
     assert state is not None and move.target is not None
     values = _ended() if move.target is C else {}
-    if not _move(session, job_id, move, state, by, values=values):  # pragma: no cover - locked
+    details = {"reason": reason} if reason else None
+    made = _move(session, job_id, move, state, by, values=values, details=details)
+    if not made:  # pragma: no cover - locked
         raise IllegalMove(job_id, _state_of(session, job_id), name, by)
     return move.target
 

@@ -1,16 +1,27 @@
-"""``GET /metrics``: the farm's state in Prometheus' text format, read from the database.
+"""``GET /metrics``: the farm's state for Prometheus, read from the database.
 
 Open without login, as Prometheus scrapes it; it shows counts, never job contents. Keep it
 off the public internet with the reverse proxy if counts are sensitive. Each scrape builds a
 fresh :class:`CollectorRegistry` from the database (the source of truth), so every web process
-answers the same numbers:
+answers the same numbers.
+
+Everything here is a gauge: it counts the rows in the database now, and rows go away (a job is
+deleted with its attempts) or change (a running attempt gets its error class), so a count can
+fall. A Prometheus counter (``_total``) must never fall (a fall reads as a counter reset and
+``rate()`` invents a burst), so none is exported:
 
 - ``svdfarm_jobs{state}``: jobs in each state;
-- ``svdfarm_attempts_total{error_class,plan}``: attempts by error class (``none`` for those
-  without one) and plan name;
-- ``svdfarm_job_duration_seconds``: a histogram of succeeded jobs' finished - started;
-- ``svdfarm_queue_depth{queue}``: messages waiting in each queue, and ``svdfarm_broker_up``;
+- ``svdfarm_attempts{error_class,plan,outcome}``: attempts in the database by error class
+  (``none`` for those without one), plan name and outcome (``running`` while one runs);
+- ``svdfarm_job_duration_seconds``: a gauge histogram (OpenMetrics ``gaugehistogram``:
+  ``_bucket``, ``_gcount``, ``_gsum``) of the succeeded jobs' finished - started;
+- ``svdfarm_queue_depth{queue}``: jobs waiting in each queue (queued in the database);
+- ``svdfarm_queue_messages{queue}``: messages the broker holds in each queue, those of jobs
+  canceled while queued included (workers drop them), and ``svdfarm_broker_up``;
 - ``svdfarm_workers_online``: workers whose heartbeat is recent.
+
+The answer is OpenMetrics when the scraper asks for it (Prometheus does), else the classic text
+format, which has no gauge histogram and calls it a histogram.
 """
 
 from __future__ import annotations
@@ -19,19 +30,15 @@ from collections.abc import Iterator
 from typing import Any
 
 from celery import Celery
-from flask import Blueprint, Response, current_app
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+from flask import Blueprint, Response, current_app, request
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from sqlalchemy import ColumnElement, case, func, select
 from sqlalchemy.orm import Session
 
-from svdfarm.depths import BrokerUnavailable, queue_depths
+from svdfarm.depths import BrokerUnavailable, queue_depths, waiting_jobs
 from svdfarm.models import Attempt, Job
 from svdfarm.queues import all_queues
 from svdfarm.registry import online_workers
@@ -84,23 +91,25 @@ class FarmCollector(Collector):
         return family
 
     def _attempts(self) -> Metric:
-        """Attempts by error class and plan."""
+        """Attempts in the database now, by error class, plan and outcome (a gauge)."""
         rows = self.session.execute(
-            select(Attempt.error_class, Attempt.plan_name, func.count()).group_by(
-                Attempt.error_class, Attempt.plan_name
+            select(Attempt.error_class, Attempt.plan_name, Attempt.outcome, func.count()).group_by(
+                Attempt.error_class, Attempt.plan_name, Attempt.outcome
             )
         ).all()
-        family = CounterMetricFamily(
+        family = GaugeMetricFamily(
             "svdfarm_attempts",
-            "Render attempts by error class (none: no error) and dtype plan.",
-            labels=["error_class", "plan"],
+            "Render attempts in the database by error class (none: no error), dtype plan and "
+            "outcome; a gauge: deleting a job removes its attempts.",
+            labels=["error_class", "plan", "outcome"],
         )
-        for error_class, plan, count in rows:
-            family.add_metric([error_class.value if error_class else "none", plan], count)
+        for error_class, plan, outcome, count in rows:
+            labels = [error_class.value if error_class else "none", plan, outcome.value]
+            family.add_metric(labels, count)
         return family
 
     def _durations(self) -> Metric:
-        """The histogram of succeeded jobs' durations, counted by the database."""
+        """The gauge histogram of succeeded jobs' durations, counted by the database."""
         seconds = duration_seconds(self.session)
         columns: list[Any] = [func.count(), func.coalesce(func.sum(seconds), 0.0)]
         columns += [
@@ -117,35 +126,45 @@ class FarmCollector(Collector):
         pairs = zip(DURATION_BUCKETS, cumulative, strict=True)
         buckets = [(str(float(bound)), int(n)) for bound, n in pairs]
         buckets.append(("+Inf", int(total)))
-        return HistogramMetricFamily(
+        return GaugeHistogramMetricFamily(
             "svdfarm_job_duration_seconds",
-            "Seconds from a job's start to its finish, for succeeded jobs.",
+            "Seconds from a job's start to its finish, for the succeeded jobs in the database; "
+            "a gauge histogram: deleting a job removes it.",
             buckets=buckets,
-            sum_value=float(total_seconds),
+            gsum_value=float(total_seconds),
         )
 
     def _queues(self) -> Iterator[Metric]:
-        """Messages waiting per queue, and whether the broker answered."""
-        queued = self.session.scalars(
-            select(Job.queue).where(Job.state == JobState.QUEUED).distinct()
-        ).all()
+        """Jobs waiting per queue (the database), messages per queue (the broker), and whether
+        the broker answered."""
         consumed = {q for w in online_workers(self.session, self.settings) for q in w.queues}
+        waiting = waiting_jobs(self.session, [*all_queues(), *sorted(consumed)])
+        family = GaugeMetricFamily(
+            "svdfarm_queue_depth",
+            "Jobs waiting in each queue: queued in the database.",
+            labels=["queue"],
+        )
+        for queue, count in waiting.items():
+            family.add_metric([queue], count)
+        yield family
         up = GaugeMetricFamily("svdfarm_broker_up", "1 when the broker answered this scrape.")
         try:
-            names = [*all_queues(), *sorted(consumed), *(q for q in queued if q)]
-            depths = queue_depths(self.settings, names, celery=self.celery)
+            messages = queue_depths(self.settings, waiting, celery=self.celery)
         except BrokerUnavailable:
             up.add_metric([], 0)
             yield up
             return
         up.add_metric([], 1)
         yield up
-        family = GaugeMetricFamily(
-            "svdfarm_queue_depth", "Messages waiting in each queue.", labels=["queue"]
+        held = GaugeMetricFamily(
+            "svdfarm_queue_messages",
+            "Messages the broker holds in each queue, those of jobs canceled while queued "
+            "included (workers drop them).",
+            labels=["queue"],
         )
-        for queue, depth in depths.items():
-            family.add_metric([queue], depth)
-        yield family
+        for queue, count in messages.items():
+            held.add_metric([queue], count)
+        yield held
 
 
 @bp.get("/metrics")
@@ -154,4 +173,5 @@ def metrics() -> Response:
     registry = CollectorRegistry(auto_describe=False)
     settings = current_app.config["SVDFARM_SETTINGS"]
     registry.register(FarmCollector(get_session(), settings, current_app.extensions["celery"]))
-    return Response(generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+    return Response(encode(registry), headers={"Content-Type": content_type})

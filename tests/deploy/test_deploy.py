@@ -15,6 +15,7 @@ import contextlib
 import copy
 import io
 import json
+import math
 import os
 import re
 import shlex
@@ -454,6 +455,7 @@ def pool_problems(docs: list[dict[str, Any]]) -> list[str]:
             auth = trigger.get("authenticationRef", {}).get("name")
             if auth not in auths and not {"address", "addressFromEnv", "host"} & set(meta):
                 problems.append(f"{name}: {queue}: no Redis address (TriggerAuthentication {auth})")
+        problems += sum_problems(name, scaled)
     problems += [f"{t} is the target of {n} ScaledObjects" for t, n in targets.items() if n > 1]
     for queue in sorted({q for queues in pools.values() for q in queues}):
         if watched[queue] != 1:
@@ -462,6 +464,57 @@ def pool_problems(docs: list[dict[str, Any]]) -> list[str]:
                 "ScaledObjects (want 1: a job wakes one pool)"
             )
     return problems
+
+
+def trigger_name(queue: str) -> str:
+    """The name a pool's trigger on ``queue`` has (a name KEDA's formulas can use)."""
+    return queue.replace(".", "_")
+
+
+def sum_problems(name: str, scaled: dict[str, Any]) -> list[str]:
+    """Why a ScaledObject does not scale on the sum of its queues: every trigger named after
+    its queue, and ``advanced.scalingModifiers`` adding them all up, one pod per job.
+
+    Without it the HPA takes the largest of the triggers' metrics: three jobs in three queues
+    of one pool would ask for one pod.
+    """
+    problems = []
+    triggers = scaled["spec"]["triggers"]
+    names = [t.get("name") for t in triggers]
+    for trigger, given in zip(triggers, names, strict=True):
+        want = trigger_name(trigger.get("metadata", {}).get("listName", ""))
+        if given != want:
+            problems.append(f"{name}: the trigger on {want!r} is named {given!r}, not {want!r}")
+    modifiers = scaled["spec"].get("advanced", {}).get("scalingModifiers")
+    if not modifiers:
+        return [*problems, f"{name}: no advanced.scalingModifiers: it scales on its longest queue"]
+    formula = str(modifiers.get("formula", ""))
+    terms = [t.strip() for t in formula.split("+")]
+    if Counter(terms) != Counter(names):
+        problems.append(f"{name}: formula {formula!r} is not the sum of its triggers {names}")
+    if str(modifiers.get("target")) != "1" or not isinstance(modifiers.get("target"), str):
+        problems.append(f'{name}: scalingModifiers.target must be "1" (one pod per job)')
+    if modifiers.get("metricType", "AverageValue") != "AverageValue":
+        problems.append(f"{name}: scalingModifiers.metricType must be AverageValue")
+    return problems
+
+
+def desired_pods(scaled: dict[str, Any], lengths: dict[str, int]) -> int:
+    """The pods KEDA's HPA asks for when the pool's queues hold ``lengths`` (queue: messages):
+    the formula's sum (a sum of trigger names, :func:`sum_problems`) over the target, within
+    the replica bounds; without scalingModifiers, the largest single trigger's."""
+    spec = scaled["spec"]
+    by_name = {t["name"]: lengths.get(t["metadata"]["listName"], 0) for t in spec["triggers"]}
+    modifiers = spec.get("advanced", {}).get("scalingModifiers")
+    if modifiers:
+        total = sum(by_name[term.strip()] for term in str(modifiers["formula"]).split("+"))
+        wanted = math.ceil(total / float(modifiers["target"]))
+    else:
+        wanted = max(
+            math.ceil(n / float(t["metadata"]["listLength"]))
+            for t, n in zip(spec["triggers"], by_name.values(), strict=True)
+        )
+    return max(spec.get("minReplicaCount", 0), min(spec.get("maxReplicaCount", 100), wanted))
 
 
 # ---- every file ----------------------------------------------------------------------------
@@ -659,6 +712,16 @@ def test_k8s_scaled_objects_watch_what_their_pools_consume() -> None:
     assert not problems, "\n".join(problems)
 
 
+def test_k8s_pools_scale_on_the_sum_of_their_queues() -> None:
+    """A job in each of three queues of one pool asks for three pods, not one; no job, none."""
+    for name, scaled in k8s(k8s_docs(), "ScaledObject").items():
+        queues = [t["metadata"]["listName"] for t in scaled["spec"]["triggers"]]
+        assert len(queues) >= 3, name
+        assert desired_pods(scaled, {q: 1 for q in queues[:3]}) == 3, name
+        assert desired_pods(scaled, {q: 2 for q in queues[:2]}) == 4, name
+        assert desired_pods(scaled, {}) == 0, name
+
+
 # ---- systemd -------------------------------------------------------------------------------
 
 
@@ -679,6 +742,61 @@ def test_systemd_units() -> None:
     worker = read_unit(by_name["svdfarm-worker@.service"])["Service"]
     assert worker["KillMode"] == "mixed", "SIGTERM must reach Celery's main process only"
     assert worker.get("KillSignal", "SIGTERM") == "SIGTERM"
+
+
+def systemd_word(word: str, env: dict[str, str]) -> str:
+    """A word of an Exec line as systemd hands it over: ``$$`` is a ``$``, ``${NAME}`` and
+    ``$NAME`` the variable's value (empty when unset)."""
+    return re.sub(
+        r"\$\$|\$\{(\w+)\}|\$(\w+)",
+        lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1) or m.group(2), ""),
+        word,
+    )
+
+
+def start_checks(path: Path, env: dict[str, str], cwd: Path) -> list[str]:
+    """Run a unit's ExecStartPre commands in order as systemd would, with ``env``: the stderr
+    of the first one that fails (which stops the start), or an empty list when all pass."""
+    for value in unit_values(path, "ExecStartPre"):
+        argv = [systemd_word(w, env) for w in shlex.split(value.lstrip("-@+!:"))]
+        done = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=30)
+        if done.returncode != 0 and not value.startswith("-"):
+            return [done.stderr]
+    return []
+
+
+@pytest.mark.parametrize(
+    "auth",
+    ["", "admin", "admin:", ":s3cret"],
+)
+def test_flower_never_starts_without_a_password(auth: str, tmp_path: Path) -> None:
+    """Flower can revoke jobs and stop workers. The systemd unit's start check fails (so
+    systemd does not start it) without ``FLOWER_BASIC_AUTH=user:password``, saying what to
+    set; compose refuses to start without ``FLOWER_PASSWORD``."""
+    unit = DEPLOY / "systemd" / "svdfarm-flower.service"
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    if auth:
+        env["FLOWER_BASIC_AUTH"] = auth
+    failed = start_checks(unit, env, tmp_path)
+    assert failed and "FLOWER_BASIC_AUTH=user:password" in failed[0]
+    flower = compose()["services"]["flower"]
+    given = compose_env(flower)["FLOWER_BASIC_AUTH"]
+    assert re.fullmatch(r"[^:$]+:\$\{FLOWER_PASSWORD:\?[^}]+\}", given), given
+
+
+def test_flower_starts_with_a_password_on_localhost_only(tmp_path: Path) -> None:
+    """With ``user:password`` set the check passes, and the password reaches it through the
+    environment only (quotes and ``$(...)`` in it are not run); Flower listens on localhost."""
+    unit = DEPLOY / "systemd" / "svdfarm-flower.service"
+    password = 'it\'s a "$(touch pwned)" `touch pwned`'
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "FLOWER_BASIC_AUTH": f"ops:{password}"}
+    assert start_checks(unit, env, tmp_path) == []
+    assert not (tmp_path / "pwned").exists()
+    assert not [v for v in unit_values(unit, "ExecStartPre") if v.startswith("-")]
+    (start,) = [shlex.split(v) for v in unit_values(unit, "ExecStart")]
+    assert start[1:4] == ["-A", "svdfarm", "flower"] and "--address=127.0.0.1" in start
+    ports = compose()["services"]["flower"]["ports"]
+    assert all(str(port).startswith("127.0.0.1:") for port in ports), ports
 
 
 # ---- grace periods -------------------------------------------------------------------------
@@ -827,6 +945,25 @@ def test_wrong_commands_and_settings_are_caught() -> None:
     assert command_problem(["worker", "--gpu", "all"])
     assert setting_problems("SVDFARM_STOP_TIMEOUTS=600", known_settings())
     assert seconds("11m") == seconds("660s") == seconds("11min") == 660
+
+
+def test_a_pool_scaling_on_its_longest_queue_is_caught() -> None:
+    """No scalingModifiers, a trigger left out of the formula, or a trigger misnamed: each is
+    reported; without the formula three jobs in three queues would get one pod."""
+    docs = k8s_docs()
+    name, scaled = next(iter(k8s(docs, "ScaledObject").items()))
+    queues = [t["metadata"]["listName"] for t in scaled["spec"]["triggers"]]
+    longest = copy.deepcopy(scaled)
+    del longest["spec"]["advanced"]["scalingModifiers"]
+    assert any("longest queue" in p for p in sum_problems(name, longest))
+    assert desired_pods(longest, {q: 1 for q in queues[:3]}) == 1
+    partial = copy.deepcopy(scaled)
+    modifiers = partial["spec"]["advanced"]["scalingModifiers"]
+    modifiers["formula"] = " + ".join(trigger_name(q) for q in queues[1:])
+    assert any("not the sum" in p for p in sum_problems(name, partial))
+    misnamed = copy.deepcopy(scaled)
+    misnamed["spec"]["triggers"][0]["name"] = "first"
+    assert any("is named 'first'" in p for p in sum_problems(name, misnamed))
 
 
 def test_a_pool_watching_a_queue_it_cannot_serve_is_caught() -> None:

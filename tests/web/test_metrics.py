@@ -1,4 +1,5 @@
-"""``GET /metrics`` parsed with Prometheus' own parser, on real databases."""
+"""``GET /metrics`` parsed with Prometheus' own parsers (OpenMetrics, as Prometheus asks for
+it, and the classic text format), on real databases."""
 
 from __future__ import annotations
 
@@ -7,20 +8,33 @@ from collections.abc import Iterator
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
+from sqlalchemy import update
 
-from svdfarm.actions import requeue_jobs
-from svdfarm.celery_app import create_celery
+from svdfarm.actions import cancel_job, delete_job, requeue_jobs
+from svdfarm.celery_app import create_celery, enqueue_render
 from svdfarm.db import Database
 from svdfarm.lifecycle import By
+from svdfarm.models import Attempt
 from svdfarm.settings import Settings
-from svdfarm.states import Actor, ErrorClass, JobState, WorkerState
+from svdfarm.states import Actor, AttemptOutcome, ErrorClass, JobState, WorkerState
 from tests.conftest import DATABASES, REDIS_URL, needs_redis
 from tests.rows import QUEUE, add_job, add_worker
 from web import create_app
 
 PLAN = "fp16 unet+enc, fp32 vae, chunk 8 on cuda"
+#: What Prometheus sends: OpenMetrics first, the classic text format as a fallback.
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+    "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+#: Metric types whose samples Prometheus takes for counters: they must never fall.
+RISING = {"counter", "histogram", "summary"}
 
 
 @pytest.fixture
@@ -35,13 +49,22 @@ def app(settings: Settings) -> Iterator[Flask]:
     flask_app.extensions["svdfarm.db"].dispose()
 
 
-def scrape(client: FlaskClient) -> dict[str, list[Sample]]:
-    """The samples of each metric family, by family name."""
-    response = client.get("/metrics")
+def scrape_families(client: FlaskClient, *, openmetrics: bool = True) -> list[Metric]:
+    """The metric families of one scrape, asked for in OpenMetrics (as Prometheus asks) or in
+    the classic text format, each read with the parser of the format that came back."""
+    headers = {"Accept": PROMETHEUS_ACCEPT} if openmetrics else {}
+    response = client.get("/metrics", headers=headers)
     assert response.status_code == 200
-    assert response.headers["Content-Type"].startswith("text/plain")
     text = response.get_data(True)
-    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+    if response.headers["Content-Type"].startswith("application/openmetrics-text"):
+        return list(openmetrics_families(text))
+    assert response.headers["Content-Type"].startswith("text/plain")
+    return list(text_string_to_metric_families(text))
+
+
+def scrape(client: FlaskClient) -> dict[str, list[Sample]]:
+    """The samples of each metric family, by family name (OpenMetrics)."""
+    return {f.name: f.samples for f in scrape_families(client)}
 
 
 def value(samples: list[Sample], name: str, **labels: str) -> float:
@@ -52,15 +75,21 @@ def value(samples: list[Sample], name: str, **labels: str) -> float:
 
 
 def test_metrics_on_an_empty_farm(client: FlaskClient) -> None:
-    """Every state at zero, no attempts, an empty histogram, every queue at zero."""
+    """Every state at zero, no attempts, an empty histogram, every queue at zero; OpenMetrics
+    to a scraper that asks for it, the classic text format to one that does not."""
+    asked = client.get("/metrics", headers={"Accept": PROMETHEUS_ACCEPT})
+    assert asked.headers["Content-Type"].startswith("application/openmetrics-text; version=1")
+    assert asked.get_data(True).endswith("# EOF\n")
+    assert client.get("/metrics").headers["Content-Type"].startswith("text/plain")
     families = scrape(client)
     for state in JobState:
         assert value(families["svdfarm_jobs"], "svdfarm_jobs", state=state.value) == 0
     assert families["svdfarm_attempts"] == []
     histogram = families["svdfarm_job_duration_seconds"]
-    assert value(histogram, "svdfarm_job_duration_seconds_count") == 0
+    assert value(histogram, "svdfarm_job_duration_seconds_gcount") == 0
     assert value(histogram, "svdfarm_job_duration_seconds_bucket", le="+Inf") == 0
     assert value(families["svdfarm_queue_depth"], "svdfarm_queue_depth", queue=QUEUE) == 0
+    assert value(families["svdfarm_queue_messages"], "svdfarm_queue_messages", queue=QUEUE) == 0
     assert value(families["svdfarm_broker_up"], "svdfarm_broker_up") == 1
     assert value(families["svdfarm_workers_online"], "svdfarm_workers_online") == 0
 
@@ -89,25 +118,29 @@ def test_metrics_count_jobs_attempts_durations_queues_and_workers(
     assert value(jobs, "svdfarm_jobs", state="failed") == 2
     assert value(jobs, "svdfarm_jobs", state="queued") == 2
     attempts = families["svdfarm_attempts"]
-    assert value(attempts, "svdfarm_attempts_total", error_class="none", plan=PLAN) == 2
-    assert value(attempts, "svdfarm_attempts_total", error_class="out_of_memory", plan=PLAN) == 2
-    assert value(attempts, "svdfarm_attempts_total", error_class="non_finite", plan=PLAN) == 1
+    name = "svdfarm_attempts"
+    assert value(attempts, name, error_class="none", plan=PLAN, outcome="succeeded") == 2
+    assert value(attempts, name, error_class="out_of_memory", plan=PLAN, outcome="failed") == 2
+    assert value(attempts, name, error_class="non_finite", plan=PLAN, outcome="failed") == 1
     durations = families["svdfarm_job_duration_seconds"]
     name = "svdfarm_job_duration_seconds"
     assert value(durations, f"{name}_bucket", le="5.0") == 1
     assert value(durations, f"{name}_bucket", le="60.0") == 1
     assert value(durations, f"{name}_bucket", le="120.0") == 2
     assert value(durations, f"{name}_bucket", le="+Inf") == 2
-    assert value(durations, f"{name}_count") == 2
-    assert value(durations, f"{name}_sum") == pytest.approx(94.0, abs=0.01)
-    assert value(families["svdfarm_queue_depth"], "svdfarm_queue_depth", queue=QUEUE) == 1
+    assert value(durations, f"{name}_gcount") == 2
+    assert value(durations, f"{name}_gsum") == pytest.approx(94.0, abs=0.01)
+    # Two jobs wait (the requeued one and one inserted queued); only the requeued one was sent.
+    assert value(families["svdfarm_queue_depth"], "svdfarm_queue_depth", queue=QUEUE) == 2
+    assert value(families["svdfarm_queue_messages"], "svdfarm_queue_messages", queue=QUEUE) == 1
     assert value(families["svdfarm_workers_online"], "svdfarm_workers_online") == 1
 
 
 def test_metrics_say_when_the_broker_is_down(
     client: FlaskClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """No queue depths, and ``svdfarm_broker_up 0``, when the broker cannot be reached."""
+    """No message counts, and ``svdfarm_broker_up 0``, when the broker cannot be reached; the
+    waiting jobs still come from the database."""
     from svdfarm.depths import BrokerUnavailable
 
     def down(*_: object, **__: object) -> dict[str, int]:
@@ -116,7 +149,8 @@ def test_metrics_say_when_the_broker_is_down(
     monkeypatch.setattr("web.metrics.queue_depths", down)
     families = scrape(client)
     assert value(families["svdfarm_broker_up"], "svdfarm_broker_up") == 0
-    assert "svdfarm_queue_depth" not in families
+    assert "svdfarm_queue_messages" not in families
+    assert value(families["svdfarm_queue_depth"], "svdfarm_queue_depth", queue=QUEUE) == 0
     assert value(families["svdfarm_workers_online"], "svdfarm_workers_online") == 0
 
 
@@ -152,3 +186,94 @@ def test_queue_depths_on_redis(settings: Settings) -> None:
         with celery.connection_for_write() as connection:
             connection.default_channel.queue_purge(queue)
         celery.close()
+
+
+def rising_samples(
+    families: list[Metric], *, openmetrics: bool = True
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample Prometheus reads as a counter, by name and labels: of counter, histogram
+    and summary families, and any named ``..._total`` or ``..._count``.
+
+    The classic text format has no gauge histogram: it writes one as a ``histogram`` (with
+    ``_gcount`` and ``_gsum`` beside it, never ``_count``), so there only the names count.
+    """
+    types = RISING if openmetrics else RISING - {"histogram"}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in families
+        for s in family.samples
+        if family.type in types or s.name.endswith(("_total", "_count"))
+    }
+
+
+def assert_nothing_fell(
+    before: dict[tuple[str, tuple[tuple[str, str], ...]], float],
+    after: dict[tuple[str, tuple[tuple[str, str], ...]], float],
+) -> None:
+    """No counter-like sample of the first scrape is lower, or gone, in the second."""
+    fell = {key: (was, after.get(key)) for key, was in before.items() if after.get(key, -1) < was}
+    assert not fell, f"counters that fell (a reset to Prometheus): {fell}"
+
+
+@pytest.mark.parametrize("database_url", DATABASES, indirect=True)
+def test_no_counter_falls_when_a_job_is_deleted_or_an_attempt_fails(
+    client: FlaskClient, db: Database, settings: Settings
+) -> None:
+    """Two scrapes around a deleted job (with its attempt and its duration) and a running
+    attempt that gets its error class: nothing Prometheus takes for a counter falls, in either
+    exposition format. The attempts are still counted, by outcome, as a gauge."""
+    deleted = add_job(db, settings, JobState.SUCCEEDED, error_class=None)
+    add_job(db, settings, JobState.SUCCEEDED, error_class=None)
+    running = add_job(db, settings, JobState.RUNNING)
+    with db.begin() as session:
+        session.execute(
+            update(Attempt)
+            .where(Attempt.job_id == running)
+            .values(outcome=AttemptOutcome.RUNNING, finished_at=None)
+        )
+    before = {
+        om: rising_samples(scrape_families(client, openmetrics=om), openmetrics=om)
+        for om in (True, False)
+    }
+    first = scrape(client)
+
+    with db.session() as session:
+        assert delete_job(session, settings, deleted).done
+    with db.begin() as session:
+        session.execute(
+            update(Attempt)
+            .where(Attempt.job_id == running)
+            .values(outcome=AttemptOutcome.FAILED, error_class=ErrorClass.OUT_OF_MEMORY)
+        )
+    for om in (True, False):
+        after = rising_samples(scrape_families(client, openmetrics=om), openmetrics=om)
+        assert_nothing_fell(before[om], after)
+    name = "svdfarm_attempts"
+    assert value(first[name], name, error_class="none", plan=PLAN, outcome="running") == 1
+    assert value(first[name], name, error_class="none", plan=PLAN, outcome="succeeded") == 2
+    families = scrape(client)
+    attempts = families[name]
+    assert value(attempts, name, error_class="none", plan=PLAN, outcome="succeeded") == 1
+    assert value(attempts, name, error_class="out_of_memory", plan=PLAN, outcome="failed") == 1
+    duration = "svdfarm_job_duration_seconds"
+    assert value(families[duration], f"{duration}_gcount") == 1
+
+
+def test_a_canceled_jobs_message_is_not_waiting(
+    client: FlaskClient, db: Database, settings: Settings
+) -> None:
+    """Two jobs sent to a queue, one canceled while queued: its message stays in the broker
+    until a worker drops it, but one job waits."""
+    kept, canceled = (add_job(db, settings, JobState.QUEUED) for _ in range(2))
+    celery = create_celery(settings)
+    try:
+        for job_id in (kept, canceled):
+            enqueue_render(celery, str(job_id), QUEUE)
+    finally:
+        celery.close()
+    with db.session() as session:
+        assert cancel_job(session, canceled, by=By(Actor.ADMIN)).done
+    families = scrape(client)
+    assert value(families["svdfarm_queue_depth"], "svdfarm_queue_depth", queue=QUEUE) == 1
+    assert value(families["svdfarm_queue_messages"], "svdfarm_queue_messages", queue=QUEUE) == 2
+    assert value(families["svdfarm_jobs"], "svdfarm_jobs", state="canceled") == 1
