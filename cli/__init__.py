@@ -11,9 +11,12 @@ and ``svdfarm jobs`` never load torch. One module per group of commands: :mod:`c
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 
-from svdfarm.settings import SettingsError, load_settings
+from cli import gpus
+from svdfarm.settings import ModelChoice, Settings, SettingsError, choose_model, load_settings
 
 DESCRIPTION = (
     "Run the farm (up, web, worker), operate it (db, queues, reap, admin, jobs), and work on "
@@ -37,6 +40,22 @@ def redact(url: str) -> str:
         return url.split("@")[-1]
 
 
+def settle_model(settings: Settings, given: str = "") -> Settings:
+    """Pick the model by the one rule (:func:`svdfarm.settings.choose_model`; ``given`` is a
+    ``--model`` flag), print it, and export it as ``SVDFARM_MODEL``, so the processes this
+    one starts and the Celery app (built from the environment) run the same model."""
+    if given:
+        choice = ModelChoice(given, "--model")
+    else:
+        try:
+            choice = choose_model(os.environ, gpu_count=gpus.cuda_device_count)
+        except gpus.GpuQueryFailed as exc:
+            raise SettingsError(f"{exc}; set SVDFARM_MODEL to choose the model yourself") from None
+    os.environ["SVDFARM_MODEL"] = choice.model
+    print(choice, file=sys.stderr, flush=True)
+    return settings.with_overrides(model=choice.model)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``svdfarm`` command; each subcommand sets ``run``."""
     from cli import farm, jobs, local, serve
@@ -50,10 +69,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``svdfarm`` command."""
-    args = build_parser().parse_args(argv)
     try:
-        settings = load_settings()
-        status: int = args.run(args, settings)
+        try:
+            args = build_parser().parse_args(argv)
+            settings = load_settings()
+            status: int = args.run(args, settings)
+        finally:
+            sys.stdout.flush()  # a reader that left (``| head``) shows here, not at exit
     except SettingsError as exc:
         return fail(str(exc))
+    except BrokenPipeError:
+        # Whatever reads our output stopped reading: say nothing more to it, and make the
+        # flush at exit write to nowhere instead of printing a second error.
+        with contextlib.suppress(OSError, ValueError):  # stdout may be no file (a test's)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     return status

@@ -11,10 +11,12 @@ import argparse
 import json
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cli import fail
+from cli import fail, settle_model
 from svdfarm.settings import Settings
 from svdfarm.states import Phase
 
@@ -55,23 +57,48 @@ def add_commands(sub: Any) -> None:
     model.add_argument("directory")
 
 
-def _progress_bar(phase: Phase, progress: float, step: int) -> None:
-    """Draw a one-line progress bar on stderr."""
-    width = 30
-    filled = int(round(progress * width))
-    bar = "#" * filled + "-" * (width - filled)
-    sys.stderr.write(f"\r[{bar}] {progress * 100:5.1f}%  {phase.value:<10} step {step}")
-    sys.stderr.flush()
+class _ProgressBar:
+    """A one-line progress bar on stderr, with the denoising speed and the time left."""
+
+    def __init__(self, steps: int, clock: Callable[[], float] = time.monotonic) -> None:
+        """A bar for a ``steps``-step render; ``clock`` gives seconds (tests pass their own)."""
+        self.steps = steps
+        self.clock = clock
+        self.first: tuple[int, float] | None = None  # the first step seen, and when
+
+    def __call__(self, phase: Phase, progress: float, step: int) -> None:
+        """Redraw the bar (the runner's ``report``)."""
+        width = 30
+        filled = int(round(progress * width))
+        bar = "#" * filled + "-" * (width - filled)
+        line = f"\r[{bar}] {progress * 100:5.1f}%  {phase.value:<10} step {step}/{self.steps}"
+        now = self.clock()
+        if phase is Phase.DENOISING:
+            if self.first is None or step < self.first[0]:  # timed from the first step seen
+                self.first = (step, now)
+            elif step > self.first[0] and now > self.first[1]:
+                rate = (step - self.first[0]) / (now - self.first[1])
+                left = round((self.steps - step) / rate)
+                line += f"  {rate:.2f} it/s  ETA {left // 60}:{left % 60:02d}"
+        elif phase is Phase.LOADING:
+            self.first = None  # a retry times its own steps
+        sys.stderr.write(line + "\x1b[K" if sys.stderr.isatty() else line)
+        sys.stderr.flush()
 
 
 def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
     """``svdfarm render IMAGE -o OUT.mp4``: the worker's render path, without the queue."""
     from svdfarm.images import ImageError, inspect_image, open_upright_rgb
-    from svdfarm.params import ParamError, parse_params
+    from svdfarm.params import ParamError, is_tiny, parse_params
 
-    if args.model:
-        settings = settings.with_overrides(model=args.model)
-    settings.ensure_dirs()
+    settings = settle_model(settings, given=args.model)
+    if is_tiny(settings.model):
+        # Nothing else is written under the data folder: say where, as it may be made here.
+        print(
+            f"the tiny model is kept in {settings.models_dir / 'tiny'} (under "
+            "SVDFARM_DATA_DIR, ./var unless set)",
+            file=sys.stderr,
+        )
     try:
         data = Path(args.image).read_bytes()
         info = inspect_image(data, settings.max_upload_bytes, settings.max_image_pixels)
@@ -112,7 +139,8 @@ def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
     )
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    hooks = _PrintedAttempts(quiet=args.json, steps=params.num_inference_steps)
+    bar = _ProgressBar(params.num_inference_steps)
+    hooks = _PrintedAttempts(quiet=args.json, bar=bar)
     status = 0
     with tempfile.TemporaryDirectory() as tmp:
         poster = Path(args.poster) if args.poster else Path(tmp) / "poster.png"
@@ -125,7 +153,7 @@ def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
                 image=open_upright_rgb(data),
                 video_path=out,
                 poster_path=poster,
-                report=_progress_bar,
+                report=bar,
                 hooks=hooks,
             )
         except RenderFailed as failed:
@@ -150,11 +178,11 @@ def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
 class _PrintedAttempts:
     """Attempt hooks for the command line: a line on stderr as each attempt starts and ends."""
 
-    def __init__(self, quiet: bool, steps: int) -> None:
-        """Collect attempts of a ``steps``-step render; ``quiet`` keeps stderr to the bar."""
+    def __init__(self, quiet: bool, bar: _ProgressBar) -> None:
+        """Collect attempts drawn on ``bar``; ``quiet`` keeps stderr to the bar."""
         self.attempts: list[Any] = []
         self.quiet = quiet
-        self.steps = steps
+        self.bar = bar
 
     def started(self, attempt: Any) -> None:
         """Say which plan this attempt runs."""
@@ -166,7 +194,7 @@ class _PrintedAttempts:
     def finished(self, attempt: Any) -> None:
         """Say how the attempt ended."""
         if attempt.outcome.value == "succeeded":
-            _progress_bar(Phase.DONE, 1.0, self.steps)
+            self.bar(Phase.DONE, 1.0, self.bar.steps)
         if not self.quiet:
             what = attempt.outcome.value
             if attempt.error_class:
@@ -182,6 +210,7 @@ def cmd_caps(args: argparse.Namespace, settings: Settings) -> int:
     from worker.planner import first_plan
     from worker.runner import local_capabilities
 
+    settings = settle_model(settings)
     caps = local_capabilities()
     params = parse_params({}, (1024, 576), settings.model)
     plans = {}

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from svdfarm.models import Attempt, Job, Worker, utcnow
 from svdfarm.registry import effective_state
 from svdfarm.settings import Settings
-from svdfarm.states import AttemptOutcome, ErrorClass, WorkerState
+from svdfarm.states import AttemptOutcome, ErrorClass, JobState, WorkerState
 
 
 def lost_message(worker: str) -> str:
@@ -133,3 +133,25 @@ def running_elsewhere(session: Session, settings: Settings, job: Job, hostname: 
         and (w.current_job_id == job.id or w.last_heartbeat <= started[w.hostname])
         for w in workers
     )
+
+
+def jobs_running_on(session: Session, worker: str) -> list[uuid.UUID]:
+    """The running jobs whose open attempt is ``worker``'s, or that its row names as its own
+    (claimed, its attempt not written yet)."""
+    found = set(
+        session.scalars(
+            select(Attempt.job_id)
+            .join(Job, Job.id == Attempt.job_id)
+            .where(
+                Attempt.worker == worker,
+                Attempt.outcome == AttemptOutcome.RUNNING,
+                Job.state == JobState.RUNNING,
+            )
+        )
+    )
+    row = session.get(Worker, worker)
+    if row is not None and row.current_job_id is not None:
+        job = session.get(Job, row.current_job_id)
+        if job is not None and job.state is JobState.RUNNING:
+            found.add(job.id)
+    return sorted(found)

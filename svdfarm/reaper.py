@@ -60,10 +60,21 @@ class Reaped:
     failed: list[str] = field(default_factory=list)
     canceled: list[str] = field(default_factory=list)
     republished: list[str] = field(default_factory=list)
+    #: Why the pass looked for no lost worker's job (empty when it did).
+    skipped: str = ""
 
     def __bool__(self) -> bool:
         """True when the pass changed anything."""
-        return bool(self.requeued or self.failed or self.canceled or self.republished)
+        return any(self.by_outcome().values())
+
+    def by_outcome(self) -> dict[str, list[str]]:
+        """The job ids, by what the pass did to them."""
+        return {
+            "requeued": self.requeued,
+            "failed": self.failed,
+            "canceled": self.canceled,
+            "republished": self.republished,
+        }
 
 
 def _held_by_live_worker(session: Session, settings: Settings, job_id: uuid.UUID) -> bool:
@@ -98,6 +109,12 @@ def reap(
                     Job.updated_at < stale_before,
                 )
             ).all()
+        )
+    if not anyone_beating:
+        reaped.skipped = (
+            f"no worker has sent a heartbeat in the last {settings.offline_after_s:g} s, so "
+            "none is judged lost (the database may have been away, not every worker); jobs "
+            "of lost workers are requeued once a worker beats again"
         )
     for candidate in candidates:
         with db.begin() as session:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 DEFAULT_MODEL = "stabilityai/stable-video-diffusion-img2vid-xt"
+#: The built-in tiny model's name (random weights, renders on a CPU in seconds).
+TINY_MODEL = "tiny"
 #: Pillow refuses to open images above twice its MAX_IMAGE_PIXELS (89,478,485) whatever we
 #: allow, so a larger setting would promise what the upload check cannot keep.
 MAX_IMAGE_PIXELS_CAP = 2 * 89_478_485
@@ -246,6 +248,39 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             f"({settings.task_time_limit_s} <= {settings.task_soft_time_limit_s})"
         )
     return settings
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The model a command runs and why, as it prints it at start."""
+
+    model: str
+    reason: str
+
+    def __str__(self) -> str:
+        """``model: tiny (no GPU and SVDFARM_MODEL unset)``."""
+        return f"model: {self.model} ({self.reason})"
+
+
+def choose_model(env: Mapping[str, str], gpu_count: Callable[[], int]) -> ModelChoice:
+    """The one rule every ``svdfarm`` command picks its model by.
+
+    ``SVDFARM_MODEL`` when set. Unset: SVD-XT when the broker is not the embedded one (a farm
+    that may span machines, whose web and workers must agree without asking each machine for
+    a GPU), or when ``gpu_count()`` finds a CUDA device; otherwise, one machine without a
+    GPU, the built-in tiny model. ``gpu_count`` is only called when the answer depends on it.
+    """
+    given = _str(env, "MODEL", "")
+    if given:
+        return ModelChoice(given, "SVDFARM_MODEL")
+    if not _str(env, "BROKER_URL", "filesystem://").startswith("filesystem://"):
+        return ModelChoice(
+            DEFAULT_MODEL, "SVDFARM_MODEL unset and the broker is not the embedded one"
+        )
+    gpus = gpu_count()
+    if gpus:
+        return ModelChoice(DEFAULT_MODEL, f"SVDFARM_MODEL unset and {gpus} GPU(s) found")
+    return ModelChoice(TINY_MODEL, "no GPU and SVDFARM_MODEL unset")
 
 
 def persistent_secret(settings: Settings) -> str:

@@ -121,13 +121,21 @@ def check_finite(values: Any, where: str) -> None:
     )
 
 
-def user_message(error_class: ErrorClass, exc: BaseException) -> str:
-    """What the status page says about a failed job."""
+def user_message(
+    error_class: ErrorClass, exc: BaseException, *, time_limit_s: float | None = None
+) -> str:
+    """What the status page says about a failed job; ``time_limit_s`` is the soft time limit
+    a timeout hit (``SVDFARM_TASK_SOFT_TIME_LIMIT``)."""
     detail = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else type(exc).__name__
     if error_class is ErrorClass.MODEL_UNAVAILABLE:
         return str(exc)
     if error_class is ErrorClass.TIMEOUT:
-        return "The render took longer than the time limit and was stopped."
+        limit = f"its time limit of {time_limit_s:g} s" if time_limit_s else "its time limit"
+        return (
+            f"The render took longer than {limit} (SVDFARM_TASK_SOFT_TIME_LIMIT) and was "
+            "stopped. Submit fewer frames, fewer steps or a smaller size, or ask an operator "
+            "to raise the limit."
+        )
     if error_class is ErrorClass.OUT_OF_MEMORY:
         return f"The worker ran out of memory ({detail}). Try fewer frames or a smaller size."
     if error_class is ErrorClass.NON_FINITE:
@@ -140,7 +148,8 @@ def user_message(error_class: ErrorClass, exc: BaseException) -> str:
             f"The model's parts disagreed on number precision ({detail}). "
             "Choose precision fp32 and submit again; an operator can requeue the job."
         )
+    # The detail ends a sentence of ours: its own full stop would make two.
     return (
-        f"The render failed: {type(exc).__name__}: {detail}. "
+        f"The render failed: {type(exc).__name__}: {detail.rstrip('.')}. "
         "The attempt is recorded with its traceback; an operator can requeue the job."
     )

@@ -49,7 +49,6 @@ from worker.runner import AttemptResult, RenderFailed, local_capabilities, rende
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class Claimed:
     """What a worker needs of a job it has claimed."""
@@ -350,7 +349,8 @@ def run_job(db: Database, settings: Settings, job_id: str, hostname: str) -> Run
         _record_early_failure(rows, claimed.plan, exc)
         error_class = classify(exc)
         details = {"error_class": error_class.value, "before_rendering": True}
-        finish(end=_End(RunOutcome.FAILED, error=user_message(error_class, exc), details=details))
+        error = user_message(error_class, exc, time_limit_s=settings.task_soft_time_limit_s)
+        finish(end=_End(RunOutcome.FAILED, error=error, details=details))
         _discard(outputs)
         return RunOutcome.FAILED
     values = {

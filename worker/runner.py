@@ -80,12 +80,14 @@ class RenderFailed(Exception):
 
     attempts: list[AttemptResult] = field(default_factory=list)
     last: BaseException | None = None
+    #: The soft time limit the render ran under (``SVDFARM_TASK_SOFT_TIME_LIMIT``).
+    time_limit_s: float | None = None
 
     def __str__(self) -> str:
         """The message a user sees."""
         final = self.attempts[-1]
         assert final.error_class is not None and self.last is not None
-        text = user_message(final.error_class, self.last)
+        text = user_message(final.error_class, self.last, time_limit_s=self.time_limit_s)
         if len(self.attempts) > 1:
             text += f" ({len(self.attempts)} attempts, last plan: {final.plan.name})"
         return text
@@ -200,7 +202,9 @@ def render_with_ladder(
                     plan, attempt.error_class, attempt.component, [a.plan for a in attempts]
                 )
             if step is None:
-                raise RenderFailed(attempts, exc) from exc
+                raise RenderFailed(
+                    attempts, exc, time_limit_s=settings.task_soft_time_limit_s
+                ) from exc
             plan, reason = step
             del exc  # drop the traceback's frames (and the memory they hold) before retrying
             free_memory()

@@ -7,6 +7,7 @@ light and never initialises CUDA before it forks its pool.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 #: Set by ``svdfarm worker`` so the worker advertises the probe it was routed by.
 CAPABILITIES_ENV = "SVDFARM_WORKER_CAPABILITIES"
+#: Seconds a cold shutdown may take before the worker exits regardless (see _exit_after).
+COLD_EXIT_S = 10.0
 
 
 @shared_task(name=RENDER_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
@@ -98,6 +101,8 @@ class _Registry:
         self.stop = threading.Event()
         self.beating_since: float | None = None
         self.reaper_celery: Any = None
+        self.stop_timer = False
+        self.hand_back_reason = ""
 
     def queues(self) -> list[str]:
         """The queues this worker consumes right now (add/cancel_consumer change them)."""
@@ -230,17 +235,32 @@ def _register(sender: Any = None, **_: Any) -> None:
 
 @worker_shutting_down.connect
 def _draining(how: str = "Warm", **_: Any) -> None:
-    """Stopping (SIGTERM, ``control shutdown``): take no new job, let the running one finish.
+    """Stopping: a warm stop (SIGTERM, a first Ctrl-C, ``control shutdown``) takes no new job
+    and lets the running one finish; a cold stop (SIGQUIT, a second Ctrl-C) hands it back now.
 
-    After ``SVDFARM_STOP_TIMEOUT`` seconds a job still running is handed back to the queue:
-    the worker sends itself SIGQUIT, Celery's cold shutdown, which cancels it unacknowledged.
+    After ``SVDFARM_STOP_TIMEOUT`` seconds of a warm stop, a job still running is handed back
+    to the queue: the worker sends itself SIGQUIT, Celery's cold shutdown, which cancels it
+    unacknowledged.
     """
     _registry.draining = True
     try:
         _registry.set_state(WorkerState.DRAINING)
     except Exception:
         log.exception("could not mark the worker draining")
-    if how == "Warm" and _registry.settings is not None:
+    if _registry.settings is None:
+        return
+    if how == "Cold":
+        # Celery has already cancelled the running task; the database says which job it was.
+        reason = _registry.hand_back_reason or "was told to stop at once (SIGQUIT, or Ctrl-C twice)"
+        try:
+            _hand_back_running(reason)
+        except Exception:  # the reaper requeues it once this worker's heartbeats stop
+            log.exception("could not hand the running job back")
+        threading.Thread(
+            target=_exit_after, args=(COLD_EXIT_S,), name="svdfarm-exit", daemon=True
+        ).start()
+    elif how == "Warm" and not _registry.stop_timer:
+        _registry.stop_timer = True  # a second SIGTERM or Ctrl-C starts no second timer
         timeout = _registry.settings.stop_timeout_s
         threading.Thread(
             target=_hand_back_after, args=(timeout,), name="svdfarm-stop", daemon=True
@@ -255,25 +275,60 @@ def _hand_back_after(timeout_s: float) -> None:
     if job_id is None:
         return
     log.warning("stop timeout of %s s passed: handing the running job back", timeout_s)
+    _registry.hand_back_reason = f"was stopped and its stop timeout of {timeout_s:g} s passed"
     try:
-        _hand_back(job_id, timeout_s)
-    except Exception:  # the cold shutdown still hands it back; the claim records it lost
+        _hand_back(job_id, _registry.hand_back_reason)
+    except Exception:  # the cold shutdown tries again
         log.exception("could not record the hand-back of job %s", job_id)
     os.kill(os.getpid(), signal.SIGQUIT)
 
 
-def _hand_back(job_id: uuid.UUID, timeout_s: float) -> None:
-    """Record that this worker gives the job back (not lost: stopped) and queue it again."""
+def _exit_after(timeout_s: float) -> None:
+    """Exit ``timeout_s`` seconds into a cold shutdown if the worker is still here.
+
+    The pool process Celery kills in a cold shutdown can die holding the lock of billiard's
+    result queue; the pool's finaliser then waits for that lock forever, at exit. The job
+    is already back in the queue and its message restored by then.
+    """
+    time.sleep(timeout_s)
+    log.warning("still stopping %g s into the cold shutdown: exiting now", timeout_s)
+    from billiard.process import active_children
+
+    for child in active_children():  # pool processes, which would outlive this one
+        if child.pid is not None:
+            with contextlib.suppress(OSError):
+                os.kill(child.pid, signal.SIGKILL)
+    _registry.stop.set()
+    try:
+        _registry.set_state(WorkerState.OFFLINE)
+    except Exception:
+        log.exception("could not mark the worker offline")
+    logging.shutdown()
+    os._exit(1)
+
+
+def _hand_back_running(reason: str) -> None:
+    """Hand back every job the database says this worker is rendering."""
+    from svdfarm.deliveries import jobs_running_on
+
+    assert _registry.settings is not None
+    with database_for(_registry.settings.database_url).session() as session:
+        job_ids = jobs_running_on(session, _registry.hostname)
+    for job_id in job_ids:
+        if _hand_back(job_id, reason):
+            log.warning("job %s handed back to the queue: this worker %s", job_id, reason)
+
+
+def _hand_back(job_id: uuid.UUID, reason: str) -> bool:
+    """Record that this worker gives the job back (not lost: stopped) and queue it again;
+    False when the job was no longer running."""
     from svdfarm import lifecycle
 
     assert _registry.settings is not None
-    message = (
-        f"The worker {_registry.hostname} was stopped and its stop timeout of "
-        f"{timeout_s:g} s passed: the job was handed back to the queue."
-    )
+    message = f"The worker {_registry.hostname} {reason}: the job was handed back to the queue."
     by = lifecycle.By(Actor.WORKER, _registry.hostname)
     with database_for(_registry.settings.database_url).begin() as session:
-        lifecycle.hand_back(session, job_id, by=by, message=message)
+        return lifecycle.hand_back(session, job_id, by=by, message=message)
 
 
 @worker_shutdown.connect

@@ -196,7 +196,7 @@ def test_requeue_puts_a_failed_job_back_with_the_overrides(
     assert svdfarm(capsys, "jobs", "requeue", str(fp32), "--fp32", "--no-casts")[0] == 0
     job = read_job(db, fp32)
     assert job is not None and job.state is JobState.QUEUED
-    assert (job.dtypes, job.precision, job.casts) == (FP32_DTYPES, "fp32", False)
+    assert (job.dtypes, job.precision, job.casts) == (FP32_DTYPES, "auto", False)
     assert job.queue.split(".")[2] == "fp32"
 
     pinned = add_job(db, farm_env, JobState.FAILED)

@@ -186,3 +186,59 @@ def test_render_refuses_bad_dtypes(tmp_path: Path, cli_env: dict[str, str]) -> N
     )
     assert done.returncode == 2
     assert "vae=fp8" in done.stderr
+
+
+def test_render_follows_the_model_rule_and_says_where_it_writes(
+    tmp_path: Path, cli_env: dict[str, str], tiny_model_dir: Path
+) -> None:
+    """The README's ``svdfarm render`` on a machine without a GPU (CUDA hidden here) and
+    without SVDFARM_MODEL renders with the tiny model, by the rule every command follows,
+    and says so; run from another folder with no data folder set, it says where it keeps
+    the model and makes nothing else there (no broker, no jobs folder)."""
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "var" / "models").mkdir(parents=True)
+    (elsewhere / "var" / "models" / "tiny").symlink_to(tiny_model_dir, target_is_directory=True)
+    image = tmp_path / "in.png"
+    image.write_bytes(png_bytes())
+    env = {k: v for k, v in cli_env.items() if k not in ("SVDFARM_MODEL", "SVDFARM_DATA_DIR")}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    done = subprocess.run(
+        [*SVDFARM, "render", str(image), "-o", "out.mp4", "--frames", "2", "--steps", "1"],
+        env=env,
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[0] == "model: tiny (no GPU and SVDFARM_MODEL unset)", done.stderr
+    assert f"the tiny model is kept in {elsewhere / 'var' / 'models' / 'tiny'}" in done.stderr
+    assert probe_video(elsewhere / "out.mp4")["frames"] == 2
+    assert sorted(p.name for p in (elsewhere / "var").iterdir()) == ["models"]
+
+
+def test_the_progress_bar_shows_the_speed_and_the_time_left(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Denoising steps timed from the first one give the it/s and an ETA; a retry (loading
+    again) times its own steps."""
+    from cli.local import _ProgressBar
+    from svdfarm.states import Phase
+
+    now = [100.0]
+    bar = _ProgressBar(25, clock=lambda: now[0])
+    bar(Phase.LOADING, 0.0, 0)
+    now[0] = 130.0  # loading took 30 s: not part of the speed
+    bar(Phase.DENOISING, 0.05, 0)
+    assert "it/s" not in capsys.readouterr().err
+    now[0] = 135.0
+    bar(Phase.DENOISING, 0.25, 5)
+    line = capsys.readouterr().err
+    assert "step 5/25" in line and "1.00 it/s" in line and "ETA 0:20" in line, line
+    bar(Phase.LOADING, 0.0, 0)
+    now[0] = 200.0
+    bar(Phase.DENOISING, 0.05, 0)
+    now[0] = 201.0
+    bar(Phase.DENOISING, 0.09, 2)
+    assert "2.00 it/s  ETA 0:12" in capsys.readouterr().err

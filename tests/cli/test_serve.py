@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
 
 from cli.serve import stop_children
+from svdfarm.db import Database
 from tests.factories import png_bytes
 from tests.http import free_port, multipart
-from tests.processes import SVDFARM
+from tests.processes import SVDFARM, start_svdfarm
+from tests.rows import read_job, wait_until
 
 
 def _children(pid: int) -> list[int]:
@@ -192,3 +196,191 @@ def test_worker_gpus_refuses_what_is_not_indices(
     assert main(["worker", "--gpus", gpus]) == 2
     err = capsys.readouterr().err
     assert err == f"error: --gpus takes 'all' or GPU indices like 0,1; got {gpus!r}\n"
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (children, their children, ...), from Linux /proc."""
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in _children(todo.pop()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` is a process that has not exited (a zombie has exited)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _group_left(pgid: int) -> bool:
+    """True while some process is still in process group ``pgid``."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_a_second_signal_hands_the_running_job_back_and_leaves_no_process(
+    tmp_path: Path, cli_env: dict[str, str], how: str
+) -> None:
+    """``svdfarm up`` with a job rendering: the first Ctrl-C (SIGINT to its process group, as a
+    terminal sends it) or SIGTERM (to it alone, as a supervisor sends it) waits for the job
+    with a countdown; the second stops everything within seconds, with no traceback, and the
+    job is back in the queue."""
+    from svdfarm import lifecycle
+    from svdfarm.states import EventType
+
+    port = free_port()
+    env = {**cli_env, "OMP_NUM_THREADS": "1", "SVDFARM_HEARTBEAT_INTERVAL": "1"}
+    up = start_svdfarm("up", ["up", "--port", str(port)], env, tmp_path)  # its own group
+    base = f"http://127.0.0.1:{port}"
+    db = Database(f"sqlite:///{tmp_path / 'var' / 'svdfarm.db'}")
+    pids: set[int] = set()
+    try:
+
+        def healthy() -> bool:
+            assert up.process.poll() is None, up.text()
+            try:
+                with urllib.request.urlopen(f"{base}/healthz", timeout=2) as response:
+                    return bool(response.status == 200)
+            except OSError:
+                return False
+
+        wait_until(healthy, "the web to answer", 120, up.text)
+        body, content_type = multipart(
+            {"num_frames": "8", "num_inference_steps": "200"}, png_bytes(64, 64)
+        )
+        request = urllib.request.Request(
+            f"{base}/api/v1/jobs", data=body, headers={"Content-Type": content_type}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            job_id = uuid.UUID(json.load(response)["id"])
+
+        def denoising() -> bool:
+            job = read_job(db, job_id)
+            return job is not None and job.phase.value == "denoising" and job.step > 0
+
+        wait_until(denoising, "the job to be denoising", 180, up.text)
+        pids = {up.process.pid} | _descendants(up.process.pid)
+        assert len(pids) >= 4, pids  # up, web, worker and the worker's pool process
+
+        def stop() -> None:
+            if how == "ctrl-c":
+                os.killpg(up.process.pid, signal.SIGINT)
+            else:
+                up.process.send_signal(signal.SIGTERM)
+
+        stop()
+        wait_until(
+            lambda: "Ctrl-C again to hand it back now (" in up.text(),
+            "the countdown",
+            30,
+            up.text,
+        )
+        assert read_job(db, job_id).state.value == "running"  # type: ignore[union-attr]
+        stop()
+
+        def all_gone() -> bool:
+            up.process.poll()
+            return not any(_alive(pid) for pid in pids) and not _group_left(up.process.pid)
+
+        wait_until(all_gone, "every process of the farm to exit", 30, up.text)
+        printed = up.text(None)
+        assert "Traceback" not in printed and "KeyboardInterrupt" not in printed, printed
+        job = read_job(db, job_id)
+        assert job is not None and job.state.value == "queued", printed
+        with db.session() as session:
+            types = [e.type for e in lifecycle.events_of(session, job_id)]
+        assert EventType.HANDED_BACK in types or EventType.WORKER_LOST in types, types
+    finally:
+        up.kill()
+        for pid in pids | _descendants(up.process.pid):
+            if _alive(pid):  # what the farm left behind: never leak it into other tests
+                os.kill(pid, signal.SIGKILL)
+        db.dispose()
+
+
+@pytest.mark.slow
+def test_two_workers_on_one_machine_take_a_name_each(
+    tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    """Two ``svdfarm worker`` without ``--hostname`` on one machine: a name each
+    (``worker<N>@<host>``), a registry row each, and one stopping leaves the other online.
+    Their logs hold none of the library noise a user cannot act on, a job rendered (and
+    the tiny model written) included."""
+    import io
+    import re
+
+    from svdfarm.db import upgrade
+    from svdfarm.models import Worker
+    from svdfarm.registry import online_workers
+    from svdfarm.settings import load_settings
+    from web import create_app
+
+    data_dir = tmp_path / "fresh"  # no tiny model yet: the worker that runs the job writes it
+    env = {**cli_env, "SVDFARM_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1"}
+    env["SVDFARM_HEARTBEAT_INTERVAL"] = "1"
+    settings = load_settings(env)
+    upgrade(settings.database_url)
+    db = Database(settings.database_url)
+    workers = [start_svdfarm(name, ["worker"], env, tmp_path) for name in ("one", "two")]
+    app = create_app({"SVDFARM_SETTINGS": settings, "TESTING": True})
+    try:
+
+        def rows() -> list[str]:
+            for worker in workers:
+                assert worker.process.poll() is None, worker.text()
+            with db.session() as session:
+                return sorted(w.hostname for w in session.query(Worker))
+
+        wait_until(lambda: len(rows()) == 2, "both workers to register", 180)
+        names = rows()
+        assert all(re.fullmatch(r"worker\d+@.+", name) for name in names), names
+        response = app.test_client().post(
+            "/api/v1/jobs",
+            data={
+                "image": (io.BytesIO(png_bytes(64, 64)), "in.png"),
+                "num_frames": "2",
+                "num_inference_steps": "1",
+            },
+            content_type="multipart/form-data",
+        )
+        assert response.status_code == 201, response.get_json()
+        job_id = uuid.UUID(response.get_json()["id"])
+
+        def finished() -> bool:
+            job = read_job(db, job_id)
+            return job is not None and job.state.value in ("succeeded", "failed")
+
+        wait_until(finished, "the job", 180, lambda: workers[0].text() + workers[1].text())
+        assert read_job(db, job_id).state.value == "succeeded"  # type: ignore[union-attr]
+
+        workers[0].process.send_signal(signal.SIGTERM)
+        assert workers[0].process.wait(timeout=60) == 0, workers[0].text()
+        with db.session() as session:
+            left = [w.hostname for w in online_workers(session, settings)]
+        assert len(left) == 1 and left[0] in names, left
+        for worker in workers:
+            printed = worker.text(None)
+            for noise in (
+                "DuplicateNodenameWarning",
+                "No hostname was supplied",
+                "requires torchvision",
+                "shards",
+            ):
+                assert noise not in printed, (noise, printed)
+    finally:
+        for worker in workers:
+            worker.stop()
+        app.extensions["svdfarm.db"].dispose()
+        db.dispose()

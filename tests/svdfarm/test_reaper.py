@@ -169,13 +169,17 @@ def test_nothing_is_judged_while_no_worker_beats(
     add_worker(db, DEAD, ["svd.cpu.fp32.8g"], 10, state=WorkerState.BUSY, current_job_id=job_id)
     with db.begin() as session:
         session.execute(update(Worker).values(last_heartbeat=utcnow() - timedelta(seconds=60)))
-    assert not reap(db, fast, celery)
+    skipped = reap(db, fast, celery)
+    assert not skipped
+    # ... and the pass says why it judged nobody, instead of a bare "requeued: 0".
+    assert skipped.skipped.startswith("no worker has sent a heartbeat in the last 3 s")
     assert load(db, job_id).state is JobState.RUNNING
     with db.begin() as session:  # the reaper's own worker beats again: now it is judged
         session.execute(
             update(Worker).where(Worker.hostname == REAPER).values(last_heartbeat=utcnow())
         )
-    assert reap(db, fast, celery).requeued == [str(job_id)]
+    judged = reap(db, fast, celery)
+    assert judged.requeued == [str(job_id)] and judged.skipped == ""
 
 
 def test_the_worker_lost_before_its_first_attempt_still_counts(

@@ -10,8 +10,11 @@ import pytest
 from svdfarm.settings import (
     DEFAULT_MODEL,
     MIN_SECRET_LENGTH,
+    TINY_MODEL,
+    ModelChoice,
     Settings,
     SettingsError,
+    choose_model,
     is_password_hash,
     load_settings,
     persistent_secret,
@@ -245,3 +248,26 @@ def test_check_production_refuses_only_in_production(tmp_path: Path) -> None:
         '(python -c "import secrets; print(secrets.token_hex(32))").'
     )
     assert not tmp_path.joinpath("secret_key").exists()
+
+
+def _no_gpu_query() -> int:
+    raise AssertionError("the rule asked for GPUs when the answer did not depend on them")
+
+
+def test_the_model_rule_takes_svdfarm_model_when_set() -> None:
+    """SVDFARM_MODEL decides, whatever the machine, without asking for GPUs."""
+    choice = choose_model({"SVDFARM_MODEL": "/models/svd"}, _no_gpu_query)
+    assert choice == ModelChoice("/models/svd", "SVDFARM_MODEL")
+    assert str(choice) == "model: /models/svd (SVDFARM_MODEL)"
+
+
+def test_the_model_rule_without_svdfarm_model() -> None:
+    """Unset (or blank): the tiny model on one machine without a GPU; SVD-XT with a GPU, or
+    on a farm whose broker is not the embedded one (its web host has no GPU to ask)."""
+    no_gpu = choose_model({"SVDFARM_MODEL": " "}, lambda: 0)
+    assert str(no_gpu) == "model: tiny (no GPU and SVDFARM_MODEL unset)"
+    assert no_gpu.model == TINY_MODEL
+    gpu = choose_model({}, lambda: 2)
+    assert gpu == ModelChoice(DEFAULT_MODEL, "SVDFARM_MODEL unset and 2 GPU(s) found")
+    farm = choose_model({"SVDFARM_BROKER_URL": "redis://cache:6379/0"}, _no_gpu_query)
+    assert farm.model == DEFAULT_MODEL and "broker" in farm.reason

@@ -289,8 +289,13 @@ def test_other_classes() -> None:
 def test_user_messages() -> None:
     missing = ModelUnavailable("Model 'x' not found; set SVDFARM_MODEL.")
     assert user_message(ErrorClass.MODEL_UNAVAILABLE, missing) == str(missing)
-    assert user_message(ErrorClass.TIMEOUT, SoftTimeLimitExceeded()) == (
-        "The render took longer than the time limit and was stopped."
+    assert user_message(ErrorClass.TIMEOUT, SoftTimeLimitExceeded(), time_limit_s=10800) == (
+        "The render took longer than its time limit of 10800 s (SVDFARM_TASK_SOFT_TIME_LIMIT) "
+        "and was stopped. Submit fewer frames, fewer steps or a smaller size, or ask an "
+        "operator to raise the limit."
+    )
+    assert "SVDFARM_TASK_SOFT_TIME_LIMIT" in user_message(
+        ErrorClass.TIMEOUT, SoftTimeLimitExceeded()
     )
     oom = raised(lambda: torch.empty(2**62, dtype=torch.uint8))
     text = user_message(ErrorClass.OUT_OF_MEMORY, oom)
@@ -311,6 +316,20 @@ def test_user_messages() -> None:
     assert user_message(ErrorClass.OTHER, RuntimeError()).startswith(
         "The render failed: RuntimeError: RuntimeError."
     )
+    # A detail that ends a sentence itself does not end ours with "..".
+    ended = user_message(ErrorClass.OTHER, ValueError("The image is empty."))
+    assert ended.startswith("The render failed: ValueError: The image is empty. The attempt")
+    assert ".." not in ended
+
+
+def test_a_time_limit_failure_names_the_limit_and_its_variable() -> None:
+    """The ladder's failure on a timeout says which limit it hit and where it is set."""
+    from worker.plans import Plan
+    from worker.runner import AttemptResult, RenderFailed
+
+    attempt = AttemptResult(1, Plan.uniform("fp32", "cpu"), None, error_class=ErrorClass.TIMEOUT)
+    failed = RenderFailed([attempt], SoftTimeLimitExceeded(), time_limit_s=600)
+    assert "time limit of 600 s (SVDFARM_TASK_SOFT_TIME_LIMIT)" in str(failed)
 
 
 def test_module_stays_light() -> None:
