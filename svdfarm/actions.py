@@ -96,11 +96,14 @@ class Overrides:
 
     def columns(self, session: Session, settings: Settings, job: Job) -> dict[str, Any]:
         """The column values these overrides set on ``job``; raises Unroutable when fp32
-        cannot be routed."""
+        cannot be routed.
+
+        The precision the user asked for stays as asked: "force fp32" is an override, held in
+        ``dtypes`` (which the worker's first plan applies over the precision) and shown as one.
+        """
         values: dict[str, Any] = {}
         if self.force_fp32:
             values["dtypes"] = dict(FP32_DTYPES)
-            values["precision"] = "fp32"
             if self.queue is None:
                 # fp32 needs more memory and an fp32 queue: route again as submit would.
                 routed = route(
@@ -134,10 +137,11 @@ def requeue_jobs(
 ) -> list[JobChange]:
     """Put failed or canceled jobs back in the queue, with optional overrides; commits.
 
-    ``force_fp32`` sets every component to fp32 (and the precision to fp32, routed again
-    unless ``queue`` is given); ``queue`` forces a queue (checked against the naming scheme:
-    ValueError before anything changes); ``casts_off`` turns boundary casts off. Jobs in other
-    states are skipped with the reason. Returns one :class:`JobChange` per id, in order.
+    ``force_fp32`` sets every component to fp32 (routed again to an fp32 queue unless
+    ``queue`` is given; the requested precision is kept); ``queue`` forces a queue (checked
+    against the naming scheme: ValueError before anything changes); ``casts_off`` turns
+    boundary casts off. Jobs in other states are skipped with the reason. Returns one
+    :class:`JobChange` per id, in order.
     """
     overrides = Overrides(force_fp32, check_queue(queue), casts_off)
     return [_requeue_one(session, celery, settings, raw, overrides, by) for raw in job_ids]

@@ -9,6 +9,7 @@ same ``Idempotency-Key`` gets the job its first request made.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import logging
 import math
@@ -89,6 +90,8 @@ class Submission:
 
 #: The fields a submission may carry besides its image.
 SUBMIT_FIELDS = (*FIELDS, "precision")
+#: Unknown fields named one by one in a refusal (a form may hold up to 1,000 parts).
+MAX_UNKNOWN_LISTED = 10
 
 
 def repeated_fields(form: Any, files: Any) -> dict[str, str]:
@@ -105,6 +108,25 @@ def repeated_fields(form: Any, files: Any) -> dict[str, str]:
     images = len(files.getlist("image"))
     if images > 1:
         errors["image"] = f"Send one image; {images} were sent."
+    return errors
+
+
+def unknown_fields(form: Any, files: Any, also: Iterable[str] = ()) -> dict[str, str]:
+    """Fields (text or file parts) the farm does not know, each with a message naming the
+    accepted fields: refused, never silently ignored (``frames=14`` would render the default).
+
+    ``also`` names the extra fields the caller itself takes (the form's ``csrf_token``).
+    """
+    accepted = ["image", *SUBMIT_FIELDS, *also]
+    errors: dict[str, str] = {}
+    unknown = [n for n in dict.fromkeys([*form.keys(), *files.keys()]) if n not in accepted]
+    for name in unknown[:MAX_UNKNOWN_LISTED]:
+        shown = name[:40]
+        close = difflib.get_close_matches(name, accepted, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        errors[shown] = (
+            f"Unknown field {shown!r}{hint}: the accepted fields are {', '.join(accepted)}."
+        )
     return errors
 
 

@@ -141,6 +141,36 @@ def fit_size(image_width: int, image_height: int, base_side: int) -> tuple[int, 
     return snap(width), snap(height)
 
 
+@dataclass(frozen=True)
+class SizePreset:
+    """A width and height the model renders well, for the form's size menu."""
+
+    width: int
+    height: int
+
+    @property
+    def label(self) -> str:
+        """``1024 x 576 (landscape)`` and the like."""
+        shape = (
+            "square"
+            if self.width == self.height
+            else ("landscape" if self.width > self.height else "portrait")
+        )
+        return f"{self.width} x {self.height} ({shape})"
+
+
+def size_presets(model: str) -> list[SizePreset]:
+    """Landscape 16:9, portrait 9:16 and square at the model's native area, without repeats:
+    1024 x 576, 576 x 1024 and 768 x 768 for SVD and SVD-XT; 64 x 64 alone for the tiny model."""
+    side = model_base_side(model)
+    found: list[SizePreset] = []
+    for width, height in (fit_size(16, 9, side), fit_size(9, 16, side), (side, side)):
+        preset = SizePreset(width, height)
+        if preset not in found:
+            found.append(preset)
+    return found
+
+
 def _number(field: Field, raw: Any) -> int | float:
     """Parse one field's raw value (a form string or a number) or raise ValueError."""
     if isinstance(raw, bool):

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
-from flask import Flask, request
+from flask import Flask, render_template, request
 from werkzeug.exceptions import HTTPException
 
 from svdfarm.celery_app import create_celery
@@ -76,18 +76,32 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Any:
-        """JSON errors under /api, the plain error page elsewhere."""
+        """JSON errors under /api, the site's error page elsewhere; both keep the exception's
+        headers (``Allow`` on a 405)."""
+        headers = [(k, v) for k, v in exc.get_headers() if k.lower() != "content-type"]
         if request.path.startswith("/api/"):
             from web.api import error_response
 
             message = exc.description or exc.name
             if exc.code == 413:
                 message = _too_large_message()
-            return error_response(message, exc.code or 500)
+            response, status = error_response(message, exc.code or 500)
+            response.headers.extend(headers)
+            return response, status
         if exc.code == 413:
             from web.pages import form_page
 
             return form_page({"image": _too_large_message()}, 413)
-        return exc
+        return error_page(exc), exc.code or 500, headers
 
     return app
+
+
+def error_page(exc: HTTPException) -> str:
+    """The error page: the status and its name, what went wrong, and the way back.
+
+    A 500's description is werkzeug's generic one: an exception's text never reaches it.
+    """
+    return render_template(
+        "error.html", code=exc.code or 500, name=exc.name, message=exc.description
+    )

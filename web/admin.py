@@ -22,11 +22,12 @@ from flask import (
     url_for,
 )
 from flask.blueprints import BlueprintSetupState
+from markupsafe import Markup
 from sqlalchemy import ColumnElement, Select, String, and_, cast, func, or_, select
 from sqlalchemy.orm import aliased
 
 from svdfarm.actions import JobChange, cancel_job, delete_job, parse_job_id, requeue_jobs
-from svdfarm.depths import BrokerUnavailable, queue_depths
+from svdfarm.depths import BrokerUnavailable, queue_depths, waiting_jobs
 from svdfarm.lifecycle import By, events_of
 from svdfarm.models import Attempt, Job, Worker, utcnow
 from svdfarm.queues import all_queues
@@ -41,6 +42,8 @@ bp = Blueprint("admin", __name__, url_prefix="/admin")
 ADMIN = By(Actor.ADMIN, "admin")
 
 PAGE_SIZE = 50
+#: The state filter's value (and label) for jobs in every state; a blank value means it too.
+ANY_STATE = "any"
 #: Skipped jobs named one by one after a bulk action; the rest are counted (the flash
 #: messages travel in the session cookie, which must stay small).
 MAX_LISTED = 5
@@ -149,6 +152,8 @@ class Filters:
         """Parse ``request.args``; returns the filters and a problem per ignored value."""
         problems: list[str] = []
         found = cls(state=args.get("state", "failed").strip())
+        if found.state.lower() == ANY_STATE:  # the dropdown's own label
+            found.state = ""
         if found.state not in {"", *(s.value for s in JobState)}:
             problems.append(f"Unknown state {found.state!r}: showing every state.")
             found.state = ""
@@ -175,7 +180,7 @@ class Filters:
     def args(self, **changes: Any) -> dict[str, Any]:
         """The filters as query arguments (blank ones left out), with ``changes`` applied."""
         values = {
-            "state": self.state,
+            "state": self.state or ANY_STATE,
             "error_class": self.error_class,
             "worker": self.worker,
             "model": self.model,
@@ -185,8 +190,8 @@ class Filters:
             "page": self.page if self.page > 1 else "",
         }
         values.update(changes)
-        # "state" stays even when blank: blank means every state, absent means failed.
-        return {k: v for k, v in values.items() if v != "" or k == "state"}
+        # "state" is always there: "any" means every state, absent means failed.
+        return {k: v for k, v in values.items() if v != ""}
 
 
 def _like(text: str) -> str:
@@ -331,14 +336,37 @@ def actions() -> Any:
     return redirect(back, code=303)
 
 
+def _job_links(changes: list[JobChange]) -> Markup:
+    """Links to the admin page and the status page of each job an action kept (the first
+    :data:`MAX_LISTED`), for its flash message."""
+    links = [
+        Markup('<a href="{}">{}</a> (<a href="{}">status page</a>)').format(
+            url_for("admin.job", job_id=c.job_id),
+            c.job_id[:8],
+            url_for("pages.job", job_id=c.job_id),
+        )
+        for c in changes[:MAX_LISTED]
+    ]
+    more = f", and {len(changes) - MAX_LISTED} more" if len(changes) > MAX_LISTED else ""
+    return Markup(", ").join(links) + more
+
+
 def _report(action: str, changes: list[JobChange]) -> None:
-    """Flash what an action did: the one job's outcome, or a count and the skipped reasons."""
+    """Flash what an action did: the one job's outcome, or a count and the skipped reasons;
+    requeued and canceled jobs are linked, to follow them (a deleted one is gone)."""
+    linked = [c for c in changes if c.done and action != "delete"]
     if len(changes) == 1:
-        flash(changes[0].message, "ok" if changes[0].done else "bad")
+        message = Markup.escape(changes[0].message)
+        if linked:
+            message += Markup(" Open: ") + _job_links(linked)
+        flash(message, "ok" if changes[0].done else "bad")
         return
     done = sum(1 for c in changes if c.done)
     past = {"requeue": "requeued", "cancel": "canceled", "delete": "deleted"}[action]
-    flash(f"{done} of {len(changes)} jobs {past}.", "ok" if done else "bad")
+    summary = Markup.escape(f"{done} of {len(changes)} jobs {past}.")
+    if linked:
+        summary += Markup(" Open: ") + _job_links(linked)
+    flash(summary, "ok" if done else "bad")
     skipped = [c for c in changes if not c.done]
     for change in skipped[:MAX_LISTED]:
         flash(change.message, "bad")
@@ -360,27 +388,23 @@ def workers() -> Any:
         if states[w.hostname] is not WorkerState.OFFLINE:
             for queue in w.queues:
                 consumers.setdefault(queue, []).append(w.hostname)
-    queued = dict(
-        session.execute(
-            select(Job.queue, func.count()).where(Job.state == JobState.QUEUED).group_by(Job.queue)
-        ).all()
-    )
+    queued = waiting_jobs(session, [*all_queues(), *consumers])
     broker_error = None
     try:
-        depths = queue_depths(
-            settings,
-            [*all_queues(), *consumers, *queued],
-            celery=current_app.extensions["celery"],
-        )
+        held = queue_depths(settings, queued, celery=current_app.extensions["celery"])
     except BrokerUnavailable as exc:
-        depths, broker_error = {}, str(exc)
-    shown = [q for q in depths if depths[q] or q in consumers or queued.get(q)]
+        held, broker_error = {}, str(exc)
+    # What waits is what the database has queued. A canceled job's message stays in the
+    # broker until a worker drops it, so messages count as waiting up to one per queued job
+    # (fewer: the broker lost some, and the reaper publishes them again).
+    depths = {q: min(n, queued[q]) for q, n in held.items()}
+    shown = [q for q in depths if depths[q] or q in consumers or queued[q]]
     return render_template(
         "admin/workers.html",
         workers=rows,
         states=states,
         now=now,
-        depths=[(q, depths[q], queued.get(q, 0), consumers.get(q, [])) for q in shown],
+        depths=[(q, depths[q], queued[q], consumers.get(q, [])) for q in shown],
         broker_error=broker_error,
         failures=failures_by_class(since=now - timedelta(hours=24)),
     )

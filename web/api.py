@@ -13,6 +13,7 @@ from svdfarm.jobs import (
     check_idempotency_key,
     repeated_fields,
     submit_job,
+    unknown_fields,
     validate_submission,
 )
 from svdfarm.lifecycle import By, events_of
@@ -31,6 +32,17 @@ def error_response(message: str, status: int, **extra: Any) -> Any:
     return jsonify(body), status
 
 
+def not_acceptable() -> Any | None:
+    """406 when the request's ``Accept`` rules JSON out (every answer here is JSON), else
+    None; no ``Accept`` header accepts anything."""
+    accept = request.accept_mimetypes
+    if not accept or accept.best_match(["application/json"]):
+        return None
+    return error_response(
+        f"This answers application/json only; the request accepts {str(accept)[:200]}.", 406
+    )
+
+
 @bp.post("/jobs")
 def create_job() -> Any:
     """Multipart ``image`` plus SVD's fields -> 201 with the new job's id and status URL.
@@ -47,9 +59,12 @@ def create_job() -> Any:
             f"setting as a form field (this request was {request.mimetype or 'without a type'}).",
             415,
         )
-    repeated = repeated_fields(request.form, request.files)
-    if repeated:
-        return error_response(" ".join(repeated.values()), 400, fields=repeated)
+    refused = {
+        **unknown_fields(request.form, request.files),
+        **repeated_fields(request.form, request.files),
+    }
+    if refused:
+        return error_response(" ".join(refused.values()), 400, fields=refused)
     upload = request.files.get("image")
     data = upload.read() if upload is not None else None
     filename = (upload.filename or "") if upload is not None else ""

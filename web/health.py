@@ -15,7 +15,13 @@ bp = Blueprint("health", __name__)
 
 @bp.get("/healthz")
 def healthz() -> Any:
-    """200 when the database answers, 503 with the reason when it does not."""
+    """200 when the database answers, 503 with the reason when it does not (406 when the
+    request accepts no JSON)."""
+    from web.api import not_acceptable
+
+    refused = not_acceptable()
+    if refused is not None:
+        return refused
     try:
         get_session().execute(text("SELECT 1"))
     except SQLAlchemyError as exc:

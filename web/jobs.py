@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from flask import abort, current_app, url_for
 from sqlalchemy.orm import Session
 
+from svdfarm.actions import FP32_DTYPES
 from svdfarm.models import Attempt, Job, JobEvent, utcnow
 from svdfarm.registry import waiting_reason
 from svdfarm.states import AttemptOutcome, EventType, JobState, Phase
@@ -21,6 +24,50 @@ PHASE_LABELS = {
     Phase.ENCODING: "Encoding the MP4",
     Phase.DONE: "Done",
 }
+
+
+#: An absolute path on the server (POSIX, home-relative or Windows) that is not part of a URL:
+#: the Hugging Face cache, a model folder. Anonymous visitors read job errors; operators have
+#: the whole text on the admin pages.
+_SERVER_PATH = re.compile(
+    r"(?<![\w.:/\\~-])(?:file://)?(?:~?/|[A-Za-z]:\\)[\w.@+-]+(?:[/\\][\w.@+-]*)*"
+)
+SERVER_PATH_TEXT = "[a folder on the server]"
+
+
+def public_text(text: str | None) -> str | None:
+    """A job's error or an attempt's message as the public pages and API show it: every server
+    path replaced by :data:`SERVER_PATH_TEXT` (a sentence's full stop after a path is kept)."""
+    if text is None:
+        return None
+
+    def replace(match: re.Match[str]) -> str:
+        path = match[0]
+        if text[: match.start()].lower().endswith(("url: ", "url ")):
+            return path  # a URL's path in an HTTP library's message, not a folder
+        stripped = path.rstrip(".")
+        return SERVER_PATH_TEXT + path[len(stripped) :]
+
+    return _SERVER_PATH.sub(replace, text)
+
+
+def repeats_error(message: str | None, error: str | None) -> bool:
+    """True when an attempt's ``message`` says what the job's ``error`` already says (the
+    worker puts the last attempt's first line into the job's error), so a page shows it once."""
+    if not message or not error:
+        return False
+    first = message.strip().splitlines()[0].strip() if message.strip() else ""
+    return bool(first) and first[:500] in error
+
+
+def public_messages(job: Job) -> dict[int, str]:
+    """The attempt messages the public status page shows, by attempt number: without server
+    paths, and without the one the job's error (shown above them) already says."""
+    shown = {}
+    for attempt in job.attempts:
+        if attempt.message and not repeats_error(attempt.message, job.error):
+            shown[attempt.number] = public_text(attempt.message) or ""
+    return shown
 
 
 def describe_job(session: Session, job: Job) -> dict[str, Any]:
@@ -56,7 +103,7 @@ def attempt_json(attempt: Attempt) -> dict[str, Any]:
         "outcome": attempt.outcome.value,
         "error_class": attempt.error_class.value if attempt.error_class else None,
         "error_type": attempt.error_type,
-        "message": attempt.message,
+        "message": public_text(attempt.message),
         "started_at": _iso(attempt.started_at),
         "finished_at": _iso(attempt.finished_at),
         "duration_s": attempt.duration_s,
@@ -97,14 +144,40 @@ def _running_since(job: Job) -> datetime | None:
     return running[-1].started_at if running else job.started_at
 
 
-def eta_seconds(job: Job, now: datetime | None = None) -> float | None:
-    """Seconds the running job probably still needs, or None while that cannot be measured.
+#: A step "takes long" once it has run this many times the average step before it, and at
+#: least :data:`STEP_OVERRUN_MIN_S`: the page then says how long it has run, not a time left.
+STEP_OVERRUN_FACTOR = 3.0
+STEP_OVERRUN_MIN_S = 10.0
 
-    Simple and honest: the time since the current attempt started, divided by the progress made,
-    times the progress left. The worker's progress shares already give decoding and encoding
-    their slice of the bar, so that is the allowance for them. It is only given once at least one
-    denoising step is done (before that nothing has been measured), and because the model load
-    counts as measured time it errs long on a worker's first job, less so as the render goes on.
+
+@dataclass(frozen=True)
+class Pace:
+    """A running job's pace as measured at its last progress write.
+
+    ``left_s``: the time left then, counted down since (so it never grows while a step runs);
+    ``waited_s``: seconds since that write, i.e. how long the current step has run;
+    ``step_s``: the average time per step up to the write.
+    """
+
+    left_s: float
+    waited_s: float
+    step_s: float
+
+    @property
+    def overrun(self) -> bool:
+        """True when the current step has run far longer than the steps before it."""
+        return self.waited_s >= max(STEP_OVERRUN_MIN_S, STEP_OVERRUN_FACTOR * self.step_s)
+
+
+def pace(job: Job, now: datetime | None = None) -> Pace | None:
+    """The running job's :class:`Pace`, or None while nothing has been measured.
+
+    Simple and honest: the time from the current attempt's start to the last progress write,
+    divided by the progress made then, times the progress left; minus the time since that
+    write. The worker's progress shares already give decoding and encoding their slice of the
+    bar, so that is the allowance for them. Nothing is measured before one denoising step is
+    done, and because the model load counts as measured time it errs long on a worker's first
+    job, less so as the render goes on.
     """
     if job.state is not JobState.RUNNING or not job.phase.rendering:
         return None
@@ -113,9 +186,21 @@ def eta_seconds(job: Job, now: datetime | None = None) -> float | None:
     since = _running_since(job)
     if since is None or job.progress <= 0:
         return None
-    elapsed = max(0.0, ((now or utcnow()) - since).total_seconds())
+    measured_at = max(job.updated_at or since, since)
+    measured = (measured_at - since).total_seconds()
+    if measured <= 0:
+        return None
     progress = min(job.progress, 1.0)
-    return elapsed / progress * (1.0 - progress)
+    waited = max(0.0, ((now or utcnow()) - measured_at).total_seconds())
+    left = measured / progress * (1.0 - progress) - waited
+    return Pace(left_s=max(0.0, left), waited_s=waited, step_s=measured / max(job.step, 1))
+
+
+def eta_seconds(job: Job, now: datetime | None = None) -> float | None:
+    """Seconds the running job probably still needs (:func:`pace`), or None when nothing is
+    measured yet or the current step has overrun (:func:`eta_for` then says how long it ran)."""
+    found = pace(job, now)
+    return None if found is None or found.overrun else found.left_s
 
 
 def eta_text(seconds: float | None) -> str | None:
@@ -131,14 +216,33 @@ def eta_text(seconds: float | None) -> str | None:
     return f"about {seconds / 3600.0:.1f} h left"
 
 
+def eta_for(job: Job, now: datetime | None = None) -> str | None:
+    """What the status page says about the time left: :func:`eta_text`, or once a step has
+    overrun, which step is running and for how long ("Step 7 of 12 running for 40 s")."""
+    found = pace(job, now)
+    if found is None:
+        return None
+    if not found.overrun:
+        return eta_text(found.left_s)
+    ran = found.waited_s
+    took = f"{int(ran)} s" if ran < 60 else _duration(ran)
+    if job.phase is Phase.DENOISING:
+        total = job.num_inference_steps
+        return f"Step {min(job.step + 1, total)} of {total} running for {took}"
+    return f"{PHASE_LABELS[job.phase]}: running for {took}"
+
+
 def job_json(job: Job, waiting: str | None = None) -> dict[str, Any]:
     """The job as ``GET /api/v1/jobs/<id>`` answers it (``waiting``: why a queued job waits).
 
     ``phase_text`` is the waiting reason while there is one, else ``phase_label`` (the phase as a
-    person reads it); ``eta_s``/``eta_text`` come from :func:`eta_seconds`.
+    person reads it); ``eta_s`` comes from :func:`eta_seconds`, ``eta_text`` from
+    :func:`eta_for`. ``error`` and the attempts' messages carry no server paths
+    (:func:`public_text`): the admin pages have the whole text.
     """
     done = job.state is JobState.SUCCEEDED and job.video_key
-    eta = eta_seconds(job)
+    now = utcnow()
+    eta = eta_seconds(job, now)
     return {
         "id": str(job.id),
         "state": job.state.value,
@@ -151,7 +255,7 @@ def job_json(job: Job, waiting: str | None = None) -> dict[str, Any]:
         "progress": round(job.progress, 4),
         "step": job.step,
         "eta_s": round(eta, 1) if eta is not None else None,
-        "eta_text": eta_text(eta),
+        "eta_text": eta_for(job, now),
         "model": job.model,
         "params": job.params(),
         "input_filename": job.input_filename,
@@ -163,10 +267,25 @@ def job_json(job: Job, waiting: str | None = None) -> dict[str, Any]:
         "poster_url": (
             url_for("pages.poster", job_id=job.id, _external=True) if job.poster_key else None
         ),
-        "error": job.error,
+        "error": public_text(job.error),
         "status_url": url_for("api.get_job", job_id=job.id, _external=True),
         "page_url": url_for("pages.job", job_id=job.id, _external=True),
     }
+
+
+def override_text(dtypes: dict[str, str] | None, casts: bool | None) -> str:
+    """An operator's overrides of a job as a person reads them ("fp32 for every component,
+    boundary casts off"); empty when there are none. The job's precision stays as asked."""
+    parts = []
+    if dtypes:
+        kinds = set(dtypes.values())
+        if len(kinds) == 1 and set(dtypes) >= set(FP32_DTYPES):
+            parts.append(f"{kinds.pop()} for every component")
+        else:
+            parts.append(", ".join(f"{v} {k.replace('_', ' ')}" for k, v in dtypes.items()))
+    if casts is not None:
+        parts.append(f"boundary casts {'on' if casts else 'off'}")
+    return ", ".join(parts)
 
 
 def event_text(event: JobEvent) -> str:
@@ -201,7 +320,10 @@ def event_text(event: JobEvent) -> str:
     if kind is EventType.CANCELED:
         return "Canceled" + (f": {d['reason']}" if d.get("reason") else "")
     if kind is EventType.REQUEUED:
-        changed = ", ".join(f"{k} {v}" for k, v in (d.get("overrides") or {}).items())
+        overrides = d.get("overrides") or {}
+        changed = override_text(overrides.get("dtypes"), overrides.get("casts"))
+        if overrides.get("queue"):
+            changed = ", ".join(filter(None, [changed, f"on {overrides['queue']}"]))
         return "Queued again" + (f" ({changed})" if changed else "")
     if kind is EventType.WORKER_LOST:
         return f"Worker {d.get('worker') or ''} lost; back in the queue".replace("  ", " ")

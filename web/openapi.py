@@ -23,6 +23,9 @@ bp = Blueprint("openapi", __name__, url_prefix="/api/v1")
 IDEMPOTENCY_KEY_PATTERN = r"^[!-~]([ -~]*[!-~])?$"
 
 
+NOT_ACCEPTABLE = "The request's Accept header rules out application/json, the only answer."
+
+
 def _ref(name: str) -> dict[str, str]:
     """A reference to a schema of the document's components."""
     return {"$ref": f"#/components/schemas/{name}"}
@@ -92,6 +95,8 @@ def _submission() -> dict[str, Any]:
             **_field_schemas(),
         },
         "dependentRequired": {"width": ["height"], "height": ["width"]},
+        # Unknown fields are refused (400), never ignored: "frames=14" is not num_frames.
+        "additionalProperties": False,
     }
 
 
@@ -300,9 +305,10 @@ def _submit_operation() -> dict[str, Any]:
                 },
             ),
             "400": _error(
-                "A field is out of range or of the wrong type, the image is missing, damaged or "
-                "too small, the job is too large for every worker class, or the "
-                "Idempotency-Key is malformed; fields says which."
+                "A field is unknown, repeated, out of range or of the wrong type, the image is "
+                "missing, damaged or too small, the job is too large for every worker class, or "
+                "the Idempotency-Key is malformed; fields says which (an unknown field's "
+                "message lists the accepted ones)."
             ),
             "413": _error("The body or the image is over the upload or pixel limit."),
             "415": _error(
@@ -369,7 +375,13 @@ def openapi_document() -> dict[str, Any]:
             "description": "Submit an image to Stable Video Diffusion, follow the job, cancel "
             "it. The API uses no cookies and needs no CSRF token. Errors are "
             '{"error": "...", "fields": {...}}.',
+            "license": {"name": "Apache License 2.0", "identifier": "Apache-2.0"},
         },
+        # Relative: the farm that serves this document, wherever it is deployed.
+        "servers": [{"url": "/", "description": "The farm that serves this document."}],
+        # No credentials: anyone who can reach the farm may submit, and a job's id is what
+        # lets one read or cancel it. (The admin pages have a login; they are not the API.)
+        "security": [],
         "paths": {
             "/api/v1/jobs": {"post": _submit_operation()},
             "/api/v1/jobs/{job_id}": {
@@ -383,7 +395,10 @@ def openapi_document() -> dict[str, Any]:
                 "get": {
                     "operationId": "openapi",
                     "summary": "This document",
-                    "responses": {"200": _json({"type": "object"}, "The OpenAPI document.")},
+                    "responses": {
+                        "200": _json({"type": "object"}, "The OpenAPI document."),
+                        "406": _error(NOT_ACCEPTABLE),
+                    },
                 }
             },
             "/healthz": {
@@ -392,6 +407,7 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "Is the web up, and can it reach its database?",
                     "responses": {
                         "200": _json(_ref("Health"), "The database answers."),
+                        "406": _error(NOT_ACCEPTABLE),
                         "503": _json(_ref("Health"), "The database does not answer."),
                     },
                 }
@@ -403,5 +419,7 @@ def openapi_document() -> dict[str, Any]:
 
 @bp.get("/openapi.json")
 def document() -> Any:
-    """The OpenAPI document of this API."""
-    return jsonify(openapi_document())
+    """The OpenAPI document of this API (406 when the request accepts no JSON)."""
+    from web.api import not_acceptable
+
+    return not_acceptable() or jsonify(openapi_document())

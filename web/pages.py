@@ -15,6 +15,7 @@ from flask import (
     render_template,
     request,
     send_file,
+    send_from_directory,
     session,
     url_for,
 )
@@ -22,15 +23,29 @@ from sqlalchemy import select
 
 from svdfarm.actions import cancel_job
 from svdfarm.images import format_size
-from svdfarm.jobs import SubmitRefused, repeated_fields, submit_job, validate_submission
+from svdfarm.jobs import (
+    SubmitRefused,
+    repeated_fields,
+    submit_job,
+    unknown_fields,
+    validate_submission,
+)
 from svdfarm.lifecycle import By, events_of
 from svdfarm.models import Job
-from svdfarm.params import FIELDS, PRECISIONS, ParamError, defaults_for, is_tiny
+from svdfarm.params import (
+    FIELDS,
+    PRECISIONS,
+    SIZE_MULTIPLE,
+    ParamError,
+    defaults_for,
+    is_tiny,
+    size_presets,
+)
 from svdfarm.states import Actor
 from svdfarm.storage import Storage
 from web.database import get_session
-from web.jobs import describe_job, event_text, find_job
-from web.security import check_csrf, client_address, csrf_problem
+from web.jobs import describe_job, event_text, find_job, override_text, public_messages, public_text
+from web.security import CSRF_FIELD, check_csrf, client_address, csrf_problem
 
 bp = Blueprint("pages", __name__)
 
@@ -40,6 +55,10 @@ RECENT_KEY = "recent_jobs"
 RECENT_LIMIT = 50
 #: The form fields "render again" may prefill from the query string.
 PREFILL = (*FIELDS, "precision")
+#: The form's own fields besides a submission's: its CSRF token, and the job whose stored
+#: image "render again" reuses.
+AGAIN_FIELD = "again"
+FORM_ONLY_FIELDS = (CSRF_FIELD, AGAIN_FIELD)
 
 
 @bp.app_context_processor
@@ -56,9 +75,11 @@ def form_page(
 ) -> Any:
     """Render the submit form, with the values the person typed and any errors beside them.
 
-    ``again`` is the job whose settings prefill the form ("render again with these settings").
+    ``again`` is the job whose settings prefill the form and whose stored image it offers
+    ("render again with these settings"); a file chosen on the form replaces that image.
     """
     settings = current_app.config["SVDFARM_SETTINGS"]
+    stored = again is not None and Storage(settings.storage_dir).exists(again.input_key)
     return (
         render_template(
             "index.html",
@@ -70,14 +91,21 @@ def form_page(
             model=settings.model,
             max_size=format_size(settings.max_upload_bytes),
             again=again,
+            again_stored=stored,
             tiny=is_tiny(settings.model),
+            size_step=SIZE_MULTIPLE,
+            presets=size_presets(settings.model),
         ),
         status,
     )
 
 
-def _job_or_none(job_id: str) -> Job | None:
-    """The job with this id, or None when the id is malformed or unknown."""
+def readable_job(job_id: str) -> Job | None:
+    """The job with this id when the caller may read it, else None (a malformed or unknown id).
+
+    For now anyone who has a job's id may read it, as its status page shows; this is the one
+    place that rule is written for "render again", which copies the job's stored image.
+    """
     try:
         key = uuid.UUID(job_id)
     except ValueError:
@@ -85,12 +113,35 @@ def _job_or_none(job_id: str) -> Job | None:
     return get_session().get(Job, key)
 
 
+def stored_input(job: Job | None, asked: str) -> tuple[bytes | None, str, str]:
+    """The stored image of the job "render again" names (``asked``): its bytes and file name,
+    or None and why it cannot be used."""
+    storage = Storage(current_app.config["SVDFARM_SETTINGS"].storage_dir)
+    if job is None:
+        return None, "", f"Job {asked[:40]!r} does not exist any more: choose an image."
+    if not storage.exists(job.input_key):
+        return None, "", f"The image of job {job.id} is no longer stored: choose an image."
+    extension = job.input_key.rsplit(".", 1)[-1]
+    return storage.path(job.input_key).read_bytes(), job.input_filename or f"input.{extension}", ""
+
+
 @bp.get("/")
 def index() -> Any:
-    """The submit form; query parameters named like its fields prefill it (render again)."""
+    """The submit form; query parameters named like its fields prefill it, and ``again``
+    offers that job's stored image (render again)."""
     values = {name: request.args[name] for name in PREFILL if request.args.get(name)}
-    again = _job_or_none(request.args["again"]) if request.args.get("again") else None
-    return form_page(values=values, again=again)
+    asked = request.args.get(AGAIN_FIELD, "")
+    return form_page(values=values, again=readable_job(asked) if asked else None)
+
+
+@bp.get("/favicon.ico")
+def favicon() -> Any:
+    """The site's icon, where browsers look for it."""
+    folder = current_app.static_folder
+    assert folder is not None
+    return send_from_directory(
+        folder, "favicon.ico", mimetype="image/vnd.microsoft.icon", max_age=86400
+    )
 
 
 def remember_job(job_id: str) -> None:
@@ -110,19 +161,28 @@ def submit() -> Any:
     """
     settings = current_app.config["SVDFARM_SETTINGS"]
     values = {k: v for k, v in request.form.to_dict().items() if k in PREFILL}
+    asked = request.form.get(AGAIN_FIELD, "").strip()
+    again = readable_job(asked) if asked else None
     problem = csrf_problem()
     if problem:
-        return form_page({"csrf": problem}, 400, values)
-    repeated = repeated_fields(request.form, request.files)
-    if repeated:
-        return form_page(repeated, 400, values)
+        return form_page({"csrf": problem}, 400, values, again)
+    refused = {
+        **unknown_fields(request.form, request.files, also=FORM_ONLY_FIELDS),
+        **repeated_fields(request.form, request.files),
+    }
+    if refused:
+        return form_page(refused, 400, values, again)
     upload = request.files.get("image")
     data = upload.read() if upload is not None and upload.filename else None
     filename = upload.filename or "" if upload is not None else ""
+    unusable = ""
+    if data is None and asked:
+        data, filename, unusable = stored_input(again, asked)
     try:
         submission = validate_submission(settings, request.form, data, filename)
     except ParamError as exc:
-        return form_page(exc.errors, exc.status, values)
+        errors = {**exc.errors, **({"image": unusable} if unusable else {})}
+        return form_page(errors, exc.status, values, again)
     try:
         job = submit_job(
             get_session(),
@@ -133,7 +193,7 @@ def submit() -> Any:
             by=By(Actor.WEB),
         )
     except SubmitRefused as exc:
-        response = make_response(form_page({"job": str(exc)}, exc.status, values))
+        response = make_response(form_page({"job": str(exc)}, exc.status, values, again))
         response.headers["Retry-After"] = str(exc.retry_after)
         return response
     remember_job(str(job.id))
@@ -154,6 +214,9 @@ def job(job_id: str) -> Any:
         phase=info["phase_label"],
         waiting=_waiting_text(info["waiting"]),
         again_url=again,
+        error=public_text(found.error),
+        messages=public_messages(found),
+        overrides=override_text(found.dtypes, found.casts),
         labels={name: field.label for name, field in FIELDS.items()},
         events=events_of(session, found.id),
         event_text=event_text,

@@ -17,7 +17,8 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,13 @@ import pytest
 from sqlalchemy import select
 
 from svdfarm.db import Database
-from svdfarm.models import Worker
+from svdfarm.lifecycle import By, record
+from svdfarm.models import Attempt, Job, Worker
+from svdfarm.states import EventType
+from svdfarm.storage import Storage
+from tests.factories import png_bytes
 from tests.http import free_port
+from tests.rows import QUEUE, job_row
 
 #: Where the committed screenshots of the pages live (docs show them).
 DOCS_SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
@@ -114,16 +120,60 @@ def page(browser: Any) -> Iterator[Any]:
 
 @dataclass
 class Farm:
-    """``svdfarm up`` running in a subprocess: its base URL, database and log."""
+    """``svdfarm up`` running in a subprocess: its base URL, database, data folder and log."""
 
     url: str
     database_url: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    data_dir: Path
 
     def log(self) -> str:
         """What the web server and the worker printed so far."""
         return self.log_path.read_text(errors="replace")
+
+    def add_job(
+        self,
+        attempt: dict[str, Any] | None = None,
+        events: Sequence[tuple[EventType, By, dict[str, Any]]] = (),
+        **fields: Any,
+    ) -> str:
+        """Insert a job no worker will touch (``fields`` set its columns, e.g. a failed state
+        with an error), its input a real PNG, an ``attempt`` row and ``events`` when given;
+        its id.
+
+        For what a live render cannot be made to do on cue: a model error, a step that runs
+        long. The reaper leaves a running one alone for three heartbeats (30 s).
+        """
+        job_id = uuid.uuid4()
+        key = Storage.key(job_id, "input.png")
+        Storage(self.data_dir / "jobs").write_bytes(key, png_bytes(96, 64))
+        database = Database(self.database_url)
+        try:
+            with database.begin() as session:
+                values = {"queue": QUEUE, "input_key": key, "input_filename": "cat.png", **fields}
+                session.add(job_row(job_id, **values))
+                if attempt is not None:
+                    defaults = {"number": 1, "worker": "gpu1@elsewhere", "plan_name": "fp16"}
+                    session.add(Attempt(job_id=job_id, plan={}, **{**defaults, **attempt}))
+                session.flush()
+                for kind, by, details in events:
+                    record(session, job_id, kind, by, details)
+        finally:
+            database.dispose()
+        return str(job_id)
+
+    def update_job(self, job_id: str, **fields: Any) -> None:
+        """Set columns of a job :meth:`add_job` inserted."""
+        database = Database(self.database_url)
+        try:
+            with database.begin() as session:
+                job = session.get(Job, uuid.UUID(job_id))
+                assert job is not None
+                for name, value in fields.items():
+                    setattr(job, name, value)
+        finally:
+            database.dispose()
 
 
 def _wait_until_ready(farm: Farm) -> None:
@@ -179,7 +229,11 @@ def farm(
             stderr=subprocess.STDOUT,
         )
     farm = Farm(
-        f"http://127.0.0.1:{port}", f"sqlite:///{data_dir / 'svdfarm.db'}", process, log_path
+        f"http://127.0.0.1:{port}",
+        f"sqlite:///{data_dir / 'svdfarm.db'}",
+        process,
+        log_path,
+        data_dir,
     )
     try:
         _wait_until_ready(farm)

@@ -296,12 +296,24 @@ def test_requeue_a_failed_job_with_force_fp32_and_watch_it_succeed(
     admin.check("#job-actions input[name=force_fp32]")
     admin.click("#job-actions button[value=requeue]")
     admin.wait_for_url(f"{farm.url}/admin/jobs/{job_id}")
-    expect(admin.locator(".flash-ok")).to_contain_text(f"Job {job_id} requeued on svd.cpu.fp32.")
-    expect(admin.locator(".flash-ok")).to_contain_text("(fp32)")
+    flash = admin.locator(".flash-ok")
+    expect(flash).to_contain_text(f"Job {job_id} requeued on svd.cpu.fp32.")
+    expect(flash).to_contain_text("(fp32)")
+    expect(flash.locator(f"a[href='/jobs/{job_id}']")).to_have_text("status page")
+    screenshot(admin, "admin-requeued")
 
-    admin.click("text=public status page")
+    # The flash's link leads to the job; its page shows the override as one, and the
+    # precision the user asked for as it was.
+    flash.locator(f"a[href='/jobs/{job_id}']").click()
     admin.wait_for_url(f"{farm.url}/jobs/{job_id}")
+    expect(admin.locator("#overrides")).to_contain_text(
+        "fp32 for every component, boundary casts off"
+    )
+    expect(admin.locator("dt[title=precision] + dd")).to_have_text("auto")
     expect(admin.locator("#state")).to_have_text("succeeded", timeout=180_000)
+    expect(admin.locator("#overrides")).to_contain_text("fp32 for every component")
+    admin.evaluate("document.getElementById('video').pause()")
+    screenshot(admin, "job-fp32-override")
     attempts = farm.job(job_id)["attempts"]
     assert [a["outcome"] for a in attempts] == ["failed", "succeeded"], attempts
 
@@ -321,9 +333,10 @@ def test_bulk_requeue_with_force_fp32_makes_every_selected_job_succeed(
     admin.check("#bulk input[name=force_fp32]")
     admin.click("#bulk button[value=requeue]")
     admin.wait_for_url(re.compile(r".*/admin/\?state=failed&error_class=dtype_mismatch$"))
-    expect(admin.locator(".flash-ok")).to_have_text(
-        f"{len(chosen)} of {len(chosen)} jobs requeued."
-    )
+    flash = admin.locator(".flash-ok")
+    expect(flash).to_contain_text(f"{len(chosen)} of {len(chosen)} jobs requeued. Open: ")
+    for job_id in chosen:
+        expect(flash.locator(f"a[href='/jobs/{job_id}']")).to_have_text("status page")
     farm.wait_for(chosen, "succeeded")
     for job_id in chosen:
         outcomes = [a["outcome"] for a in farm.job(job_id)["attempts"]]
@@ -332,6 +345,15 @@ def test_bulk_requeue_with_force_fp32_makes_every_selected_job_succeed(
     admin.reload()
     for job_id in chosen:
         expect(admin.locator(f"input[name=job][value='{job_id}']")).to_have_count(0)
+
+    # "any", the state dropdown's own choice, lists them again, succeeded now.
+    admin.select_option("select[name=state]", "any")
+    admin.click("#filters button[type=submit]")
+    admin.wait_for_url(re.compile(r".*/admin/\?state=any.*"))
+    expect(admin.locator(".flash-bad")).to_have_count(0)
+    expect(admin.locator("h1")).to_contain_text("All jobs")
+    for job_id in chosen:
+        expect(admin.locator(f"input[name=job][value='{job_id}']")).to_have_count(1)
 
 
 def test_workers_page_shows_the_worker_and_the_failures_by_class(

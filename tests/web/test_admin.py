@@ -384,6 +384,31 @@ def test_workers_page(admin: FlaskClient, db: Database, settings: Settings) -> N
     assert '<td class="num">2</td>' in failures and '<td class="num">1</td>' in failures
 
 
+def test_a_canceled_jobs_message_is_not_waiting_on_the_workers_page(
+    admin: FlaskClient, db: Database, settings: Settings
+) -> None:
+    """Two jobs sent to a queue, one canceled while queued: its message stays in the broker
+    until a worker drops it, but the page counts one message waiting and one queued job."""
+    from svdfarm.actions import cancel_job
+    from svdfarm.celery_app import create_celery, enqueue_render
+    from svdfarm.lifecycle import By
+    from svdfarm.states import Actor
+
+    kept, canceled = (add_job(db, settings, JobState.QUEUED) for _ in range(2))
+    celery = create_celery(settings)
+    try:
+        for job_id in (kept, canceled):
+            enqueue_render(celery, str(job_id), QUEUE)
+    finally:
+        celery.close()
+    with db.session() as session:
+        assert cancel_job(session, canceled, by=By(Actor.ADMIN)).done
+    assert len(broker_messages(settings)) == 2
+    page = admin.get("/admin/workers").get_data(True)
+    queues = page.split('id="queues"')[1].split("</table>")[0]
+    assert f'<code>{QUEUE}</code></td><td class="num">1</td><td class="num">1</td>' in queues
+
+
 def test_pages_of_fifty(admin: FlaskClient, db: Database, settings: Settings) -> None:
     """More than a page of failed jobs: 50 on the first page, the rest on the next."""
     for _ in range(51):
@@ -409,3 +434,74 @@ def test_workers_page_with_no_worker_and_no_broker(
     assert response.status_code == 200
     assert "No worker has registered yet" in page and "redis://nowhere" in page
     assert "No failed attempt in the last 24 hours." in page
+
+
+def test_the_state_filters_any_is_every_state(
+    admin: FlaskClient, db: Database, settings: Settings
+) -> None:
+    """``?state=any``, the value of the dropdown's "any", lists every state without calling it
+    unknown; the dropdown sends it and keeps it selected."""
+    failed, canceled = add_job(db, settings), add_job(db, settings, JobState.CANCELED, error=None)
+    page = admin.get("/admin/?state=any").get_data(True)
+    assert "Unknown state" not in page
+    assert f'value="{failed}"' in page and f'value="{canceled}"' in page
+    assert '<option value="any" selected>any</option>' in page
+    assert "All jobs" in page
+
+
+def flashes(page: str) -> list[str]:
+    """The flash messages of an admin page, as HTML."""
+    return re.findall(r'<p class="flash flash-\w+">(.*?)</p>', page, re.DOTALL)
+
+
+def test_a_requeue_flash_links_to_the_job(
+    admin: FlaskClient, db: Database, settings: Settings
+) -> None:
+    """After a requeue the message links the job's admin page and its status page, to follow
+    it; a bulk requeue links each requeued job."""
+    single = add_job(db, settings)
+    [message] = flashes(act(admin, "requeue", [single]))
+    assert f"Job {single} requeued on" in message
+    assert f'<a href="/admin/jobs/{single}">{str(single)[:8]}</a>' in message
+    assert f'<a href="/jobs/{single}">status page</a>' in message
+
+    bulk = [add_job(db, settings), add_job(db, settings)]
+    running = add_job(db, settings, JobState.RUNNING)
+    shown = flashes(act(admin, "requeue", [*bulk, running]))
+    assert shown[0].startswith("2 of 3 jobs requeued. Open: ")
+    for job_id in bulk:
+        assert f'<a href="/jobs/{job_id}">status page</a>' in shown[0]
+    assert f'href="/jobs/{running}"' not in shown[0]  # not requeued: not linked
+
+
+@pytest.mark.parametrize("database_url", DATABASES, indirect=True)
+def test_force_fp32_keeps_the_asked_precision_and_shows_the_override(
+    admin: FlaskClient, db: Database, settings: Settings
+) -> None:
+    """"force fp32" sets every component's dtype and an fp32 queue, but the precision the user
+    asked for stays; the status page shows the override as one, and so does its timeline."""
+    job_id = add_job(db, settings)
+    before = read_job(db, job_id)
+    assert before is not None and before.precision == "auto"
+    act(admin, "requeue", [job_id], force_fp32="1")
+    job = read_job(db, job_id)
+    assert job is not None and job.state is JobState.QUEUED
+    assert (job.precision, job.dtypes) == ("auto", FP32_DTYPES)
+    assert job.queue.split(".")[2] == "fp32"  # routed as fp32 all the same
+
+    page = admin.get(f"/jobs/{job_id}").get_data(True)
+    assert '<dt title="precision">Precision</dt><dd>auto</dd>' in page
+    assert '<dd id="overrides">fp32 for every component' in page
+    assert f"Queued again (fp32 for every component, on {job.queue})" in page
+    assert admin.get(f"/api/v1/jobs/{job_id}").get_json()["params"]["precision"] == "auto"
+
+
+def test_the_admin_page_keeps_the_whole_error(
+    admin: FlaskClient, db: Database, settings: Settings
+) -> None:
+    """The public pages hide server paths in an error; the admin job page shows all of it."""
+    error = "Could not load model 'x' (hf download x, cache /root/.cache/huggingface/hub)."
+    job_id = add_job(db, settings, error_class=ErrorClass.MODEL_UNAVAILABLE, error=error)
+    page = admin.get(f"/admin/jobs/{job_id}").get_data(True)
+    assert "cache /root/.cache/huggingface/hub)" in page
+    assert "/root/.cache" not in admin.get(f"/jobs/{job_id}").get_data(True)

@@ -293,6 +293,37 @@ REFUSED: list[Any] = [
         "job",
         id="job-too-big-for-any-worker",
     ),
+    # unknown or misspelled fields: refused, never ignored (frames=14 rendered the default 8)
+    pytest.param(
+        upload(frames="14"),
+        400,
+        "Unknown field 'frames' (did you mean num_frames?): the accepted fields are image, "
+        "num_frames, num_inference_steps, fps, motion_bucket_id, noise_aug_strength, seed, "
+        "decode_chunk_size, width, height, precision",
+        "frames",
+        id="misspelled-frames",
+    ),
+    pytest.param(
+        upload(num_frames="4", Width="512", height="512"),
+        400,
+        "Unknown field 'Width' (did you mean width?)",
+        "Width",
+        id="field-in-the-wrong-case",
+    ),
+    pytest.param(
+        upload(steps="10", guidance_scale="3"),
+        400,
+        "Unknown field 'guidance_scale': the accepted fields are image, num_frames",
+        "guidance_scale",
+        id="two-unknown-fields",
+    ),
+    pytest.param(
+        upload(**{"num_frames ": "4"}),
+        400,
+        "Unknown field 'num_frames ' (did you mean num_frames?)",
+        "num_frames ",
+        id="field-with-a-trailing-space",
+    ),
     # missing pieces
     pytest.param(upload(b"", ""), 400, CHOOSE, "image", id="empty-form"),
     pytest.param(
@@ -540,6 +571,33 @@ API_ONLY: list[Any] = [
         "printable ASCII",
         id="idempotency-key-not-ascii",
     ),
+    pytest.param(
+        lambda c: post_api(c, upload(csrf_token="abc")),
+        400,
+        "Unknown field 'csrf_token'",
+        id="csrf-token-sent-to-the-api",
+    ),
+    pytest.param(
+        lambda c: c.post(
+            "/api/v1/jobs",
+            data={
+                "image": (io.BytesIO(png_bytes()), "a.png"),
+                "video": (io.BytesIO(b"x"), "v.mp4"),
+            },
+        ),
+        400,
+        "Unknown field 'video'",
+        id="unknown-file-part",
+    ),
+    pytest.param(
+        lambda c: c.post(
+            "/api/v1/jobs",
+            data={"image": (io.BytesIO(png_bytes()), "a.png"), **{f"f{i}": "1" for i in range(50)}},
+        ),
+        400,
+        "Unknown field 'f9'",
+        id="fifty-unknown-fields",
+    ),
     pytest.param(lambda c: c.get("/api/v1/jobs"), 405, "method is not allowed", id="list-jobs"),
     pytest.param(
         lambda c: c.delete(f"/api/v1/jobs/{UNKNOWN}"), 405, "method is not allowed", id="delete-job"
@@ -589,6 +647,43 @@ def test_the_api_refuses_bad_requests(
     client = farm.app.test_client()
     with assert_refused(farm, lambda: send(client), status, phrase) as response:
         assert response.is_json
+
+
+def test_unknown_fields_are_named_at_most_ten_at_a_time(farm: Farm) -> None:
+    """Fifty unknown fields: the answer names ten of them, not fifty lists of fields."""
+    fields = {f"f{i}": "1" for i in range(50)}
+    response = post_api(farm.app.test_client(), upload(**fields))
+    assert response.status_code == 400
+    assert list(response.get_json()["fields"]) == [f"f{i}" for i in range(10)]
+
+
+def test_the_form_takes_its_own_fields_and_no_other(farm: Farm) -> None:
+    """The form's csrf_token and again are its own; an unknown field is refused by name."""
+    client = farm.app.test_client()
+    response = assert_refused(
+        farm, lambda: post_form(client, upload(frames="14", again="")), 400, "Unknown field"
+    )
+    html = message_of(response)
+    assert "Unknown field 'frames' (did you mean num_frames?)" in html
+    assert "Unknown field 'again'" not in html and "Unknown field 'csrf_token'" not in html
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("get", "/api/v1/jobs", {"OPTIONS", "POST"}),
+        ("delete", f"/api/v1/jobs/{UNKNOWN}", {"GET", "HEAD", "OPTIONS"}),
+        ("put", f"/api/v1/jobs/{UNKNOWN}/cancel", {"OPTIONS", "POST"}),
+    ],
+)
+def test_a_405_names_the_allowed_methods(
+    farm: Farm, method: str, path: str, allowed: set[str]
+) -> None:
+    """405 from the API carries ``Allow`` (RFC 9110 requires it), with its JSON error."""
+    response = getattr(farm.app.test_client(), method)(path)
+    assert response.status_code == 405
+    assert set(response.headers["Allow"].replace(" ", "").split(",")) == allowed
+    assert "method is not allowed" in response.get_json()["error"]
 
 
 @pytest.mark.parametrize("which", ["finished", "canceled"])

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import copy
 import io
+import json
+import os
 import re
+import shutil
+import subprocess
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -105,6 +109,80 @@ def test_the_document_is_valid_openapi_3_1(client: FlaskClient) -> None:
     damaged["paths"]["/api/v1/jobs"]["post"]["responses"]["201"] = {"content": 3}
     with pytest.raises(jsonschema_rs.ValidationError):
         schemathesis.openapi.from_dict(damaged).validate()
+
+
+#: The Redocly CLI the lint test runs (pinned: a new release may add rules).
+REDOCLY = "@redocly/cli@2.77.0"
+
+
+def redocly_lint(folder: Path, doc: dict[str, Any]) -> dict[str, Any]:
+    """``redocly lint`` with its recommended ruleset on ``doc``: its JSON report."""
+    npx = shutil.which("npx")
+    if npx is None:
+        pytest.skip("npx (Node.js) is not installed: the Redocly CLI cannot run")
+    (folder / "openapi.json").write_text(json.dumps(doc))
+    quiet = {"REDOCLY_TELEMETRY": "off", "REDOCLY_SUPPRESS_UPDATE_NOTICE": "true"}
+    result = subprocess.run(
+        [npx, "--yes", REDOCLY, "lint", "--extends=recommended", "--format=json", "openapi.json"],
+        cwd=folder,  # no redocly.yaml of anyone's in the way
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **quiet},
+    )
+    assert result.stdout.strip(), result.stderr[-2000:]
+    report: dict[str, Any] = json.loads(result.stdout)
+    report["returncode"] = result.returncode
+    return report
+
+
+def test_the_document_passes_redoclys_recommended_rules(
+    client: FlaskClient, tmp_path: Path
+) -> None:
+    """The real ``redocly lint`` (through npx) finds no error and no warning: servers,
+    security (none needed, said so), a licence, a 4xx answer on every operation. The same lint
+    fails the document as it was before, so it is not a check that always passes."""
+    doc = document(client)
+    report = redocly_lint(tmp_path, doc)
+    problems = [(p["ruleId"], p["message"]) for p in report["problems"]]
+    assert report["totals"] == {"errors": 0, "warnings": 0, "ignored": 0}, problems
+    assert report["returncode"] == 0
+
+    before = copy.deepcopy(doc)
+    for key in ("servers", "security"):
+        del before[key]
+    del before["info"]["license"]
+    del before["paths"]["/healthz"]["get"]["responses"]["406"]
+    failed = redocly_lint(tmp_path, before)
+    assert failed["returncode"] != 0
+    assert {p["ruleId"] for p in failed["problems"]} == {
+        "no-empty-servers",
+        "security-defined",
+        "info-license",
+        "operation-4xx-response",
+    }
+
+
+@pytest.mark.parametrize("path", ["/api/v1/openapi.json", "/healthz"])
+def test_json_only_answers_refuse_an_accept_without_json(client: FlaskClient, path: str) -> None:
+    """The documented 4xx of the document and /healthz: 406 when the client accepts no JSON;
+    no Accept, */* or a browser's Accept get the JSON."""
+    refused = client.get(path, headers={"Accept": "text/html"})
+    assert refused.status_code == 406
+    assert "application/json only" in refused.get_json()["error"]
+    browser = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+    for accept in (None, "*/*", "application/json", browser):
+        headers = {"Accept": accept} if accept else {}
+        assert client.get(path, headers=headers).status_code == 200, accept
+
+
+def test_unknown_fields_are_documented_as_refused(client: FlaskClient) -> None:
+    """The submission schema allows no other property, as the API refuses them (400)."""
+    submission = document(client)["components"]["schemas"]["Submission"]
+    assert submission["additionalProperties"] is False
+    response = _submit(client, frames="14")
+    assert response.status_code == 400
+    assert "did you mean num_frames?" in response.get_json()["fields"]["frames"]
 
 
 def _documented_path(rule: str) -> str:

@@ -275,14 +275,14 @@ def test_the_status_page_shows_an_eta_once_steps_are_measured(
         )
     body = client.get(f"/api/v1/jobs/{job_id}").get_json()
     assert body["eta_s"] is None and body["eta_text"] is None
-    assert '<p class="muted" id="eta"></p>' in client.get(f"/jobs/{job_id}").get_data(as_text=True)
+    assert re.search(r'<p class="muted" id="eta"[^>]*></p>', client.get(f"/jobs/{job_id}").text)
 
     update_job(app, job_id, step=2, progress=0.25)
     body = client.get(f"/api/v1/jobs/{job_id}").get_json()
     assert 89 <= body["eta_s"] <= 95  # 30 s for a quarter: about 90 s for the rest
     assert body["eta_text"] == "about 2 min left"
     html = client.get(f"/jobs/{job_id}").get_data(as_text=True)
-    assert '<p class="muted" id="eta">about 2 min left</p>' in html
+    assert re.search(r'<p class="muted" id="eta" data-eta-s="[\d.]+">about 2 min left</p>', html)
 
 
 def test_eta_text_reads_like_a_person_wrote_it() -> None:
@@ -306,21 +306,122 @@ def test_a_queued_job_says_why_it_waits(client: FlaskClient) -> None:
     )
 
 
+def again_form(client: FlaskClient, job_id: str) -> str:
+    """The form that the job's "Render again" link opens."""
+    html = client.get(f"/jobs/{job_id}").text
+    link = re.search(r'<a class="button secondary" id="again" href="([^"]+)"', html)
+    assert link
+    return client.get(link[1].replace("&amp;", "&")).text
+
+
 def test_a_finished_job_offers_render_again_which_prefills_the_form(
     app: Flask, client: FlaskClient, settings: Settings, mp4_bytes: bytes
 ) -> None:
-    """ "Render again" links to the form with the job's settings, which the form shows."""
+    """ "Render again" links to the form with the job's settings and its stored image (its
+    thumbnail shown, a hidden ``again`` field), which a chosen file would replace."""
     job_id = job_id_from(submit(client, num_frames="6", seed="1234", precision="fp32"))
     finish_job(app, settings, job_id, mp4_bytes)
-    html = client.get(f"/jobs/{job_id}").get_data(as_text=True)
-    link = re.search(r'<a class="button secondary" id="again" href="([^"]+)"', html)
-    assert link
-    form = client.get(link[1].replace("&amp;", "&")).get_data(as_text=True)
+    form = again_form(client, job_id)
     assert re.search(r'<input id="num_frames" name="num_frames"[^>]*value="6"', form, re.DOTALL)
     assert re.search(r'<input id="seed" name="seed"[^>]*value="1234"', form, re.DOTALL)
     assert re.search(r'<option value="fp32"\s+selected>', form)
-    assert 'id="again"' in form and "Choose the image again" in form
-    assert f'href="/jobs/{job_id}/input">in.png</a>' in form
+    assert 'id="again"' in form and "Its image is used again" in form
+    assert f'<input type="hidden" name="again" value="{job_id}">' in form
+    assert f'<img src="/jobs/{job_id}/input"' in form
+    assert "<strong>in.png</strong>, the image of job" in form
+    # The image is not required: the stored one is used unless a file is chosen.
+    image = re.search(r'<input id="image"[^>]*>', form)
+    assert image and "required" not in image[0]
+
+
+def post_again(client: FlaskClient, job_id: str, image: Any = None, **fields: str) -> Any:
+    """Submit the render-again form of ``job_id``, with a file (``(bytes, name)``) or none."""
+    data: dict[str, Any] = {"csrf_token": form_token(client), "again": job_id, **fields}
+    data["image"] = (io.BytesIO(image[0]), image[1]) if image else (io.BytesIO(b""), "")
+    return client.post("/", data=data)
+
+
+@pytest.mark.parametrize("database_url", DATABASES, indirect=True)
+def test_render_again_copies_the_stored_image_or_takes_a_new_one(
+    app: Flask, client: FlaskClient, settings: Settings
+) -> None:
+    """Without a chosen file the new job gets a copy of the first job's stored image (under
+    its own id); with one, that file replaces it."""
+    first = job_id_from(submit(client, num_frames="6"))
+    stored = (settings.storage_dir / first / "input.png").read_bytes()
+
+    again = post_again(client, first, num_frames="8")
+    assert again.status_code == 303, again.text
+    copy = job_id_from(again)
+    assert copy != first
+    assert (settings.storage_dir / copy / "input.png").read_bytes() == stored
+    job = client.get(f"/api/v1/jobs/{copy}").get_json()
+    assert (job["input_filename"], job["params"]["num_frames"]) == ("in.png", 8)
+
+    other = png_bytes(64, 64, (0, 0, 255))
+    replaced = job_id_from(post_again(client, first, (other, "blue.png")))
+    assert (settings.storage_dir / replaced / "input.png").read_bytes() == other
+    assert client.get(f"/api/v1/jobs/{replaced}").get_json()["input_filename"] == "blue.png"
+
+
+def test_render_again_of_a_job_without_its_image_asks_for_one(
+    app: Flask, client: FlaskClient, settings: Settings
+) -> None:
+    """A job whose files are gone, or an id no job has: the form asks for an image, nothing
+    is recorded."""
+    first = job_id_from(submit(client))
+    Storage(settings.storage_dir).delete_job(first)
+    assert "Its image is no longer stored" in client.get(f"/?again={first}").text
+    gone = post_again(client, first)
+    assert gone.status_code == 400
+    assert f"The image of job {first} is no longer stored: choose an image." in gone.text
+    unknown = post_again(client, str(uuid.uuid4()))
+    assert unknown.status_code == 400 and "does not exist any more" in unknown.text
+    assert client.get("/jobs").text.count("data-job-id") == 1
+
+
+def test_a_refused_render_again_keeps_offering_the_stored_image(client: FlaskClient) -> None:
+    """A bad field on the render-again form: the errors, and the stored image still offered."""
+    first = job_id_from(submit(client))
+    refused = post_again(client, first, num_inference_steps="999")
+    assert refused.status_code == 400
+    html = refused.text
+    assert "Steps must be between 1 and 200" in html
+    assert f'<input type="hidden" name="again" value="{first}">' in html
+    assert "Your settings and the stored image are kept below." in html
+
+
+def test_width_and_height_step_by_64_with_the_models_sizes(
+    client: FlaskClient, settings: Settings
+) -> None:
+    """Width and height step by 64 (the only sizes accepted); the size menu offers the tiny
+    model's 64 x 64, and SVD's three sizes on a farm that runs SVD."""
+    from web import create_app
+
+    html = client.get("/").text
+    for name in ("width", "height"):
+        tag = re.search(rf'<input id="{name}"[^>]*>', html, re.DOTALL)
+        assert tag and 'step="64"' in tag[0], tag
+    assert re.findall(r'<option value="(\d+x\d+)">', html) == ["64x64"]
+    assert "64 x 64 (square)" in html
+
+    svd = create_app(
+        {
+            "SVDFARM_SETTINGS": settings.with_overrides(
+                model="stabilityai/stable-video-diffusion-img2vid-xt"
+            ),
+            "TESTING": True,
+        }
+    )
+    try:
+        page = svd.test_client().get("/").text
+    finally:
+        svd.extensions["svdfarm.db"].dispose()
+    assert re.findall(r'<option value="(\d+x\d+)">([^<]+)</option>', page) == [
+        ("1024x576", "1024 x 576 (landscape)"),
+        ("576x1024", "576 x 1024 (portrait)"),
+        ("768x768", "768 x 768 (square)"),
+    ]
 
 
 def test_the_form_ignores_unknown_or_bad_prefill(client: FlaskClient) -> None:
@@ -394,3 +495,79 @@ def test_the_nav_links_admin_only_when_its_blueprint_exists(settings: Settings) 
     assert re.search(r'<a href="/jobs"\s*>My jobs</a>', plain)
     assert "Admin" not in plain
     assert re.search(r'<a href="/admin/?"\s*>Admin</a>', nav(with_admin=True))
+
+
+def test_the_favicon_is_a_small_icon(client: FlaskClient) -> None:
+    """``/favicon.ico``, where browsers ask, is an icon (not a 404), and pages link it."""
+    from PIL import Image
+
+    with client.get("/favicon.ico") as response:
+        assert response.status_code == 200
+        assert response.mimetype == "image/vnd.microsoft.icon"
+        assert len(response.data) < 10_000
+        with Image.open(io.BytesIO(response.data)) as icon:
+            assert icon.format == "ICO"
+            assert (32, 32) in icon.info["sizes"]
+    assert '<link rel="icon" href="/favicon.ico"' in client.get("/").text
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "phrase"),
+    [
+        ("/no/such/page", 404, "404 Not Found"),
+        (f"/jobs/{uuid.uuid4()}", 404, "No job with id"),
+        ("/jobs/not-a-uuid/cancel", 400, "security token is missing"),
+    ],
+)
+def test_error_pages_are_the_sites_pages(
+    client: FlaskClient, path: str, status: int, phrase: str
+) -> None:
+    """A 404 or 400 is a page of the site: its header, its styles, the reason and a way back."""
+    response = client.post(path) if path.endswith("/cancel") else client.get(path)
+    assert response.status_code == status
+    assert response.mimetype == "text/html"
+    html = response.text
+    assert '<link rel="stylesheet" href="/static/style.css">' in html
+    assert '<header class="top">' in html
+    assert f'id="error-page" data-status="{status}"' in html
+    assert phrase in html
+    assert '<a href="/">Animate an image</a>' in html
+
+
+def test_a_server_error_is_the_sites_page_without_the_exception(settings: Settings) -> None:
+    """An unexpected exception answers the styled 500 page, which never shows its text."""
+    from web import create_app
+
+    app = create_app({"SVDFARM_SETTINGS": settings})  # not TESTING: errors are handled
+
+    @app.get("/boom")
+    def boom() -> str:
+        raise RuntimeError("secret detail at /srv/svdfarm/var")
+
+    try:
+        response = app.test_client().get("/boom")
+    finally:
+        app.extensions["svdfarm.db"].dispose()
+    assert response.status_code == 500
+    html = response.text
+    assert "500 Internal Server Error" in html and 'id="error-page"' in html
+    assert '<link rel="stylesheet" href="/static/style.css">' in html
+    assert "secret detail" not in html and "/srv/" not in html
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("delete", "/", {"GET", "HEAD", "OPTIONS", "POST"}),
+        ("get", "/jobs/{job}/cancel", {"OPTIONS", "POST"}),
+        ("post", "/jobs/{job}/video.mp4", {"GET", "HEAD", "OPTIONS"}),
+    ],
+)
+def test_a_405_page_names_the_allowed_methods(
+    client: FlaskClient, method: str, path: str, allowed: set[str]
+) -> None:
+    """A method a page does not take: 405 with ``Allow``, on the site's error page."""
+    response = getattr(client, method)(path.format(job=uuid.uuid4()))
+    assert response.status_code == 405
+    assert set(response.headers["Allow"].replace(" ", "").split(",")) == allowed
+    assert 'id="error-page" data-status="405"' in response.text

@@ -16,6 +16,22 @@
   const waiting = document.getElementById("waiting");
   const attempts = document.querySelectorAll("#attempts tbody tr:not(.message)").length;
   let lastState = root.dataset.state;
+  // The seconds behind the time left on screen: a later estimate above them is not shown, so
+  // the time left never grows. Once a step overruns the server says how long it has run
+  // (eta_s null); the estimate made after it starts afresh.
+  let shownEta = eta && eta.dataset.etaS ? parseFloat(eta.dataset.etaS) : null;
+
+  function showEta(job) {
+    if (!eta) return;
+    if (job.eta_s === null || job.eta_s === undefined) {
+      eta.textContent = job.eta_text || "";
+      shownEta = null;
+      return;
+    }
+    if (shownEta !== null && job.eta_s > shownEta) return;
+    eta.textContent = job.eta_text || "";
+    shownEta = job.eta_s;
+  }
 
   function show(job) {
     const pct = Math.round(job.progress * 1000) / 10;
@@ -24,7 +40,7 @@
       bar.textContent = Math.round(pct) + "%";
     }
     if (percent) percent.textContent = Math.round(pct) + "%";
-    if (eta) eta.textContent = job.eta_text || "";
+    showEta(job);
     state.textContent = job.state.replace("_", " ");
     stateLine.className = "state state-" + job.state;
     phase.textContent = job.phase_label;
