@@ -186,7 +186,9 @@ class Farm:
     data_dir: Path
     threads: int = field(default_factory=torch_threads)
     worker: bool = True
-    web_threads: int = 8
+    #: ``svdfarm web``'s server and threads per process; empty and 0: its defaults.
+    web_server: str = ""
+    web_threads: int = 0
     extra_env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
     hostname: str = field(default_factory=lambda: f"bench-{uuid.uuid4().hex[:6]}@localhost")
@@ -241,7 +243,10 @@ class Farm:
             check=True,
             capture_output=True,
         )
-        self._spawn("web", "web", "--port", str(self.port), "--threads", str(self.web_threads))
+        web = ["--port", str(self.port)]
+        web += ["--server", self.web_server] if self.web_server else []
+        web += ["--threads", str(self.web_threads)] if self.web_threads else []
+        self._spawn("web", "web", *web)
         if self.worker:
             self._spawn("worker", "worker", "--hostname", self.hostname)
         self._wait_ready()

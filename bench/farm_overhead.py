@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     notes = (
         f"{args.jobs} jobs of {params.describe()} (tiny model, seed {params.seed}, "
-        f"{threads_note}) on {setup}, the web served by waitress (`svdfarm web`), one "
+        f"{threads_note}) on {setup}, the web served by gunicorn (`svdfarm web`), one "
         "`svdfarm worker`. Each round runs one job on the farm and one on each of two "
         "identical bare loops, in an order that cycles through all six; a farm round is timed "
         "from just before its HTTP submit to its `jobs.finished_at`, a bare loop from its image "

@@ -162,7 +162,15 @@ def profile_web(seconds: float, work: Path) -> dict[str, tuple[Stacks, int]]:
     with (
         scratch_database("postgresql", work) as database_url,
         scratch_broker("redis") as broker_url,
-        Farm(database_url, broker_url, work / "web-farm", worker=False) as farm,
+        # One waitress process: py-spy follows one pid, and REQUEST names waitress's frame.
+        Farm(
+            database_url,
+            broker_url,
+            work / "web-farm",
+            worker=False,
+            web_server="waitress",
+            web_threads=8,
+        ) as farm,
     ):
         targets = web_targets(farm, params, image, work)
         for number, (name, (url, body_file, kind)) in enumerate(targets.items()):

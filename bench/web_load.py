@@ -1,5 +1,5 @@
 """Web: requests per second and latency of GET job status and POST submit at 64 concurrent
-clients, the web served as deployed (``svdfarm web``: waitress), the load from a separate
+clients, the web served as deployed (``svdfarm web``: gunicorn), the load from a separate
 process on loopback (:mod:`bench.loadgen`).
 
     .venv/bin/python -m bench.web_load [--concurrency 64 --duration 10] [--write]
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from bench.common import (
     BENCHMARKS_MD,
     Farm,
     JobParams,
+    child_pids,
     fmt_mb,
     fmt_ms,
     markdown_table,
@@ -79,7 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per endpoint")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before each")
-    parser.add_argument("--web-threads", type=int, default=8, help="waitress threads")
+    parser.add_argument(
+        "--web-server", choices=["gunicorn", "waitress"], default="", help="svdfarm web --server"
+    )
+    parser.add_argument(
+        "--web-threads", type=int, default=0, help="threads per web process (0: its default)"
+    )
     parser.add_argument("--write", action="store_true", help="update docs/BENCHMARKS.md")
     parser.add_argument("--doc", type=Path, default=BENCHMARKS_MD, help="the file --write updates")
     args = parser.parse_args(argv)
@@ -96,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 broker_url,
                 data_dir / "farm",
                 worker=False,
+                web_server=args.web_server,
                 web_threads=args.web_threads,
             ) as farm,
         ):
@@ -105,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
                 load(url, args.concurrency, args.warmup, body_file, kind)
                 results[name] = load(url, args.concurrency, args.duration, body_file, kind)
                 print(f"{name}: {json.dumps(results[name])}", flush=True)
-            web_rss = peak_rss_bytes(farm.processes["web"].pid)
+            web_pid = farm.processes["web"].pid
+            # gunicorn's workers serve; its master only watches them.
+            web_rss = sum(peak_rss_bytes(pid) or 0 for pid in [web_pid, *child_pids(web_pid)])
+            shape = re.search(r"\((\w+, \d+ process.*)\)$", farm.log("web"), re.M)
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
     rows = [
@@ -125,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         ["request", "clients", "requests", "errors", "req/s", "p50", "p99", "max"], rows
     )
     notes = (
-        f"`svdfarm web` (waitress, {args.web_threads} threads) on PostgreSQL and Redis, no "
+        f"`svdfarm web` ({shape.group(1) if shape else '?'}) on PostgreSQL and Redis, no "
         f"worker; {args.concurrency} keep-alive clients on asyncio in a separate process on "
         f"loopback, {args.duration:g} s per request after a {args.warmup:g} s warm-up. A "
         f"submit is a {body_bytes}-byte multipart POST ({params.describe()}, a "
@@ -133,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         "on Redis; the per-client submit rate and the queue cap are off "
         "(`SVDFARM_SUBMIT_RATE=0`, `SVDFARM_MAX_QUEUED=0`), since every client here comes from "
         "one address. The status is a queued job's, which also reads the worker registry to "
-        f"say why the job waits. Peak RSS of the web process after both "
+        f"say why the job waits. Peak RSS of the web's processes, summed, after both "
         f"runs: {fmt_mb(web_rss)}. The machine has {len(os.sched_getaffinity(0))} "
         "cores shared by the server, the load generator, PostgreSQL and Redis."
     )

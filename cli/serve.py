@@ -22,7 +22,8 @@ from typing import Any
 from cli import fail, redact, settle_model
 from cli.gpus import GpuQueryFailed, cuda_device_count, torch_installed
 from cli.noise import silence_library_noise
-from svdfarm.settings import Settings, load_settings
+from cli.web_server import ServePlan, Server, serve
+from svdfarm.settings import MAX_WEB, Settings, load_settings
 
 #: How the farm starts its own children: this interpreter, ``python -m cli``.
 SVDFARM = [sys.executable, "-m", "cli"]
@@ -37,7 +38,18 @@ def add_commands(sub: Any) -> None:
     for p in (up, web):
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=8000)
-    web.add_argument("--threads", type=int, default=8)
+    web.add_argument(
+        "--server",
+        choices=[server.value for server in Server],
+        default=Server.default().value,
+        help="the WSGI server (default: gunicorn on Linux and macOS, waitress on Windows)",
+    )
+    web.add_argument(
+        "--workers", type=int, default=0, help="server processes (default: SVDFARM_WEB_WORKERS)"
+    )
+    web.add_argument(
+        "--threads", type=int, default=0, help="threads per process (default: SVDFARM_WEB_THREADS)"
+    )
 
     worker = sub.add_parser("worker", help="run a Celery worker")
     worker.set_defaults(run=cmd_worker)
@@ -55,26 +67,22 @@ def add_commands(sub: Any) -> None:
 
 
 def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
-    """``svdfarm web``: serve the web app with waitress."""
-    from waitress import serve
-
-    from web import create_app
-
+    """``svdfarm web``: serve the web app with gunicorn (waitress on Windows or when asked)."""
     settings = settle_model(settings)  # its form's defaults and the jobs' model follow it
+    settings.check_production()  # once here, before any server process starts
+    for flag, value in (("--workers", args.workers), ("--threads", args.threads)):
+        if not 0 <= value <= MAX_WEB:
+            return fail(f"{flag} {value} must be between 1 and {MAX_WEB} (0: the setting)")
     silence_library_noise(embedded_broker=settings.embedded_broker)
-    app = create_app({"SVDFARM_SETTINGS": settings})
-    print(f"svdfarm web on http://{args.host}:{args.port}/", flush=True)
-    serve(
-        app,
+    plan = ServePlan(
+        server=Server(args.server),
         host=args.host,
         port=args.port,
-        threads=args.threads,
-        ident="svdfarm",
-        # waitress drops X-Forwarded-* unless told otherwise; keep them only when a proxy is
-        # trusted (SVDFARM_TRUSTED_PROXIES), and ProxyFix decides how many hops to believe.
-        clear_untrusted_proxy_headers=not settings.trusted_proxies,
+        workers=args.workers or settings.web_workers,
+        threads=args.threads or settings.web_threads,
     )
-    return 0
+    print(plan.describe(), flush=True)
+    return serve(plan, settings)
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:

@@ -227,7 +227,7 @@ def _extra(name: str) -> set[str]:
     ("extras", "needs", "never"),
     [
         (("",), {"sqlalchemy", "alembic", "celery", "psycopg", "pillow"}, set(HEAVY)),
-        (("", "web"), {"flask", "waitress", "prometheus-client"}, set(HEAVY)),
+        (("", "web"), {"flask", "gunicorn", "waitress", "prometheus-client"}, set(HEAVY)),
         (("", "worker"), {"torch", "diffusers", "imageio-ffmpeg", "numpy"}, {"flask"}),
     ],
     ids=["core", "web", "worker"],
