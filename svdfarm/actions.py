@@ -28,7 +28,7 @@ from svdfarm.queues import Unroutable, parse_queue, route
 from svdfarm.registry import online_queues
 from svdfarm.settings import Settings
 from svdfarm.states import JobState
-from svdfarm.storage import Storage
+from svdfarm.storage import open_store
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,13 @@ def _requeue_one(
             False,
             f"Job {key} is {job.state.label}: only failed or canceled jobs can be requeued.",
         )
+    if job.input_expired_at is not None:
+        return JobChange(
+            str(key),
+            False,
+            f"Job {key}'s input image was deleted on {job.input_expired_at:%Y-%m-%d %H:%M} UTC "
+            "(SVDFARM_INPUT_RETENTION): submit the image again as a new job.",
+        )
     try:
         values = overrides.columns(session, settings, job)
     except Unroutable as exc:
@@ -224,7 +231,7 @@ def delete_job(session: Session, settings: Settings, job_id: uuid.UUID | str) ->
         return JobChange(str(key), False, f"Job {key} started running meanwhile; not deleted.")
     session.commit()
     session.expunge(job)
-    Storage(settings.storage_dir).delete_job(key)
+    open_store(settings).delete_job(key)
     return JobChange(str(key), True, f"Job {key} deleted with its files.")
 
 

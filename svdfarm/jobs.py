@@ -33,8 +33,9 @@ from svdfarm.params import FIELDS, ParamError, RenderParams, parse_params
 from svdfarm.queues import Route, Unroutable, route
 from svdfarm.registry import online_queues
 from svdfarm.settings import Settings
+from svdfarm.space import LOW_SPACE_RETRY_AFTER_S, low_space
 from svdfarm.states import JobState
-from svdfarm.storage import Storage
+from svdfarm.storage import Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -213,13 +214,16 @@ def find_idempotent(session: Session, key: str, submission: Submission) -> Job |
 
 
 def check_limits(session: Session, settings: Settings, client: str | None) -> None:
-    """Raise :class:`SubmitRefused` when ``client`` is over its per-minute limit or the farm
-    is full; both limits count what the database holds, so every web process agrees.
+    """Raise :class:`SubmitRefused` when the store is nearly full, ``client`` is over its
+    per-minute limit or the farm is full; both limits count what the database holds, so
+    every web process agrees.
 
     On PostgreSQL one client's submits are serialised by an advisory lock, so its limit is
     exact; the farm-wide queue limit is not serialised (that would make every submit wait for
     every other) and can be passed by the number of submits in flight at the same moment.
     """
+    if full := low_space(settings):
+        raise SubmitRefused(full, 503, LOW_SPACE_RETRY_AFTER_S)
     now = utcnow()
     rate = settings.submit_rate_per_minute
     if rate and client:
@@ -280,10 +284,10 @@ def submit_job(
         if earlier is not None:
             return earlier
     check_limits(session, settings, client)
-    storage = Storage(settings.storage_dir)
+    storage = open_store(settings)
     job_id = uuid.uuid4()
     routed = _route(settings, submission.params, online_queues(session, settings))
-    input_key = Storage.key(job_id, f"input.{submission.image.extension}")
+    input_key = Store.key(job_id, f"input.{submission.image.extension}")
     job = Job(
         id=job_id,
         model=settings.model,

@@ -3,15 +3,20 @@ temporary data folder, the app and its client, the tiny model saved once per ses
 
 ``SVDFARM_TEST_DATABASE_URL`` and ``SVDFARM_TEST_REDIS_URL`` turn on the PostgreSQL and Redis
 variants; when they are set, an unreachable server fails those tests instead of skipping them.
+S3 tests use moto's server on a free local port, or the endpoint ``SVDFARM_TEST_S3_URL`` names
+(``http://user:password@127.0.0.1:9000`` for a MinIO).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from flask import Flask
@@ -23,6 +28,7 @@ from svdfarm.settings import Settings, load_settings
 
 PG_URL = os.environ.get("SVDFARM_TEST_DATABASE_URL", "")
 REDIS_URL = os.environ.get("SVDFARM_TEST_REDIS_URL", "")
+S3_URL = os.environ.get("SVDFARM_TEST_S3_URL", "")
 
 needs_postgres = pytest.mark.skipif(
     not PG_URL, reason="SVDFARM_TEST_DATABASE_URL is not set (no PostgreSQL configured)"
@@ -128,3 +134,66 @@ def app(settings: Settings) -> Iterator[Flask]:
 def client(app: Flask) -> FlaskClient:
     """A test client of the app."""
     return app.test_client()
+
+
+@dataclass(frozen=True)
+class S3Bucket:
+    """An empty bucket for one test: ``env`` reaches it (the AWS variables), ``url`` is the
+    ``SVDFARM_STORAGE_URL`` of a prefix in it."""
+
+    name: str
+    url: str
+    env: dict[str, str]
+
+    def client(self) -> object:
+        """A boto3 client of the bucket's endpoint, to look at what is stored."""
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.env["AWS_ENDPOINT_URL"],
+            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+            region_name=self.env["AWS_DEFAULT_REGION"],
+        )
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[dict[str, str]]:
+    """The AWS variables of an S3 endpoint: ``SVDFARM_TEST_S3_URL``'s, or moto's server."""
+    if S3_URL:
+        parts = urlsplit(S3_URL)
+        yield {
+            "AWS_ENDPOINT_URL": f"{parts.scheme}://{parts.hostname}"
+            + (f":{parts.port}" if parts.port else ""),
+            "AWS_ACCESS_KEY_ID": parts.username or os.environ.get("AWS_ACCESS_KEY_ID", ""),
+            "AWS_SECRET_ACCESS_KEY": parts.password or os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
+            "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+        }
+        return
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> S3Bucket:
+    """A new bucket for this test, its AWS variables set in this process."""
+    for name, value in s3_endpoint.items():
+        monkeypatch.setenv(name, value)
+    bucket = S3Bucket(f"svdfarm-test-{uuid.uuid4().hex[:12]}", "", dict(s3_endpoint))
+    bucket.client().create_bucket(Bucket=bucket.name)  # type: ignore[attr-defined]
+    return S3Bucket(bucket.name, f"s3://{bucket.name}/farm", bucket.env)

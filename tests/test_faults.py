@@ -10,6 +10,7 @@ keep flowing.
 from __future__ import annotations
 
 import io
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ from flask.testing import FlaskClient
 
 from svdfarm.db import Database, upgrade
 from svdfarm.settings import Settings
-from svdfarm.storage import Storage
+from svdfarm.storage import FileStore
 from tests.conftest import REDIS_URL, fresh_database, make_settings, needs_postgres, needs_redis
 from tests.factories import png_bytes
 from tests.processes import LiveProcess, private_redis_db, start_worker
@@ -115,9 +116,9 @@ class Farm:
             time.sleep(0.1)
 
     def videos(self, job_id: str) -> list[str]:
-        """Names of the video files in the job's folder."""
-        folder = Storage(self.settings.storage_dir).path(job_id)
-        return sorted(p.name for p in folder.glob("*.mp4"))
+        """Names of the job's stored videos, each claim's token shown as ``<token>``."""
+        keys = FileStore(self.settings.storage_dir).list_keys(f"{job_id}/video.")
+        return [re.sub(r"\.[0-9a-f]{32}\.", ".<token>.", key.split("/")[1]) for key in keys]
 
 
 @pytest.fixture
@@ -181,7 +182,7 @@ def test_a_worker_killed_mid_render_ten_times_loses_nothing(farm: Farm) -> None:
         ), job["attempts"]
         assert last["outcome"] == "succeeded" and last["worker"] != victim
         assert all(a["error_class"] == "worker_lost" for a in job["attempts"][:-1])
-        assert farm.videos(job_id) == ["video.mp4"], farm.videos(job_id)
+        assert farm.videos(job_id) == ["video.<token>.mp4"], farm.videos(job_id)
     recoveries.sort()
     print(
         f"\nSIGKILL x10: all 10 jobs succeeded once; kill -> succeeded "
@@ -236,7 +237,7 @@ def test_a_poison_job_is_capped_while_others_flow(farm: Farm) -> None:
     for job_id in others:
         other = farm.job(job_id)
         assert other["state"] == "succeeded", (other, farm.logs())
-        assert farm.videos(job_id) == ["video.mp4"]
+        assert farm.videos(job_id) == ["video.<token>.mp4"]
     # The workers themselves survived: Celery replaced each killed pool process.
     for hostname in workers:
         assert farm.workers[hostname].process.poll() is None, farm.logs()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from flask.testing import FlaskClient
 
 from svdfarm.db import Database, upgrade
 from svdfarm.settings import Settings
-from svdfarm.storage import Storage
+from svdfarm.storage import FileStore
 from tests.conftest import REDIS_URL, fresh_database, make_settings, needs_postgres, needs_redis
 from tests.factories import png_bytes
 from tests.processes import LiveProcess, start_worker
@@ -156,5 +157,5 @@ def test_past_the_stop_timeout_the_job_is_redelivered_once(
     first_attempt = job["attempts"][0]
     assert first_attempt["outcome"] == "failed" and "handed back" in first_attempt["message"]
     assert first_attempt["error_class"] == "other"  # a stop, not a lost worker
-    outputs = list(Storage(settings.storage_dir).path(job_id).glob("*.mp4"))
-    assert [p.name for p in outputs] == ["video.mp4"]
+    outputs = FileStore(settings.storage_dir).list_keys(f"{job_id}/video.")
+    assert len(outputs) == 1 and re.fullmatch(rf"{job_id}/video\.[0-9a-f]{{32}}\.mp4", outputs[0])

@@ -1,4 +1,4 @@
-"""Load: 500 API submissions from 50 concurrent clients against ``svdfarm web`` (waitress, in
+"""Load: 500 API submissions from 50 concurrent clients against ``svdfarm web`` (gunicorn, in
 its own process) and two ``svdfarm worker`` processes with the tiny model, on PostgreSQL and
 Redis, while other clients poll job status.
 
@@ -25,7 +25,7 @@ from svdfarm.db import Database, upgrade
 from svdfarm.models import Job
 from svdfarm.settings import Settings
 from svdfarm.states import JobState
-from svdfarm.storage import Storage
+from svdfarm.storage import FileStore
 from tests.conftest import REDIS_URL, fresh_database, make_settings, needs_postgres, needs_redis
 from tests.factories import png_bytes
 from tests.http import free_port, multipart
@@ -299,8 +299,8 @@ def test_500_submissions_from_50_clients(load_farm: LoadFarm) -> None:
     with farm.db.session() as session:
         jobs = session.scalars(select(Job)).all()
     states = Counter(job.state.value for job in jobs)
-    storage = Storage(farm.settings.storage_dir)
-    videos = sorted(storage.root.rglob("video.mp4"))
+    storage = FileStore(farm.settings.storage_dir)
+    videos = sorted(storage.root.rglob("video.*.mp4"))
     under_load = [ms for when, ms in record.status_ms if when <= submitted]
     everything = [ms for _, ms in record.status_ms]
     submit_ms = [a.elapsed_s * 1000 for _, a in record.answers]

@@ -14,6 +14,7 @@ owns (:mod:`tests.servers`).
 from __future__ import annotations
 
 import io
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ from flask.testing import FlaskClient
 
 from svdfarm.db import Database, upgrade
 from svdfarm.settings import Settings
-from svdfarm.storage import Storage
+from svdfarm.storage import FileStore
 from tests.conftest import fresh_database, make_settings, needs_postgres, needs_redis
 from tests.factories import png_bytes
 from tests.media import probe_video
@@ -159,8 +160,9 @@ def _job(client: FlaskClient, job_id: str) -> dict[str, Any]:
 
 
 def _outputs(settings: Settings, job_id: str) -> list[str]:
-    """The names of the MP4 files in a job's folder."""
-    return sorted(p.name for p in Storage(settings.storage_dir).path(job_id).glob("*.mp4"))
+    """The names of a job's stored videos, each claim's token shown as ``<token>``."""
+    keys = FileStore(settings.storage_dir).list_keys(f"{job_id}/video.")
+    return [re.sub(r"\.[0-9a-f]{32}\.", ".<token>.", key.split("/")[1]) for key in keys]
 
 
 def _attempts(job: dict[str, Any]) -> list[tuple[str, str, str | None]]:
@@ -249,7 +251,7 @@ def test_redis_restart_loses_no_job_and_workers_reconnect(
     }
     assert not failed, f"{failed}\n{workers.logs()}"
     for j in job_ids:
-        assert _outputs(settings, j) == ["video.mp4"], (j, _outputs(settings, j))
+        assert _outputs(settings, j) == ["video.<token>.mp4"], (j, _outputs(settings, j))
     lost = {j: _attempts(job) for j, job in jobs.items() if len(job["attempts"]) != 1}
     assert not lost, f"jobs rendered more than once: {lost}\n{workers.logs()}"
 
@@ -362,8 +364,9 @@ def test_postgres_restart_answers_503_and_keeps_the_video(
             f"the video finished during the outage was not kept: {_attempts(job)}\n{workers.logs()}"
         )
         assert job["attempts"][0]["finished_at"] and job["attempts"][0]["duration_s"], job
-        assert _outputs(settings, job_id) == ["video.mp4"]
-        video = probe_video(Storage(settings.storage_dir).path(job_id) / "video.mp4")
+        assert _outputs(settings, job_id) == ["video.<token>.mp4"]
+        [key] = FileStore(settings.storage_dir).list_keys(f"{job_id}/video.")
+        video = probe_video(FileStore(settings.storage_dir).path(key))
         assert (video["frames"], video["width"], video["height"]) == (8, 64, 64), video
         assert video["codec"] == "h264" and video["pix_fmt"] == "yuv420p", video
 

@@ -3,6 +3,7 @@ browser submitted ("My jobs", kept in the signed session cookie)."""
 
 from __future__ import annotations
 
+import io
 import uuid
 from typing import Any
 
@@ -42,13 +43,15 @@ from svdfarm.params import (
     size_presets,
 )
 from svdfarm.states import Actor
-from svdfarm.storage import Storage
+from svdfarm.storage import open_store
 from web.database import get_session
 from web.jobs import describe_job, event_text, find_job, override_text, public_messages, public_text
 from web.security import CSRF_FIELD, check_csrf, client_address, csrf_problem
 
 bp = Blueprint("pages", __name__)
 
+#: How long a presigned S3 link of a download stays valid; the page asks again on each view.
+DOWNLOAD_URL_EXPIRES_S = 300
 #: Session key of the ids of the jobs this browser submitted through the form, newest first.
 RECENT_KEY = "recent_jobs"
 #: How many of them the cookie keeps (50 UUIDs stay well under a cookie's 4 KB).
@@ -79,7 +82,7 @@ def form_page(
     ("render again with these settings"); a file chosen on the form replaces that image.
     """
     settings = current_app.config["SVDFARM_SETTINGS"]
-    stored = again is not None and Storage(settings.storage_dir).exists(again.input_key)
+    stored = again is not None and open_store(settings).exists(again.input_key)
     return (
         render_template(
             "index.html",
@@ -116,13 +119,15 @@ def readable_job(job_id: str) -> Job | None:
 def stored_input(job: Job | None, asked: str) -> tuple[bytes | None, str, str]:
     """The stored image of the job "render again" names (``asked``): its bytes and file name,
     or None and why it cannot be used."""
-    storage = Storage(current_app.config["SVDFARM_SETTINGS"].storage_dir)
+    storage = open_store(current_app.config["SVDFARM_SETTINGS"])
     if job is None:
         return None, "", f"Job {asked[:40]!r} does not exist any more: choose an image."
-    if not storage.exists(job.input_key):
+    try:
+        data = storage.read_bytes(job.input_key)
+    except FileNotFoundError:
         return None, "", f"The image of job {job.id} is no longer stored: choose an image."
     extension = job.input_key.rsplit(".", 1)[-1]
-    return storage.path(job.input_key).read_bytes(), job.input_filename or f"input.{extension}", ""
+    return data, job.input_filename or f"input.{extension}", ""
 
 
 @bp.get("/")
@@ -261,17 +266,30 @@ def cancel(job_id: str) -> Any:
 
 
 def _send(job_id: str, attribute: str, mimetype: str, download_name: str) -> Any:
-    """Send one stored file of a job, with range requests for seeking."""
+    """Send one stored file of a job, with range requests for seeking.
+
+    From S3 the browser is redirected to a presigned URL valid a few minutes, unless
+    ``SVDFARM_STORAGE_PROXY`` asks the web to fetch the object and send it itself.
+    """
     found = find_job(get_session(), job_id)
     key = getattr(found, attribute)
-    storage = Storage(current_app.config["SVDFARM_SETTINGS"].storage_dir)
+    settings = current_app.config["SVDFARM_SETTINGS"]
+    storage = open_store(settings)
     if not key or not storage.exists(key):
         abort(404, description=f"Job {job_id} has no {download_name} (yet).")
+    attachment = request.args.get("download") == "1"
+    path = storage.local_path(key)
+    if path is None and not settings.storage_proxy:
+        url = storage.download_url(
+            key, filename=download_name, expires_s=DOWNLOAD_URL_EXPIRES_S, attachment=attachment
+        )
+        if url is not None:
+            return redirect(url, code=302)
     return send_file(
-        storage.path(key),
+        path if path is not None else io.BytesIO(storage.read_bytes(key)),
         mimetype=mimetype,
         conditional=True,
-        as_attachment=request.args.get("download") == "1",
+        as_attachment=attachment,
         download_name=download_name,
         max_age=3600,
     )

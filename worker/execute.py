@@ -2,10 +2,11 @@
 
 Every state change is a move of :mod:`svdfarm.lifecycle` (conditional, with its event), so a
 redelivered or canceled job is never rendered twice or overwritten once it has finished.
-Each claim takes a fresh token; the video is rendered under a name of its own and moved into
-place only in the transaction that marks the job succeeded, and only while the token is
-still the job's. A worker whose job was
-taken over (it was thought lost) throws its output away. Status writes are retried while
+Each claim takes a fresh token; the video is rendered in a local temporary folder, put in
+the store under the claim's own names (``video.<token>.mp4``), and the transaction that marks
+the job succeeded, only while the token is still the job's, points the job's row at them. A
+worker whose job was taken over (it was thought lost) deletes its output; the winner deletes
+any a lost claim left. Status writes are retried while
 the database is unreachable (``SVDFARM_DB_RETRY_TIMEOUT``), so a restart of PostgreSQL does
 not lose a finished video.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
+import tempfile
 import time
 import traceback
 import uuid
@@ -35,12 +36,13 @@ from svdfarm.states import (
     Actor,
     AttemptOutcome,
     ClaimOutcome,
+    ErrorClass,
     JobState,
     Phase,
     RunOutcome,
     WorkerState,
 )
-from svdfarm.storage import Storage
+from svdfarm.storage import Store, open_store, other_claims_outputs
 from worker.errors import JobCanceled, classify, user_message
 from worker.planner import first_plan
 from worker.plans import Plan
@@ -222,24 +224,37 @@ def _finish(
     job_id: uuid.UUID,
     hostname: str,
     end: _End,
-    outputs: dict[Path, Path] | None = None,
+    store: Store | None = None,
+    outputs: tuple[str, ...] = (),
 ) -> bool:
     """Move the job to its end state and free the worker, in one transaction.
 
-    Only while ``claimed.token`` is still the job's; ``outputs`` (rendered file -> its final
-    name) are moved into place inside that transaction, so a succeeded job's files are never
-    replaced and a job taken over elsewhere gets none of this worker's. Retried while the
-    database is unreachable. Returns False (the outputs deleted) when the job was not ours.
+    Only while ``claimed.token`` is still the job's. ``outputs`` are the keys this claim put
+    in ``store`` (named with its token; ``end.values`` points the row at them): the commit
+    makes them the job's, so a succeeded job's files are never replaced and a job taken over
+    elsewhere gets none of this worker's. Retried while the database is unreachable. Returns
+    False (this claim's outputs deleted) when the job was not ours; a success deletes the
+    outputs of the job's lost claims, a failure its own.
     """
     won = retrying(
-        lambda: _finish_once(db, claimed.token, job_id, hostname, end, outputs or {}),
+        lambda: _finish_once(db, claimed.token, job_id, hostname, end),
         timeout_s=settings.db_retry_timeout_s,
         what=f"job {job_id}: recording how it ended",
     )
+    if store is None:
+        return won
     if not won:
         log.warning("job %s was taken over by another worker; this run's output is dropped", job_id)
-        for rendered in outputs or {}:
-            rendered.unlink(missing_ok=True)
+    # Kept: the outputs of a success that was ours; dropped: those of a lost claim (ours, or
+    # when we won, another's) and whatever a failure left half stored.
+    swept = list(outputs)
+    if won and end.outcome is RunOutcome.SUCCEEDED:
+        swept = other_claims_outputs(store, job_id, claimed.token)
+    for key in swept:
+        try:
+            store.delete(key)
+        except Exception:  # the job is recorded; a leftover goes with the job's deletion
+            log.warning("job %s: could not delete %s from the store", job_id, key, exc_info=True)
     return won
 
 
@@ -249,7 +264,6 @@ def _finish_once(
     job_id: uuid.UUID,
     hostname: str,
     end: _End,
-    outputs: dict[Path, Path],
 ) -> bool:
     """One try at :func:`_finish`."""
     now = utcnow()
@@ -265,11 +279,6 @@ def _finish_once(
             )
         else:
             won = lifecycle.confirm_cancel(session, job_id, by=by, token=token)
-        if won:
-            # The row is locked until commit: nobody else can finish the job meanwhile.
-            for rendered, final in outputs.items():
-                if rendered.exists():  # a retry after a failed commit finds it moved
-                    os.replace(rendered, final)
         session.execute(
             update(Worker)
             .where(Worker.hostname == hostname, Worker.current_job_id == job_id)
@@ -305,44 +314,77 @@ def run_job(db: Database, settings: Settings, job_id: str, hostname: str) -> Run
     if isinstance(claimed, ClaimOutcome):
         log.info("job %s not run: %s", job_id, claimed.label)
         return _NOT_RUN[claimed]
-    storage = Storage(settings.storage_dir)
-    video_key, poster_key = Storage.key(key, "video.mp4"), Storage.key(key, "poster.png")
-    # Rendered under this claim's own names, moved into place only by _finish.
-    rendered_video = storage.path(Storage.key(key, f"video.{claimed.token}.mp4"))
-    rendered_poster = storage.path(Storage.key(key, f"poster.{claimed.token}.png"))
-    outputs = {
-        rendered_video: storage.path(video_key),
-        rendered_poster: storage.path(poster_key),
+    store = open_store(settings)
+    finish = functools.partial(
+        _finish, db, settings, claimed, job_id=key, hostname=hostname, store=store
+    )
+    # The store sees only finished files, under this claim's names; nothing shared is written.
+    with tempfile.TemporaryDirectory(prefix=f"svdfarm-{key}-") as scratch:
+        rendered = _render(db, settings, claimed, job_id=key, hostname=hostname, scratch=scratch)
+        if isinstance(rendered, _End):
+            finish(end=rendered)
+            return rendered.outcome
+        attempts, files = rendered
+        try:
+            for name, path in files.items():
+                store.put_file(name, path)
+        except Exception as exc:
+            log.exception("job %s: the rendered video could not be stored", job_id)
+            error = user_message(ErrorClass.STORAGE, exc)
+            details = {"error_class": ErrorClass.STORAGE.value, "after_rendering": True}
+            finish(end=_End(RunOutcome.FAILED, error=error, details=details), outputs=tuple(files))
+            return RunOutcome.FAILED
+    video_key, poster_key = files
+    values = {
+        "step": claimed.params.num_inference_steps,
+        "video_key": video_key,
+        "poster_key": poster_key,
     }
-    finish = functools.partial(_finish, db, settings, claimed, job_id=key, hostname=hostname)
-    by = By(Actor.WORKER, hostname)
+    details = {"plan": attempts[-1].plan.name, "attempts": len(attempts)}
+    end = _End(RunOutcome.SUCCEEDED, values=values, details=details)
+    won = finish(end=end, outputs=tuple(files))
+    return RunOutcome.SUCCEEDED if won else RunOutcome.SUPERSEDED
+
+
+def _render(
+    db: Database,
+    settings: Settings,
+    claimed: Claimed,
+    *,
+    job_id: uuid.UUID,
+    hostname: str,
+    scratch: str,
+) -> tuple[list[AttemptResult], dict[str, Path]] | _End:
+    """Read the input from the store and render it into ``scratch``: the attempts and the
+    files to store by key (video first, then poster), or how the run ends without them."""
+    video = Store.key(job_id, f"video.{claimed.token}.mp4")
+    poster = Store.key(job_id, f"poster.{claimed.token}.png")
+    files = {video: Path(scratch) / "video.mp4", poster: Path(scratch) / "poster.png"}
     rows = _AttemptRows(
-        db, key, hostname, token=claimed.token, retry_timeout_s=settings.db_retry_timeout_s
+        db, job_id, hostname, token=claimed.token, retry_timeout_s=settings.db_retry_timeout_s
     )
     try:
-        image = open_upright_rgb(storage.path(claimed.input_key).read_bytes())
+        image = open_upright_rgb(open_store(settings).read_bytes(claimed.input_key))
         attempts = render_with_ladder(
             settings,
             claimed.params,
             plan=claimed.plan,
             reason=claimed.reason,
             image=image,
-            video_path=rendered_video,
-            poster_path=rendered_poster,
-            report=_ProgressWriter(db, key, settings.progress_interval_s, by),
+            video_path=files[video],
+            poster_path=files[poster],
+            report=_ProgressWriter(
+                db, job_id, settings.progress_interval_s, By(Actor.WORKER, hostname)
+            ),
             hooks=rows,
         )
     except JobCanceled:
-        finish(end=_End(RunOutcome.CANCELED))
-        _discard(outputs)
-        return RunOutcome.CANCELED
+        return _End(RunOutcome.CANCELED)
     except RenderFailed as failed:
         log.warning("job %s failed after %d attempt(s): %s", job_id, len(failed.attempts), failed)
         last = failed.attempts[-1]
         details: dict[str, Any] = {"error_class": last.error_class and last.error_class.value}
-        finish(end=_End(RunOutcome.FAILED, error=str(failed), details=details))
-        _discard(outputs)
-        return RunOutcome.FAILED
+        return _End(RunOutcome.FAILED, error=str(failed), details=details)
     except Exception as exc:
         # Before the first attempt (the input could not be read): record it as one.
         log.exception("job %s failed before rendering", job_id)
@@ -350,23 +392,8 @@ def run_job(db: Database, settings: Settings, job_id: str, hostname: str) -> Run
         error_class = classify(exc)
         details = {"error_class": error_class.value, "before_rendering": True}
         error = user_message(error_class, exc, time_limit_s=settings.task_soft_time_limit_s)
-        finish(end=_End(RunOutcome.FAILED, error=error, details=details))
-        _discard(outputs)
-        return RunOutcome.FAILED
-    values = {
-        "step": claimed.params.num_inference_steps,
-        "video_key": video_key,
-        "poster_key": poster_key,
-    }
-    details = {"plan": attempts[-1].plan.name, "attempts": len(attempts)}
-    won = finish(end=_End(RunOutcome.SUCCEEDED, values=values, details=details), outputs=outputs)
-    return RunOutcome.SUCCEEDED if won else RunOutcome.SUPERSEDED
-
-
-def _discard(outputs: dict[Path, Path]) -> None:
-    """Delete this run's rendered files that were not moved into place."""
-    for rendered in outputs:
-        rendered.unlink(missing_ok=True)
+        return _End(RunOutcome.FAILED, error=error, details=details)
+    return attempts, files
 
 
 def _record_early_failure(rows: _AttemptRows, plan: Plan, exc: BaseException) -> None:

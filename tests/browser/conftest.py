@@ -30,7 +30,7 @@ from svdfarm.db import Database
 from svdfarm.lifecycle import By, record
 from svdfarm.models import Attempt, Job, Worker
 from svdfarm.states import EventType
-from svdfarm.storage import Storage
+from svdfarm.storage import FileStore, Store
 from tests.factories import png_bytes
 from tests.http import free_port
 from tests.rows import QUEUE, job_row
@@ -146,8 +146,8 @@ class Farm:
         long. The reaper leaves a running one alone for three heartbeats (30 s).
         """
         job_id = uuid.uuid4()
-        key = Storage.key(job_id, "input.png")
-        Storage(self.data_dir / "jobs").write_bytes(key, png_bytes(96, 64))
+        key = Store.key(job_id, "input.png")
+        FileStore(self.data_dir / "jobs").write_bytes(key, png_bytes(96, 64))
         database = Database(self.database_url)
         try:
             with database.begin() as session:

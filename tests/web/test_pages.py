@@ -17,7 +17,7 @@ from svdfarm.models import Job, utcnow
 from svdfarm.params import FIELDS, PRECISIONS, defaults_for
 from svdfarm.settings import Settings
 from svdfarm.states import JobState
-from svdfarm.storage import Storage
+from svdfarm.storage import FileStore, Store
 from tests.conftest import DATABASES
 from tests.factories import png_bytes
 from tests.http import form_token, job_id_from
@@ -57,8 +57,8 @@ def update_job(app: Flask, job_id: str, **values: Any) -> None:
 
 def finish_job(app: Flask, settings: Settings, job_id: str, video: bytes) -> str:
     """Store ``video`` as the job's MP4 and mark it succeeded; returns the video's key."""
-    key = Storage.key(job_id, "video.mp4")
-    Storage(settings.storage_dir).write_bytes(key, video)
+    key = Store.key(job_id, "video.mp4")
+    FileStore(settings.storage_dir).write_bytes(key, video)
     update_job(
         app,
         job_id,
@@ -245,7 +245,7 @@ def test_unknown_jobs_are_404_pages(client: FlaskClient, path: str) -> None:
 def test_a_recorded_but_missing_video_is_404(app: Flask, client: FlaskClient) -> None:
     """A succeeded job whose MP4 is missing from storage answers 404, not a server error."""
     job_id = job_id_from(submit(client))
-    update_job(app, job_id, state=JobState.SUCCEEDED, video_key=Storage.key(job_id, "video.mp4"))
+    update_job(app, job_id, state=JobState.SUCCEEDED, video_key=Store.key(job_id, "video.mp4"))
     assert client.get(f"/jobs/{job_id}/video.mp4").status_code == 404
 
 
@@ -370,7 +370,7 @@ def test_render_again_of_a_job_without_its_image_asks_for_one(
     """A job whose files are gone, or an id no job has: the form asks for an image, nothing
     is recorded."""
     first = job_id_from(submit(client))
-    Storage(settings.storage_dir).delete_job(first)
+    FileStore(settings.storage_dir).delete_job(first)
     assert "Its image is no longer stored" in client.get(f"/?again={first}").text
     gone = post_again(client, first)
     assert gone.status_code == 400
@@ -439,9 +439,9 @@ def test_my_jobs_lists_this_browsers_form_jobs_newest_first(
     assert "has not submitted a job yet" in client.get("/jobs").get_data(as_text=True)
     first = job_id_from(submit(client))
     second = job_id_from(submit(client))
-    Storage(settings.storage_dir).write_bytes(Storage.key(first, "poster.png"), png_bytes())
+    FileStore(settings.storage_dir).write_bytes(Store.key(first, "poster.png"), png_bytes())
     finish_job(app, settings, first, mp4_bytes)
-    update_job(app, first, poster_key=Storage.key(first, "poster.png"))
+    update_job(app, first, poster_key=Store.key(first, "poster.png"))
     api = client.post("/api/v1/jobs", data={"image": (io.BytesIO(png_bytes()), "api.png")})
     assert api.status_code == 201
 

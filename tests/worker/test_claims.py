@@ -20,7 +20,7 @@ from svdfarm.lifecycle import By
 from svdfarm.models import Attempt, Job, Worker, utcnow
 from svdfarm.settings import Settings
 from svdfarm.states import Actor, AttemptOutcome, ErrorClass, JobState, RunOutcome, WorkerState
-from svdfarm.storage import Storage
+from svdfarm.storage import FileStore
 from tests.conftest import DATABASES
 from tests.factories import png_bytes
 from tests.rows import add_worker
@@ -134,7 +134,7 @@ def assert_taken_over(db: Database, settings: Settings, job_id: uuid.UUID, lost:
     assert first.finished_at is not None and first.finished_at >= first.started_at
     assert (second.number, second.worker) == (2, ME)
     assert second.outcome is AttemptOutcome.SUCCEEDED
-    assert Storage(settings.storage_dir).exists(job.video_key)
+    assert FileStore(settings.storage_dir).exists(job.video_key)
     me = worker_row(db, ME)
     assert me.state is WorkerState.IDLE and me.current_job_id is None
 

@@ -18,7 +18,7 @@ from svdfarm.lifecycle import By
 from svdfarm.models import Attempt, Job
 from svdfarm.settings import Settings
 from svdfarm.states import Actor, AttemptOutcome, ErrorClass, JobState, RunOutcome
-from svdfarm.storage import Storage
+from svdfarm.storage import FileStore, Store
 from tests.conftest import DATABASES
 from tests.factories import png_bytes
 from tests.media import probe_video
@@ -61,16 +61,24 @@ def test_success_records_one_attempt_and_the_outputs(db: Database, settings: Set
     assert attempt.plan_name and attempt.plan["device"] == "cpu"
     assert attempt.duration_s is not None and attempt.duration_s > 0
     assert attempt.peak_memory_bytes is not None and attempt.peak_memory_bytes > 10 * 2**20
-    storage = Storage(settings.storage_dir)
+    storage = FileStore(settings.storage_dir)
     assert probe_video(storage.path(job.video_key or ""))["frames"] == 4
     assert storage.exists(job.poster_key)
+    # Stored under the claim's names, and nothing else: the temporary render stays local.
+    token = (job.video_key or "").split(".")[1]
+    assert storage.list_keys(f"{job_id}/") == [
+        job.input_key,
+        Store.key(job_id, f"poster.{token}.png"),
+        Store.key(job_id, f"video.{token}.mp4"),
+    ]
+    assert job.poster_key == Store.key(job_id, f"poster.{token}.png")
 
 
 def test_a_finished_job_is_not_run_again(db: Database, settings: Settings) -> None:
     """A redelivered id of a succeeded job adds no attempt and keeps the video as it is."""
     job_id = _submit(db, settings)
     run_job(db, settings, str(job_id), "w1@test")
-    video = Storage(settings.storage_dir).path(_job(db, job_id).video_key or "")
+    video = FileStore(settings.storage_dir).path(_job(db, job_id).video_key or "")
     before = (video.stat().st_mtime_ns, video.read_bytes())
     assert run_job(db, settings, str(job_id), "w2@test") is RunOutcome.FINISHED
     assert len(_job(db, job_id).attempts) == 1
@@ -105,7 +113,7 @@ def test_an_unexpected_error_is_recorded_with_its_traceback(
 ) -> None:
     """A lost input file fails the job as 'other', with the exception and traceback kept."""
     job_id = _submit(db, settings)
-    Storage(settings.storage_dir).path(_job(db, job_id).input_key).unlink()
+    FileStore(settings.storage_dir).path(_job(db, job_id).input_key).unlink()
     assert run_job(db, settings, str(job_id), "w1@test") == "failed"
     job = _job(db, job_id)
     [attempt] = job.attempts
@@ -145,7 +153,7 @@ def test_cancel_stops_a_running_job_at_the_next_step(db: Database, settings: Set
     assert job.step < 40
     [attempt] = job.attempts
     assert attempt.outcome is AttemptOutcome.CANCELED
-    assert not Storage(settings.storage_dir).exists(Storage.key(job_id, "video.mp4"))
+    assert FileStore(settings.storage_dir).list_keys(f"{job_id}/") == [job.input_key]
 
 
 def test_progress_is_written_while_denoising(db: Database, settings: Settings) -> None:
@@ -191,7 +199,7 @@ def test_a_redelivered_running_job_closes_the_lost_attempt(
 def test_render_input_bytes_are_what_was_uploaded(db: Database, settings: Settings) -> None:
     """The stored input is byte for byte the upload (the worker reads that file)."""
     job_id = _submit(db, settings)
-    stored = Storage(settings.storage_dir).path(_job(db, job_id).input_key).read_bytes()
+    stored = FileStore(settings.storage_dir).path(_job(db, job_id).input_key).read_bytes()
     assert stored == png_bytes()
 
 
