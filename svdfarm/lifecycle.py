@@ -92,6 +92,11 @@ MOVES: tuple[Move, ...] = (
          EventType.WORKER_LOST, "its worker was lost; the job goes back to the queue"),
     Move("poison", (R,), F, frozenset({Actor.WORKER, Actor.REAPER}), EventType.FAILED,
          "its workers were lost too many times in a row"),
+    Move("expire", (S, F, C), None, frozenset({Actor.REAPER, Actor.CLI}), EventType.EXPIRED,
+         "retention deleted its outputs or its input (the event names the files)"),
+    Move("retry_storage", (F,), Q, frozenset({Actor.REAPER}), EventType.STORAGE_RETRIED,
+         "its worker could not store the video (disk full, store down): queued again after "
+         "a delay, a few times in a row at most"),
 )  # fmt: skip
 
 _BY_NAME = {move.name: move for move in MOVES}
@@ -189,6 +194,7 @@ def _back_to_queue() -> dict[str, Any]:
         "claim_token": None,
         "started_at": None,
         "finished_at": None,
+        "expired_at": None,
     }
 
 
@@ -377,9 +383,7 @@ def _finish_move(
     details: Mapping[str, Any] | None = None,
 ) -> bool:
     """A worker's move on the job its claim ``token`` holds; False when no longer held."""
-    state = session.scalar(
-        select(Job.state).where(*_holding(job_id, token)).with_for_update()
-    )
+    state = session.scalar(select(Job.state).where(*_holding(job_id, token)).with_for_update())
     if state is None or not state.active:
         return False
     move = check_move(job_id, state, name, by)
@@ -443,6 +447,89 @@ def hand_back(session: Session, job_id: uuid.UUID, *, by: By, message: str) -> b
     )
     details = {"worker": by.name, "reason": message}
     return _move(session, job_id, move, R, by, values=_back_to_queue(), details=details)
+
+
+# -- Retention and storage failures ---------------------------------------------------------
+
+
+def expire(
+    session: Session,
+    job_id: uuid.UUID,
+    *,
+    by: By,
+    outputs: bool,
+    inputs: bool,
+    files: list[str],
+    seen_finished_at: datetime,
+) -> bool:
+    """Mark an ended job's ``outputs`` and/or ``inputs`` deleted by retention, its state kept.
+
+    The event names the ``files``. Only if the job still ended at ``seen_finished_at`` (not
+    requeued since); False when it was, or someone else expired them meanwhile: the caller
+    deletes the files only when this returns True, in the same transaction.
+    """
+    state = _state_of(session, job_id, lock=True)
+    move = check_move(job_id, state, "expire", by)
+    assert state is not None
+    now = utcnow()
+    where: list[ColumnElement[bool]] = [Job.finished_at == seen_finished_at]
+    values: dict[str, Any] = {}
+    if outputs:
+        where.append(Job.expired_at.is_(None))
+        values["expired_at"] = now
+    if inputs:
+        where.append(Job.input_expired_at.is_(None))
+        values["input_expired_at"] = now
+    if not values:
+        return False
+    details = {"outputs": outputs, "input": inputs, "files": files}
+    return _move(session, job_id, move, state, by, where=where, values=values, details=details)
+
+
+def retry_storage(
+    session: Session, settings: Settings, job_id: uuid.UUID, *, by: By, seen_finished_at: datetime
+) -> bool:
+    """Queue again a job that failed because its worker could not store the video.
+
+    Only while its last ``SVDFARM_MAX_DELIVERIES`` lives did not all end that way (the cap,
+    as for poison jobs) and only if nobody touched it since it ended at ``seen_finished_at``.
+    The caller publishes it after commit. False when it stays failed.
+    """
+    state = _state_of(session, job_id, lock=True)
+    if state is not F:
+        return False
+    move = check_move(job_id, state, "retry_storage", by)
+    streak = storage_failures_in_a_row(session, job_id)
+    if not 0 < streak < settings.max_deliveries:
+        return False
+    where = [Job.finished_at == seen_finished_at]
+    details = {"storage_failures_in_a_row": streak}
+    values = _back_to_queue()
+    return _move(session, job_id, move, F, by, where=where, values=values, details=details)
+
+
+def storage_failures_in_a_row(session: Session, job_id: uuid.UUID) -> int:
+    """How many of the job's latest lives, counted back from the last, failed because the
+    video could not be stored (their ``failed`` event's error class is ``storage``)."""
+    ends = session.scalars(
+        select(JobEvent)
+        .where(JobEvent.job_id == job_id, JobEvent.type.in_(_TERMINAL_EVENTS))
+        .order_by(JobEvent.id.desc())
+    )
+    streak = 0
+    for event in ends:
+        if event.type is not EventType.FAILED or not is_storage_failure(event.details):
+            break
+        streak += 1
+    return streak
+
+
+def is_storage_failure(details: Mapping[str, Any]) -> bool:
+    """True for the details of a ``failed`` event whose video could not be stored."""
+    return details.get("error_class") == ErrorClass.STORAGE.value
+
+
+_TERMINAL_EVENTS = [e for e in EventType if e.terminal]
 
 
 # -- Lost workers and poison jobs ------------------------------------------------------------

@@ -125,6 +125,9 @@ class Job(Base):
     input_filename: Mapped[str] = mapped_column(String(255), default="")
     video_key: Mapped[str | None] = mapped_column(String(200))
     poster_key: Mapped[str | None] = mapped_column(String(200))
+    # When retention (svdfarm.retention) deleted the outputs, and the input; None: still kept.
+    expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    input_expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     phase: Mapped[Phase] = mapped_column(_enum(Phase), default=Phase.QUEUED)
     progress: Mapped[float] = mapped_column(Float, default=0.0)

@@ -12,7 +12,11 @@ reaper looks at the database, the source of truth, and repairs:
   in a row (a poison job that kills every worker it lands on);
 * a job canceled while its worker was lost: canceled;
 * a **queued** job whose id the broker does not hold (Redis and the embedded broker can be
-  read): published again.
+  read): published again;
+* a job that **failed to store its video** (a full disk, a store error) a minute ago: queued
+  and published again, a few times in a row at most (:mod:`svdfarm.space`);
+* **retention**: outputs and inputs of ended jobs past ``SVDFARM_RETENTION`` and
+  ``SVDFARM_INPUT_RETENTION`` are deleted and the jobs marked expired (:mod:`svdfarm.retention`).
 
 Every change is a conditional UPDATE on what the reaper saw, so any number of reapers (each
 worker runs one in its heartbeat thread; ``svdfarm reap`` runs one by hand) never double a
@@ -34,7 +38,7 @@ from celery import Celery
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from svdfarm import lifecycle
+from svdfarm import lifecycle, retention, space
 from svdfarm.db import Database
 from svdfarm.jobs import publish
 from svdfarm.lifecycle import By
@@ -60,6 +64,10 @@ class Reaped:
     failed: list[str] = field(default_factory=list)
     canceled: list[str] = field(default_factory=list)
     republished: list[str] = field(default_factory=list)
+    #: Jobs that failed to store their video, queued again.
+    storage_retried: list[str] = field(default_factory=list)
+    #: Jobs whose outputs or input retention deleted.
+    expired: list[str] = field(default_factory=list)
     #: Why the pass looked for no lost worker's job (empty when it did).
     skipped: str = ""
 
@@ -74,6 +82,8 @@ class Reaped:
             "failed": self.failed,
             "canceled": self.canceled,
             "republished": self.republished,
+            "storage_retried": self.storage_retried,
+            "expired": self.expired,
         }
 
 
@@ -86,7 +96,8 @@ def _held_by_live_worker(session: Session, settings: Settings, job_id: uuid.UUID
 def reap(
     db: Database, settings: Settings, celery: Celery | None = None, *, name: str = ""
 ) -> Reaped:
-    """One pass: settle jobs of lost workers, then publish queued jobs the broker lost.
+    """One pass: settle jobs of lost workers, queue again jobs that could not store their
+    video, delete files past their retention, then publish queued jobs the broker lost.
 
     Without ``celery`` (no way to publish), requeued jobs wait for the next pass that has one.
     ``name`` is who runs the pass (a worker's hostname), as its events show it.
@@ -129,9 +140,15 @@ def reap(
         if left is not None:
             log.warning("job %s: its worker was lost; %s", candidate.id, left.label)
             getattr(reaped, _OUTCOMES[left]).append(str(candidate.id))
+    reaped.storage_retried = [
+        str(job.id) for job in space.retry_storage_failures(db, settings, by=by)
+    ]
+    swept = retention.sweep(db, settings, by=by)
+    reaped.expired = sorted(set(swept.expired) | set(swept.inputs))
     if celery is None:
         return reaped
-    for job in republish_candidates(db, settings, celery, set(reaped.requeued)):
+    again = set(reaped.requeued) | set(reaped.storage_retried)
+    for job in republish_candidates(db, settings, celery, again):
         with db.session() as session:
             if publish(session, celery, job, by=by, seen_updated_at=job.updated_at):
                 reaped.republished.append(str(job.id))

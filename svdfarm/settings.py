@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 DEFAULT_MODEL = "stabilityai/stable-video-diffusion-img2vid-xt"
 #: The built-in tiny model's name (random weights, renders on a CPU in seconds).
@@ -43,6 +44,8 @@ KNOWN_DEFAULT_SECRETS = frozenset(
         "browser-test-secret",
     }
 )
+#: The most server processes, or threads per process, ``svdfarm web`` accepts.
+MAX_WEB = 256
 #: Method prefixes of werkzeug password hashes; anything else is a plain password.
 PASSWORD_HASH_METHODS = ("scrypt:", "pbkdf2:")
 _MAKE_A_KEY = 'python -c "import secrets; print(secrets.token_hex(32))"'
@@ -97,6 +100,90 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
 
 
 @dataclass(frozen=True)
+class StorageTarget:
+    """Where job files live: a local folder (``path``) or an S3 bucket and key prefix."""
+
+    scheme: str  # "file" or "s3"
+    path: Path | None = None
+    bucket: str = ""
+    prefix: str = ""
+
+    def __str__(self) -> str:
+        """The store as a URL (it holds no secret: keys come from the AWS variables)."""
+        if self.scheme == "file":
+            return f"file://{self.path}"
+        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+
+
+def _shown(url: str) -> str:
+    """``url`` fit for an error message: a user:password part is masked."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]).geturl()
+
+
+def parse_storage_url(url: str) -> StorageTarget:
+    """Read ``SVDFARM_STORAGE_URL``: ``file:///absolute/folder`` or ``s3://bucket/prefix``."""
+    parts = urlsplit(url)
+    problem = ""
+    if parts.scheme == "file":
+        path = unquote(parts.path)
+        if parts.netloc not in ("", "localhost"):
+            problem = "a file URL names no host: use file:///absolute/folder"
+        elif not path.startswith("/"):
+            problem = "the folder must be an absolute path: use file:///absolute/folder"
+        else:
+            return StorageTarget("file", path=Path(path).resolve())
+    elif parts.scheme == "s3":
+        bucket, prefix = parts.netloc, parts.path.strip("/")
+        if "@" in bucket or parts.password or parts.username:
+            problem = (
+                "credentials do not belong in the URL: set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY"
+            )
+        elif not bucket:
+            problem = "it names no bucket: use s3://bucket/prefix"
+        elif parts.query or parts.fragment:
+            problem = "an S3 URL takes no query or fragment: use AWS_ENDPOINT_URL for the endpoint"
+        else:
+            return StorageTarget("s3", bucket=bucket, prefix=prefix)
+    else:
+        problem = "use file:///absolute/folder or s3://bucket/prefix"
+    raise SettingsError(f"SVDFARM_STORAGE_URL={_shown(url)!r} is not usable: {problem}")
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(env: Mapping[str, str], name: str, default: str) -> float:
+    """Parse ``SVDFARM_<name>`` as a duration in seconds: ``30s``, ``15m``, ``12h``, ``7d`` or a
+    plain number of seconds; ``0`` means never (kept forever)."""
+    raw = _str(env, name, default)
+    text = raw.lower()
+    unit = _DURATION_UNITS.get(text[-1:], 0)
+    number = text[:-1] if unit else text
+    try:
+        value = float(number) * (unit or 1)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise SettingsError(
+            f"SVDFARM_{name}={raw!r} is not a duration: use a number with s, m, h or d "
+            "(30s, 12h, 7d), or 0 to keep forever"
+        )
+    return value
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, so ``taskset`` and cpusets count;
+    a container's CPU quota does not: set ``SVDFARM_WEB_WORKERS`` there)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
 class Settings:
     """The farm's configuration; build it with :func:`load_settings`."""
 
@@ -121,9 +208,21 @@ class Settings:
     submit_rate_per_minute: int = 30
     max_queued_jobs: int = 1000
     trusted_proxies: int = 0
+    #: ``svdfarm web``'s server processes (gunicorn workers; by default one per core) and the
+    #: threads each runs (waitress: one process of ``web_workers * web_threads`` threads).
+    web_workers: int = field(default_factory=usable_cores)
+    web_threads: int = 4
     max_deliveries: int = 3
     reap_interval_s: float = 30.0
     db_retry_timeout_s: float = 600.0
+    #: How long outputs (video, poster) and inputs are kept after a job ends; 0 = forever.
+    retention_s: float = 0.0
+    input_retention_s: float = 0.0
+    #: Submits are refused while a local store has less free space than this; 0 = no check.
+    min_free_bytes: int = 1024**3
+    #: ``SVDFARM_STORAGE_URL``; empty: the data folder's storage folder (:attr:`storage_dir`).
+    storage_url: str = ""
+    storage_proxy: bool = False
 
     @property
     def offline_after_s(self) -> float:
@@ -142,8 +241,15 @@ class Settings:
 
     @property
     def storage_dir(self) -> Path:
-        """Folder holding each job's input image and outputs."""
+        """The data folder's storage folder: the default store (``SVDFARM_STORAGE_URL``)."""
         return self.data_dir / "jobs"
+
+    @property
+    def storage(self) -> StorageTarget:
+        """Where job files live (``SVDFARM_STORAGE_URL``, default :attr:`storage_dir`)."""
+        if not self.storage_url:
+            return StorageTarget("file", path=self.storage_dir)
+        return parse_storage_url(self.storage_url)
 
     @property
     def models_dir(self) -> Path:
@@ -156,8 +262,10 @@ class Settings:
 
     def ensure_dirs(self) -> None:
         """Create the data folders this configuration writes to."""
-        for path in (self.data_dir, self.storage_dir, self.models_dir):
-            path.mkdir(parents=True, exist_ok=True)
+        target = self.storage
+        for path in (self.data_dir, target.path, self.models_dir):
+            if path is not None:
+                path.mkdir(parents=True, exist_ok=True)
         if self.embedded_broker:
             for sub in ("queue", "processed", "control"):
                 (self.broker_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -238,10 +346,19 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         submit_rate_per_minute=_int(env, "SUBMIT_RATE", 30, minimum=0),
         max_queued_jobs=_int(env, "MAX_QUEUED", 1000, minimum=0),
         trusted_proxies=_int(env, "TRUSTED_PROXIES", 0, minimum=0, maximum=10),
+        web_workers=_int(env, "WEB_WORKERS", usable_cores(), minimum=1, maximum=MAX_WEB),
+        web_threads=_int(env, "WEB_THREADS", 4, minimum=1, maximum=MAX_WEB),
         max_deliveries=_int(env, "MAX_DELIVERIES", 3, minimum=1, maximum=100),
         reap_interval_s=_float(env, "REAP_INTERVAL", 30.0),
         db_retry_timeout_s=_float(env, "DB_RETRY_TIMEOUT", 600.0),
+        retention_s=_duration(env, "RETENTION", "0"),
+        input_retention_s=_duration(env, "INPUT_RETENTION", "0"),
+        min_free_bytes=_int(env, "MIN_FREE_BYTES", 1024**3, minimum=0),
+        storage_url=_str(env, "STORAGE_URL", ""),
+        storage_proxy=_bool(env, "STORAGE_PROXY", False),
     )
+    if settings.storage_url:
+        parse_storage_url(settings.storage_url)  # refused at start, not at the first upload
     if settings.task_time_limit_s <= settings.task_soft_time_limit_s:
         raise SettingsError(
             "SVDFARM_TASK_TIME_LIMIT must be larger than SVDFARM_TASK_SOFT_TIME_LIMIT "

@@ -107,11 +107,18 @@ class EventType(_Readable):
     REQUEUED = "requeued"
     WORKER_LOST = "worker_lost"
     HANDED_BACK = "handed_back"
+    EXPIRED = "expired"
+    STORAGE_RETRIED = "storage_retried"
 
     @property
     def terminal(self) -> bool:
         """True for the events that end a life of the job (one per life)."""
         return self in (EventType.SUCCEEDED, EventType.FAILED, EventType.CANCELED)
+
+    @property
+    def new_life(self) -> bool:
+        """True for the events that queue an ended job again (a new life begins)."""
+        return self in (EventType.REQUEUED, EventType.STORAGE_RETRIED)
 
 
 class ClaimOutcome(_Readable):
@@ -158,6 +165,7 @@ class ErrorClass(_Readable):
     MODEL_UNAVAILABLE = "model_unavailable"
     TIMEOUT = "timeout"
     WORKER_LOST = "worker_lost"
+    STORAGE = "storage"
     OTHER = "other"
 
 

@@ -13,13 +13,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from flask import Flask
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from svdfarm.db import Database
 from svdfarm.models import Attempt, Job, Worker, utcnow
 from svdfarm.settings import Settings
 from svdfarm.states import AttemptOutcome, ErrorClass, JobState, WorkerState
-from svdfarm.storage import Storage
+from svdfarm.storage import Store, open_store
 
 #: The queue :func:`add_job` routes its jobs to (a 16 GB CUDA card at fp16).
 QUEUE = "svd.cuda.fp16.16g"
@@ -107,8 +107,8 @@ def add_job(
     finished = finished_at or utcnow()
     started = finished - timedelta(seconds=duration_s)
     ended = state in (JobState.FAILED, JobState.SUCCEEDED, JobState.CANCELED)
-    storage = Storage(settings.storage_dir)
-    storage.write_bytes(Storage.key(job_id, "input.png"), b"not really a png")
+    storage = open_store(settings)
+    storage.write_bytes(Store.key(job_id, "input.png"), b"not really a png")
     with db.begin() as session:
         session.add(
             job_row(
@@ -119,7 +119,7 @@ def add_job(
                 finished_at=finished if ended else None,
                 model=model,
                 queue=QUEUE,
-                input_key=Storage.key(job_id, "input.png"),
+                input_key=Store.key(job_id, "input.png"),
                 input_filename=filename,
                 phase="done" if ended else "denoising",
                 progress=0.5,
@@ -223,3 +223,23 @@ def wait_for_worker(
             return session.get(Worker, hostname) is not None
 
     wait_until(registered, f"worker {hostname} to register", timeout_s, log)
+
+
+def ended_job(db: Database, settings: Settings, age: timedelta) -> uuid.UUID:
+    """A succeeded job that ended ``age`` ago, with its input, video and poster stored."""
+    job_id = add_job(db, settings, JobState.SUCCEEDED, finished_at=utcnow() - age)
+    store = open_store(settings)
+    video, poster = Store.key(job_id, "video.mp4"), Store.key(job_id, "poster.png")
+    store.write_bytes(video, b"mp4")
+    store.write_bytes(poster, b"png")
+    with db.begin() as session:
+        session.execute(
+            update(Job).where(Job.id == job_id).values(video_key=video, poster_key=poster)
+        )
+    return job_id
+
+
+def stored_names(settings: Settings, job_id: uuid.UUID) -> list[str]:
+    """The names of the job's stored files, sorted."""
+    keys = open_store(settings).list_keys(f"{job_id}/")
+    return sorted(key.split("/", 1)[1] for key in keys)

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from svdfarm.actions import FP32_DTYPES
 from svdfarm.models import Attempt, Job, JobEvent, utcnow
 from svdfarm.registry import waiting_reason
+from svdfarm.retention import expires_at
 from svdfarm.states import AttemptOutcome, EventType, JobState, Phase
 
 PHASE_LABELS = {
@@ -238,9 +239,13 @@ def job_json(job: Job, waiting: str | None = None) -> dict[str, Any]:
     ``phase_text`` is the waiting reason while there is one, else ``phase_label`` (the phase as a
     person reads it); ``eta_s`` comes from :func:`eta_seconds`, ``eta_text`` from
     :func:`eta_for`. ``error`` and the attempts' messages carry no server paths
-    (:func:`public_text`): the admin pages have the whole text.
+    (:func:`public_text`): the admin pages have the whole text. ``expires_at`` is when
+    retention deletes the outputs (None: kept forever); once it has, ``expired`` is true and
+    there is no video or poster URL.
     """
-    done = job.state is JobState.SUCCEEDED and job.video_key
+    settings = current_app.config["SVDFARM_SETTINGS"]
+    expired = job.expired_at is not None
+    done = job.state is JobState.SUCCEEDED and job.video_key and not expired
     now = utcnow()
     eta = eta_seconds(job, now)
     return {
@@ -262,10 +267,15 @@ def job_json(job: Job, waiting: str | None = None) -> dict[str, Any]:
         "created_at": _iso(job.created_at),
         "started_at": _iso(job.started_at),
         "finished_at": _iso(job.finished_at),
+        "expires_at": None if expired else _iso(expires_at(job, settings)),
+        "expired": expired,
+        "expired_at": _iso(job.expired_at),
         "attempts": [attempt_json(a) for a in job.attempts],
         "video_url": url_for("pages.video", job_id=job.id, _external=True) if done else None,
         "poster_url": (
-            url_for("pages.poster", job_id=job.id, _external=True) if job.poster_key else None
+            url_for("pages.poster", job_id=job.id, _external=True)
+            if job.poster_key and not expired
+            else None
         ),
         "error": public_text(job.error),
         "status_url": url_for("api.get_job", job_id=job.id, _external=True),
@@ -314,6 +324,8 @@ def event_text(event: JobEvent) -> str:
     if kind is EventType.FAILED:
         if d.get("reason") == "poison":
             return f"Failed: its worker was lost {d.get('lost_in_a_row')} times in a row"
+        if d.get("error_class") == "storage":
+            return "Failed: the video could not be stored"
         return "Failed"
     if kind is EventType.CANCEL_REQUESTED:
         return "Cancel requested"
@@ -327,4 +339,9 @@ def event_text(event: JobEvent) -> str:
         return "Queued again" + (f" ({changed})" if changed else "")
     if kind is EventType.WORKER_LOST:
         return f"Worker {d.get('worker') or ''} lost; back in the queue".replace("  ", " ")
+    if kind is EventType.EXPIRED:
+        what = [w for w, on in (("outputs", d.get("outputs")), ("input", d.get("input"))) if on]
+        return f"Expired: {' and '.join(what) or 'files'} deleted by retention"
+    if kind is EventType.STORAGE_RETRIED:
+        return "Queued again after its video could not be stored"
     return "Handed back to the queue by a stopping worker"

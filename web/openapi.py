@@ -71,13 +71,19 @@ def _field_schemas() -> dict[str, Any]:
                 f"{MAX_SIDE}. Give both width and height, or neither: the image's aspect ratio "
                 "at the model's native area."
             )
-        properties[name] = schema
+        description = schema.pop("description")
+        # A blank field means its default (as in the form), so "" is part of the document.
+        properties[name] = {"anyOf": [schema, BLANK], "description": description}
     properties["precision"] = {
         "type": "string",
-        "enum": list(PRECISIONS),
-        "description": "auto picks the fastest precision the worker supports.",
+        "enum": [*PRECISIONS, ""],
+        "description": "auto picks the fastest precision the worker supports; blank: auto.",
     }
     return properties
+
+
+#: A blank form field: the field's default.
+BLANK: dict[str, Any] = {"type": "string", "maxLength": 0}
 
 
 def _submission() -> dict[str, Any]:
@@ -139,8 +145,22 @@ def _job() -> dict[str, Any]:
         "created_at": moment,
         "started_at": _nullable(moment),
         "finished_at": _nullable(moment),
+        "expires_at": _nullable(
+            {
+                **moment,
+                "description": "When retention deletes the outputs (SVDFARM_RETENTION after "
+                "the job ended); null while it runs, when kept forever, or once expired.",
+            }
+        ),
+        "expired": {
+            "type": "boolean",
+            "description": "The outputs were deleted by retention: no video_url any more.",
+        },
+        "expired_at": _nullable(moment),
         "attempts": {"type": "array", "items": _ref("Attempt")},
-        "video_url": _nullable({**url, "description": "The MP4, once the job succeeded."}),
+        "video_url": _nullable(
+            {**url, "description": "The MP4, once the job succeeded (until it expires)."}
+        ),
         "poster_url": _nullable(url),
         "error": _nullable(text),
         "status_url": url,

@@ -8,6 +8,7 @@ exception can only be a torch one if torch is already in ``sys.modules``.
 
 from __future__ import annotations
 
+import errno
 import re
 import sys
 from typing import Any
@@ -35,6 +36,11 @@ _OOM_MARKERS = (
     "not enough memory",  # DefaultCPUAllocator on Windows
     "cannot allocate memory",  # errno 12 as the OS words it
 )
+
+
+#: OS errors that mean the worker's disk or store cannot take the files, not a bad job.
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
+_STORAGE_MARKERS = ("no space left on device", "disk quota exceeded", "read-only file system")
 
 
 class JobCanceled(Exception):
@@ -71,6 +77,8 @@ def _classify_one(exc: BaseException) -> ErrorClass:
         return ErrorClass.TIMEOUT
     if isinstance(exc, NonFiniteOutput):
         return ErrorClass.NON_FINITE
+    if _is_storage_error(exc):
+        return ErrorClass.STORAGE
     torch = sys.modules.get("torch")
     if isinstance(exc, MemoryError) or (
         torch is not None and isinstance(exc, torch.OutOfMemoryError)
@@ -84,6 +92,16 @@ def _classify_one(exc: BaseException) -> ErrorClass:
         if conv is None or _float_kind(conv[1]) != _float_kind(conv[2]):
             return ErrorClass.DTYPE_MISMATCH
     return ErrorClass.OTHER
+
+
+def _is_storage_error(exc: BaseException) -> bool:
+    """True for a full or broken disk (ENOSPC, EDQUOT, EROFS, EIO; ffmpeg's words for them)
+    and for errors of the S3 client (botocore): the job is fine, its storage is not."""
+    if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
+        return True
+    if type(exc).__module__.split(".")[0] in {"botocore", "boto3"}:
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _STORAGE_MARKERS)
 
 
 def _float_kind(type_name: str) -> str:
@@ -135,6 +153,13 @@ def user_message(
             f"The render took longer than {limit} (SVDFARM_TASK_SOFT_TIME_LIMIT) and was "
             "stopped. Submit fewer frames, fewer steps or a smaller size, or ask an operator "
             "to raise the limit."
+        )
+    if error_class is ErrorClass.STORAGE:
+        return (
+            f"The worker could not store the video: its disk is full or its store failed "
+            f"({detail.rstrip('.')}). The job and its input are kept and it goes back to the "
+            "queue by itself in a minute (a few times in a row at most). Operators: free space "
+            "under the storage folder (svdfarm cleanup, SVDFARM_RETENTION) or fix the store."
         )
     if error_class is ErrorClass.OUT_OF_MEMORY:
         return f"The worker ran out of memory ({detail}). Try fewer frames or a smaller size."

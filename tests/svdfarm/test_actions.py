@@ -15,7 +15,7 @@ from svdfarm.actions import FP32_DTYPES, delete_job, requeue_jobs
 from svdfarm.celery_app import create_celery
 from svdfarm.db import Database
 from svdfarm.lifecycle import By, events_of
-from svdfarm.models import Attempt, Worker
+from svdfarm.models import Attempt, Job, Worker, utcnow
 from svdfarm.queues import parse_queue
 from svdfarm.settings import Settings
 from svdfarm.states import Actor, EventType, JobState, WorkerState
@@ -185,3 +185,21 @@ def test_delete_unknown_job(db: Database, settings: Settings) -> None:
     with db.session() as session:
         assert delete_job(session, settings, uuid.uuid4()).message.startswith("No job with id")
         assert "is not a job id" in delete_job(session, settings, "nope").message
+
+
+def test_a_job_whose_input_expired_is_not_requeued(
+    db: Database, settings: Settings, celery: Celery
+) -> None:
+    """Requeueing a job whose input retention deleted its image is refused, saying why;
+    the job stays failed and nothing is sent."""
+    job_id = add_job(db, settings)
+    with db.begin() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.input_expired_at = utcnow()
+    with db.session() as session:
+        [change] = requeue_jobs(session, celery, settings, [job_id], by=ADMIN)
+    assert not change.done and "SVDFARM_INPUT_RETENTION" in change.message
+    job = read_job(db, job_id)
+    assert job is not None and job.state is JobState.FAILED
+    assert broker_messages(settings) == []

@@ -39,6 +39,8 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKER = By(Actor.WORKER, "w1@test")
 OTHER = By(Actor.WORKER, "w2@test")
 REAPER = By(Actor.REAPER, "w3@test")
+#: A failed event's details when the video could not be stored (the reaper retries those).
+STORAGE_FAILURE = {"error_class": "storage"}
 ADMIN = By(Actor.ADMIN, "admin")
 API = By(Actor.API)
 
@@ -77,7 +79,8 @@ def claim(db: Database, settings: Settings, job_id: uuid.UUID, by: By = WORKER) 
 
 
 def test_every_state_is_reachable_and_every_terminal_state_can_be_left_only_by_requeue() -> None:
-    """The table reaches every state from submit, and only requeue leaves a terminal state."""
+    """The table reaches every state from submit, and only a requeue (an operator's, or the
+    reaper's after a storage failure) leaves a terminal state; expire keeps it."""
     reached = {JobState.QUEUED}
     for _ in MOVES:
         for move in MOVES:
@@ -85,8 +88,8 @@ def test_every_state_is_reachable_and_every_terminal_state_can_be_left_only_by_r
                 reached.add(move.target)
     assert reached == set(JobState)
     for move in MOVES:
-        if any(s is not None and s.terminal for s in move.sources):
-            assert move.name == "requeue"
+        if any(s is not None and s.terminal for s in move.sources) and move.target:
+            assert move.name in ("requeue", "retry_storage")
 
 
 def test_an_illegal_move_names_the_job_its_state_and_the_move(
@@ -252,6 +255,73 @@ def test_hand_back_queues_the_job_and_closes_its_attempt(db: Database, settings:
     assert event_types(db, job_id)[-1] is EventType.HANDED_BACK
 
 
+def test_expire_keeps_the_state_and_happens_once(db: Database, settings: Settings) -> None:
+    """Expiring an ended job's outputs keeps its state, names the files, and only once."""
+    job_id = new_job(db)
+    token = claim(db, settings, job_id)
+    with db.begin() as session:
+        assert lifecycle.succeed(session, job_id, by=WORKER, token=token, values={})
+    with db.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.finished_at is not None
+        ended = job.finished_at
+    files = [f"{job_id}/video.mp4"]
+
+    def expire(session: Any, by: By = REAPER) -> bool:
+        return lifecycle.expire(
+            session, job_id, by=by, outputs=True, inputs=False, files=files, seen_finished_at=ended
+        )
+
+    with db.begin() as session:
+        assert expire(session)
+    with db.begin() as session:
+        assert not expire(session)
+    assert state_of(db, job_id) is JobState.SUCCEEDED
+    with db.session() as session:
+        last = lifecycle.events_of(session, job_id)[-1]
+        assert replay(lifecycle.events_of(session, job_id)) is JobState.SUCCEEDED
+    assert (last.type, last.details["files"]) == (EventType.EXPIRED, files)
+    with db.begin() as session, pytest.raises(IllegalMove, match="worker may not expire"):
+        expire(session, WORKER)
+
+
+def test_a_storage_failure_is_retried_up_to_the_cap(db: Database, settings: Settings) -> None:
+    """A job that failed because its video could not be stored is queued again by the reaper,
+    a new life each time, until SVDFARM_MAX_DELIVERIES lives in a row ended that way; other
+    failures are not retried."""
+    job_id = new_job(db)
+    retried = []
+    for _ in range(settings.max_deliveries):
+        token = claim(db, settings, job_id)
+        with db.begin() as session:
+            lifecycle.fail(
+                session, job_id, by=WORKER, token=token, error="full", details=STORAGE_FAILURE
+            )
+        with db.begin() as session:
+            job = session.get(Job, job_id)
+            assert job is not None and job.finished_at is not None
+            retried.append(
+                lifecycle.retry_storage(
+                    session, settings, job_id, by=REAPER, seen_finished_at=job.finished_at
+                )
+            )
+    assert retried == [True] * (settings.max_deliveries - 1) + [False]
+    assert state_of(db, job_id) is JobState.FAILED
+    with db.session() as session:
+        assert replay(lifecycle.events_of(session, job_id)) is JobState.FAILED
+    other = new_job(db)
+    token = claim(db, settings, other)
+    with db.begin() as session:
+        lifecycle.fail(session, other, by=WORKER, token=token, error="boom")
+    with db.begin() as session:
+        job = session.get(Job, other)
+        assert job is not None and job.finished_at is not None
+        seen = job.finished_at
+        assert not lifecycle.retry_storage(
+            session, settings, other, by=REAPER, seen_finished_at=seen
+        )
+
+
 # -- Nobody else writes jobs.state -----------------------------------------------------------
 
 
@@ -358,7 +428,7 @@ def replay(events: list[JobEvent]) -> JobState | None:
         assert allowed, f"{event.type.value} by {event.actor_kind.value} from {state}"
         targets = {m.target or state for m in allowed}
         assert len(targets) == 1, (event.type, state, targets)
-        if event.type is EventType.REQUEUED:
+        if event.type.new_life:
             assert terminal_in_life == 1
             terminal_in_life = 0
         state = targets.pop()
@@ -414,6 +484,27 @@ def _machine(db: Database, settings: Settings) -> type[RuleBasedStateMachine]:
                     seen = found.updated_at
                     lifecycle.settle_lost(session, settings, found, by=REAPER, seen_updated_at=seen)
 
+            def expire(session: Any) -> None:
+                found = session.get(Job, job.job_id)
+                if found is not None and found.finished_at is not None:
+                    lifecycle.expire(
+                        session,
+                        job.job_id,
+                        by=REAPER,
+                        outputs=True,
+                        inputs=False,
+                        files=[],
+                        seen_finished_at=found.finished_at,
+                    )
+
+            def retry_storage(session: Any) -> None:
+                found = session.get(Job, job.job_id)
+                if found is not None and found.finished_at is not None:
+                    seen = found.finished_at
+                    lifecycle.retry_storage(
+                        session, settings, job.job_id, by=REAPER, seen_finished_at=seen
+                    )
+
             actions: list[Callable[[Any], object]] = [
                 do_claim,
                 lambda s: lifecycle.publish(s, job.job_id, by=API),
@@ -429,12 +520,16 @@ def _machine(db: Database, settings: Settings) -> type[RuleBasedStateMachine]:
                 ),
                 lambda s: lifecycle.succeed(s, job.job_id, by=worker, token=token, values={}),
                 lambda s: lifecycle.succeed(s, job.job_id, by=worker, token=stale, values={}),
-                lambda s: lifecycle.fail(s, job.job_id, by=worker, token=token, error="x"),
+                lambda s: lifecycle.fail(
+                    s, job.job_id, by=worker, token=token, error="x", details=STORAGE_FAILURE
+                ),
                 lambda s: lifecycle.confirm_cancel(s, job.job_id, by=worker, token=token),
                 lambda s: lifecycle.hand_back(s, job.job_id, by=worker, message="stopping"),
                 lose,
                 lambda s: lifecycle.requeue(s, job.job_id, by=ADMIN),
                 lambda s: lifecycle.requeue(s, job.job_id, by=worker),  # never allowed
+                expire,
+                retry_storage,
             ]
             return actions[choice % len(actions)]
 
@@ -446,12 +541,12 @@ def _machine(db: Database, settings: Settings) -> type[RuleBasedStateMachine]:
             self.tracked.append(tracked)
             return tracked
 
-        @rule(job=jobs, choice=st.integers(0, 13), worker=st.sampled_from([WORKER, OTHER]))
+        @rule(job=jobs, choice=st.integers(0, 15), worker=st.sampled_from([WORKER, OTHER]))
         def act(self, job: _Tracked, choice: int, worker: By) -> None:
             """One actor makes one move (or tries to)."""
             self._attempt(self._actions(job, choice, worker))
 
-        @rule(job=jobs, first=st.integers(0, 13), second=st.integers(0, 13))
+        @rule(job=jobs, first=st.integers(0, 15), second=st.integers(0, 15))
         def race(self, job: _Tracked, first: int, second: int) -> None:
             """Two actors move the same job at the same moment, each in its own thread."""
             moves = [self._actions(job, first, WORKER), self._actions(job, second, OTHER)]

@@ -63,6 +63,10 @@ def test_environment_overrides_every_option(tmp_path: Path) -> None:
         "SVDFARM_ALLOW_CPU": "no",
         "SVDFARM_STOP_TIMEOUT": "30",
         "SVDFARM_HEARTBEAT_INTERVAL": "2",
+        "SVDFARM_STORAGE_URL": "s3://bucket/renders",
+        "SVDFARM_STORAGE_PROXY": "1",
+        "SVDFARM_WEB_WORKERS": "3",
+        "SVDFARM_WEB_THREADS": "8",
     }
     settings = load_settings(env)
     assert settings == Settings(
@@ -83,6 +87,10 @@ def test_environment_overrides_every_option(tmp_path: Path) -> None:
         allow_cpu=False,
         stop_timeout_s=30,
         heartbeat_interval_s=2.0,
+        storage_url="s3://bucket/renders",
+        storage_proxy=True,
+        web_workers=3,
+        web_threads=8,
     )
     assert not settings.embedded_broker
 
@@ -134,6 +142,10 @@ def test_postgres_urls_get_the_psycopg_driver(url: str, expected: str, tmp_path:
         ("PROGRESS_INTERVAL", "fast", "not a number"),
         ("PROGRESS_INTERVAL", "-1", "must not be negative"),
         ("HUB_TIMEOUT", "ten", "not a number"),
+        ("RETENTION", "soon", "'soon' is not a duration"),
+        ("RETENTION", "-3d", "'-3d' is not a duration"),
+        ("INPUT_RETENTION", "7w", "use a number with s, m, h or d"),
+        ("MIN_FREE_BYTES", "1GB", "not an integer"),
     ],
 )
 def test_bad_numbers_name_the_variable(name: str, value: str, phrase: str, tmp_path: Path) -> None:
@@ -271,3 +283,19 @@ def test_the_model_rule_without_svdfarm_model() -> None:
     assert gpu == ModelChoice(DEFAULT_MODEL, "SVDFARM_MODEL unset and 2 GPU(s) found")
     farm = choose_model({"SVDFARM_BROKER_URL": "redis://cache:6379/0"}, _no_gpu_query)
     assert farm.model == DEFAULT_MODEL and "broker" in farm.reason
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("", 0.0), ("0", 0.0), ("90", 90.0), ("30s", 30.0), ("15m", 900.0), ("12h", 43200.0),
+     ("7d", 604800.0), ("1.5H", 5400.0)],
+)  # fmt: skip
+def test_retention_is_a_duration_and_zero_keeps_forever(
+    value: str, seconds: float, tmp_path: Path
+) -> None:
+    """SVDFARM_RETENTION and SVDFARM_INPUT_RETENTION read 30s, 12h, 7d (or seconds); unset or 0
+    keeps forever. SVDFARM_MIN_FREE_BYTES defaults to 1 GiB."""
+    env = {"SVDFARM_DATA_DIR": str(tmp_path), "SVDFARM_RETENTION": value}
+    settings = load_settings({**env, "SVDFARM_INPUT_RETENTION": value})
+    assert (settings.retention_s, settings.input_retention_s) == (seconds, seconds)
+    assert settings.min_free_bytes == 1024**3

@@ -39,7 +39,7 @@ from svdfarm.models import Attempt, Job, utcnow
 from svdfarm.params import FIELDS, SIZE_MULTIPLE
 from svdfarm.settings import Settings
 from svdfarm.states import AttemptOutcome, ErrorClass, JobState
-from svdfarm.storage import Storage
+from svdfarm.storage import FileStore, Store
 from tests.conftest import DATABASES, make_settings
 from tests.factories import jpeg_bytes, png_bytes, webp_bytes
 from tests.rows import job_count
@@ -230,9 +230,12 @@ def test_the_documented_ranges_are_the_validators(api_app: Flask) -> None:
     with that field named: the document and the validator agree at every edge."""
     client = api_app.test_client()
     submission = document(client)["components"]["schemas"]["Submission"]
-    fields = {k: v for k, v in submission["properties"].items() if k in FIELDS}
-    assert set(fields) == set(FIELDS)
-    assert submission["properties"]["precision"]["enum"] == ["auto", "bf16", "fp16", "fp32"]
+    documented = {k: v for k, v in submission["properties"].items() if k in FIELDS}
+    assert set(documented) == set(FIELDS)
+    # Each field is its number or blank (its default): schemathesis sends "" as a valid value.
+    assert all(v["anyOf"][1] == {"type": "string", "maxLength": 0} for v in documented.values())
+    fields = {k: v["anyOf"][0] for k, v in documented.items()}
+    assert submission["properties"]["precision"]["enum"] == ["auto", "bf16", "fp16", "fp32", ""]
     assert fields["width"]["multipleOf"] == SIZE_MULTIPLE
     for name, schema in fields.items():
         for value, valid in _boundaries(name, schema):
@@ -254,19 +257,19 @@ def known_jobs(api_app: Flask, api_settings: Settings) -> list[str]:
     client = api_app.test_client()
     ids = [_submit(client).get_json()["id"] for _ in range(5)]
     assert client.post(f"/api/v1/jobs/{ids[1]}/cancel").status_code == 202
-    storage = Storage(api_settings.storage_dir)
+    storage = FileStore(api_settings.storage_dir)
     now = utcnow()
     with api_app.extensions["svdfarm.db"].begin() as session:
         done = session.get(Job, uuid.UUID(ids[2]))
         failed = session.get(Job, uuid.UUID(ids[3]))
         running = session.get(Job, uuid.UUID(ids[4]))
         assert done is not None and failed is not None and running is not None
-        for key in (Storage.key(ids[2], "video.mp4"), Storage.key(ids[2], "poster.png")):
+        for key in (Store.key(ids[2], "video.mp4"), Store.key(ids[2], "poster.png")):
             storage.write_bytes(key, b"stored")
         done.state, done.phase, done.progress = JobState.SUCCEEDED, "done", 1.0
         done.video_key, done.poster_key = (
-            Storage.key(ids[2], "video.mp4"),
-            Storage.key(ids[2], "poster.png"),
+            Store.key(ids[2], "video.mp4"),
+            Store.key(ids[2], "poster.png"),
         )
         done.started_at, done.finished_at = now, now
         failed.state, failed.error, failed.finished_at = JobState.FAILED, "Out of memory.", now

@@ -20,6 +20,7 @@ from svdfarm.db import Database
 from svdfarm.models import Job, utcnow
 from svdfarm.reaper import reap
 from svdfarm.settings import Settings
+from svdfarm.storage import FileStore
 from tests.conftest import DATABASES
 from tests.factories import png_bytes
 from tests.rows import job_count
@@ -159,6 +160,22 @@ def test_a_full_farm_answers_503_with_retry_after(app_with: Callable[..., Flask]
     assert refused.headers["Retry-After"] == "10"
     assert "farm is full" in refused.get_json()["error"]
     assert job_count(app) == 2
+
+
+def test_a_nearly_full_store_answers_503_with_the_reason(
+    app_with: Callable[..., Flask], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Less free space than SVDFARM_MIN_FREE_BYTES: 503, Retry-After and the figures, and
+    nothing written; 0 turns the check off."""
+    monkeypatch.setattr(FileStore, "free_bytes", lambda self: 5 * 2**20)
+    app = app_with(min_free_bytes=2**30)
+    client = app.test_client()
+    refused = post(client)
+    assert (refused.status_code, refused.headers["Retry-After"]) == (503, "60")
+    error = refused.get_json()["error"]
+    assert "5 MiB free" in error and "SVDFARM_MIN_FREE_BYTES" in error
+    assert job_count(app) == 0
+    assert post(app_with(min_free_bytes=0).test_client()).status_code == 201
 
 
 @pytest.mark.parametrize("database_url", DATABASES, indirect=True)
