@@ -1,11 +1,12 @@
 """The ``svdfarm`` command: run the farm (``up``, ``web``, ``worker``), operate it (``db``,
-``queues``, ``reap``, ``admin``, ``jobs``, ``cleanup``), and work on this machine without the
-queue (``render``, ``caps``, ``model``).
+``queues``, ``reap``, ``admin``, ``jobs``, ``cleanup``, ``storage``), and work on this machine
+without the queue (``render``, ``caps``, ``model``).
 
 The CLI sits above the three packages: it imports the core (``svdfarm``), the web side and
 the worker, each only inside the command that needs it, so ``svdfarm --help``, ``svdfarm web``
 and ``svdfarm jobs`` never load torch. One module per group of commands: :mod:`cli.serve`,
-:mod:`cli.farm`, :mod:`cli.jobs`, :mod:`cli.cleanup` and :mod:`cli.local`.
+:mod:`cli.farm`, :mod:`cli.jobs`, :mod:`cli.cleanup`, :mod:`cli.storage` and
+:mod:`cli.local`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from cli import gpus
 from svdfarm.settings import ModelChoice, Settings, SettingsError, choose_model, load_settings
 
 DESCRIPTION = (
-    "Run the farm (up, web, worker), operate it (db, queues, reap, admin, jobs, cleanup), "
-    "and work on this machine without the queue (render, caps, model)."
+    "Run the farm (up, web, worker), operate it (db, queues, reap, admin, jobs, cleanup, "
+    "storage), and work on this machine without the queue (render, caps, model)."
 )
 
 
@@ -58,11 +59,11 @@ def settle_model(settings: Settings, given: str = "") -> Settings:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``svdfarm`` command; each subcommand sets ``run``."""
-    from cli import cleanup, farm, jobs, local, serve
+    from cli import cleanup, farm, jobs, local, serve, storage
 
     parser = argparse.ArgumentParser(prog="svdfarm", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (serve, farm, jobs, cleanup, local):
+    for group in (serve, farm, jobs, cleanup, storage, local):
         group.add_commands(sub)
     return parser
 

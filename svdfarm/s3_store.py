@@ -83,6 +83,16 @@ class S3Store(Store):
             raise
         return True
 
+    def size(self, key: str) -> int | None:
+        """The object's ContentLength, or None when it does not exist."""
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._object(key))
+        except ClientError as exc:
+            if _code(exc) in _MISSING:
+                return None
+            raise
+        return int(head["ContentLength"])
+
     def delete(self, key: str) -> None:
         """Delete the object (S3 answers the same when it is missing)."""
         self.client.delete_object(Bucket=self.bucket, Key=self._object(key))

@@ -123,8 +123,9 @@ def _shown(url: str) -> str:
     return parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]).geturl()
 
 
-def parse_storage_url(url: str) -> StorageTarget:
-    """Read ``SVDFARM_STORAGE_URL``: ``file:///absolute/folder`` or ``s3://bucket/prefix``."""
+def parse_storage_url(url: str, name: str = "SVDFARM_STORAGE_URL") -> StorageTarget:
+    """Read ``SVDFARM_STORAGE_URL`` (or the option ``name``, in messages):
+    ``file:///absolute/folder`` or ``s3://bucket/prefix``."""
     parts = urlsplit(url)
     problem = ""
     if parts.scheme == "file":
@@ -150,7 +151,7 @@ def parse_storage_url(url: str) -> StorageTarget:
             return StorageTarget("s3", bucket=bucket, prefix=prefix)
     else:
         problem = "use file:///absolute/folder or s3://bucket/prefix"
-    raise SettingsError(f"SVDFARM_STORAGE_URL={_shown(url)!r} is not usable: {problem}")
+    raise SettingsError(f"{name}={_shown(url)!r} is not usable: {problem}")
 
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -47,6 +47,13 @@ class Store(ABC):
     def exists(self, key: str | None) -> bool:
         """True when ``key`` names a stored object (False for None or empty)."""
 
+    def size(self, key: str) -> int | None:
+        """The size in bytes of the object at ``key``, or None when nothing is stored there."""
+        try:
+            return len(self.read_bytes(key))
+        except FileNotFoundError:
+            return None
+
     @abstractmethod
     def delete(self, key: str) -> None:
         """Remove ``key``; a missing one is fine."""
@@ -132,6 +139,11 @@ class FileStore(Store):
     def exists(self, key: str | None) -> bool:
         """True when ``key`` names a stored file."""
         return bool(key) and self.path(key or "").is_file()
+
+    def size(self, key: str) -> int | None:
+        """The file's size, or None when there is no file."""
+        path = self.path(key)
+        return path.stat().st_size if path.is_file() else None
 
     def delete(self, key: str) -> None:
         """Remove the file of ``key``, if any."""

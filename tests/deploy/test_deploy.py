@@ -14,6 +14,7 @@ import configparser
 import contextlib
 import copy
 import io
+import itertools
 import json
 import math
 import os
@@ -319,7 +320,9 @@ def command_problem(args: list[str]) -> str | None:
     # argparse takes --gpu for --gpus; a file should not rely on that, so spell flags out.
     usage = io.StringIO()
     with contextlib.redirect_stdout(usage), contextlib.suppress(SystemExit):
-        build_parser().parse_args([args[0], "--help"])
+        # The help of the subcommand itself (``storage migrate``), not of its group.
+        words = list(itertools.takewhile(lambda w: not w.startswith("-"), args))
+        build_parser().parse_args([*words, "--help"])
     flags = {word.split("=")[0] for word in args if word.startswith("--") and word != "--"}
     short = [
         f for f in flags if not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", usage.getvalue())
@@ -588,7 +591,8 @@ def test_compose_services() -> None:
     services = compose()["services"]
     assert {"web", "worker", "redis", "postgres", "migrate", "flower"} <= set(services)
     assert "flower" in services["flower"].get("profiles", [])
-    assert not [name for name, s in services.items() if name != "flower" and s.get("profiles")]
+    optional = {"flower": ["flower"], "minio": ["s3"], "minio-bucket": ["s3"]}
+    assert {name: s["profiles"] for name, s in services.items() if s.get("profiles")} == optional
     # Flower runs in the web image, so that image must have it.
     installs = pip_installs(dockerfile(DEPLOY / "Dockerfile.web"))
     names = {
@@ -641,6 +645,59 @@ def test_compose_images_web_health_and_shared_data() -> None:
         for name in ("web", "worker")
     }
     assert mounts["web"] and mounts["web"] == mounts["worker"] <= set(compose()["volumes"])
+
+
+STORAGE_ENV = {
+    "SVDFARM_STORAGE_URL",
+    "AWS_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+}
+
+
+def test_compose_s3_profile_runs_minio_without_a_default_password() -> None:
+    """``--profile s3`` adds MinIO and a one-shot that makes the bucket; no password has a
+    default; web and worker read the store and its credentials from the environment."""
+    services = compose()["services"]
+    minio, bucket = services["minio"], services["minio-bucket"]
+    assert minio["image"].startswith("minio/minio") and bucket["image"].startswith("minio/mc")
+    for service in (minio, bucket):
+        given = compose_env(service)["MINIO_ROOT_PASSWORD"]
+        assert re.fullmatch(r"\$\{MINIO_ROOT_PASSWORD:\?[^}]+\}", given), given
+    assert re.fullmatch(r"\$\{AWS_SECRET_ACCESS_KEY:\?[^}]+\}", compose_env(bucket)["FARM_SECRET"])
+    assert "mc mb --ignore-existing" in " ".join(bucket["command"])
+    assert bucket["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert all(not str(port).startswith("9") for port in minio.get("ports", []))
+    for name in ("web", "worker"):
+        env = compose_env(services[name])
+        assert {key: env.get(key) for key in STORAGE_ENV if key != "AWS_DEFAULT_REGION"} == {
+            key: f"${{{key}:-}}" for key in STORAGE_ENV if key != "AWS_DEFAULT_REGION"
+        }, name
+        needs = services[name]["depends_on"]["minio-bucket"]
+        assert needs == {"condition": "service_completed_successfully", "required": False}
+
+
+def test_k8s_web_and_workers_read_the_same_storage_secret() -> None:
+    """The web and every worker pool take the store's URL and credentials from one Secret,
+    whose example values keep the shared folder (an empty URL)."""
+    docs = k8s_docs()
+    deployments = k8s(docs, "Deployment").values()
+    web = [d for d in deployments if runs(d, "web")]
+    workers = list(worker_deployments(docs).values())
+    assert web and workers
+    sources = set()
+    for deployment in [*web, *workers]:
+        container = containers(deployment)[-1]
+        refs = [s["secretRef"]["name"] for s in container["envFrom"] if "secretRef" in s]
+        holding = {
+            name for name in refs if STORAGE_ENV <= set(k8s(docs, "Secret")[name]["stringData"])
+        }
+        assert len(holding) == 1, deployment["metadata"]["name"]
+        sources |= holding
+        assert STORAGE_ENV <= set(container_env(container, docs))
+    (name,) = sources
+    assert k8s(docs, "Secret")[name]["stringData"]["SVDFARM_STORAGE_URL"] == ""
 
 
 # ---- Kubernetes ----------------------------------------------------------------------------
