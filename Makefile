@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(PY) -m bench.web_load --write
 	$(PY) -m bench.model_cache --write
 	$(PY) -m bench.profile_farm --write
+	$(PY) -m bench.store_load --write
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
