@@ -19,12 +19,14 @@ FP32_CUDA = Plan.uniform("fp32", "cuda")
 
 RETRIED = (ErrorClass.DTYPE_MISMATCH, ErrorClass.OUT_OF_MEMORY, ErrorClass.NON_FINITE)
 #: WORKER_LOST is never raised inside a render: a lost worker's job is redelivered by the claim
-#: or the reaper (svdfarm/reaper.py), not retried down the ladder.
+#: or the reaper (svdfarm/reaper.py), not retried down the ladder. STORAGE (a full disk, a
+#: store error) is not a plan's fault: the reaper queues the job again later instead.
 NOT_RETRIED = (
     ErrorClass.OTHER,
     ErrorClass.TIMEOUT,
     ErrorClass.MODEL_UNAVAILABLE,
     ErrorClass.WORKER_LOST,
+    ErrorClass.STORAGE,
 )
 
 
@@ -356,7 +358,7 @@ def test_hard_cap_is_small() -> None:
 @pytest.mark.parametrize("start", STARTS, ids=plan_id)
 @pytest.mark.parametrize("component", [None, "unet"])
 def test_errors_not_retried(error: ErrorClass, start: Plan, component: str | None) -> None:
-    """OTHER, TIMEOUT, MODEL_UNAVAILABLE (and WORKER_LOST) end the attempts at once."""
+    """OTHER, TIMEOUT, MODEL_UNAVAILABLE, STORAGE (and WORKER_LOST) end the attempts at once."""
     assert next_plan(start, error, component, [start]) is None
 
 
