@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from flask import Flask
@@ -27,7 +28,7 @@ from svdfarm.states import WorkerState
 from tests.conftest import REDIS_URL, fresh_database, make_settings, needs_postgres, needs_redis
 from tests.factories import png_bytes
 from tests.processes import LiveProcess, start_worker, worker_env
-from tests.rows import wait_for_worker
+from tests.rows import wait_for_worker, wait_until
 
 pytestmark = [
     pytest.mark.slow,
@@ -165,16 +166,26 @@ def test_jobs_go_to_the_worker_that_can_hold_them(farm: Farm) -> None:
     page = farm.client.get(f"/jobs/{huge_id}").get_data(as_text=True)
     assert "no worker online" in page.lower()
 
-    # The operator's view of the same: the waiting job and who consumes what.
-    shown = subprocess.run(
-        [sys.executable, "-m", "cli", "queues", "--json"],
-        env=farm.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert shown.returncode == 0, shown.stderr
-    rows = {row["queue"]: row for row in json.loads(shown.stdout)}
+    # The operator's view of the same: the waiting job and who consumes what. Both workers
+    # are listed once their heartbeats say so (a beat may lag on a loaded machine).
+    both = {farm.small.hostname, farm.large.hostname}
+    seen: list[dict[str, dict[str, Any]]] = []
+
+    def operator_view() -> bool:
+        shown = subprocess.run(
+            [sys.executable, "-m", "cli", "queues", "--json"],
+            env=farm.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert shown.returncode == 0, shown.stderr
+        view = {row["queue"]: row for row in json.loads(shown.stdout)}
+        seen.append(view)
+        return set(view["svd.cpu.fp32.12g"]["workers"]) == both
+
+    wait_until(operator_view, "both workers listed by svdfarm queues", 60)
+    rows = seen[-1]
     assert rows["svd.cpu.fp32.40g"]["waiting"] >= 1 and rows["svd.cpu.fp32.40g"]["workers"] == []
     assert set(rows["svd.cpu.fp32.12g"]["workers"]) == {farm.small.hostname, farm.large.hostname}
     assert rows["svd.cpu.fp32.16g"]["workers"] == [farm.large.hostname]
