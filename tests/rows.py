@@ -243,3 +243,23 @@ def stored_names(settings: Settings, job_id: uuid.UUID) -> list[str]:
     """The names of the job's stored files, sorted."""
     keys = open_store(settings).list_keys(f"{job_id}/")
     return sorted(key.split("/", 1)[1] for key in keys)
+
+
+def send_two_cancel_one(db: Database, settings: Settings) -> tuple[uuid.UUID, uuid.UUID]:
+    """Two queued jobs sent to :data:`QUEUE`, the second then canceled by the admin while
+    its message is still in the broker; their ids (kept, canceled)."""
+    from svdfarm.actions import cancel_job
+    from svdfarm.celery_app import create_celery, enqueue_render
+    from svdfarm.lifecycle import By
+    from svdfarm.states import Actor
+
+    kept, canceled = (add_job(db, settings, JobState.QUEUED) for _ in range(2))
+    celery = create_celery(settings)
+    try:
+        for job_id in (kept, canceled):
+            enqueue_render(celery, str(job_id), QUEUE)
+    finally:
+        celery.close()
+    with db.session() as session:
+        assert cancel_job(session, canceled, by=By(Actor.ADMIN)).done
+    return kept, canceled

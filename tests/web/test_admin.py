@@ -21,7 +21,7 @@ from svdfarm.models import utcnow
 from svdfarm.settings import Settings, is_password_hash
 from svdfarm.states import ErrorClass, JobState, WorkerState
 from tests.conftest import DATABASES
-from tests.rows import QUEUE, add_job, add_worker, broker_messages, read_job
+from tests.rows import QUEUE, add_job, add_worker, broker_messages, read_job, send_two_cancel_one
 from web import create_app
 from web.auth import LoginLimiter, check_password, hash_password
 
@@ -389,20 +389,8 @@ def test_a_canceled_jobs_message_is_not_waiting_on_the_workers_page(
 ) -> None:
     """Two jobs sent to a queue, one canceled while queued: its message stays in the broker
     until a worker drops it, but the page counts one message waiting and one queued job."""
-    from svdfarm.actions import cancel_job
-    from svdfarm.celery_app import create_celery, enqueue_render
-    from svdfarm.lifecycle import By
-    from svdfarm.states import Actor
 
-    kept, canceled = (add_job(db, settings, JobState.QUEUED) for _ in range(2))
-    celery = create_celery(settings)
-    try:
-        for job_id in (kept, canceled):
-            enqueue_render(celery, str(job_id), QUEUE)
-    finally:
-        celery.close()
-    with db.session() as session:
-        assert cancel_job(session, canceled, by=By(Actor.ADMIN)).done
+    kept, canceled = send_two_cancel_one(db, settings)
     assert len(broker_messages(settings)) == 2
     page = admin.get("/admin/workers").get_data(True)
     queues = page.split('id="queues"')[1].split("</table>")[0]

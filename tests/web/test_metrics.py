@@ -16,15 +16,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from sqlalchemy import update
 
-from svdfarm.actions import cancel_job, delete_job, requeue_jobs
-from svdfarm.celery_app import create_celery, enqueue_render
+from svdfarm.actions import delete_job, requeue_jobs
+from svdfarm.celery_app import create_celery
 from svdfarm.db import Database
 from svdfarm.lifecycle import By
 from svdfarm.models import Attempt
 from svdfarm.settings import Settings
 from svdfarm.states import Actor, AttemptOutcome, ErrorClass, JobState, WorkerState
 from tests.conftest import DATABASES, REDIS_URL, needs_redis
-from tests.rows import QUEUE, add_job, add_worker
+from tests.rows import QUEUE, add_job, add_worker, send_two_cancel_one
 from web import create_app
 
 PLAN = "fp16 unet+enc, fp32 vae, chunk 8 on cuda"
@@ -264,15 +264,7 @@ def test_a_canceled_jobs_message_is_not_waiting(
 ) -> None:
     """Two jobs sent to a queue, one canceled while queued: its message stays in the broker
     until a worker drops it, but one job waits."""
-    kept, canceled = (add_job(db, settings, JobState.QUEUED) for _ in range(2))
-    celery = create_celery(settings)
-    try:
-        for job_id in (kept, canceled):
-            enqueue_render(celery, str(job_id), QUEUE)
-    finally:
-        celery.close()
-    with db.session() as session:
-        assert cancel_job(session, canceled, by=By(Actor.ADMIN)).done
+    kept, canceled = send_two_cancel_one(db, settings)
     families = scrape(client)
     assert value(families["svdfarm_queue_depth"], "svdfarm_queue_depth", queue=QUEUE) == 1
     assert value(families["svdfarm_queue_messages"], "svdfarm_queue_messages", queue=QUEUE) == 2
