@@ -232,12 +232,12 @@ def publish(
     With ``seen_updated_at`` only if nobody touched the job since (one reaper of many
     republishes a job). False when the job is no longer queued or was touched.
     """
-    state = _state_of(session, job_id)
-    if state is not Q:
+    seen = session.execute(select(Job.state, Job.queue).where(Job.id == job_id)).first()
+    if seen is None or seen.state is not Q:
         return False
+    state, queue = seen
     move = check_move(job_id, state, "publish", by)
     where = [Job.updated_at == seen_updated_at] if seen_updated_at is not None else []
-    queue = session.scalar(select(Job.queue).where(Job.id == job_id))
     return _move(session, job_id, move, Q, by, where=where, details={"queue": queue})
 
 
