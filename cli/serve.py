@@ -118,7 +118,17 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
             f"smallest memory tier ({TIERS_GB[0]} GB); give --queues to pin one"
         )
     print(f"worker {name.name}, consuming {len(queues)} queue(s): {', '.join(queues)}", flush=True)
-    from svdfarm.celery_app import app
+    from svdfarm.celery_app import app, render_cut_short
+
+    cut_short = render_cut_short(app)
+    if cut_short:
+        print(f"warning: {cut_short}", file=sys.stderr, flush=True)
+    elif not settings.embedded_broker:
+        print(
+            "messages are acknowledged when a render starts: the broker's consumer or "
+            "visibility timeout does not limit how long a render may take",
+            flush=True,
+        )
 
     argv = [
         "worker",

@@ -67,8 +67,9 @@ class Move:
 MOVES: tuple[Move, ...] = (
     Move("submit", (None,), Q, frozenset({Actor.WEB, Actor.API}), EventType.SUBMITTED,
          "a request is recorded"),
-    Move("publish", (Q,), None, USERS | {Actor.REAPER}, EventType.PUBLISHED,
-         "its id is put on its queue (again, by the reaper, when the broker lost it)"),
+    Move("publish", (Q,), None, USERS | {Actor.REAPER, Actor.WORKER}, EventType.PUBLISHED,
+         "its id is put on its queue (again: by the reaper when the broker lost it, by a "
+         "worker that hands it back)"),
     Move("claim", (Q,), R, frozenset({Actor.WORKER}), EventType.CLAIMED,
          "a worker takes it under a new claim token"),
     Move("progress", (R,), None, frozenset({Actor.WORKER}), EventType.PHASE,

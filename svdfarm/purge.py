@@ -2,10 +2,11 @@
 jobs that were waiting in the database are canceled, so the two agree afterwards.
 
 ``celery purge`` alone empties the broker only: its jobs stay queued in the database, where
-the reaper finds them without a message and publishes them again (Redis, the embedded broker),
-or where they wait for ever (RabbitMQ). Here the broker is emptied first, then every job still
-queued on those queues is canceled through :func:`svdfarm.lifecycle.cancel` with the reason
-``purged``. A job submitted in between has its message removed or, if it arrives after the
+the reaper finds them without a message and publishes them again (on RabbitMQ, from the
+queues' counts: :func:`svdfarm.reaper.unreadable_broker_lost`). Here the broker is emptied
+first, then every job still queued on those queues is canceled through
+:func:`svdfarm.lifecycle.cancel` with the reason ``purged``. A job submitted in between has its
+message removed or, if it arrives after the
 purge, dropped by the worker that finds the job canceled: either way nothing is left queued
 without a message, and nothing canceled is run.
 """

@@ -1,18 +1,21 @@
 """The reaper: the database's promise that every accepted job reaches a terminal state.
 
-Celery is transport, and transports lose messages: a worker killed with SIGKILL leaves its
-job's message unacknowledged in Redis until the visibility timeout (hours, on purpose: see
-docs/RELIABILITY.md), a Redis without persistence forgets its queues when it restarts, and
-the embedded filesystem broker deletes a message as soon as a worker reads it. So the
-reaper looks at the database, the source of truth, and repairs:
+Celery is transport, and transports lose messages: a worker acknowledges a job's message
+when the render starts (so no broker timeout cuts a long render short: docs/RELIABILITY.md),
+so a worker killed mid-render leaves no message behind; a Redis without persistence forgets
+its queues when it restarts, and the embedded filesystem broker deletes a message as soon as
+a worker reads it. So the reaper looks at the database, the source of truth, and repairs:
 
 * a job left **running** by a worker that went offline (three missed heartbeats) and no live
   worker holds: its attempt is recorded as *worker lost* and the job is queued and published
   again, or failed with the reason once its worker was lost ``SVDFARM_MAX_DELIVERIES`` times
   in a row (a poison job that kills every worker it lands on);
 * a job canceled while its worker was lost: canceled;
-* a **queued** job whose id the broker does not hold (Redis and the embedded broker can be
-  read): published again;
+* a **queued** job whose id the broker does not hold: published again. Redis and the
+  embedded broker can be read; AMQP (RabbitMQ) cannot be read without consuming, so there the
+  database says which (:func:`unreadable_broker_lost`): a job whose last publish failed or
+  never happened, and every waiting job of a queue that holds fewer messages than it has
+  waiting jobs;
 * a job that **failed to store its video** (a full disk, a store error) a minute ago: queued
   and published again, a few times in a row at most (:mod:`svdfarm.space`);
 * **retention**: outputs and inputs of ended jobs past ``SVDFARM_RETENTION`` and
@@ -20,8 +23,8 @@ reaper looks at the database, the source of truth, and repairs:
 
 Every change is a conditional UPDATE on what the reaper saw, so any number of reapers (each
 worker runs one in its heartbeat thread; ``svdfarm reap`` runs one by hand) never double a
-job. A message that comes back later (Redis restores unacknowledged ones after the
-visibility timeout) finds the job claimed or finished and does nothing.
+job. A message that comes back later, or a second one for one job, finds the job claimed or
+finished and does nothing.
 """
 
 from __future__ import annotations
@@ -40,12 +43,13 @@ from sqlalchemy.orm import Session
 
 from svdfarm import lifecycle, retention, space
 from svdfarm.db import Database
+from svdfarm.depths import BrokerUnavailable, queue_depths
 from svdfarm.jobs import publish
 from svdfarm.lifecycle import By
-from svdfarm.models import Job, Worker, utcnow
+from svdfarm.models import Job, JobEvent, Worker, utcnow
 from svdfarm.registry import effective_state
 from svdfarm.settings import Settings
-from svdfarm.states import Actor, JobState, WorkerState
+from svdfarm.states import Actor, EventType, JobState, WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +169,9 @@ def republish_candidates(
     """Queued jobs the broker does not hold (the caller publishes each only if untouched).
 
     Jobs just requeued by this pass are always included; others only once they have waited
-    longer than the grace period (so a submit between commit and publish is left alone), and
-    only on brokers whose messages can be read (Redis, the embedded broker).
+    longer than the grace period (so a submit between commit and publish is left alone): on
+    brokers whose messages can be read (Redis, the embedded broker) those whose id the broker
+    does not hold, on AMQP those :func:`unreadable_broker_lost` finds.
     """
     grace = timedelta(seconds=max(2 * settings.offline_after_s, 5.0))
     with db.session() as session:
@@ -177,11 +182,55 @@ def republish_candidates(
     if not old:
         return []
     held = broker_held_ids(settings, celery, {j.queue for j in old})
-    return [
-        job
-        for job in old
-        if str(job.id) in just_requeued or (held is not None and str(job.id) not in held)
-    ]
+    if held is None:
+        lost = unreadable_broker_lost(db, settings, celery, old)
+        return [job for job in old if str(job.id) in just_requeued or str(job.id) in lost]
+    return [job for job in old if str(job.id) in just_requeued or str(job.id) not in held]
+
+
+def unreadable_broker_lost(
+    db: Database, settings: Settings, celery: Celery, waiting: list[Job]
+) -> set[str]:
+    """Ids of ``waiting`` (queued past the grace period) whose message a broker that cannot be
+    read (AMQP) no longer holds, as far as the database and the queues' counts can tell:
+
+    * a job whose last event is not ``published`` (its publish failed, or its worker handed
+      it back and could not publish it): it has no message;
+    * every other waiting job of a queue that holds fewer messages than it has such jobs: the
+      broker lost some (a restart without its data, a queue deleted or purged by hand), and
+      which cannot be told apart. Workers acknowledge a message when the render starts, so a
+      waiting job's message is in its queue, not at a worker. Those still held are doubled;
+      the second delivery finds the job claimed or finished and does nothing.
+
+    A queue's count also holds the messages of jobs canceled while waiting, so a loss can hide
+    behind them until a worker has dropped those. An unreachable broker loses nothing here:
+    the pass publishes nothing then (it could not).
+    """
+    ids = [job.id for job in waiting]
+    last: dict[str, EventType] = {}
+    with db.session() as session:
+        rows = session.execute(
+            select(JobEvent.job_id, JobEvent.type)
+            .where(JobEvent.job_id.in_(ids))
+            .order_by(JobEvent.job_id, JobEvent.id.desc())
+        )
+        for job_id, kind in rows:
+            last.setdefault(str(job_id), kind)
+    lost = {str(job.id) for job in waiting if last.get(str(job.id)) is not EventType.PUBLISHED}
+    published: dict[str, list[str]] = {}
+    for job in waiting:
+        if str(job.id) not in lost:
+            published.setdefault(job.queue, []).append(str(job.id))
+    if not published:
+        return lost
+    try:
+        held = queue_depths(settings, list(published), celery=celery)
+    except BrokerUnavailable:
+        return set()
+    for queue, job_ids in published.items():
+        if held.get(queue, 0) < len(job_ids):
+            lost.update(job_ids)
+    return lost
 
 
 def _task_id(message: Any) -> str | None:
@@ -204,7 +253,7 @@ def broker_held_ids(settings: Settings, celery: Celery, queues: Iterable[str]) -
     """Ids of the tasks the broker holds for ``queues`` (waiting or delivered, unacked).
 
     None when this broker's messages cannot be read without consuming them (AMQP): then
-    nothing is republished, and RabbitMQ's durable queues keep what they were given.
+    :func:`unreadable_broker_lost` decides from the database and the queues' counts.
     """
     if settings.embedded_broker:
         folder = settings.broker_dir / "queue"

@@ -1,8 +1,10 @@
 """Fixtures: a fresh database per test (SQLite, and PostgreSQL when configured), settings in a
 temporary data folder, the app and its client, the tiny model saved once per session.
 
-``SVDFARM_TEST_DATABASE_URL`` and ``SVDFARM_TEST_REDIS_URL`` turn on the PostgreSQL and Redis
-variants; when they are set, an unreachable server fails those tests instead of skipping them.
+``SVDFARM_TEST_DATABASE_URL``, ``SVDFARM_TEST_REDIS_URL`` and ``SVDFARM_TEST_AMQP_URL`` turn on
+the PostgreSQL, Redis and RabbitMQ variants; when they are set, an unreachable server fails those
+tests instead of skipping them. Live tests that run on either broker take :data:`BROKERS` and
+:func:`private_broker`.
 S3 tests use moto's server on a free local port, or the endpoint ``SVDFARM_TEST_S3_URL`` names
 (``http://user:password@127.0.0.1:9000`` for a MinIO).
 """
@@ -28,6 +30,7 @@ from svdfarm.settings import Settings, load_settings
 
 PG_URL = os.environ.get("SVDFARM_TEST_DATABASE_URL", "")
 REDIS_URL = os.environ.get("SVDFARM_TEST_REDIS_URL", "")
+AMQP_URL = os.environ.get("SVDFARM_TEST_AMQP_URL", "")
 S3_URL = os.environ.get("SVDFARM_TEST_S3_URL", "")
 
 needs_postgres = pytest.mark.skipif(
@@ -36,6 +39,33 @@ needs_postgres = pytest.mark.skipif(
 needs_redis = pytest.mark.skipif(
     not REDIS_URL, reason="SVDFARM_TEST_REDIS_URL is not set (no Redis configured)"
 )
+
+needs_amqp = pytest.mark.skipif(
+    not AMQP_URL, reason="SVDFARM_TEST_AMQP_URL is not set (no RabbitMQ configured)"
+)
+
+#: The brokers a live test runs on, by name (``private_broker`` gives each test its own).
+BROKERS = [
+    pytest.param("redis", id="redis", marks=[pytest.mark.redis, needs_redis]),
+    pytest.param("rabbitmq", id="rabbitmq", marks=[pytest.mark.amqp, needs_amqp]),
+]
+
+
+@contextmanager
+def private_broker(kind: str) -> Iterator[str]:
+    """A broker URL of this test's own: a Redis database (``redis``) or a RabbitMQ virtual
+    host (``rabbitmq``), emptied or deleted afterwards."""
+    from tests.processes import private_amqp_vhost, private_redis_db
+
+    if kind == "redis":
+        with private_redis_db(REDIS_URL) as url:
+            yield url
+    elif kind == "rabbitmq":
+        with private_amqp_vhost(AMQP_URL) as url:
+            yield url
+    else:
+        raise ValueError(f"no broker named {kind!r}")
+
 
 DATABASES = [
     pytest.param("sqlite", id="sqlite"),

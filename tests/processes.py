@@ -1,6 +1,6 @@
 """Real farm processes in tests: ``svdfarm worker`` and ``svdfarm web`` started in a process
 group of their own (so a kill reaches a worker's pool too), their output in a log file, and a
-Redis database of the test's own for their queues.
+Redis database or a RabbitMQ virtual host of the test's own for their queues.
 
 One copy for every live test (faults, graceful stop, restarts, two live workers, load).
 """
@@ -8,9 +8,11 @@ One copy for every live test (faults, graceful stop, restarts, two live workers,
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -68,6 +70,53 @@ def private_redis_db(base_url: str, lease_s: int = 1800) -> Iterator[str]:
             client.close()
         return
     raise AssertionError(f"no free Redis database (1-15) at {base_url} for this test")
+
+
+#: Virtual hosts the tests create start with this; one a killed run left is deleted by the next.
+VHOST_PREFIX = "svdfarm-test-"
+
+
+def rabbitmqctl(*args: str, timeout_s: float = 60) -> str:
+    """Run ``rabbitmqctl`` (the local node; as root or the rabbitmq user) and return its
+    output; raises AssertionError with its message when it fails or is missing."""
+    program = shutil.which("rabbitmqctl")
+    assert program, "rabbitmqctl is not installed: the RabbitMQ tests need it for their vhosts"
+    done = subprocess.run(
+        [program, *args], capture_output=True, text=True, timeout=timeout_s, check=False
+    )
+    assert done.returncode == 0, f"rabbitmqctl {' '.join(args)}: {done.stdout}{done.stderr}"
+    return done.stdout
+
+
+@contextmanager
+def private_amqp_vhost(base_url: str, lease_s: int = 1800) -> Iterator[str]:
+    """An AMQP URL on a new virtual host of the RabbitMQ at ``base_url``, deleted (with its
+    queues and messages) when the block ends.
+
+    As with :func:`private_redis_db`, live tests that run in parallel keep to their own
+    queues. The vhost is made with ``rabbitmqctl``, so the node must be local; vhosts that
+    runs killed more than ``lease_s`` ago left behind are deleted first. Raises when the
+    broker cannot be reached.
+    """
+    from kombu import Connection
+
+    with Connection(base_url, connect_timeout=5) as probe:
+        probe.ensure_connection(max_retries=1)  # unreachable: fail here, with the reason
+    scheme, rest = base_url.split("://", 1)
+    authority = rest.split("/", 1)[0]
+    user = authority.rsplit("@", 1)[0].split(":", 1)[0] if "@" in authority else "guest"
+    now = int(time.time())
+    for name in rabbitmqctl("list_vhosts", "--quiet", "--no-table-headers").split():
+        stamp = name[len(VHOST_PREFIX) :].split("-", 1)[0]
+        if name.startswith(VHOST_PREFIX) and stamp.isdigit() and now - int(stamp) > lease_s:
+            rabbitmqctl("delete_vhost", name)
+    vhost = f"{VHOST_PREFIX}{now}-{uuid.uuid4().hex[:8]}"
+    rabbitmqctl("add_vhost", vhost)
+    try:
+        rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+        yield f"{scheme}://{authority}/{vhost}"
+    finally:
+        rabbitmqctl("delete_vhost", vhost)
 
 
 @dataclass
@@ -151,6 +200,16 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
         "OMP_NUM_THREADS": "1",
         **extra,
     }
+
+
+def start_web(
+    settings: Settings, folder: Path, port: int, *, cwd: Path | None = None, **extra_env: str
+) -> LiveProcess:
+    """Start ``svdfarm web`` on 127.0.0.1:``port`` with :func:`worker_env` plus
+    ``extra_env``, its log ``folder/web.log``; does not wait for it to serve
+    (:func:`tests.load.wait_until_serving` does)."""
+    args = ["web", "--host", "127.0.0.1", "--port", str(port)]
+    return start_svdfarm("web", args, worker_env(settings, **extra_env), folder, cwd)
 
 
 def start_worker(

@@ -41,6 +41,37 @@ def _log_tail(path: Path, lines: int = 40) -> str:
         return "(no log)"
 
 
+class LocalRabbit:
+    """The local RabbitMQ node, stopped and started with ``rabbitmqctl stop_app`` and
+    ``start_app`` (its data kept: durable queues and persistent messages survive), reached
+    through ``url`` (a virtual host of the test's own)."""
+
+    def __init__(self, url: str) -> None:
+        """Control the node behind ``url`` (local: ``rabbitmqctl`` must reach it)."""
+        self.url = url
+        self.running = True
+
+    def stop(self) -> None:
+        """Stop the RabbitMQ application (the Erlang node stays up): connections are cut."""
+        from tests.processes import rabbitmqctl
+
+        rabbitmqctl("stop_app")
+        self.running = False
+
+    def start(self, timeout_s: float = 60) -> None:
+        """Start it again; return once it accepts connections."""
+        from tests.processes import rabbitmqctl
+
+        rabbitmqctl("start_app", timeout_s=timeout_s)
+        rabbitmqctl("await_startup", "--timeout", str(int(timeout_s)), timeout_s=timeout_s + 10)
+        self.running = True
+
+    def close(self) -> None:
+        """Leave the node running."""
+        if not self.running:
+            self.start()
+
+
 class PrivateRedis:
     """A ``redis-server`` on 127.0.0.1 and a port of its own, with no persistence."""
 

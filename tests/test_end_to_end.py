@@ -1,7 +1,8 @@
 """The farm end to end: a job submitted through the web app, run by a real ``celery worker``
 process, polled until it succeeds, and its MP4 checked with ffmpeg.
 
-Once on the embedded setup (SQLite, filesystem broker) and once on PostgreSQL and Redis.
+Once on the embedded setup (SQLite, filesystem broker), and on PostgreSQL with Redis and with
+RabbitMQ.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +25,14 @@ from flask.testing import FlaskClient
 from svdfarm.db import upgrade
 from svdfarm.queues import queues_for
 from svdfarm.settings import Settings
-from tests.conftest import REDIS_URL, fresh_database, make_settings, needs_postgres, needs_redis
+from tests.conftest import (
+    fresh_database,
+    make_settings,
+    needs_amqp,
+    needs_postgres,
+    needs_redis,
+    private_broker,
+)
 from tests.factories import png_bytes
 from tests.media import probe_video
 from tests.rows import wait_for_worker
@@ -36,6 +45,11 @@ SETUPS = [
         ("postgresql", "redis"),
         id="postgresql-redis",
         marks=[pytest.mark.postgres, pytest.mark.redis, needs_postgres, needs_redis],
+    ),
+    pytest.param(
+        ("postgresql", "rabbitmq"),
+        id="postgresql-rabbitmq",
+        marks=[pytest.mark.postgres, pytest.mark.amqp, needs_postgres, needs_amqp],
     ),
 ]
 
@@ -67,17 +81,19 @@ def cpu_queues() -> list[str]:
 def farm(request: pytest.FixtureRequest, tmp_path: Path, tiny_model_dir: Path) -> Iterator[Farm]:
     """Start a real worker process against this test's database and broker."""
     db_kind, broker_kind = request.param
-    with fresh_database(db_kind, tmp_path) as database_url:
-        yield from _run_farm(tmp_path, tiny_model_dir, database_url, broker_kind)
+    broker = nullcontext("") if broker_kind == "filesystem" else private_broker(broker_kind)
+    with fresh_database(db_kind, tmp_path) as database_url, broker as broker_url:
+        yield from _run_farm(tmp_path, tiny_model_dir, database_url, broker_url)
 
 
 def _run_farm(
-    tmp_path: Path, tiny_model_dir: Path, database_url: str, broker_kind: str
+    tmp_path: Path, tiny_model_dir: Path, database_url: str, broker_url: str
 ) -> Iterator[Farm]:
-    """Set up the app and a worker process on ``database_url`` and the named broker."""
+    """Set up the app and a worker process on ``database_url`` and ``broker_url`` (empty: the
+    embedded broker)."""
     env = {}
-    if broker_kind == "redis":
-        env["SVDFARM_BROKER_URL"] = REDIS_URL
+    if broker_url:
+        env["SVDFARM_BROKER_URL"] = broker_url
     settings = make_settings(tmp_path / "var", database_url, tiny_model_dir, **env)
     upgrade(settings.database_url)
     from web import create_app

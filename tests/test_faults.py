@@ -1,10 +1,12 @@
-"""Faults, for real: workers killed with SIGKILL mid-render, and a poison job that takes its
-worker down every time. Real `svdfarm worker` processes, PostgreSQL and Redis.
+"""Faults, for real: workers killed with SIGKILL mid-render, a poison job that takes its
+worker down every time, and (RabbitMQ) a render longer than the broker's consumer timeout.
+Real `svdfarm worker` processes, PostgreSQL, and Redis or RabbitMQ (each test on both).
 
 The promises (docs/RELIABILITY.md): a job whose worker is killed is redelivered and finishes
 exactly once, the lost attempt recorded as *worker lost*; a job that kills its worker every
 time is failed with the reason after ``SVDFARM_MAX_DELIVERIES`` deliveries while other jobs
-keep flowing.
+keep flowing; a render that outlasts RabbitMQ's ``consumer_timeout`` succeeds once and its
+worker stays to take the next job.
 """
 
 from __future__ import annotations
@@ -24,18 +26,16 @@ from flask.testing import FlaskClient
 from svdfarm.db import Database, upgrade
 from svdfarm.settings import Settings
 from svdfarm.storage import FileStore
-from tests.conftest import REDIS_URL, fresh_database, make_settings, needs_postgres, needs_redis
+from tests.conftest import BROKERS, fresh_database, make_settings, needs_postgres, private_broker
 from tests.factories import png_bytes
-from tests.processes import LiveProcess, private_redis_db, start_worker
+from tests.processes import LiveProcess, rabbitmqctl, start_worker
 from tests.rows import wait_for_worker
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.postgres,
-    pytest.mark.redis,
-    needs_postgres,
-    needs_redis,
-]
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, needs_postgres]
+
+RABBITMQ = next(p for p in BROKERS if p.id == "rabbitmq")
+#: SIGKILL rounds by broker: ten on Redis; fewer on RabbitMQ (the same code path; CI time).
+KILL_ROUNDS = {"redis": 10, "rabbitmq": 3}
 
 #: Fast failure detection for the test: beats every 0.5 s (offline after 1.5 s), a reaper
 #: pass every second, at most three lost deliveries.
@@ -51,9 +51,12 @@ TERMINAL = ("succeeded", "failed", "canceled")
 class Farm:
     """The web app (in process) and real worker processes on one database and Redis."""
 
-    def __init__(self, settings: Settings, client: FlaskClient, tmp_path: Path) -> None:
-        """Nothing started yet."""
+    def __init__(
+        self, settings: Settings, client: FlaskClient, tmp_path: Path, broker: str
+    ) -> None:
+        """Nothing started yet; ``broker`` names the kind (redis, rabbitmq)."""
         self.settings, self.client, self.tmp_path = settings, client, tmp_path
+        self.broker = broker
         self.workers: dict[str, LiveProcess] = {}
         self.db = Database(settings.database_url)
 
@@ -121,10 +124,11 @@ class Farm:
         return [re.sub(r"\.[0-9a-f]{32}\.", ".<token>.", key.split("/")[1]) for key in keys]
 
 
-@pytest.fixture
-def farm(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Farm]:
-    """A farm on a fresh PostgreSQL schema and a Redis database of its own."""
-    with fresh_database("postgresql", tmp_path) as url, private_redis_db(REDIS_URL) as broker:
+@pytest.fixture(params=BROKERS)
+def farm(request: pytest.FixtureRequest, tmp_path: Path, tiny_model_dir: Path) -> Iterator[Farm]:
+    """A farm on a fresh PostgreSQL schema and a broker of its own (each kind in turn)."""
+    kind = request.param
+    with fresh_database("postgresql", tmp_path) as url, private_broker(kind) as broker:
         settings = make_settings(
             tmp_path / "var",
             url,
@@ -137,7 +141,7 @@ def farm(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Farm]:
         from web import create_app
 
         app = create_app({"SVDFARM_SETTINGS": settings, "TESTING": True})
-        farm = Farm(settings, app.test_client(), tmp_path)
+        farm = Farm(settings, app.test_client(), tmp_path, kind)
         try:
             yield farm
         finally:
@@ -147,16 +151,18 @@ def farm(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Farm]:
 
 @pytest.mark.timeout(900)
 def test_a_worker_killed_mid_render_ten_times_loses_nothing(farm: Farm) -> None:
-    """Ten times: SIGKILL the worker rendering a job; another worker finishes it, once.
+    """Ten times (three on RabbitMQ): SIGKILL the worker rendering a job; another worker
+    finishes it, once.
 
-    The killed worker's Redis message stays unacknowledged (the visibility timeout is hours
-    on purpose); the reaper sees the worker's heartbeats stop and requeues the job.
+    The killed worker acknowledged the job's message when the render started; the reaper sees
+    the worker's heartbeats stop, requeues the job and publishes it again.
     """
+    rounds = KILL_ROUNDS[farm.broker]
     live = [farm.start_worker("w0"), farm.start_worker("w1")]
     for hostname in live:
         farm.wait_registered(hostname)
     recoveries: list[float] = []
-    for round_number in range(10):
+    for round_number in range(rounds):
         job_id = farm.submit(steps=8, seed=round_number, frames=4)
         farm.wait(
             f"round {round_number}: job {job_id} denoising",
@@ -185,8 +191,8 @@ def test_a_worker_killed_mid_render_ten_times_loses_nothing(farm: Farm) -> None:
         assert farm.videos(job_id) == ["video.<token>.mp4"], farm.videos(job_id)
     recoveries.sort()
     print(
-        f"\nSIGKILL x10: all 10 jobs succeeded once; kill -> succeeded "
-        f"median {recoveries[4]:.1f} s, max {recoveries[-1]:.1f} s"
+        f"\nSIGKILL x{rounds} ({farm.broker}): all {rounds} jobs succeeded once; kill -> "
+        f"succeeded median {recoveries[(rounds - 1) // 2]:.1f} s, max {recoveries[-1]:.1f} s"
     )
 
 
@@ -241,4 +247,118 @@ def test_a_poison_job_is_capped_while_others_flow(farm: Farm) -> None:
     # The workers themselves survived: Celery replaced each killed pool process.
     for hostname in workers:
         assert farm.workers[hostname].process.poll() is None, farm.logs()
-    print(f"\npoison: failed after {len(kills)} deliveries; 4 other jobs succeeded")
+    print(f"\npoison ({farm.broker}): failed after {len(kills)} deliveries; 4 other jobs succeeded")
+
+
+#: RabbitMQ's consumer timeout in the test (ms), and how often its channels check it (ms; one
+#: minute by default, so a 10 s timeout would fire up to a minute late).
+CONSUMER_TIMEOUT_MS, CHANNEL_TICK_MS = 5_000, 1_000
+#: Denoising steps of the render that must outlast the timeout (8 frames of 64 x 64: about
+#: 0.3 s a step on an idle core; the test checks that the attempt took longer than the timeout).
+LONG_RENDER_STEPS = 40
+
+
+def _rabbit_env(key: str) -> str:
+    """The node's ``rabbit`` application setting ``key`` as Erlang prints it (``undefined``)."""
+    answer = rabbitmqctl("eval", f"application:get_env(rabbit, {key}).").strip()
+    return answer[len("{ok,") : -1] if answer.startswith("{ok,") else "undefined"
+
+
+def _set_rabbit_env(key: str, value: str) -> None:
+    """Set (or, for ``undefined``, unset) the node's ``rabbit`` setting ``key``."""
+    if value == "undefined":
+        rabbitmqctl("eval", f"application:unset_env(rabbit, {key}).")
+    else:
+        rabbitmqctl("eval", f"application:set_env(rabbit, {key}, {value}).")
+
+
+class UnackedProbe:
+    """A plain AMQP consumer holding one message unacknowledged: once the consumer timeout
+    passes, the broker closes its channel and the message is back in its queue, ready, which
+    shows the timeout was in force meanwhile (the probe's connection stays open throughout)."""
+
+    QUEUE = "svdfarm-test-probe"
+
+    def __init__(self, url: str) -> None:
+        """Connect, publish one message to a queue of the probe's own and take it unacked."""
+        import amqp
+        from kombu import Connection
+
+        self.url = url
+        self.connection = Connection(url, connect_timeout=5)
+        self.connection.ensure_connection(max_retries=1)
+        raw = self.connection.connection  # py-amqp's own connection
+        channel = raw.channel()
+        channel.queue_declare(self.QUEUE, durable=False, auto_delete=False)
+        channel.basic_publish(amqp.Message(b"held"), routing_key=self.QUEUE)
+        self.received: list[object] = []
+        channel.basic_consume(self.QUEUE, callback=self.received.append)
+        raw.drain_events(timeout=10)
+        assert self.received, "the probe received nothing"
+
+    def taken_back(self) -> bool:
+        """True when the broker has put the probe's message back in its queue (ready)."""
+        from kombu import Connection
+
+        with Connection(self.url, connect_timeout=5) as other:
+            ready = other.default_channel.queue_declare(self.QUEUE, passive=True).message_count
+        return int(ready) == 1
+
+    def close(self) -> None:
+        """Close the connection, whatever state it is in."""
+        try:
+            self.connection.release()
+        except Exception:
+            self.connection.collect()
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("farm", [RABBITMQ], indirect=True)
+def test_a_render_longer_than_the_consumer_timeout_succeeds_once(farm: Farm) -> None:
+    """RabbitMQ closes a channel whose delivery stays unacknowledged past ``consumer_timeout``
+    (and Celery's worker then exits). With the timeout at 5 s, a render of several times that
+    succeeds once, and the same worker then renders the job that waited behind it."""
+    saved = {key: _rabbit_env(key) for key in ("consumer_timeout", "channel_tick_interval")}
+    probe: UnackedProbe | None = None
+    try:
+        # Read by each channel as it opens: set before the probe and the worker connect.
+        _set_rabbit_env("consumer_timeout", str(CONSUMER_TIMEOUT_MS))
+        _set_rabbit_env("channel_tick_interval", str(CHANNEL_TICK_MS))
+        probe = UnackedProbe(farm.settings.broker_url)
+        hostname = farm.start_worker("long")
+        farm.wait_registered(hostname)
+        long_job = farm.submit(steps=LONG_RENDER_STEPS, seed=5)
+        next_job = farm.submit(steps=1, seed=6, frames=4)
+        farm.wait(
+            "both jobs to end",
+            lambda: all(farm.job(j)["state"] in TERMINAL for j in (long_job, next_job)),
+            timeout=480,
+        )
+        taken_back = probe.taken_back()
+    finally:
+        if probe is not None:
+            probe.close()
+        for key, value in saved.items():
+            _set_rabbit_env(key, value)
+    long, after = farm.job(long_job), farm.job(next_job)
+    print(f"\nlong render: {[a['duration_s'] for a in long['attempts']]} s")
+    for job in (long, after):
+        assert job["state"] == "succeeded", (job, farm.logs())
+        assert [(a["worker"], a["outcome"]) for a in job["attempts"]] == [
+            (hostname, "succeeded")
+        ], (job["attempts"], farm.logs())
+        assert farm.videos(job["id"]) == ["video.<token>.mp4"]
+    rendered_s = long["attempts"][0]["duration_s"]
+    assert rendered_s > CONSUMER_TIMEOUT_MS / 1000 + 2 * CHANNEL_TICK_MS / 1000, (
+        f"the render took {rendered_s:.1f} s, not past the consumer timeout: raise "
+        "LONG_RENDER_STEPS"
+    )
+    assert taken_back, "the broker never enforced its consumer timeout on the probe"
+    worker = farm.workers[hostname]
+    assert worker.process.poll() is None, worker.text(None)
+    assert "PRECONDITION_FAILED" not in worker.text(None), worker.text(None)
+    print(
+        f"\nconsumer timeout {CONSUMER_TIMEOUT_MS / 1000:g} s: a {rendered_s:.1f} s render "
+        "succeeded once and the worker rendered the next job; the broker took back the "
+        "probe's unacknowledged message meanwhile"
+    )

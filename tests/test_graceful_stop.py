@@ -1,5 +1,6 @@
 """Stopping a worker with SIGTERM, for real: the running job finishes within the stop timeout;
-past it, the job goes back to the queue and another worker finishes it, with one output."""
+past it, the job goes back to the queue (published again: its first message was acknowledged
+when it started) and another worker finishes it, with one output, on Redis and RabbitMQ."""
 
 from __future__ import annotations
 
@@ -17,22 +18,18 @@ from flask.testing import FlaskClient
 from svdfarm.db import Database, upgrade
 from svdfarm.settings import Settings
 from svdfarm.storage import FileStore
-from tests.conftest import REDIS_URL, fresh_database, make_settings, needs_postgres, needs_redis
+from tests.conftest import BROKERS, fresh_database, make_settings, needs_postgres, private_broker
 from tests.factories import png_bytes
 from tests.processes import LiveProcess, start_worker
 from tests.rows import wait_for_worker, wait_until
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.postgres,
-    pytest.mark.redis,
-    needs_postgres,
-    needs_redis,
-]
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, needs_postgres]
+
+REDIS = next(p for p in BROKERS if p.id == "redis")
 
 
 class Workers:
-    """Start ``svdfarm worker`` processes on one database and Redis; stop them at the end."""
+    """Start ``svdfarm worker`` processes on one database and broker; stop them at the end."""
 
     def __init__(self, settings: Settings, tmp_path: Path) -> None:
         """Remember where the workers run."""
@@ -59,15 +56,17 @@ class Workers:
             worker.kill()
 
 
-@pytest.fixture
-def stack(tmp_path: Path, tiny_model_dir: Path) -> Iterator[tuple[Settings, FlaskClient, Workers]]:
-    """The web app on PostgreSQL and Redis, and a way to start workers."""
-    with fresh_database("postgresql", tmp_path) as url:
+@pytest.fixture(params=BROKERS)
+def stack(
+    request: pytest.FixtureRequest, tmp_path: Path, tiny_model_dir: Path
+) -> Iterator[tuple[Settings, FlaskClient, Workers]]:
+    """The web app on PostgreSQL and a broker of the test's own, and a way to start workers."""
+    with fresh_database("postgresql", tmp_path) as url, private_broker(request.param) as broker:
         settings = make_settings(
             tmp_path / "var",
             url,
             tiny_model_dir,
-            SVDFARM_BROKER_URL=REDIS_URL,
+            SVDFARM_BROKER_URL=broker,
             SVDFARM_HEARTBEAT_INTERVAL="0.5",
         )
         upgrade(settings.database_url)
@@ -114,6 +113,7 @@ def _registered(
         db.dispose()
 
 
+@pytest.mark.parametrize("stack", [REDIS], indirect=True)  # the same on any broker
 def test_sigterm_lets_the_running_job_finish(
     stack: tuple[Settings, FlaskClient, Workers],
 ) -> None:

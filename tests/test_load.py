@@ -1,6 +1,6 @@
 """Load: 500 API submissions from 50 concurrent clients against ``svdfarm web`` (gunicorn, in
 its own process) and two ``svdfarm worker`` processes with the tiny model, on PostgreSQL and
-Redis, while other clients poll job status.
+Redis, then RabbitMQ, while other clients poll job status.
 
 Every answer is 201, 429 or 503 (the refusals with Retry-After and a JSON error); every
 accepted job ends; the 201s, the job rows and the terminal jobs are the same jobs; each
@@ -26,26 +26,14 @@ from svdfarm.models import Job
 from svdfarm.settings import Settings
 from svdfarm.states import JobState
 from svdfarm.storage import FileStore
-from tests.conftest import REDIS_URL, fresh_database, make_settings, needs_postgres, needs_redis
+from tests.conftest import BROKERS, fresh_database, make_settings, needs_postgres, private_broker
 from tests.factories import png_bytes
 from tests.http import free_port, multipart
 from tests.load import Answer, percentile, request, wait_until_serving
-from tests.processes import (
-    LiveProcess,
-    private_redis_db,
-    start_svdfarm,
-    start_worker,
-    worker_env,
-)
+from tests.processes import LiveProcess, start_web, start_worker
 from tests.rows import wait_for_worker
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.postgres,
-    pytest.mark.redis,
-    needs_postgres,
-    needs_redis,
-]
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, needs_postgres]
 
 CLIENTS = 50
 SUBMISSIONS = 500
@@ -68,7 +56,7 @@ ANSWERS = (201, 429, 503)
 
 @dataclass
 class LoadFarm:
-    """The web server and two workers on one fresh schema and a Redis database of its own."""
+    """The web server and two workers on one fresh schema and a broker of its own."""
 
     settings: Settings
     db: Database
@@ -82,10 +70,13 @@ class LoadFarm:
         return "\n".join(parts)
 
 
-@pytest.fixture
-def load_farm(tmp_path: Path, tiny_model_dir: Path) -> Iterator[LoadFarm]:
-    """``svdfarm web`` and two ``svdfarm worker`` processes with the tiny model."""
-    with fresh_database("postgresql", tmp_path) as url, private_redis_db(REDIS_URL) as broker:
+@pytest.fixture(params=BROKERS)
+def load_farm(
+    request: pytest.FixtureRequest, tmp_path: Path, tiny_model_dir: Path
+) -> Iterator[LoadFarm]:
+    """``svdfarm web`` and two ``svdfarm worker`` processes with the tiny model, on a broker of
+    the test's own (each kind in turn)."""
+    with fresh_database("postgresql", tmp_path) as url, private_broker(request.param) as broker:
         limits = {
             "SVDFARM_SUBMIT_RATE": str(SUBMIT_RATE),
             "SVDFARM_MAX_QUEUED": str(MAX_QUEUED),
@@ -111,13 +102,7 @@ def load_farm(tmp_path: Path, tiny_model_dir: Path) -> Iterator[LoadFarm]:
         db = Database(settings.database_url)
         processes: list[LiveProcess] = []
         try:
-            web = start_svdfarm(
-                "web",
-                ["web", "--host", "127.0.0.1", "--port", str(port)],
-                worker_env(settings, **extra),
-                tmp_path,
-                cwd=tmp_path,
-            )
+            web = start_web(settings, tmp_path, port, cwd=tmp_path, **extra)
             processes.append(web)
             workers = []
             for name in ("worker-a", "worker-b"):
@@ -305,7 +290,8 @@ def test_500_submissions_from_50_clients(load_farm: LoadFarm) -> None:
     everything = [ms for _, ms in record.status_ms]
     submit_ms = [a.elapsed_s * 1000 for _, a in record.answers]
     print(
-        f"\nload: {len(record.answers)} submissions from {CLIENTS} clients, "
+        f"\nload ({farm.settings.broker_url.split(':', 1)[0]}): "
+        f"{len(record.answers)} submissions from {CLIENTS} clients, "
         f"201={statuses[201]}, 429={statuses[429]}, 503={statuses[503]}, "
         f"other={sum(n for s, n in statuses.items() if s not in ANSWERS)}, "
         f"errors={len(record.errors)}; jobs={len(jobs)} {dict(states)}, videos={len(videos)}, "

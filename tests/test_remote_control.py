@@ -1,31 +1,29 @@
-"""No secret in Celery's remote control: a real worker on PostgreSQL and Redis, both reached
-with a password, and the farm's secret key and admin password set, asked by the standard
-``celery -A svdfarm inspect`` commands (what Flower's worker pages show too)."""
+"""No secret in Celery's remote control: a real worker on PostgreSQL and Redis or RabbitMQ, both
+reached with a password, and the farm's secret key and admin password set, asked by the
+standard ``celery -A svdfarm inspect`` commands (what Flower's worker pages show too)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from svdfarm.db import Database, upgrade
-from tests.conftest import REDIS_URL, fresh_database, make_settings, needs_postgres, needs_redis
-from tests.processes import private_redis_db, start_worker, worker_env
+from tests.conftest import BROKERS, fresh_database, make_settings, needs_postgres, private_broker
+from tests.processes import rabbitmqctl, start_worker, worker_env
 from tests.rows import wait_for_worker
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.postgres,
-    pytest.mark.redis,
-    needs_postgres,
-    needs_redis,
-]
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, needs_postgres]
 
 #: One marker per secret. Local PostgreSQL trusts any password and Redis without one accepts
-#: any, so the worker runs with these as it would with real ones.
+#: any, so the worker runs with these as it would with real ones; on RabbitMQ the test's
+#: broker user is given this password for the test (and its own back afterwards).
 SECRET_KEY = "secret-key-marker-7f3a9c0d2e4b6a8c1f3e5d7b9a0c2e4f"
 ADMIN_PASSWORD = "admin-password-marker-51be"
 DB_PASSWORD = "db-password-marker-e0d4"
@@ -51,15 +49,20 @@ def with_password(url: str, password: str) -> str:
     return f"{scheme}://{user}:{password}@{rest.split('@', 1)[-1]}"
 
 
-def test_no_inspect_answer_holds_a_secret(tmp_path: Path, tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("kind", BROKERS)
+def test_no_inspect_answer_holds_a_secret(kind: str, tmp_path: Path, tiny_model_dir: Path) -> None:
     """Every answer the worker gives to ``inspect`` (config, report, stats, queues, tasks,
     capabilities) names its broker but holds none of the four secrets."""
-    with fresh_database("postgresql", tmp_path) as url, private_redis_db(REDIS_URL) as broker:
+    with (
+        fresh_database("postgresql", tmp_path) as url,
+        private_broker(kind) as private,
+        _with_broker_password(private, BROKER_PASSWORD) as broker,
+    ):
         settings = make_settings(
             tmp_path / "var",
             with_password(url, DB_PASSWORD),
             tiny_model_dir,
-            SVDFARM_BROKER_URL=with_password(broker, BROKER_PASSWORD),
+            SVDFARM_BROKER_URL=broker,
             SVDFARM_SECRET_KEY=SECRET_KEY,
             SVDFARM_ADMIN_PASSWORD=ADMIN_PASSWORD,
         )
@@ -91,7 +94,26 @@ def test_no_inspect_answer_holds_a_secret(tmp_path: Path, tiny_model_dir: Path) 
             db.dispose()
         assert "svdfarm_settings" not in answers["conf"]
         assert "worker_pool" in answers["conf true"] and "worker_pool" not in answers["conf"]
-        assert answers["conf"]["broker_url"].endswith("@127.0.0.1:6379/" + broker.rsplit("/")[-1])
+        assert answers["conf"]["broker_url"].endswith(broker.rsplit("@", 1)[-1])
         assert "svd.cpu.fp32.8g" in json.dumps(answers["conf"]["task_queues"])
         assert "password" not in answers["stats"]["broker"]
         assert "svdfarm.render" in answers["registered"]
+
+
+@contextmanager
+def _with_broker_password(url: str, password: str) -> Iterator[str]:
+    """``url`` with ``password``. Redis without one accepts any; on RabbitMQ a user of the
+    test's own is given it (so the node's other users keep theirs) while the block runs."""
+    if not url.startswith("amqp"):
+        yield with_password(url, password)
+        return
+    scheme, rest = url.split("://", 1)
+    where = rest.rsplit("@", 1)[-1]
+    vhost = where.rsplit("/", 1)[-1]
+    user = f"svdfarm-test-{uuid.uuid4().hex[:8]}"
+    rabbitmqctl("add_user", user, password)
+    try:
+        rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+        yield f"{scheme}://{user}:{password}@{where}"
+    finally:
+        rabbitmqctl("delete_user", user)

@@ -1,14 +1,16 @@
 """Restarting the broker and the database under a live farm, for real.
 
-* Redis restarted (empty: no persistence) while jobs are queued and two render: nothing
-  is lost (the reaper publishes again what Redis forgot), every job ends with exactly one
-  video, and the workers reconnect instead of exiting.
+* The broker restarted while jobs are queued and two render: Redis (empty: no persistence;
+  the reaper publishes again what it forgot) and RabbitMQ (``rabbitmqctl stop_app`` and
+  ``start_app``: its durable queues keep their messages). Nothing is lost, every job ends with
+  exactly one video, and the workers reconnect instead of exiting.
 * PostgreSQL stopped while a job renders: the web answers 503 with ``Retry-After`` (never
   500) while it is down and recovers by itself once it is back; the worker retries its
   status writes and the finished video is kept.
 
-The shared servers other tests use are never touched: each test restarts private ones it
-owns (:mod:`tests.servers`).
+The shared PostgreSQL and Redis other tests use are never touched: each test restarts private
+ones it owns (:mod:`tests.servers`). RabbitMQ is the local node, restarted with its data, each
+test on a virtual host of its own.
 """
 
 from __future__ import annotations
@@ -27,20 +29,21 @@ from flask.testing import FlaskClient
 from svdfarm.db import Database, upgrade
 from svdfarm.settings import Settings
 from svdfarm.storage import FileStore
-from tests.conftest import fresh_database, make_settings, needs_postgres, needs_redis
-from tests.factories import png_bytes
-from tests.media import probe_video
-from tests.processes import LiveProcess, start_worker
-from tests.rows import wait_for_worker, wait_until
-from tests.servers import PrivatePostgres, PrivateRedis, ServerUnavailable
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.postgres,
-    pytest.mark.redis,
+from tests.conftest import (
+    AMQP_URL,
+    BROKERS,
+    fresh_database,
+    make_settings,
     needs_postgres,
     needs_redis,
-]
+)
+from tests.factories import png_bytes
+from tests.media import probe_video
+from tests.processes import LiveProcess, private_amqp_vhost, start_worker
+from tests.rows import wait_for_worker, wait_until
+from tests.servers import LocalRabbit, PrivatePostgres, PrivateRedis, ServerUnavailable
+
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, needs_postgres]
 
 TERMINAL = ("succeeded", "failed", "canceled")
 #: Worker settings: quick heartbeats (offline after 1.5 s) and a reaper pass every second.
@@ -78,6 +81,21 @@ def private_redis() -> Iterator[PrivateRedis]:
         pytest.fail(str(exc), pytrace=False)
     yield server
     server.close()
+
+
+@pytest.fixture(params=BROKERS)
+def restartable_broker(request: pytest.FixtureRequest) -> Iterator[PrivateRedis | LocalRabbit]:
+    """A broker the test may stop and start: a private Redis, or the local RabbitMQ node (on
+    a virtual host of the test's own; running again afterwards whatever happened)."""
+    if request.param == "redis":
+        yield request.getfixturevalue("private_redis")
+        return
+    with private_amqp_vhost(AMQP_URL) as url:
+        rabbit = LocalRabbit(url)
+        try:
+            yield rabbit
+        finally:
+            rabbit.close()
 
 
 @pytest.fixture(scope="module")
@@ -171,10 +189,10 @@ def _attempts(job: dict[str, Any]) -> list[tuple[str, str, str | None]]:
 
 
 @pytest.fixture
-def redis_farm(
-    tmp_path: Path, tiny_model_dir: Path, private_redis: PrivateRedis
+def broker_farm(
+    tmp_path: Path, tiny_model_dir: Path, restartable_broker: PrivateRedis | LocalRabbit
 ) -> Iterator[tuple[Settings, Flask, Workers]]:
-    """The web app and workers on a fresh PostgreSQL schema and the test's private Redis."""
+    """The web app and workers on a fresh PostgreSQL schema and the test's broker."""
     from web import create_app
 
     with fresh_database("postgresql", tmp_path) as url:
@@ -182,7 +200,7 @@ def redis_farm(
             tmp_path / "var",
             url,
             tiny_model_dir,
-            SVDFARM_BROKER_URL=private_redis.url,
+            SVDFARM_BROKER_URL=restartable_broker.url,
             **WORKER_ENV,
         )
         upgrade(settings.database_url)
@@ -195,13 +213,15 @@ def redis_farm(
             app.extensions["svdfarm.db"].dispose()
 
 
-def test_redis_restart_loses_no_job_and_workers_reconnect(
-    redis_farm: tuple[Settings, Flask, Workers], private_redis: PrivateRedis
+def test_broker_restart_loses_no_job_and_workers_reconnect(
+    broker_farm: tuple[Settings, Flask, Workers], restartable_broker: PrivateRedis | LocalRabbit
 ) -> None:
-    """Redis restarts empty, after 8 s, while jobs are queued and two render; one more job is
-    submitted while it is down. Every job succeeds with exactly one video, and the same worker
-    processes are still there, connected again."""
-    settings, app, workers = redis_farm
+    """The broker restarts (Redis empty; RabbitMQ with its durable queues), after 8 s, while
+    jobs are queued and two render; one more job is submitted while it is down. Every job
+    succeeds with exactly one video, and the same worker processes are still there, connected
+    again."""
+    settings, app, workers = broker_farm
+    broker = restartable_broker
     client = app.test_client()
     started = [workers.start("r1"), workers.start("r2")]
     workers.wait_registered()
@@ -216,7 +236,7 @@ def test_redis_restart_loses_no_job_and_workers_reconnect(
     )
     before = {j: _job(client, j)["state"] for j in job_ids}
 
-    private_redis.stop()
+    broker.stop()
     down_at = time.monotonic()
     submit_started = time.monotonic()
     response = _submit(client, steps=SHORT_STEPS, seed=99)
@@ -225,7 +245,7 @@ def test_redis_restart_loses_no_job_and_workers_reconnect(
     assert response.get_json()["state"] == "queued"
     job_ids.append(str(response.get_json()["id"]))
     time.sleep(max(0.0, REDIS_OUTAGE_S - (time.monotonic() - down_at)))
-    private_redis.start()
+    broker.start()
     outage_s = time.monotonic() - down_at
 
     def finished() -> bool:
@@ -237,12 +257,13 @@ def test_redis_restart_loses_no_job_and_workers_reconnect(
         states = {j: (_job(client, j)["state"], _job(client, j)["phase"]) for j in job_ids}
         return f"jobs: {states}\n{workers.logs()}"
 
-    drain_s = wait_until(finished, "every job to end after the Redis restart", 150, details)
+    drain_s = wait_until(finished, "every job to end after the broker restart", 150, details)
     jobs = {j: _job(client, j) for j in job_ids}
     print(
-        f"\nRedis restart: states before {sorted(before.values())}; outage {outage_s:.1f} s; "
+        f"\n{type(broker).__name__} restart: states before {sorted(before.values())}; "
+        f"outage {outage_s:.1f} s; "
         f"submit while down took {submit_s:.2f} s; all {len(jobs)} jobs ended "
-        f"{drain_s:.1f} s after Redis was back"
+        f"{drain_s:.1f} s after the broker was back"
     )
     for j, job in jobs.items():
         print(f"  {j}: {job['state']} attempts {_attempts(job)}")
@@ -273,6 +294,8 @@ def _during_outage(client: FlaskClient, job_id: str) -> dict[str, Any]:
     }
 
 
+@pytest.mark.redis
+@needs_redis
 def test_postgres_restart_answers_503_and_keeps_the_video(
     private_postgres: PrivatePostgres,
     private_redis: PrivateRedis,

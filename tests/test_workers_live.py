@@ -1,6 +1,7 @@
-"""Two real workers with different capability profiles on PostgreSQL and Redis: jobs routed by
-size to the worker that can hold them, the registry's heartbeats and offline detection, and
-the standard Celery command line (inspect, control) run as real subprocesses.
+"""Two real workers with different capability profiles on PostgreSQL, and Redis or RabbitMQ:
+jobs routed by size to the worker that can hold them, ``svdfarm queues`` (the jobs waiting and
+the broker's messages), the registry's heartbeats and offline detection, and the standard
+Celery command line (inspect, control) run as real subprocesses.
 """
 
 from __future__ import annotations
@@ -19,24 +20,21 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from svdfarm.catalog import SVD_XT
 from svdfarm.db import Database, upgrade
 from svdfarm.models import Worker
 from svdfarm.queues import estimate_memory_bytes, tier_of
 from svdfarm.registry import effective_state
 from svdfarm.settings import Settings
 from svdfarm.states import WorkerState
-from tests.conftest import REDIS_URL, fresh_database, make_settings, needs_postgres, needs_redis
+from tests.conftest import BROKERS, fresh_database, make_settings, needs_postgres, private_broker
 from tests.factories import png_bytes
 from tests.processes import LiveProcess, start_worker, worker_env
 from tests.rows import wait_for_worker, wait_until
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.postgres,
-    pytest.mark.redis,
-    needs_postgres,
-    needs_redis,
-]
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, needs_postgres]
+
+REDIS = next(p for p in BROKERS if p.id == "redis")
 
 SMALL_GB, LARGE_GB = 13, 19  # tiers 12 and 16
 HEARTBEAT = 0.5
@@ -86,15 +84,16 @@ def _start(settings: Settings, name: str, memory_gb: int, tmp_path: Path) -> Liv
     )
 
 
-@pytest.fixture
-def farm(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Farm]:
-    """The web app and two workers (12 GB and 16 GB tiers) on PostgreSQL and Redis."""
-    with fresh_database("postgresql", tmp_path) as url:
+@pytest.fixture(params=BROKERS)
+def farm(request: pytest.FixtureRequest, tmp_path: Path, tiny_model_dir: Path) -> Iterator[Farm]:
+    """The web app and two workers (12 GB and 16 GB tiers) on PostgreSQL and a broker of the
+    test's own (each kind in turn)."""
+    with fresh_database("postgresql", tmp_path) as url, private_broker(request.param) as broker:
         settings = make_settings(
             tmp_path / "var",
             url,
             tiny_model_dir,
-            SVDFARM_BROKER_URL=REDIS_URL,
+            SVDFARM_BROKER_URL=broker,
             SVDFARM_HEARTBEAT_INTERVAL=str(HEARTBEAT),
             SVDFARM_STOP_TIMEOUT="60",
         )
@@ -143,9 +142,13 @@ def _wait(client: FlaskClient, job_id: str, states: tuple[str, ...], timeout: fl
         time.sleep(0.2)
 
 
-def test_jobs_go_to_the_worker_that_can_hold_them(farm: Farm) -> None:
+def test_jobs_go_to_the_worker_that_can_hold_them(
+    farm: Farm, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A 16 GB-class job runs on the 16 GB worker; a 12 GB one on a worker serving 12 GB;
-    a 40 GB-class job waits and says why."""
+    a 40 GB-class job waits and says why (routed with SVD-XT's figures: the tiny model's own
+    fit every job in the smallest tier)."""
+    monkeypatch.setattr("svdfarm.jobs.model_shape", lambda *_: SVD_XT)
     small_row, large_row = farm.row(farm.small.hostname), farm.row(farm.large.hostname)
     assert small_row is not None and large_row is not None
     assert max(int(q.rsplit(".", 1)[1][:-1]) for q in small_row.queues) == tier_of(SMALL_GB * 10**9)
@@ -187,6 +190,7 @@ def test_jobs_go_to_the_worker_that_can_hold_them(farm: Farm) -> None:
     wait_until(operator_view, "both workers listed by svdfarm queues", 60)
     rows = seen[-1]
     assert rows["svd.cpu.fp32.40g"]["waiting"] >= 1 and rows["svd.cpu.fp32.40g"]["workers"] == []
+    assert rows["svd.cpu.fp32.40g"]["messages"] == 1  # the broker's count of its queue
     assert set(rows["svd.cpu.fp32.12g"]["workers"]) == {farm.small.hostname, farm.large.hostname}
     assert rows["svd.cpu.fp32.16g"]["workers"] == [farm.large.hostname]
 
@@ -211,6 +215,11 @@ def test_inspect_capabilities_and_control_from_the_celery_command_line(farm: Far
     assert small["capabilities"]["device"] == "cpu"
     assert small["capabilities"]["total_memory_bytes"] == SMALL_GB * 10**9
     assert "svd.cpu.fp32.12g" in small["queues"] and "svd.cpu.fp32.16g" not in small["queues"]
+    # The models it serves: its SVDFARM_MODEL (tiny), and the catalog's that this machine has
+    # downloaded, if any; its registry row says the same.
+    assert small["models"][0] == "tiny"
+    row = farm.row(farm.small.hostname)
+    assert row is not None and row.capabilities["models"] == small["models"]
     print("\ninspect capabilities:", json.dumps(small, indent=1)[:1500])
 
     done = farm.celery(
@@ -236,6 +245,7 @@ def test_inspect_capabilities_and_control_from_the_celery_command_line(farm: Far
     assert row is not None and row.state is WorkerState.OFFLINE
 
 
+@pytest.mark.parametrize("farm", [REDIS], indirect=True)  # the database's, on any broker
 def test_heartbeats_and_offline_detection(farm: Farm) -> None:
     """Heartbeats advance; a killed worker is offline after three missed beats."""
     first = farm.row(farm.small.hostname)

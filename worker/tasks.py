@@ -3,6 +3,15 @@ its heartbeats, and what ``inspect capabilities`` answers.
 
 Heavy imports (torch, diffusers) happen inside the task, so the worker's parent process stays
 light and never initialises CUDA before it forks its pool.
+
+A render's message is acknowledged as soon as its pool process starts it (just before the
+claim), not after the render: a broker's consumer timeout (RabbitMQ's ``consumer_timeout``,
+30 minutes by default) or visibility timeout (Redis) then never cuts a long render short. The
+database is the record from there on: a worker that dies is found by its heartbeats and the
+reaper queues its job again with a new message; a stopping worker hands its job back and
+publishes it. So that no second message waits unacknowledged behind a long render (prefetch
+would reserve one once the first is acknowledged), the worker stops consuming while it renders
+(:class:`_Intake`) and starts again when the render ends. See docs/RELIABILITY.md.
 """
 
 from __future__ import annotations
@@ -25,13 +34,15 @@ from celery.signals import (
     worker_shutdown,
     worker_shutting_down,
 )
+from celery.worker.request import Request
 
+from svdfarm.catalog import advertised_models
 from svdfarm.celery_app import RENDER_TASK, settings_of
 from svdfarm.control import WORKER_INFO
 from svdfarm.db import database_for, forget_databases_after_fork, is_unavailable
 from svdfarm.models import Worker, utcnow
 from svdfarm.settings import Settings
-from svdfarm.states import Actor, RunOutcome, WorkerState
+from svdfarm.states import Actor, WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -41,22 +52,140 @@ CAPABILITIES_ENV = "SVDFARM_WORKER_CAPABILITIES"
 COLD_EXIT_S = 10.0
 
 
-@shared_task(name=RENDER_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+#: Seconds between two looks of the worker's event loop at whether it renders (see _Intake).
+INTAKE_TICK_S = 0.25
+#: Task events sent once a render has ended, however it ended.
+_ENDED_EVENTS = frozenset({"task-succeeded", "task-failed", "task-retried", "task-revoked"})
+
+
+class RenderRequest(Request):  # type: ignore[misc]
+    """A render's delivery, as the worker's main process handles it (see the module doc)."""
+
+    def on_accepted(self, pid: int, time_accepted: float) -> None:
+        """The pool process started the render: stop consuming, then acknowledge."""
+        _intake.pause()
+        super().on_accepted(pid, time_accepted)
+
+    def revoked(self) -> bool:
+        """Also True (the message given back to the broker) when another render is running
+        here: a delivery that reached this worker while it consumed mid-render (after a
+        reconnection, an ``add_consumer``) would otherwise wait behind it unacknowledged."""
+        if super().revoked():
+            return True
+        return _intake.bounce(self)
+
+    def send_event(self, type: str, **fields: Any) -> None:
+        """Send the task event; once the render has ended, consume again at once (the tick
+        would within ``INTAKE_TICK_S``; Celery sends these after its bookkeeping of the end)."""
+        super().send_event(type, **fields)
+        if type in _ENDED_EVENTS:
+            _intake.tick()
+
+
+@shared_task(
+    name=RENDER_TASK,
+    bind=True,
+    acks_late=False,
+    reject_on_worker_lost=False,
+    Request="worker.tasks:RenderRequest",
+)
 def render(self: Task, job_id: str) -> str:
-    """Render the job with this id; the database says what to do and records what happened."""
+    """Render the job with this id; the database says what to do and records what happened.
+
+    A delivery of a job that a live worker renders (a duplicate message) is dropped: if that
+    worker is lost, the reaper queues the job again with a new message.
+    """
     from worker.execute import run_job
 
     settings = settings_of(self.app)
     hostname = self.request.hostname or socket.gethostname()
     outcome = run_job(database_for(settings.database_url), settings, job_id, hostname)
-    if outcome is RunOutcome.RUNNING_ELSEWHERE:
-        # A duplicate delivery while a live worker renders the job: look again later, in case
-        # that worker dies without finishing; once the job ends, the retry finds nothing to do.
-        raise self.retry(
-            countdown=settings.offline_after_s,
-            max_retries=int(settings.task_time_limit_s / settings.offline_after_s) + 1,
-        )
     return outcome.value
+
+
+def _rendering() -> bool:
+    """True while a render runs in this worker's pool (Celery's bookkeeping, main process)."""
+    return _active_job_id() is not None
+
+
+def _stopping() -> bool:
+    """True once the worker is shutting down (it must not consume again)."""
+    from celery.worker import state as worker_state
+
+    return bool(_registry.draining or worker_state.should_stop or worker_state.should_terminate)
+
+
+class _Intake:
+    """Whether this worker takes messages: not while it renders.
+
+    Every method runs in the worker's event loop (the main process's only thread that may use
+    the broker connection): :meth:`pause` when a render starts, :meth:`bounce` for a delivery
+    that arrives while one runs, :meth:`tick` every ``INTAKE_TICK_S`` to consume again once the
+    render has ended (and to stop consuming again after the consumer reconnected mid-render).
+    """
+
+    def __init__(self) -> None:
+        """Not attached to a consumer yet."""
+        self.consumer: Any = None
+        self.paused = False
+
+    def attach(self, consumer: Any) -> None:
+        """Follow ``consumer`` (the worker is ready) and start looking every tick."""
+        self.consumer = consumer
+        timer = getattr(consumer, "timer", None)
+        if timer is not None:
+            timer.call_repeatedly(INTAKE_TICK_S, self.tick)
+
+    def _task_consumer(self) -> Any:
+        """The kombu consumer of the farm's queues now (replaced after each reconnection)."""
+        return getattr(self.consumer, "task_consumer", None)
+
+    def _consuming(self) -> bool:
+        """True when the task consumer holds a subscription on the broker."""
+        return bool(getattr(self._task_consumer(), "_active_tags", None))
+
+    def pause(self) -> None:
+        """Cancel every subscription of the task consumer (the queues stay its own)."""
+        task_consumer = self._task_consumer()
+        if task_consumer is None:
+            return
+        try:
+            task_consumer.cancel()
+        except Exception:  # a broken connection: the consumer reconnects, and tick looks again
+            log.warning("could not stop consuming while rendering", exc_info=True)
+        self.paused = True
+
+    def bounce(self, request: Any) -> bool:
+        """Give ``request``'s message back to the broker when another render is running here
+        (True), so another worker takes it; False when this worker is free to run it."""
+        from celery.worker import state as worker_state
+
+        running = [r for r in list(worker_state.active_requests) if r.id != request.id]
+        if not any(r.name == RENDER_TASK for r in running):
+            return False
+        self.pause()
+        log.info("job %s arrived while another renders here: given back to the queue", request.id)
+        request.reject(requeue=True)
+        worker_state.task_ready(request)
+        return True
+
+    def tick(self) -> None:
+        """Consume again once nothing renders; stop again if a reconnection resumed it."""
+        try:
+            if _rendering():
+                if self._consuming():
+                    self.pause()
+                return
+            if self.paused and not _stopping():
+                task_consumer = self._task_consumer()
+                if task_consumer is not None:
+                    task_consumer.consume()
+                    self.paused = False
+        except Exception:  # the next tick tries again
+            log.warning("could not change whether the worker consumes", exc_info=True)
+
+
+_intake = _Intake()
 
 
 @worker_process_init.connect
@@ -101,6 +230,7 @@ class _Registry:
         self.stop = threading.Event()
         self.beating_since: float | None = None
         self.reaper_celery: Any = None
+        self.publish_celery: Any = None
         self.stop_timer = False
         self.hand_back_reason = ""
 
@@ -117,7 +247,17 @@ class _Registry:
         from worker.probe import Capabilities
 
         summary = Capabilities.from_dict(capabilities).summary()
-        WORKER_INFO.update(hostname=self.hostname, capabilities=capabilities, summary=summary)
+        models = advertised_models(
+            self.settings.catalog,
+            self.settings.worker_models,
+            self.settings.model,
+            self.settings.models_dir,
+        )
+        WORKER_INFO.update(
+            hostname=self.hostname, capabilities=capabilities, summary=summary, models=models
+        )
+        # The models ride beside the probe in the row's JSON: the web reads which it serves.
+        capabilities = {**capabilities, "models": models}
         now = utcnow()
         with database_for(self.settings.database_url).begin() as session:
             row = session.get(Worker, self.hostname)
@@ -228,6 +368,10 @@ _registry = _Registry()
 def _register(sender: Any = None, **_: Any) -> None:
     """Record the worker, its probe and queues once it is ready, and start heartbeats."""
     try:
+        _intake.attach(sender)
+    except Exception:
+        log.exception("could not follow the worker's consumer")
+    try:
         _registry.start(sender)
     except Exception:  # the registry must never stop a worker from working
         log.exception("could not register the worker in the database")
@@ -239,8 +383,8 @@ def _draining(how: str = "Warm", **_: Any) -> None:
     and lets the running one finish; a cold stop (SIGQUIT, a second Ctrl-C) hands it back now.
 
     After ``SVDFARM_STOP_TIMEOUT`` seconds of a warm stop, a job still running is handed back
-    to the queue: the worker sends itself SIGQUIT, Celery's cold shutdown, which cancels it
-    unacknowledged.
+    to the queue and published again (its first message was acknowledged when it started):
+    the worker sends itself SIGQUIT, Celery's cold shutdown, which cancels the render.
     """
     _registry.draining = True
     try:
@@ -320,15 +464,37 @@ def _hand_back_running(reason: str) -> None:
 
 
 def _hand_back(job_id: uuid.UUID, reason: str) -> bool:
-    """Record that this worker gives the job back (not lost: stopped) and queue it again;
-    False when the job was no longer running."""
+    """Record that this worker gives the job back (not lost: stopped), queue it again and
+    publish it; False when the job was no longer running. A publish the broker refuses is
+    recorded (``publish_failed``) and the reaper publishes the job later."""
     from svdfarm import lifecycle
 
     assert _registry.settings is not None
     message = f"The worker {_registry.hostname} {reason}: the job was handed back to the queue."
     by = lifecycle.By(Actor.WORKER, _registry.hostname)
     with database_for(_registry.settings.database_url).begin() as session:
-        return lifecycle.hand_back(session, job_id, by=by, message=message)
+        if not lifecycle.hand_back(session, job_id, by=by, message=message):
+            return False
+    try:
+        _publish(job_id, by)
+    except Exception:  # the job is queued in the database: the reaper publishes it
+        log.exception("could not publish handed-back job %s", job_id)
+    return True
+
+
+def _publish(job_id: uuid.UUID, by: Any) -> None:
+    """Put a queued job's id on its queue, through an app of its own (not the consumer's)."""
+    from svdfarm.celery_app import create_celery
+    from svdfarm.jobs import publish
+    from svdfarm.models import Job
+
+    assert _registry.settings is not None
+    if _registry.publish_celery is None:
+        _registry.publish_celery = create_celery(_registry.settings)
+    with database_for(_registry.settings.database_url).session() as session:
+        job = session.get(Job, job_id)
+        if job is not None:
+            publish(session, _registry.publish_celery, job, by=by)
 
 
 @worker_shutdown.connect

@@ -591,7 +591,12 @@ def test_compose_services() -> None:
     services = compose()["services"]
     assert {"web", "worker", "redis", "postgres", "migrate", "flower"} <= set(services)
     assert "flower" in services["flower"].get("profiles", [])
-    optional = {"flower": ["flower"], "minio": ["s3"], "minio-bucket": ["s3"]}
+    optional = {
+        "flower": ["flower"],
+        "minio": ["s3"],
+        "minio-bucket": ["s3"],
+        "rabbitmq": ["rabbitmq"],
+    }
     assert {name: s["profiles"] for name, s in services.items() if s.get("profiles")} == optional
     # Flower runs in the web image, so that image must have it.
     installs = pip_installs(dockerfile(DEPLOY / "Dockerfile.web"))
@@ -676,6 +681,36 @@ def test_compose_s3_profile_runs_minio_without_a_default_password() -> None:
         }, name
         needs = services[name]["depends_on"]["minio-bucket"]
         assert needs == {"condition": "service_completed_successfully", "required": False}
+
+
+def test_compose_rabbitmq_profile_sets_the_consumer_timeout_from_the_time_limit() -> None:
+    """``--profile rabbitmq`` runs RabbitMQ with its management plugin and no default
+    password; its consumer timeout is the farm's hard time limit plus an hour (computed by the
+    shell from the same variable the farm reads); web and worker wait for it when it runs."""
+    services = compose()["services"]
+    rabbit = services["rabbitmq"]
+    assert rabbit["image"].startswith("rabbitmq:") and rabbit["image"].endswith("-management")
+    env = compose_env(rabbit)
+    assert re.fullmatch(r"\$\{RABBITMQ_PASSWORD:\?[^}]+\}", env["RABBITMQ_DEFAULT_PASS"])
+    limit = "${SVDFARM_TASK_TIME_LIMIT:-11100}"
+    assert env["SVDFARM_TASK_TIME_LIMIT"] == limit
+    assert compose_env(services["worker"])["SVDFARM_TASK_TIME_LIMIT"] == limit
+    script = " ".join(rabbit["command"])
+    assert "consumer_timeout = $$(( ($$SVDFARM_TASK_TIME_LIMIT + 3600) * 1000 ))" in script
+    # What the shell writes, with the default limit (compose turns $$ into $).
+    shell = script.replace("$$", "$").split(" > ")[0].removeprefix("echo ")
+    written = subprocess.run(
+        ["sh", "-c", f"echo {shell}"],
+        env={"SVDFARM_TASK_TIME_LIMIT": str(load_settings({}).task_time_limit_s)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert written == f"consumer_timeout = {(load_settings({}).task_time_limit_s + 3600) * 1000}"
+    assert all(not str(port).startswith("15672") for port in rabbit.get("ports", []))
+    for name in ("web", "worker"):
+        needs = services[name]["depends_on"]["rabbitmq"]
+        assert needs == {"condition": "service_healthy", "required": False}
 
 
 def test_k8s_web_and_workers_read_the_same_storage_secret() -> None:

@@ -102,3 +102,33 @@ def test_celery_purge_empties_the_farm_queues(settings: Settings, tmp_path: Path
     assert done.returncode == 0, done.stderr
     assert f"Purged 1 message from {len(FARM_QUEUES)} known task queues." in done.stdout
     assert broker_messages(settings) == []
+
+
+def test_a_render_is_acknowledged_when_it_starts_so_no_broker_cuts_it_short(
+    settings: Settings,
+) -> None:
+    """The render task acknowledges its message when it starts (not after the render), so
+    neither Redis's visibility timeout nor RabbitMQ's consumer timeout applies and the worker
+    has nothing to warn about; with late acknowledgement it would warn, naming the limit."""
+    import worker.tasks  # noqa: F401 - registers the render task
+    from svdfarm.celery_app import RENDER_TASK, render_cut_short
+
+    for broker in ("redis://cache:6379/0", "amqp://guest:guest@rabbit:5672//"):
+        celery = create_celery(settings.with_overrides(broker_url=broker))
+        try:
+            task = celery.tasks[RENDER_TASK]
+            assert task.acks_late is False and task.reject_on_worker_lost is False
+            assert celery.conf.worker_prefetch_multiplier == 1
+            assert render_cut_short(celery) is None
+            task.acks_late = True  # as it was before: acknowledged after the render
+            try:
+                warning = render_cut_short(celery)
+            finally:
+                task.acks_late = False
+        finally:
+            celery.close()
+        if broker.startswith("redis"):
+            assert warning is None  # the visibility timeout outlasts the hard time limit
+        else:
+            assert warning and "consumer_timeout" in warning
+            assert "SVDFARM_TASK_TIME_LIMIT" in warning

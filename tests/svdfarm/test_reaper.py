@@ -10,6 +10,7 @@ from datetime import timedelta
 
 import pytest
 from celery import Celery
+from sqlalchemy import select
 
 from svdfarm.celery_app import create_celery
 from svdfarm.db import Database
@@ -19,7 +20,7 @@ from svdfarm.models import Attempt, Job, Worker, utcnow
 from svdfarm.reaper import broker_held_ids, reap
 from svdfarm.settings import Settings
 from svdfarm.states import Actor, AttemptOutcome, ErrorClass, JobState, WorkerState
-from tests.conftest import DATABASES
+from tests.conftest import AMQP_URL, DATABASES, needs_amqp
 from tests.rows import add_worker, job_row
 
 DEAD = "dead@host"
@@ -279,3 +280,53 @@ def test_reapers_racing_publish_a_lost_job_once(db: Database, fast: Settings) ->
             is None
         )
     assert [a.error_class for a in load(db, job_id).attempts] == [ErrorClass.WORKER_LOST]
+
+
+@pytest.mark.amqp
+@needs_amqp
+def test_on_rabbitmq_the_database_and_the_queue_counts_say_what_to_publish(
+    db: Database, fast: Settings
+) -> None:
+    """RabbitMQ's messages cannot be read, so the reaper publishes again a queued job whose
+    last publish failed, and the waiting jobs of a queue that holds fewer messages than it has
+    waiting jobs (here: the queue emptied behind the farm's back); never a fresh job."""
+    from kombu import Connection
+
+    from svdfarm.celery_app import enqueue_render
+    from svdfarm.lifecycle import record
+    from svdfarm.states import EventType
+    from tests.processes import private_amqp_vhost
+
+    queue = "svd.cpu.fp32.8g"
+    with private_amqp_vhost(AMQP_URL) as url:
+        amqp = fast.with_overrides(broker_url=url)
+        celery = create_celery(amqp)
+        refused, held, fresh = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+        old = utcnow() - timedelta(minutes=5)
+        by = By(Actor.WEB)
+        with db.begin() as session:
+            for job_id, when in ((refused, old), (held, old), (fresh, utcnow())):
+                session.add(job_row(job_id, queue=queue, created_at=when, updated_at=when))
+            session.flush()
+            for job_id in (refused, held, fresh):
+                record(session, job_id, EventType.PUBLISHED, by)
+            record(session, refused, EventType.PUBLISH_FAILED, by, {"error": "OperationalError"})
+        enqueue_render(celery, str(held), queue)
+        enqueue_render(celery, str(fresh), queue)
+        try:
+            assert broker_held_ids(amqp, celery, [queue]) is None  # AMQP cannot be read
+            # Two messages for two published jobs (one of them fresh): only the refused one.
+            assert reap(db, amqp, celery).republished == [str(refused)]
+            assert not reap(db, amqp, celery)  # just published: inside the grace period
+            with Connection(url) as connection:  # the broker loses what it held
+                connection.default_channel.queue_purge(queue)
+            with db.begin() as session:  # and time passes
+                for job in session.scalars(select(Job)):
+                    job.updated_at = old
+            republished = sorted(reap(db, amqp, celery).republished)
+            assert republished == sorted(str(j) for j in (refused, held, fresh))
+            with Connection(url) as connection:
+                depth = connection.default_channel.queue_declare(queue, passive=True)
+                assert depth.message_count == 3
+        finally:
+            celery.close()
