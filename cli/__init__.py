@@ -17,6 +17,7 @@ import os
 import sys
 
 from cli import gpus
+from svdfarm.catalog import find_entry
 from svdfarm.settings import ModelChoice, Settings, SettingsError, choose_model, load_settings
 
 DESCRIPTION = (
@@ -43,10 +44,13 @@ def redact(url: str) -> str:
 
 def settle_model(settings: Settings, given: str = "") -> Settings:
     """Pick the model by the one rule (:func:`svdfarm.settings.choose_model`; ``given`` is a
-    ``--model`` flag), print it, and export it as ``SVDFARM_MODEL``, so the processes this
-    one starts and the Celery app (built from the environment) run the same model."""
+    ``--model`` flag: a source, or a catalog id), print it, and export it as ``SVDFARM_MODEL``,
+    so the processes this one starts and the Celery app (built from the environment) run the
+    same model."""
     if given:
-        choice = ModelChoice(given, "--model")
+        # A catalog id (svd-xt, tiny, ...) names its source; anything else is a source itself.
+        entry = find_entry(settings.catalog, given)
+        choice = ModelChoice(entry.source if entry is not None else given, "--model")
     else:
         try:
             choice = choose_model(os.environ, gpu_count=gpus.cuda_device_count)

@@ -37,8 +37,20 @@ def add_commands(sub: Any) -> None:
     render.add_argument("--motion-bucket-id", type=int, default=None)
     render.add_argument("--noise-aug-strength", type=float, default=None)
     render.add_argument("--decode-chunk-size", type=int, default=None)
-    render.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    render.add_argument("--min-guidance", type=float, default=None)
+    render.add_argument("--max-guidance", type=float, default=None)
+    render.add_argument(
+        "--loop", action="store_true", default=None, help="ping-pong: forward, then backward"
+    )
+    render.add_argument("--precision", default=None, choices=["auto", "bf16", "fp16", "fp32"])
     render.add_argument("--model", default="", help="override SVDFARM_MODEL")
+    render.add_argument(
+        "--from",
+        dest="from_video",
+        default="",
+        metavar="VIDEO",
+        help="take the model and every setting from an MP4 the farm made (options given win)",
+    )
     render.add_argument(
         "--dtypes",
         default="",
@@ -91,6 +103,20 @@ def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
     from svdfarm.images import ImageError, inspect_image, open_upright_rgb
     from svdfarm.params import ParamError, is_tiny, parse_params
 
+    earlier: dict[str, Any] = {}
+    if args.from_video:
+        from worker.video import read_metadata
+
+        try:
+            found = read_metadata(Path(args.from_video))
+        except (OSError, RuntimeError) as exc:
+            return fail(f"cannot read {args.from_video}: {exc}")
+        if found is None or not isinstance(found.get("params"), dict):
+            return fail(f"{args.from_video} carries no svdfarm settings")
+        earlier = dict(found["params"])
+        earlier.pop("output_formats", None)  # this command writes the MP4 (and a poster)
+        if not args.model and found.get("model"):
+            args.model = str(found["model"])
     settings = settle_model(settings, given=args.model)
     if is_tiny(settings.model):
         # Nothing else is written under the data folder: say where, as it may be made here.
@@ -113,7 +139,11 @@ def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
             "width": args.width,
             "height": args.height,
             "precision": args.precision,
+            "min_guidance_scale": args.min_guidance,
+            "max_guidance_scale": args.max_guidance,
+            "loop": args.loop,
         }
+        raw = {**earlier, **{k: v for k, v in raw.items() if v is not None}}
         params = parse_params(raw, (info.width, info.height), settings.model)
     except OSError as exc:
         return fail(f"cannot read {args.image}: {exc.strerror or exc}")

@@ -21,6 +21,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from svdfarm import lifecycle
+from svdfarm.catalog import model_shape
 from svdfarm.jobs import publish
 from svdfarm.lifecycle import By
 from svdfarm.models import Job, JobEvent
@@ -114,6 +115,7 @@ class Overrides:
                     "fp32",
                     allow_cpu=settings.allow_cpu,
                     online_queues=online_queues(session, settings),
+                    shape=model_shape(job.model, settings.models_dir),
                 )
                 values["queue"] = routed.queue
                 values["memory_estimate_bytes"] = routed.memory_bytes

@@ -25,13 +25,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from svdfarm import lifecycle
+from svdfarm.catalog import find_entry, model_shape
 from svdfarm.celery_app import enqueue_render
 from svdfarm.images import ImageError, ImageInfo, inspect_image
 from svdfarm.lifecycle import By
 from svdfarm.models import Job, utcnow
-from svdfarm.params import FIELDS, ParamError, RenderParams, parse_params
+from svdfarm.params import FIELDS, OUTPUT_FIELDS, ParamError, RenderParams, parse_params
 from svdfarm.queues import Route, Unroutable, route
-from svdfarm.registry import online_queues
+from svdfarm.registry import default_model, online_queues
 from svdfarm.settings import Settings
 from svdfarm.space import LOW_SPACE_RETRY_AFTER_S, low_space
 from svdfarm.states import JobState
@@ -79,6 +80,8 @@ class Submission:
     #: The fields as the client sent them (a blank seed stays blank: the random seed drawn
     #: for it must not make a retry look like another request).
     sent: tuple[tuple[str, str], ...] = ()
+    #: The model it renders: a catalog entry's source (svdfarm.catalog).
+    model: str = ""
 
     def fingerprint(self) -> str:
         """A hash of what was asked (the fields as sent and the image bytes), for retries."""
@@ -90,13 +93,14 @@ class Submission:
 
 
 #: The fields a submission may carry besides its image.
-SUBMIT_FIELDS = (*FIELDS, "precision")
+SUBMIT_FIELDS = (*FIELDS, "precision", *OUTPUT_FIELDS, "model")
 #: Unknown fields named one by one in a refusal (a form may hold up to 1,000 parts).
 MAX_UNKNOWN_LISTED = 10
 
 
-def repeated_fields(form: Any, files: Any) -> dict[str, str]:
-    """Fields (and the image) sent more than once: refused, never one copy silently chosen.
+def repeated_fields(form: Any, files: Any, *, images: bool = True) -> dict[str, str]:
+    """Fields (and the image, unless ``images`` is False: a batch's) sent more than once:
+    refused, never one copy silently chosen.
 
     ``form`` and ``files`` are werkzeug MultiDicts (``request.form``, ``request.files``).
     """
@@ -104,11 +108,11 @@ def repeated_fields(form: Any, files: Any) -> dict[str, str]:
     for name in SUBMIT_FIELDS:
         count = len(form.getlist(name))
         if count > 1:
-            label = FIELDS[name].label if name in FIELDS else name.capitalize()
+            label = FIELDS[name].label if name in FIELDS else name.replace("_", " ").capitalize()
             errors[name] = f"{label} was sent {count} times; send it once."
-    images = len(files.getlist("image"))
-    if images > 1:
-        errors["image"] = f"Send one image; {images} were sent."
+    sent = len(files.getlist("image"))
+    if images and sent > 1:
+        errors["image"] = f"Send one image; {sent} were sent (POST /api/v1/batches takes several)."
     return errors
 
 
@@ -141,10 +145,30 @@ def clean_filename(name: str) -> str:
 
 
 def validate_submission(
-    settings: Settings, fields: Mapping[str, Any], data: bytes | None, filename: str
+    settings: Settings,
+    fields: Mapping[str, Any],
+    data: bytes | None,
+    filename: str,
+    *,
+    served: Iterable[str] = (),
 ) -> Submission:
-    """Check the image and every field; raise ParamError (field -> message) with all problems."""
+    """Check the image and every field; raise ParamError (field -> message) with all problems.
+
+    ``model`` names a model of the catalog by id or source; blank, the first one a live
+    worker serves (``served``, the sources live workers advertise), else ``SVDFARM_MODEL``'s.
+    """
     errors: dict[str, str] = {}
+    model = settings.model
+    asked = str(fields.get("model") or "").strip()
+    if asked:
+        entry = find_entry(settings.catalog, asked)
+        if entry is None:
+            known = ", ".join(e.id for e in settings.catalog)
+            errors["model"] = f"Unknown model {asked[:60]!r}: the known models are {known}."
+        else:
+            model = entry.source
+    else:
+        model = default_model(settings, set(served)).source
     status = 400
     info: ImageInfo | None = None
     if data is None:
@@ -156,24 +180,32 @@ def validate_submission(
             errors["image"], status = str(exc), exc.status
     size = (info.width, info.height) if info else (1, 1)
     try:
-        params = parse_params(fields, size, settings.model)
+        params = parse_params(fields, size, model)
     except ParamError as exc:
         errors.update(exc.errors)
     else:
         try:
-            _route(settings, params, ())
+            _route(settings, params, (), model)
         except Unroutable as exc:
             errors["job"] = str(exc)
     if errors or info is None or data is None:
         raise ParamError(errors, status)
     sent = tuple((name, str(fields.get(name, "") or "").strip()) for name in SUBMIT_FIELDS)
     return Submission(
-        params=params, image=info, data=data, filename=clean_filename(filename), sent=sent
+        params=params,
+        image=info,
+        data=data,
+        filename=clean_filename(filename),
+        sent=sent,
+        model=model,
     )
 
 
-def _route(settings: Settings, params: RenderParams, online: Iterable[str]) -> Route:
-    """The queue a job goes to (raises Unroutable when no worker class could run it)."""
+def _route(
+    settings: Settings, params: RenderParams, online: Iterable[str], model: str = ""
+) -> Route:
+    """The queue a job of ``model`` (default ``SVDFARM_MODEL``) goes to, with that model's
+    memory estimate (raises Unroutable when no worker class could run it)."""
     return route(
         params.num_frames,
         params.width,
@@ -182,6 +214,7 @@ def _route(settings: Settings, params: RenderParams, online: Iterable[str]) -> R
         params.precision,
         allow_cpu=settings.allow_cpu,
         online_queues=online,
+        shape=model_shape(model or settings.model, settings.models_dir),
     )
 
 
@@ -213,10 +246,12 @@ def find_idempotent(session: Session, key: str, submission: Submission) -> Job |
     return job
 
 
-def check_limits(session: Session, settings: Settings, client: str | None) -> None:
-    """Raise :class:`SubmitRefused` when the store is nearly full, ``client`` is over its
-    per-minute limit or the farm is full; both limits count what the database holds, so
-    every web process agrees.
+def check_limits(
+    session: Session, settings: Settings, client: str | None, *, count: int = 1
+) -> None:
+    """Raise :class:`SubmitRefused` when the store is nearly full, or ``count`` more jobs
+    (a batch's) would put ``client`` over its per-minute limit or the farm over its queue
+    limit; both limits count what the database holds, so every web process agrees.
 
     On PostgreSQL one client's submits are serialised by an advisory lock, so its limit is
     exact; the farm-wide queue limit is not serialised (that would make every submit wait for
@@ -239,7 +274,14 @@ def check_limits(session: Session, settings: Settings, client: str | None) -> No
                 Job.client == client, Job.created_at > window_start
             )
         ).one()
-        if recent[0] >= rate:
+        if count > rate:
+            raise SubmitRefused(
+                f"Too many jobs at once: {count} in one batch, and at most {rate} per minute "
+                "from one client. Send a smaller batch.",
+                429,
+                60,
+            )
+        if recent[0] + count > rate:
             oldest = recent[1] or now
             wait = math.ceil((oldest - window_start).total_seconds())
             raise SubmitRefused(
@@ -253,13 +295,39 @@ def check_limits(session: Session, settings: Settings, client: str | None) -> No
         queued = session.scalar(
             select(func.count()).select_from(Job).where(Job.state == JobState.QUEUED)
         )
-        if (queued or 0) >= limit:
+        if (queued or 0) + count > limit:
             raise SubmitRefused(
                 f"The farm is full ({queued} of at most {limit} jobs are waiting). "
                 f"Try again in {QUEUE_FULL_RETRY_AFTER_S} s.",
                 503,
                 QUEUE_FULL_RETRY_AFTER_S,
             )
+
+
+def new_job(
+    settings: Settings,
+    submission: Submission,
+    *,
+    client: str | None,
+    online: Iterable[str],
+    idempotency_key: str | None = None,
+) -> Job:
+    """The row of a new job for ``submission``, routed among the ``online`` queues (not
+    added to a session)."""
+    job_id = uuid.uuid4()
+    routed = _route(settings, submission.params, online, submission.model)
+    return Job(
+        id=job_id,
+        model=submission.model or settings.model,
+        input_key=Store.key(job_id, f"input.{submission.image.extension}"),
+        input_filename=submission.filename,
+        queue=routed.queue,
+        memory_estimate_bytes=routed.memory_bytes,
+        client=(client or None) and client[:64],
+        idempotency_key=idempotency_key,
+        request_hash=submission.fingerprint() if idempotency_key is not None else None,
+        **submission.params.as_dict(),
+    )
 
 
 def submit_job(
@@ -285,21 +353,14 @@ def submit_job(
             return earlier
     check_limits(session, settings, client)
     storage = open_store(settings)
-    job_id = uuid.uuid4()
-    routed = _route(settings, submission.params, online_queues(session, settings))
-    input_key = Store.key(job_id, f"input.{submission.image.extension}")
-    job = Job(
-        id=job_id,
-        model=settings.model,
-        input_key=input_key,
-        input_filename=submission.filename,
-        queue=routed.queue,
-        memory_estimate_bytes=routed.memory_bytes,
-        client=(client or None) and client[:64],
+    job = new_job(
+        settings,
+        submission,
+        client=client,
+        online=online_queues(session, settings, submission.model or None),
         idempotency_key=idempotency_key,
-        request_hash=submission.fingerprint() if idempotency_key is not None else None,
-        **submission.params.as_dict(),
     )
+    job_id, input_key = job.id, job.input_key
     try:
         lifecycle.submit(session, job, by=by)
         storage.write_bytes(input_key, submission.data)

@@ -13,6 +13,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    ColumnElement,
     DateTime,
     Enum,
     Float,
@@ -24,6 +25,8 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     Uuid,
+    and_,
+    func,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -113,6 +116,11 @@ class Job(Base):
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
     precision: Mapped[str] = mapped_column(String(8))
+    min_guidance_scale: Mapped[float] = mapped_column(Float, default=1.0)
+    max_guidance_scale: Mapped[float] = mapped_column(Float, default=3.0)
+    # The files asked for ("mp4,webm,gif,frames"; the MP4 always) and ping-pong looping.
+    output_formats: Mapped[str] = mapped_column(String(64), default="mp4")
+    loop: Mapped[bool] = mapped_column(Boolean, default=False)
     # Admin overrides, None = the worker decides: boundary casts on/off, per-component dtypes.
     casts: Mapped[bool | None] = mapped_column(Boolean)
     dtypes: Mapped[dict[str, str] | None] = mapped_column(JSON)
@@ -125,6 +133,14 @@ class Job(Base):
     input_filename: Mapped[str] = mapped_column(String(255), default="")
     video_key: Mapped[str | None] = mapped_column(String(200))
     poster_key: Mapped[str | None] = mapped_column(String(200))
+    # Every output's key by format ("mp4", "webm", "gif", "frames"), set with video_key.
+    output_keys: Mapped[dict[str, str] | None] = mapped_column(JSON)
+    # The batch the job was submitted in, if any (svdfarm.batches).
+    batch_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("batches.id", ondelete="SET NULL"), index=True
+    )
+    #: Its place in the batch (images in the order sent, each image's seeds in order).
+    batch_index: Mapped[int | None] = mapped_column(Integer)
     # When retention (svdfarm.retention) deleted the outputs, and the input; None: still kept.
     expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     input_expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -162,7 +178,55 @@ class Job(Base):
             "width": self.width,
             "height": self.height,
             "precision": self.precision,
+            "min_guidance_scale": self.min_guidance_scale,
+            "max_guidance_scale": self.max_guidance_scale,
+            "output_formats": self.output_formats,
+            "loop": self.loop,
         }
+
+    def output_key(self, output: str) -> str | None:
+        """The storage key of one output format (the MP4's is ``video_key``), or None."""
+        if output == "mp4":
+            return self.video_key
+        return (self.output_keys or {}).get(output)
+
+
+def list_order() -> ColumnElement[datetime]:
+    """What lists of jobs sort by, newest first: when the job finished, else when it came."""
+    return func.coalesce(Job.finished_at, Job.created_at)
+
+
+# Lists read a page from its edge in these orders (web/admin.py), whatever the history's size.
+Index("ix_jobs_list_order", list_order(), Job.id)
+Index("ix_jobs_state_list_order", Job.state, list_order(), Job.id)
+Index("ix_jobs_model", Job.model)
+# Retention's pass reads only the jobs whose files are still kept (svdfarm/retention.py).
+Index(
+    "ix_jobs_outputs_kept",
+    Job.finished_at,
+    Job.id,
+    postgresql_where=Job.expired_at.is_(None),
+    sqlite_where=Job.expired_at.is_(None),
+)
+Index(
+    "ix_jobs_input_kept",
+    Job.finished_at,
+    Job.id,
+    postgresql_where=Job.input_expired_at.is_(None),
+    sqlite_where=Job.input_expired_at.is_(None),
+)
+
+
+class Batch(Base):
+    """Jobs submitted together: one per image and seed, sharing their settings."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    client: Mapped[str | None] = mapped_column(String(64))
+
+    jobs: Mapped[list[Job]] = relationship(order_by="Job.batch_index")
 
 
 class Attempt(Base):
@@ -191,6 +255,16 @@ class Attempt(Base):
     job: Mapped[Job] = relationship(back_populates="attempts")
 
 
+# The admin's worker filter lists the names once each, a probe per name (web/admin.py).
+Index("ix_attempts_worker", Attempt.worker)
+# The workers page counts the failures of the last day by class (web/admin.py).
+Index(
+    "ix_attempts_outcome_ended",
+    Attempt.outcome,
+    func.coalesce(Attempt.finished_at, Attempt.started_at),
+)
+
+
 class Worker(Base):
     """A worker process as it advertised itself, with its last heartbeat."""
 
@@ -205,6 +279,23 @@ class Worker(Base):
     current_job_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("jobs.id", ondelete="SET NULL")
     )
+
+
+class MetricCount(Base):
+    """A count kept by the database's triggers as jobs and attempts change (the migration
+    ``metric_counts`` has them): ``/metrics`` reads these rows, never every job."""
+
+    __tablename__ = "metric_counts"
+
+    #: ``jobs`` (labels: a finished state), ``duration_count`` (labels: a bucket's upper
+    #: bound or ``+Inf``, not cumulative), ``duration_sum`` (no labels), ``attempts``
+    #: (labels: error class, plan and outcome joined by :data:`METRIC_LABEL_SEP`).
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    labels: Mapped[str] = mapped_column(String(500), primary_key=True)
+    value: Mapped[float] = mapped_column(Float)
+
+
+METRIC_LABEL_SEP = "\x1f"
 
 
 class JobEvent(Base):
@@ -238,3 +329,20 @@ class JobEvent(Base):
             "actor": who,
             "details": self.details or {},
         }
+
+
+def storage_failure_event() -> ColumnElement[bool]:
+    """Events of a job failing because its video could not be stored (svdfarm/space.py
+    retries those jobs); ``ix_job_events_storage_failed`` holds only these."""
+    return and_(
+        JobEvent.type == EventType.FAILED,
+        JobEvent.details["error_class"].as_string() == ErrorClass.STORAGE.value,
+    )
+
+
+Index(
+    "ix_job_events_storage_failed",
+    JobEvent.job_id,
+    postgresql_where=storage_failure_event(),
+    sqlite_where=storage_failure_event(),
+)

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from svdfarm.catalog import model_defaults
+
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SIZE_MULTIPLE = 64
 MIN_SIDE = 64
@@ -21,6 +23,16 @@ MAX_SEED = 2**63 - 1
 #: has the same area), used when the model's config cannot be read locally.
 SVD_BASE_SIDE = 768
 TINY_BASE_SIDE = 64
+#: The range of SVD's classifier-free guidance scales (the pipeline ramps from min to max
+#: across the frames; 1.0 or less turns guidance off).
+MIN_GUIDANCE = 0.0
+MAX_GUIDANCE = 20.0
+#: The files a job can make: the MP4 always, the others when asked (``output_formats``).
+OUTPUT_FORMATS = ("mp4", "webm", "gif", "frames")
+#: The submission's fields that are not numbers of :data:`FIELDS` nor the precision.
+OUTPUT_FIELDS = ("output_formats", "loop")
+FLAG_TRUE = ("true", "1", "on", "yes")
+FLAG_FALSE = ("false", "0", "off", "no", "")
 
 
 @dataclass(frozen=True)
@@ -33,6 +45,8 @@ class Field:
     minimum: float
     maximum: float
     help: str
+    #: Shown in the form's "Advanced" section.
+    advanced: bool = False
 
 
 FIELDS: dict[str, Field] = {
@@ -49,6 +63,24 @@ FIELDS: dict[str, Field] = {
         Field("decode_chunk_size", "Decode chunk", int, 1, 128, "Frames the VAE decodes at once."),
         Field("width", "Width", int, MIN_SIDE, MAX_SIDE, "Blank: fit the image to the model."),
         Field("height", "Height", int, MIN_SIDE, MAX_SIDE, "Blank: fit the image to the model."),
+        Field(
+            "min_guidance_scale",
+            "Min guidance",
+            float,
+            MIN_GUIDANCE,
+            MAX_GUIDANCE,
+            "Guidance of the first frame, rising to max guidance by the last (1.0).",
+            advanced=True,
+        ),
+        Field(
+            "max_guidance_scale",
+            "Max guidance",
+            float,
+            MIN_GUIDANCE,
+            MAX_GUIDANCE,
+            "Guidance of the last frame; at least min guidance (3.0).",
+            advanced=True,
+        ),
     )
 }
 
@@ -77,10 +109,51 @@ class RenderParams:
     width: int
     height: int
     precision: str
+    min_guidance_scale: float = 1.0
+    max_guidance_scale: float = 3.0
+    #: Comma-separated, ``mp4`` first: the files the worker writes.
+    output_formats: str = "mp4"
+    #: Ping-pong: the frames play forward, then backward.
+    loop: bool = False
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        """The output formats as a tuple, ``mp4`` first."""
+        return tuple(f for f in self.output_formats.split(",") if f)
 
     def as_dict(self) -> dict[str, Any]:
         """The parameters as a plain dict (the Job row's columns of the same names)."""
         return asdict(self)
+
+
+#: The pipeline's own defaults.
+GUIDANCE_DEFAULTS = {"min_guidance_scale": 1.0, "max_guidance_scale": 3.0}
+
+
+def parse_output_formats(raw: Any) -> str:
+    """``"gif, webm"`` as ``"mp4,webm,gif"``: known formats only, mp4 first, no repeats;
+    raises ValueError naming the unknown ones."""
+    asked = [p.strip(" ") for p in str(raw if raw is not None else "").split(",")]
+    unknown = [p for p in asked if p and p not in OUTPUT_FORMATS]
+    if unknown:
+        raise ValueError(
+            f"Output formats must be among {', '.join(OUTPUT_FORMATS)} (comma-separated), "
+            f"got {', '.join(repr(u[:20]) for u in unknown[:5])}."
+        )
+    return ",".join(f for f in OUTPUT_FORMATS if f == "mp4" or f in asked)
+
+
+def parse_flag(raw: Any) -> bool:
+    """A form's yes/no (``on``, ``true``, ``1``, ``yes``; blank, ``off``, ``false``, ``0``,
+    ``no``), in lower case as the API documents it."""
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw if raw is not None else "")
+    if text in FLAG_TRUE:
+        return True
+    if text in FLAG_FALSE:
+        return False
+    raise ValueError(f"Loop must be true or false, got {text[:40]!r}.")
 
 
 def is_tiny(model: str) -> bool:
@@ -99,15 +172,18 @@ def defaults_for(model: str) -> dict[str, Any]:
             "noise_aug_strength": 0.02,
             "decode_chunk_size": 8,
             "precision": "auto",
+            **GUIDANCE_DEFAULTS,
         }
     return {
-        "num_frames": 25,
+        # The frames its UNet was trained on (its config's num_frames), SVD-XT's 25 unknown.
+        "num_frames": model_defaults(model, Path())["num_frames"],
         "num_inference_steps": 25,
         "fps": 7,
         "motion_bucket_id": 127,
         "noise_aug_strength": 0.02,
         "decode_chunk_size": 8,
         "precision": "auto",
+        **GUIDANCE_DEFAULTS,
     }
 
 
@@ -231,6 +307,27 @@ def parse_params(
             f"Precision must be one of {', '.join(PRECISIONS)}, got {precision[:40]!r}."
         )
 
+    try:
+        output_formats = parse_output_formats(raw.get("output_formats"))
+    except ValueError as exc:
+        errors["output_formats"] = str(exc)
+    try:
+        loop = parse_flag(raw.get("loop"))
+    except ValueError as exc:
+        errors["loop"] = str(exc)
+
+    low, high = "min_guidance_scale", "max_guidance_scale"
+    if low not in errors and high not in errors and values[low] > values[high]:
+        if _given(raw, low) and _given(raw, high):
+            errors[high] = (
+                f"Max guidance must be at least min guidance ({values[low]:g}), "
+                f"got {values[high]:g}."
+            )
+        elif _given(raw, low):
+            values[high] = values[low]  # a blank max follows a min above its default
+        else:
+            values[low] = values[high]  # a blank min follows a max below its default
+
     width, height = values.get("width"), values.get("height")
     if (width is None) != (height is None) and "width" not in errors and "height" not in errors:
         missing = "height" if height is None else "width"
@@ -260,4 +357,18 @@ def parse_params(
         width=int(width),
         height=int(height),
         precision=precision,
+        min_guidance_scale=float(values["min_guidance_scale"]),
+        max_guidance_scale=float(values["max_guidance_scale"]),
+        output_formats=output_formats,
+        loop=loop,
     )
+
+
+def _given(raw: Mapping[str, Any], name: str) -> bool:
+    """True when ``raw`` holds a non-blank value for ``name``."""
+    value = raw.get(name)
+    return value is not None and not (isinstance(value, str) and not value.strip())
+
+
+#: What ``output_formats`` accepts, as a regular expression (the OpenAPI document's pattern).
+OUTPUT_FORMATS_PATTERN = "^ *(({0}) *)?(, *(({0}) *)?)*$".format("|".join(OUTPUT_FORMATS))

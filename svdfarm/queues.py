@@ -19,6 +19,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from svdfarm.catalog import SVD_XT, ModelShape
+
 PREFIX = "svd"
 DEVICES = ("cuda", "mps", "cpu")
 PRECISION_CLASSES = ("bf16", "fp16", "fp32")
@@ -27,14 +29,14 @@ TIERS_GB = (8, 12, 16, 24, 40, 48, 80, 141)
 _TIER_SLACK = 0.9
 _GB = 1_000_000_000
 
-# SVD-XT's parameter counts, in millions (docs/ROUTING.md).
-_PARAMS_M = {"image_encoder": 632, "unet": 1525, "vae": 98}
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-# Activation constants, to be calibrated on a GPU: bytes per latent pixel per frame for the
-# UNet (both classifier-free-guidance halves, attention included), per decoded pixel per
-# frame in a VAE decode chunk, and a fixed overhead (CUDA context, allocator slack).
-UNET_BYTES_PER_LATENT_PIXEL_FRAME = 2 * 320 * 24
-VAE_BYTES_PER_PIXEL_FRAME = 128 * 4 * 3
+# Activation constants, to be calibrated on a GPU: fp32 bytes per latent pixel per frame per
+# channel of the UNet's first block (both classifier-free-guidance halves, attention included;
+# SVD's 320 channels give 2 x 320 x 24), per decoded pixel per frame per channel of the VAE's
+# first block in a decode chunk (SVD's 128 give 128 x 4 x 3), and a fixed overhead (CUDA
+# context, allocator slack; on a CPU, the libraries).
+UNET_BYTES_PER_CHANNEL = 2 * 24
+VAE_BYTES_PER_CHANNEL = 4 * 3
 OVERHEAD_BYTES = int(1.5 * _GB)
 
 
@@ -118,26 +120,55 @@ def precision_class(precision: str, device: str) -> str:
     return {"auto": "fp16", "bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[precision]
 
 
-def estimate_memory_bytes(
-    num_frames: int, width: int, height: int, decode_chunk_size: int, precision_class: str
-) -> int:
-    """The memory a job needs on its device, for SVD-XT at this precision class.
+def class_dtypes(precision_class: str) -> dict[str, str]:
+    """The dtype of each component in the plan a worker of this precision class picks: the
+    class's dtype, with an fp32 VAE for ``fp16``."""
+    return {
+        "image_encoder": precision_class,
+        "unet": precision_class,
+        "vae": "fp32" if precision_class == "fp16" else precision_class,
+    }
 
-    Weights: the encoder and UNet in the class's dtype, the VAE in fp32 for ``fp16`` (the plan
-    such workers pick) and in the class's dtype otherwise. Activations grow with frames x
-    latent pixels in the UNet and with decode chunk x pixels in the VAE. The constants are
-    first guesses, to be calibrated on real GPUs (docs/ROUTING.md).
+
+def estimate_plan_bytes(
+    num_frames: int,
+    width: int,
+    height: int,
+    decode_chunk_size: int,
+    dtypes: Mapping[str, str],
+    shape: ModelShape = SVD_XT,
+) -> int:
+    """The memory a render needs with each component in ``dtypes`` (``fp32``, ``bf16``,
+    ``fp16`` by component), for a model of ``shape`` (:func:`svdfarm.catalog.model_shape`).
+
+    Weights: each component's parameters in its dtype. Activations grow with frames x latent
+    pixels (the VAE's downscale factor) x the UNet's first block width, and with decode chunk
+    x pixels x the VAE's first block width. The constants are first guesses, to be calibrated
+    on real GPUs (docs/ROUTING.md).
     """
-    dtype = precision_class
-    vae_dtype = "fp32" if precision_class == "fp16" else dtype
-    weights = (_PARAMS_M["image_encoder"] + _PARAMS_M["unet"]) * 1_000_000 * _BYTES[
-        dtype
-    ] + _PARAMS_M["vae"] * 1_000_000 * _BYTES[vae_dtype]
-    latent_pixels = (width // 8) * (height // 8)
-    unet = num_frames * latent_pixels * UNET_BYTES_PER_LATENT_PIXEL_FRAME * _BYTES[dtype] // 4
-    vae = min(decode_chunk_size, num_frames) * width * height * VAE_BYTES_PER_PIXEL_FRAME
-    vae = vae * _BYTES[vae_dtype] // 4
+    weights = sum(shape.params[c] * _BYTES[dtypes[c]] for c in ("image_encoder", "unet", "vae"))
+    factor = shape.vae_factor
+    latent_pixels = max(1, width // factor) * max(1, height // factor)
+    unet = num_frames * latent_pixels * UNET_BYTES_PER_CHANNEL * shape.unet_channels
+    unet = unet * _BYTES[dtypes["unet"]] // 4
+    vae = min(decode_chunk_size, num_frames) * width * height
+    vae = vae * VAE_BYTES_PER_CHANNEL * shape.vae_channels * _BYTES[dtypes["vae"]] // 4
     return int(weights + unet + vae + OVERHEAD_BYTES)
+
+
+def estimate_memory_bytes(
+    num_frames: int,
+    width: int,
+    height: int,
+    decode_chunk_size: int,
+    precision_class: str,
+    shape: ModelShape = SVD_XT,
+) -> int:
+    """The memory a job needs on a worker of ``precision_class``, for a model of ``shape``
+    (SVD-XT's unless given): :func:`estimate_plan_bytes` with :func:`class_dtypes`."""
+    return estimate_plan_bytes(
+        num_frames, width, height, decode_chunk_size, class_dtypes(precision_class), shape
+    )
 
 
 class Unroutable(ValueError):
@@ -162,12 +193,14 @@ def route(
     allow_cpu: bool,
     online_queues: Iterable[str] = (),
     cpu_max_gb: int = TIERS_GB[-1],
+    shape: ModelShape = SVD_XT,
 ) -> Route:
     """The queue for a job: the smallest fitting GPU tier at its precision, or the CPU.
 
     The first candidate a live worker consumes wins (``online_queues``), GPU before CPU; with
     none online, the CPU when ``allow_cpu`` (a farm that has only started), else the smallest
-    fitting GPU tier, where the job waits. Raises :class:`Unroutable` when no class could ever
+    fitting GPU tier, where the job waits. ``shape`` is the job's model's
+    (:func:`svdfarm.catalog.model_shape`). Raises :class:`Unroutable` when no class could ever
     run the job.
     """
     online = set(online_queues)
@@ -176,7 +209,7 @@ def route(
         if device == "cpu" and not allow_cpu:
             continue
         klass = precision_class(precision, device)
-        need = estimate_memory_bytes(num_frames, width, height, decode_chunk_size, klass)
+        need = estimate_memory_bytes(num_frames, width, height, decode_chunk_size, klass, shape)
         limit = cpu_max_gb if device == "cpu" else TIERS_GB[-1]
         # Fit the smallest card of the tier (tier_of admits cards down to the slack), not the
         # tier's nominal size: every worker consuming the queue must be able to hold the job.
@@ -187,7 +220,12 @@ def route(
     if not candidates:
         need_gb = (
             estimate_memory_bytes(
-                num_frames, width, height, decode_chunk_size, precision_class(precision, "cuda")
+                num_frames,
+                width,
+                height,
+                decode_chunk_size,
+                precision_class(precision, "cuda"),
+                shape,
             )
             / _GB
         )

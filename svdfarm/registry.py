@@ -7,11 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from svdfarm.catalog import CatalogEntry, find_entry, model_defaults
 from svdfarm.models import Job, Worker, utcnow
+from svdfarm.params import defaults_for, size_presets
 from svdfarm.queues import parse_queue
 from svdfarm.settings import Settings
 from svdfarm.states import JobState, WorkerState
@@ -39,24 +42,39 @@ def online_workers(session: Session, settings: Settings) -> Sequence[Worker]:
     return [w for w in rows if effective_state(w, settings, now) is not WorkerState.OFFLINE]
 
 
-def online_queues(session: Session, settings: Settings) -> set[str]:
-    """Every queue at least one online worker consumes and will take new jobs from.
+def serves(worker: Worker, model: str | None) -> bool:
+    """True when ``worker`` serves ``model`` (a source); any model for ``None``, and for a
+    worker that advertises no list (one started before workers advertised their models)."""
+    models = (worker.capabilities or {}).get("models")
+    return model is None or not isinstance(models, list) or model in models
+
+
+def online_queues(session: Session, settings: Settings, model: str | None = None) -> set[str]:
+    """Every queue at least one online worker consumes and will take new jobs from; with
+    ``model``, only the queues of workers that serve it.
 
     A draining worker is finishing its last job: routing does not count on it.
     """
     return {
         q
         for w in online_workers(session, settings)
-        if w.state is not WorkerState.DRAINING
+        if w.state is not WorkerState.DRAINING and serves(w, model)
         for q in w.queues
     }
 
 
-def waiting_reason(session: Session, settings: Settings, job: Job) -> str | None:
-    """Why a queued job waits, for its status page: no worker for its class, or its place."""
+def waiting_reason(
+    session: Session, settings: Settings, job: Job, online: Sequence[Worker] | None = None
+) -> str | None:
+    """Why a queued job waits, for its status page: no worker for its class, or its place.
+
+    ``online``: the online workers when the caller has them (read a moment ago); else read.
+    """
     if job.state is not JobState.QUEUED or not job.queue:
         return None
-    consumers = [w for w in online_workers(session, settings) if job.queue in w.queues]
+    if online is None:
+        online = online_workers(session, settings)
+    consumers = [w for w in online if job.queue in w.queues]
     if not consumers:
         try:
             wanted = parse_queue(job.queue).describe()
@@ -75,3 +93,50 @@ def waiting_reason(session: Session, settings: Settings, job: Job) -> str | None
         f"waiting: {ahead or 0} job(s) ahead in queue {job.queue}; "
         f"{len(consumers)} worker(s) can take it, {busy} busy"
     )
+
+
+def served_models(session: Session, settings: Settings) -> set[str]:
+    """The models (sources) that online workers taking new jobs serve (``SVDFARM_WORKER_MODELS``
+    or what they found on their machine; ``inspect capabilities`` shows the same)."""
+    return {
+        model
+        for w in online_workers(session, settings)
+        if w.state is not WorkerState.DRAINING
+        for model in (w.capabilities or {}).get("models") or []
+        if isinstance(model, str)
+    }
+
+
+def default_model(settings: Settings, served: set[str]) -> CatalogEntry:
+    """The model a job without one renders: the first of the catalog a live worker serves
+    (tiny on a CPU-only demo, SVD-XT on a GPU farm); with none, ``SVDFARM_MODEL``'s."""
+    entries = settings.catalog
+    for entry in entries:
+        if entry.source in served:
+            return entry
+    return find_entry(entries, settings.model) or entries[0]
+
+
+def models_listing(
+    session: Session, settings: Settings, served: set[str] | None = None
+) -> dict[str, Any]:
+    """``GET /api/v1/models``: each model of the catalog with its defaults (read from its
+    configs where this machine has them), its size presets, and whether a live worker serves
+    it now (``served``, read from the registry when not given); and the default model's id."""
+    served = served_models(session, settings) if served is None else served
+    models = []
+    for entry in settings.catalog:
+        own = model_defaults(entry.source, settings.models_dir)
+        defaults = {**defaults_for(entry.source), **own}
+        defaults["sizes"] = [
+            {"width": p.width, "height": p.height} for p in size_presets(entry.source)
+        ]
+        models.append(
+            {
+                "id": entry.id,
+                "source": entry.source,
+                "defaults": defaults,
+                "available": entry.source in served,
+            }
+        )
+    return {"models": models, "default": default_model(settings, served).id}

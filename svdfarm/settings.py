@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from svdfarm.catalog import DEFAULT_MODELS, CatalogEntry, find_entry, parse_models
+
 DEFAULT_MODEL = "stabilityai/stable-video-diffusion-img2vid-xt"
 #: The built-in tiny model's name (random weights, renders on a CPU in seconds).
 TINY_MODEL = "tiny"
@@ -224,6 +226,11 @@ class Settings:
     #: ``SVDFARM_STORAGE_URL``; empty: the data folder's storage folder (:attr:`storage_dir`).
     storage_url: str = ""
     storage_proxy: bool = False
+    #: ``SVDFARM_MODELS``: the models jobs may name (``id=source,...``, svdfarm.catalog).
+    models: str = DEFAULT_MODELS
+    #: ``SVDFARM_WORKER_MODELS``: what a worker advertises; empty: the catalog's models whose
+    #: files it has, the tiny model and its ``SVDFARM_MODEL``.
+    worker_models: str = ""
 
     @property
     def offline_after_s(self) -> float:
@@ -251,6 +258,15 @@ class Settings:
         if not self.storage_url:
             return StorageTarget("file", path=self.storage_dir)
         return parse_storage_url(self.storage_url)
+
+    @property
+    def catalog(self) -> list[CatalogEntry]:
+        """The models jobs may name: ``SVDFARM_MODELS``, and ``SVDFARM_MODEL`` when it names
+        none of them (its own id then)."""
+        entries = parse_models(self.models)
+        if self.model and find_entry(entries, self.model) is None:
+            entries.append(CatalogEntry(self.model, self.model))
+        return entries
 
     @property
     def models_dir(self) -> Path:
@@ -357,7 +373,15 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         min_free_bytes=_int(env, "MIN_FREE_BYTES", 1024**3, minimum=0),
         storage_url=_str(env, "STORAGE_URL", ""),
         storage_proxy=_bool(env, "STORAGE_PROXY", False),
+        models=_str(env, "MODELS", DEFAULT_MODELS),
+        worker_models=_str(env, "WORKER_MODELS", ""),
     )
+    for name, text in (("MODELS", settings.models), ("WORKER_MODELS", settings.worker_models)):
+        try:
+            if text:
+                parse_models(text)
+        except ValueError as exc:
+            raise SettingsError(f"SVDFARM_{name}={text!r} is not usable: {exc}") from None
     if settings.storage_url:
         parse_storage_url(settings.storage_url)  # refused at start, not at the first upload
     if settings.task_time_limit_s <= settings.task_soft_time_limit_s:

@@ -13,14 +13,35 @@ import shutil
 import tempfile
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
 from svdfarm.settings import Settings
 
 #: Names of a job's outputs; the claim token goes between stem and suffix.
-OUTPUT_STEMS = ("video", "poster")
+OUTPUT_STEMS = ("video", "poster", "frames")
+#: The file name of each output format (``svdfarm.params.OUTPUT_FORMATS``), as the web serves it.
+OUTPUT_NAMES = {
+    "mp4": "video.mp4",
+    "webm": "video.webm",
+    "gif": "video.gif",
+    "frames": "frames.zip",
+}
+
+
+def output_name(output: str) -> str:
+    """The file name of an output format: ``video.webm``, ``frames.zip``."""
+    return OUTPUT_NAMES[output]
+
+
+def output_keys(job_id: uuid.UUID | str, token: str, formats: Iterable[str]) -> dict[str, str]:
+    """The storage key of each output format a claim writes (``video.<token>.webm``)."""
+    keys = {}
+    for output in formats:
+        stem, _, suffix = output_name(output).partition(".")
+        keys[output] = Store.key(job_id, f"{stem}.{token}.{suffix}")
+    return keys
 
 
 class Store(ABC):

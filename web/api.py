@@ -7,6 +7,7 @@ from typing import Any
 from flask import Blueprint, current_app, jsonify, request, url_for
 
 from svdfarm.actions import cancel_job
+from svdfarm.batches import BATCH_FIELDS, Upload, submit_batch, validate_batch
 from svdfarm.jobs import (
     IdempotencyConflict,
     SubmitRefused,
@@ -19,9 +20,17 @@ from svdfarm.jobs import (
 from svdfarm.lifecycle import By, events_of
 from svdfarm.models import utcnow
 from svdfarm.params import ParamError
+from svdfarm.registry import models_listing, served_models
 from svdfarm.states import Actor
 from web.database import get_session
-from web.jobs import describe_job, find_job, job_json
+from web.jobs import (
+    batch_body_limit,
+    batch_json,
+    describe_job,
+    find_batch,
+    find_job,
+    job_json,
+)
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -70,7 +79,9 @@ def create_job() -> Any:
     filename = (upload.filename or "") if upload is not None else ""
     try:
         key = check_idempotency_key(request.headers.get("Idempotency-Key"))
-        submission = validate_submission(settings, request.form, data, filename)
+        # Without a model, the first one a live worker serves.
+        served = () if request.form.get("model") else served_models(get_session(), settings)
+        submission = validate_submission(settings, request.form, data, filename, served=served)
     except ParamError as exc:
         return error_response(str(exc), exc.status, fields=exc.errors)
     session = get_session()
@@ -99,11 +110,93 @@ def create_job() -> Any:
     return jsonify(body), 201, headers
 
 
+def batch_uploads() -> list[Upload]:
+    """The request's image parts as uploads, without empty ones (a form's file input with
+    no file chosen sends one empty part)."""
+    uploads = [Upload(f.read(), f.filename or "") for f in request.files.getlist("image")]
+    return [u for u in uploads if u.data or u.filename]
+
+
+@bp.post("/batches")
+def create_batch() -> Any:
+    """Multipart: one or more ``image`` parts, SVD's fields, and ``seeds`` or ``count`` ->
+    201 with the batch's id and its jobs (one per image and seed), each with its status URL.
+    """
+    from web.security import client_address
+
+    settings = current_app.config["SVDFARM_SETTINGS"]
+    request.max_content_length = batch_body_limit(settings)
+    if request.mimetype not in ("multipart/form-data", "application/x-www-form-urlencoded", ""):
+        return error_response(
+            "The API takes multipart/form-data: each image in a part named 'image' and each "
+            f"setting as a form field (this request was {request.mimetype or 'without a type'}).",
+            415,
+        )
+    refused = {
+        **unknown_fields(request.form, request.files, also=BATCH_FIELDS),
+        **repeated_fields(request.form, request.files, images=False),
+    }
+    for name in BATCH_FIELDS:
+        if len(request.form.getlist(name)) > 1:
+            refused[name] = f"{name.capitalize()} was sent more than once; send it once."
+    if refused:
+        return error_response(" ".join(refused.values()), 400, fields=refused)
+    try:
+        submissions = validate_batch(settings, request.form, batch_uploads())
+    except ParamError as exc:
+        return error_response(str(exc), exc.status, fields=exc.errors)
+    try:
+        batch, jobs = submit_batch(
+            get_session(),
+            current_app.extensions["celery"],
+            settings,
+            submissions,
+            client=client_address(),
+            by=By(Actor.API),
+        )
+    except SubmitRefused as exc:
+        response, status = error_response(str(exc), exc.status)
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response, status
+    status_url = url_for("api.get_batch", batch_id=batch.id, _external=True)
+    body = {
+        "id": str(batch.id),
+        "status_url": status_url,
+        "page_url": url_for("pages.batch", batch_id=batch.id, _external=True),
+        "jobs": [
+            {
+                "id": str(job.id),
+                "state": job.state.value,
+                "seed": job.seed,
+                "input_filename": job.input_filename,
+                "status_url": url_for("api.get_job", job_id=job.id, _external=True),
+            }
+            for job in jobs
+        ],
+    }
+    return jsonify(body), 201, {"Location": status_url}
+
+
+@bp.get("/batches/<batch_id>")
+def get_batch(batch_id: str) -> Any:
+    """The batch's jobs, each as ``GET /api/v1/jobs/<id>`` shows it, and their totals."""
+    session = get_session()
+    return jsonify(batch_json(session, find_batch(session, batch_id)))
+
+
 @bp.get("/jobs/<job_id>")
 def get_job(job_id: str) -> Any:
     """The job's state, progress, attempts, and its video URL once it succeeded."""
     session = get_session()
     return jsonify(describe_job(session, find_job(session, job_id)))
+
+
+@bp.get("/models")
+def models() -> Any:
+    """The models jobs may name (``SVDFARM_MODELS``), each with its defaults and whether a
+    live worker serves it now, and the default one."""
+    settings = current_app.config["SVDFARM_SETTINGS"]
+    return jsonify(models_listing(get_session(), settings))
 
 
 @bp.get("/jobs/<job_id>/events")

@@ -9,13 +9,17 @@ from datetime import datetime
 from typing import Any
 
 from flask import abort, current_app, url_for
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from svdfarm.actions import FP32_DTYPES
-from svdfarm.models import Attempt, Job, JobEvent, utcnow
+from svdfarm.batches import MAX_BATCH_IMAGES
+from svdfarm.models import Attempt, Batch, Job, JobEvent, utcnow
+from svdfarm.params import OUTPUT_FORMATS
 from svdfarm.registry import waiting_reason
 from svdfarm.retention import expires_at
+from svdfarm.settings import Settings
 from svdfarm.states import AttemptOutcome, EventType, JobState, Phase
+from web.recent_workers import recent_workers
 
 PHASE_LABELS = {
     Phase.QUEUED: "Waiting in the queue",
@@ -72,9 +76,11 @@ def public_messages(job: Job) -> dict[int, str]:
 
 
 def describe_job(session: Session, job: Job) -> dict[str, Any]:
-    """:func:`job_json` with the waiting reason read from the worker registry."""
+    """:func:`job_json` with the waiting reason, from the online workers as this process read
+    them at most a second ago (:mod:`web.recent_workers`)."""
     settings = current_app.config["SVDFARM_SETTINGS"]
-    return job_json(job, waiting_reason(session, settings, job))
+    online = recent_workers(session, settings)
+    return job_json(job, waiting_reason(session, settings, job, online))
 
 
 def find_job(session: Session, job_id: str) -> Job:
@@ -83,10 +89,55 @@ def find_job(session: Session, job_id: str) -> Job:
         key = uuid.UUID(job_id)
     except ValueError:
         abort(404, description=f"No job with id {job_id[:64]!r}: job ids are UUIDs.")
-    job = session.get(Job, key)
+    # The attempts in the same query: every caller shows them.
+    job = session.get(Job, key, options=[joinedload(Job.attempts)])
     if job is None:
         abort(404, description=f"No job with id {job_id}.")
     return job
+
+
+def find_batch(session: Session, batch_id: str) -> Batch:
+    """The batch with this id, or a 404 that says so."""
+    try:
+        key = uuid.UUID(batch_id)
+    except ValueError:
+        abort(404, description=f"No batch with id {batch_id[:64]!r}: batch ids are UUIDs.")
+    batch = session.get(Batch, key)
+    if batch is None:
+        abort(404, description=f"No batch with id {batch_id}.")
+    return batch
+
+
+def batch_body_limit(settings: Settings) -> int:
+    """The largest body a batch may send: its most images, each within the upload limit."""
+    from web import FORM_OVERHEAD_BYTES
+
+    return settings.max_upload_bytes * MAX_BATCH_IMAGES + FORM_OVERHEAD_BYTES
+
+
+def batch_json(session: Session, batch: Batch) -> dict[str, Any]:
+    """A batch as ``GET /api/v1/batches/<id>`` answers it: its jobs in order (each as
+    :func:`job_json`), how many are in each state, the overall progress, whether every job
+    has ended, and the zip of the outputs made so far."""
+    settings = current_app.config["SVDFARM_SETTINGS"]
+    online = recent_workers(session, settings)
+    jobs = [job_json(job, waiting_reason(session, settings, job, online)) for job in batch.jobs]
+    counts: dict[str, int] = {}
+    for job in batch.jobs:
+        counts[job.state.value] = counts.get(job.state.value, 0) + 1
+    ended = all(job.state.terminal for job in batch.jobs)
+    progress = sum(1.0 if j.state.terminal else j.progress for j in batch.jobs)
+    return {
+        "id": str(batch.id),
+        "created_at": _iso(batch.created_at),
+        "done": ended,
+        "progress": round(progress / max(1, len(batch.jobs)), 4),
+        "counts": counts,
+        "jobs": jobs,
+        "outputs_url": url_for("pages.batch_outputs", batch_id=batch.id, _external=True),
+        "status_url": url_for("api.get_batch", batch_id=batch.id, _external=True),
+        "page_url": url_for("pages.batch", batch_id=batch.id, _external=True),
+    }
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -233,6 +284,15 @@ def eta_for(job: Job, now: datetime | None = None) -> str | None:
     return f"{PHASE_LABELS[job.phase]}: running for {took}"
 
 
+def output_urls(job: Job) -> dict[str, str]:
+    """The URL of each output format a job made (``{"mp4": ..., "webm": ...}``), mp4 first."""
+    urls = {"mp4": url_for("pages.video", job_id=job.id, _external=True)}
+    for output in OUTPUT_FORMATS:
+        if output != "mp4" and output in (job.output_keys or {}):
+            urls[output] = url_for("pages.output", job_id=job.id, output=output, _external=True)
+    return urls
+
+
 def job_json(job: Job, waiting: str | None = None) -> dict[str, Any]:
     """The job as ``GET /api/v1/jobs/<id>`` answers it (``waiting``: why a queued job waits).
 
@@ -241,7 +301,8 @@ def job_json(job: Job, waiting: str | None = None) -> dict[str, Any]:
     :func:`eta_for`. ``error`` and the attempts' messages carry no server paths
     (:func:`public_text`): the admin pages have the whole text. ``expires_at`` is when
     retention deletes the outputs (None: kept forever); once it has, ``expired`` is true and
-    there is no video or poster URL.
+    there is no video or poster URL. ``outputs`` has the URL of each output format once the
+    job succeeded (empty before, and once expired).
     """
     settings = current_app.config["SVDFARM_SETTINGS"]
     expired = job.expired_at is not None
@@ -277,6 +338,7 @@ def job_json(job: Job, waiting: str | None = None) -> dict[str, Any]:
             if job.poster_key and not expired
             else None
         ),
+        "outputs": output_urls(job) if done else {},
         "error": public_text(job.error),
         "status_url": url_for("api.get_job", job_id=job.id, _external=True),
         "page_url": url_for("pages.job", job_id=job.id, _external=True),

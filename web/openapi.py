@@ -12,8 +12,19 @@ from typing import Any
 
 from flask import Blueprint, jsonify
 
+from svdfarm.batches import MAX_BATCH_IMAGES, MAX_BATCH_JOBS
 from svdfarm.jobs import MAX_IDEMPOTENCY_KEY
-from svdfarm.params import FIELDS, MAX_SIDE, MIN_SIDE, PRECISIONS, SIZE_MULTIPLE
+from svdfarm.params import (
+    FIELDS,
+    FLAG_FALSE,
+    FLAG_TRUE,
+    MAX_SIDE,
+    MIN_SIDE,
+    OUTPUT_FORMATS,
+    OUTPUT_FORMATS_PATTERN,
+    PRECISIONS,
+    SIZE_MULTIPLE,
+)
 from svdfarm.states import AttemptOutcome, ErrorClass, EventType, JobState, Phase
 
 bp = Blueprint("openapi", __name__, url_prefix="/api/v1")
@@ -79,7 +90,38 @@ def _field_schemas() -> dict[str, Any]:
         "enum": [*PRECISIONS, ""],
         "description": "auto picks the fastest precision the worker supports; blank: auto.",
     }
+    properties["min_guidance_scale"]["description"] += (
+        " Above max_guidance_scale is refused when both are given; a blank max follows it."
+    )
+    properties["max_guidance_scale"]["description"] += (
+        " Below min_guidance_scale is refused when both are given; a blank min follows it."
+    )
+    properties["model"] = {
+        "type": "string",
+        "maxLength": 1000,
+        "description": "A model of GET /api/v1/models, by id (svd-xt, tiny, ...) or source. "
+        "Blank: the first one a live worker serves. An unknown model is refused (400) with the "
+        "known ones listed.",
+    }
+    properties.update(_output_schemas())
     return properties
+
+
+def _output_schemas() -> dict[str, Any]:
+    """The output fields of a submission: the formats to write and the loop."""
+    return {
+        "output_formats": {
+            "type": "string",
+            "pattern": OUTPUT_FORMATS_PATTERN,
+            "description": f"Comma-separated, among {', '.join(OUTPUT_FORMATS)}: the MP4 is "
+            "always made; webm is VP9, gif loops forever, frames is a zip of PNGs. Blank: mp4.",
+        },
+        "loop": {
+            "type": "string",
+            "enum": [*FLAG_TRUE, *FLAG_FALSE],
+            "description": "Ping-pong: the frames play forward, then backward. Blank: false.",
+        },
+    }
 
 
 #: A blank form field: the field's default.
@@ -106,6 +148,97 @@ def _submission() -> dict[str, Any]:
     }
 
 
+def _batch_submission() -> dict[str, Any]:
+    """The multipart body of ``POST /api/v1/batches``: images, a submission's fields, seeds."""
+    fields = _field_schemas()
+    return {
+        "type": "object",
+        "required": ["image"],
+        "properties": {
+            "image": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": MAX_BATCH_IMAGES,
+                "items": {"type": "string", "format": "binary"},
+                "description": "One part named image per picture (PNG, JPEG or WebP), each "
+                "within the upload and pixel limits.",
+            },
+            **fields,
+            "seeds": {
+                "type": "string",
+                "pattern": r"^ *[0-9]+ *(, *[0-9]+ *)*$",
+                "description": "Comma-separated seeds, each rendered for every image (not with "
+                f"seed or count). At most {MAX_BATCH_JOBS} jobs in all.",
+            },
+            "count": {
+                "anyOf": [{"type": "integer", "minimum": 1, "maximum": MAX_BATCH_JOBS}, BLANK],
+                "description": "How many videos per image: seeds from seed upwards, or random "
+                "ones (not with seeds).",
+            },
+        },
+        "dependentRequired": {"width": ["height"], "height": ["width"]},
+        "additionalProperties": False,
+    }
+
+
+def _batch_created() -> dict[str, Any]:
+    """The answer to ``POST /api/v1/batches``."""
+    url = {"type": "string", "format": "uri"}
+    job = {
+        "type": "object",
+        "required": ["id", "state", "seed", "input_filename", "status_url"],
+        "properties": {
+            "id": {"type": "string", "format": "uuid"},
+            "state": _ref("JobState"),
+            "seed": {"type": "integer", "minimum": 0},
+            "input_filename": {"type": "string"},
+            "status_url": url,
+        },
+        "additionalProperties": False,
+    }
+    return {
+        "type": "object",
+        "required": ["id", "status_url", "page_url", "jobs"],
+        "properties": {
+            "id": {"type": "string", "format": "uuid"},
+            "status_url": url,
+            "page_url": url,
+            "jobs": {"type": "array", "minItems": 1, "items": job},
+        },
+        "additionalProperties": False,
+    }
+
+
+def _batch() -> dict[str, Any]:
+    """A batch as ``GET /api/v1/batches/{batch_id}`` shows it (``web.jobs.batch_json``)."""
+    url = {"type": "string", "format": "uri"}
+    properties: dict[str, Any] = {
+        "id": {"type": "string", "format": "uuid"},
+        "created_at": {"type": "string", "format": "date-time"},
+        "done": {"type": "boolean", "description": "Every job has ended."},
+        "progress": {"type": "number", "minimum": 0, "maximum": 1},
+        "counts": {
+            "type": "object",
+            "propertyNames": {"enum": [s.value for s in JobState]},
+            "additionalProperties": {"type": "integer", "minimum": 1},
+            "description": "How many jobs are in each state.",
+        },
+        "jobs": {"type": "array", "items": _ref("Job")},
+        "outputs_url": {
+            **url,
+            "description": "A zip of every output made so far (404 while there is none).",
+        },
+        "status_url": url,
+        "page_url": url,
+    }
+    return {
+        "type": "object",
+        "required": list(properties),
+        "properties": properties,
+        "additionalProperties": False,
+    }
+
+
 def _job() -> dict[str, Any]:
     """A job as ``GET /api/v1/jobs/{job_id}`` shows it (``web.jobs.job_json``)."""
     text = {"type": "string"}
@@ -113,13 +246,18 @@ def _job() -> dict[str, Any]:
     moment = {"type": "string", "format": "date-time"}
     params = {
         "type": "object",
-        "required": [*FIELDS, "precision"],
+        "required": [*FIELDS, "precision", "output_formats", "loop"],
         "properties": {
             **{
                 name: {"type": "integer" if field.kind is int else "number"}
                 for name, field in FIELDS.items()
             },
             "precision": {"type": "string", "enum": list(PRECISIONS)},
+            "output_formats": {
+                "type": "string",
+                "description": "The formats written, comma-separated, mp4 first.",
+            },
+            "loop": {"type": "boolean"},
         },
         "additionalProperties": False,
     }
@@ -162,6 +300,13 @@ def _job() -> dict[str, Any]:
             {**url, "description": "The MP4, once the job succeeded (until it expires)."}
         ),
         "poster_url": _nullable(url),
+        "outputs": {
+            "type": "object",
+            "propertyNames": {"enum": list(OUTPUT_FORMATS)},
+            "additionalProperties": url,
+            "description": 'The URL of each output format once the job succeeded ({"mp4": '
+            '..., "webm": ...}); empty before, and once retention deleted them.',
+        },
         "error": _nullable(text),
         "status_url": url,
         "page_url": url,
@@ -215,6 +360,9 @@ def _components() -> dict[str, Any]:
                 "additionalProperties": False,
             },
             "Job": _job(),
+            "BatchSubmission": _batch_submission(),
+            "BatchCreated": _batch_created(),
+            "Batch": _batch(),
             "Attempt": _attempt(),
             "JobState": {"type": "string", "enum": [s.value for s in JobState]},
             "JobEvent": _event(),
@@ -254,6 +402,13 @@ def _components() -> dict[str, Any]:
                 "in": "path",
                 "required": True,
                 "description": "The job's id, as POST /api/v1/jobs answered it.",
+                "schema": {"type": "string", "format": "uuid"},
+            },
+            "BatchId": {
+                "name": "batch_id",
+                "in": "path",
+                "required": True,
+                "description": "The batch's id, as POST /api/v1/batches answered it.",
                 "schema": {"type": "string", "format": "uuid"},
             },
         },
@@ -341,6 +496,66 @@ def _submit_operation() -> dict[str, Any]:
     }
 
 
+def _batch_operations() -> dict[str, Any]:
+    """``POST /api/v1/batches`` and ``GET /api/v1/batches/{batch_id}``."""
+    submit = {
+        "operationId": "submitBatch",
+        "summary": "Submit several images and seeds at once",
+        "description": "One job per image and seed, sharing the settings; validated whole "
+        "and recorded in one transaction, so a refused batch writes nothing. Its jobs count "
+        "against the per-client and queue limits one by one.",
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": _ref("BatchSubmission"),
+                    "encoding": {"image": {"contentType": "image/png, image/jpeg, image/webp"}},
+                }
+            },
+        },
+        "responses": {
+            "201": _json(
+                _ref("BatchCreated"),
+                "Recorded and queued: the batch and its jobs, images in order, each image's "
+                "seeds in order.",
+                headers={
+                    "Location": {
+                        "description": "The batch's status URL.",
+                        "required": True,
+                        "schema": {"type": "string", "format": "uri"},
+                    }
+                },
+                links={
+                    "GetBatch": {
+                        "operationId": "getBatch",
+                        "parameters": {"batch_id": "$response.body#/id"},
+                    }
+                },
+            ),
+            "400": _error(
+                "A field is unknown, repeated or out of range, an image is missing or damaged, "
+                "the seeds or count are malformed, or the batch makes too many jobs; fields "
+                "says which (image 2 for the second image)."
+            ),
+            "413": _error("The body or an image is over the upload or pixel limit."),
+            "415": _error("A file is not a PNG, JPEG or WebP image, or the body is not multipart."),
+            "429": _error("The batch's jobs would pass this client's per-minute limit.", True),
+            "503": _error("The farm's queue cannot take the batch's jobs now.", True),
+        },
+    }
+    read = {
+        "operationId": "getBatch",
+        "summary": "A batch's jobs and progress",
+        "parameters": [{"$ref": "#/components/parameters/BatchId"}],
+        "responses": {
+            "200": _json(_ref("Batch"), "Every job of the batch, and their totals."),
+            "404": _error("No batch has this id (or it is not a UUID)."),
+            "503": _error("The database is unavailable.", True),
+        },
+    }
+    return {"/api/v1/batches": {"post": submit}, "/api/v1/batches/{batch_id}": {"get": read}}
+
+
 def _event() -> dict[str, Any]:
     """One event of a job, as ``GET /api/v1/jobs/{job_id}/events`` lists it."""
     return {
@@ -369,6 +584,52 @@ def _job_operation(operation_id: str, summary: str, ok: str, ok_text: str) -> di
         "responses": {
             ok: _json(_ref("Job"), ok_text),
             "404": _error("No job has this id (or it is not a UUID)."),
+            "503": _error("The database is unavailable.", True),
+        },
+    }
+
+
+def _models_operation() -> dict[str, Any]:
+    """``GET /api/v1/models``: the catalog (``SVDFARM_MODELS``)."""
+    model = {
+        "type": "object",
+        "required": ["id", "source", "defaults", "available"],
+        "properties": {
+            "id": {"type": "string", "description": "What a job's model field names."},
+            "source": {
+                "type": "string",
+                "description": "What workers load: a Hugging Face Hub id, a folder, or tiny.",
+            },
+            "defaults": {
+                "type": "object",
+                "description": "The form's defaults for it; num_frames and native_side (the "
+                "side of the square of its native area) from its configs where the farm has "
+                "them; sizes: its width x height presets.",
+            },
+            "available": {
+                "type": "boolean",
+                "description": "A live worker serves it now.",
+            },
+        },
+    }
+    listing = {
+        "type": "object",
+        "required": ["models", "default"],
+        "properties": {
+            "models": {"type": "array", "items": model},
+            "default": {
+                "type": "string",
+                "description": "The id of the first model a live worker serves (else "
+                "SVDFARM_MODEL's).",
+            },
+        },
+    }
+    return {
+        "operationId": "listModels",
+        "summary": "The models jobs may name",
+        "responses": {
+            "200": _json(listing, "Each model with its defaults and availability."),
+            "406": _error(NOT_ACCEPTABLE),
             "503": _error("The database is unavailable.", True),
         },
     }
@@ -410,7 +671,9 @@ def openapi_document() -> dict[str, Any]:
                 )
             },
             "/api/v1/jobs/{job_id}/events": {"get": events},
+            "/api/v1/models": {"get": _models_operation()},
             "/api/v1/jobs/{job_id}/cancel": {"post": cancel},
+            **_batch_operations(),
             "/api/v1/openapi.json": {
                 "get": {
                     "operationId": "openapi",

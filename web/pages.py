@@ -4,7 +4,9 @@ browser submitted ("My jobs", kept in the signed session cookie)."""
 from __future__ import annotations
 
 import io
+import tempfile
 import uuid
+import zipfile
 from typing import Any
 
 from flask import (
@@ -21,8 +23,12 @@ from flask import (
     url_for,
 )
 from sqlalchemy import select
+from werkzeug.datastructures import MultiDict
 
 from svdfarm.actions import cancel_job
+from svdfarm.batches import Upload, submit_batch, validate_batch
+from svdfarm.catalog import find_entry
+from svdfarm.db import is_unavailable
 from svdfarm.images import format_size
 from svdfarm.jobs import (
     SubmitRefused,
@@ -35,6 +41,8 @@ from svdfarm.lifecycle import By, events_of
 from svdfarm.models import Job
 from svdfarm.params import (
     FIELDS,
+    OUTPUT_FIELDS,
+    OUTPUT_FORMATS,
     PRECISIONS,
     SIZE_MULTIPLE,
     ParamError,
@@ -42,10 +50,22 @@ from svdfarm.params import (
     is_tiny,
     size_presets,
 )
-from svdfarm.states import Actor
-from svdfarm.storage import open_store
+from svdfarm.registry import models_listing, served_models
+from svdfarm.settings import Settings
+from svdfarm.states import Actor, JobState
+from svdfarm.storage import open_store, output_name
 from web.database import get_session
-from web.jobs import describe_job, event_text, find_job, override_text, public_messages, public_text
+from web.jobs import (
+    batch_body_limit,
+    batch_json,
+    describe_job,
+    event_text,
+    find_batch,
+    find_job,
+    override_text,
+    public_messages,
+    public_text,
+)
 from web.security import CSRF_FIELD, check_csrf, client_address, csrf_problem
 
 bp = Blueprint("pages", __name__)
@@ -57,7 +77,18 @@ RECENT_KEY = "recent_jobs"
 #: How many of them the cookie keeps (50 UUIDs stay well under a cookie's 4 KB).
 RECENT_LIMIT = 50
 #: The form fields "render again" may prefill from the query string.
-PREFILL = (*FIELDS, "precision")
+PREFILL = (*FIELDS, "precision", *OUTPUT_FIELDS, "model")
+#: The status page's names of the parameters that are not numbers of FIELDS.
+EXTRA_LABELS = {"output_formats": "Outputs", "loop": "Loop"}
+#: How much of a batch's zip is built in memory before it spills to a temporary file.
+BATCH_ZIP_MEMORY_BYTES = 32 * 1024 * 1024
+#: Each output format's MIME type, for serving it.
+OUTPUT_TYPES = {
+    "mp4": "video/mp4",
+    "webm": "video/webm",
+    "gif": "image/gif",
+    "frames": "application/zip",
+}
 #: The form's own fields besides a submission's: its CSRF token, and the job whose stored
 #: image "render again" reuses.
 AGAIN_FIELD = "again"
@@ -68,6 +99,19 @@ FORM_ONLY_FIELDS = (CSRF_FIELD, AGAIN_FIELD)
 def _navigation() -> dict[str, Any]:
     """Lets every template ask whether an endpoint exists (the admin link needs its blueprint)."""
     return {"has_endpoint": lambda name: name in current_app.view_functions}
+
+
+def _served_models(settings: Settings) -> set[str]:
+    """The models live workers serve, or none known when the database is away: the bare
+    form needs no database (it offers the catalog, ``SVDFARM_MODEL``'s model first)."""
+    session = get_session()
+    try:
+        return served_models(session, settings)
+    except Exception as exc:
+        if not is_unavailable(exc):
+            raise
+        session.rollback()
+        return set()
 
 
 def form_page(
@@ -83,21 +127,29 @@ def form_page(
     """
     settings = current_app.config["SVDFARM_SETTINGS"]
     stored = again is not None and open_store(settings).exists(again.input_key)
+    # The model dropdown: the catalog, the one asked (or the default: the first a live worker
+    # serves) selected; the form's defaults and size presets are that model's.
+    listing = models_listing(get_session(), settings, served=_served_models(settings))
+    chosen = find_entry(settings.catalog, str((values or {}).get("model") or listing["default"]))
+    model = chosen.source if chosen is not None else settings.model
     return (
         render_template(
             "index.html",
             fields=FIELDS,
             precisions=PRECISIONS,
-            defaults=defaults_for(settings.model),
+            output_formats=OUTPUT_FORMATS,
+            defaults=defaults_for(model),
             values=values or {},
             errors=errors or {},
-            model=settings.model,
+            model=model,
+            models=listing["models"],
+            chosen_model=chosen.id if chosen is not None else listing["default"],
             max_size=format_size(settings.max_upload_bytes),
             again=again,
             again_stored=stored,
-            tiny=is_tiny(settings.model),
+            tiny=is_tiny(model),
             size_step=SIZE_MULTIPLE,
-            presets=size_presets(settings.model),
+            presets=size_presets(model),
         ),
         status,
     )
@@ -156,6 +208,23 @@ def remember_job(job_id: str) -> None:
     session.permanent = True
 
 
+def joined_formats(form: MultiDict[str, str]) -> MultiDict[str, str]:
+    """The form with its output format checkboxes (one ``output_formats`` per box ticked)
+    joined into the one comma-separated field the validator reads."""
+    ticked = form.getlist("output_formats")
+    if len(ticked) < 2:
+        return form
+    joined = form.copy()
+    joined.setlist("output_formats", [",".join(ticked)])
+    return joined
+
+
+def again_params(params: dict[str, Any]) -> dict[str, Any]:
+    """A job's parameters as "render again" puts them in the form's query string (a flag as
+    ``true`` or ``false``, as the form reads it)."""
+    return {k: (str(v).lower() if isinstance(v, bool) else v) for k, v in params.items()}
+
+
 @bp.post("/")
 def submit() -> Any:
     """Validate the form, record and enqueue the job, then show its status page.
@@ -165,18 +234,23 @@ def submit() -> Any:
     (429 or 503) and ``Retry-After``.
     """
     settings = current_app.config["SVDFARM_SETTINGS"]
-    values = {k: v for k, v in request.form.to_dict().items() if k in PREFILL}
-    asked = request.form.get(AGAIN_FIELD, "").strip()
+    request.max_content_length = batch_body_limit(settings)  # several images make a batch
+    form = joined_formats(request.form)
+    values = {k: v for k, v in form.to_dict().items() if k in PREFILL}
+    asked = form.get(AGAIN_FIELD, "").strip()
     again = readable_job(asked) if asked else None
     problem = csrf_problem()
     if problem:
         return form_page({"csrf": problem}, 400, values, again)
     refused = {
-        **unknown_fields(request.form, request.files, also=FORM_ONLY_FIELDS),
-        **repeated_fields(request.form, request.files),
+        **unknown_fields(form, request.files, also=FORM_ONLY_FIELDS),
+        **repeated_fields(form, request.files, images=False),  # several images: a batch
     }
     if refused:
         return form_page(refused, 400, values, again)
+    chosen = [f for f in request.files.getlist("image") if f.filename]
+    if len(chosen) > 1:
+        return submit_form_batch(form, [Upload(f.read(), f.filename or "") for f in chosen])
     upload = request.files.get("image")
     data = upload.read() if upload is not None and upload.filename else None
     filename = upload.filename or "" if upload is not None else ""
@@ -184,7 +258,7 @@ def submit() -> Any:
     if data is None and asked:
         data, filename, unusable = stored_input(again, asked)
     try:
-        submission = validate_submission(settings, request.form, data, filename)
+        submission = validate_submission(settings, form, data, filename)
     except ParamError as exc:
         errors = {**exc.errors, **({"image": unusable} if unusable else {})}
         return form_page(errors, exc.status, values, again)
@@ -205,13 +279,85 @@ def submit() -> Any:
     return redirect(url_for("pages.job", job_id=job.id), code=303)
 
 
+def submit_form_batch(form: MultiDict[str, str], uploads: list[Upload]) -> Any:
+    """Several images chosen on the form: one job each, with the form's settings, as a batch;
+    its page next (or the form again with the reasons)."""
+    settings = current_app.config["SVDFARM_SETTINGS"]
+    values = {k: v for k, v in form.to_dict().items() if k in PREFILL}
+    fields = {k: v for k, v in form.items() if k not in FORM_ONLY_FIELDS}
+    try:
+        submissions = validate_batch(settings, fields, uploads)
+    except ParamError as exc:
+        return form_page(exc.errors, exc.status, values)
+    try:
+        found, jobs = submit_batch(
+            get_session(),
+            current_app.extensions["celery"],
+            settings,
+            submissions,
+            client=client_address(),
+            by=By(Actor.WEB),
+        )
+    except SubmitRefused as exc:
+        response = make_response(form_page({"job": str(exc)}, exc.status, values))
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
+    for each in reversed(jobs):
+        remember_job(str(each.id))
+    return redirect(url_for("pages.batch", batch_id=found.id), code=303)
+
+
+@bp.get("/batches/<batch_id>")
+def batch(batch_id: str) -> Any:
+    """A batch's page: every job's state and progress, its poster once done, and the zip."""
+    session = get_session()
+    found = find_batch(session, batch_id)
+    info = batch_json(session, found)
+    return render_template("batch.html", batch=found, info=info)
+
+
+@bp.get("/batches/<batch_id>/outputs.zip")
+def batch_outputs(batch_id: str) -> Any:
+    """Every output the batch's jobs have made so far, in one zip (``01-seed42-video.mp4``,
+    ``01-seed42-frames.zip``...); 404 while none has."""
+    found = find_batch(get_session(), batch_id)
+    storage = open_store(current_app.config["SVDFARM_SETTINGS"])
+    spool = tempfile.SpooledTemporaryFile(max_size=BATCH_ZIP_MEMORY_BYTES)
+    written = 0
+    with zipfile.ZipFile(spool, "w", compression=zipfile.ZIP_STORED) as archive:
+        for number, each in enumerate(found.jobs, start=1):
+            if each.state is not JobState.SUCCEEDED or each.expired_at is not None:
+                continue
+            keys = each.output_keys or {"mp4": each.video_key or ""}
+            for output in OUTPUT_FORMATS:
+                key = keys.get(output)
+                if not key:
+                    continue
+                try:
+                    data = storage.read_bytes(key)
+                except FileNotFoundError:
+                    continue
+                archive.writestr(f"{number:02d}-seed{each.seed}-{output_name(output)}", data)
+                written += 1
+    if not written:
+        spool.close()
+        abort(404, description=f"Batch {batch_id} has no outputs (yet).")
+    spool.seek(0)
+    return send_file(
+        spool,
+        mimetype="application/zip",
+        as_attachment=True,
+        download_name=f"svdfarm-batch-{found.id}.zip",
+    )
+
+
 @bp.get("/jobs/<job_id>")
 def job(job_id: str) -> Any:
     """A job's status page: state, progress, attempts, and the video once done."""
     session = get_session()
     found = find_job(session, job_id)
     info = describe_job(session, found)
-    again = url_for("pages.index", again=info["id"], **info["params"])
+    again = url_for("pages.index", again=info["id"], **again_params(info["params"]))
     return render_template(
         "job.html",
         job=found,
@@ -222,7 +368,7 @@ def job(job_id: str) -> Any:
         error=public_text(found.error),
         messages=public_messages(found),
         overrides=override_text(found.dtypes, found.casts),
-        labels={name: field.label for name, field in FIELDS.items()},
+        labels={**{name: field.label for name, field in FIELDS.items()}, **EXTRA_LABELS},
         events=events_of(session, found.id),
         event_text=event_text,
         show_details=False,
@@ -266,13 +412,17 @@ def cancel(job_id: str) -> Any:
 
 
 def _send(job_id: str, attribute: str, mimetype: str, download_name: str) -> Any:
-    """Send one stored file of a job, with range requests for seeking.
+    """Send one stored file of a job (the key in its column ``attribute``)."""
+    found = find_job(get_session(), job_id)
+    return _send_key(job_id, getattr(found, attribute), mimetype, download_name)
+
+
+def _send_key(job_id: str, key: str | None, mimetype: str, download_name: str) -> Any:
+    """Send the stored file ``key`` of a job, with range requests for seeking.
 
     From S3 the browser is redirected to a presigned URL valid a few minutes, unless
     ``SVDFARM_STORAGE_PROXY`` asks the web to fetch the object and send it itself.
     """
-    found = find_job(get_session(), job_id)
-    key = getattr(found, attribute)
     settings = current_app.config["SVDFARM_SETTINGS"]
     storage = open_store(settings)
     if not key or not storage.exists(key):
@@ -299,6 +449,19 @@ def _send(job_id: str, attribute: str, mimetype: str, download_name: str) -> Any
 def video(job_id: str) -> Any:
     """The job's MP4 (``?download=1`` to save it)."""
     return _send(job_id, "video_key", "video/mp4", f"svdfarm-{job_id}.mp4")
+
+
+@bp.get("/jobs/<job_id>/video.webm", defaults={"output": "webm"})
+@bp.get("/jobs/<job_id>/video.gif", defaults={"output": "gif"})
+@bp.get("/jobs/<job_id>/frames.zip", defaults={"output": "frames"})
+def output(job_id: str, output: str) -> Any:
+    """One of the job's other output formats: the WebM, the GIF, the zip of its frames."""
+    found = find_job(get_session(), job_id)
+    name = output_name(output)
+    download = f"svdfarm-{job_id}{name.removeprefix('video')}"
+    if output == "frames":
+        download = f"svdfarm-{job_id}-frames.zip"
+    return _send_key(job_id, found.output_key(output), OUTPUT_TYPES[output], download)
 
 
 @bp.get("/jobs/<job_id>/poster.png")

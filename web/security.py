@@ -27,13 +27,14 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from svdfarm.settings import Settings
 
-#: The policy every response carries: this origin only, nothing inline, never in a frame.
+#: The policy every response carries: this origin only, nothing inline, never in a frame
+#: (``blob:`` images: the form's previews of the images chosen, made by its own script).
 CONTENT_SECURITY_POLICY = "; ".join(
     (
         "default-src 'self'",
         "script-src 'self'",
         "style-src 'self'",
-        "img-src 'self'",
+        "img-src 'self' blob:",
         "media-src 'self'",
         "connect-src 'self'",
         "object-src 'none'",

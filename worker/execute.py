@@ -42,7 +42,7 @@ from svdfarm.states import (
     RunOutcome,
     WorkerState,
 )
-from svdfarm.storage import Store, open_store, other_claims_outputs
+from svdfarm.storage import Store, open_store, other_claims_outputs, output_keys, output_name
 from worker.errors import JobCanceled, classify, user_message
 from worker.planner import first_plan
 from worker.plans import Plan
@@ -60,6 +60,8 @@ class Claimed:
     plan: Plan
     reason: str | None
     token: str
+    #: The model the job was submitted for (empty for a job recorded without one).
+    model: str = ""
 
 
 def _params_of(job: Job) -> RenderParams:
@@ -91,7 +93,7 @@ def _claim(
             .where(Worker.hostname == hostname, Worker.state == WorkerState.IDLE)
             .values(state=WorkerState.BUSY)
         )
-        return Claimed(params, job.input_key, plan, reason, taken.token)
+        return Claimed(params, job.input_key, plan, reason, taken.token, job.model or "")
 
 
 class _ProgressWriter:
@@ -334,11 +336,12 @@ def run_job(db: Database, settings: Settings, job_id: str, hostname: str) -> Run
             details = {"error_class": ErrorClass.STORAGE.value, "after_rendering": True}
             finish(end=_End(RunOutcome.FAILED, error=error, details=details), outputs=tuple(files))
             return RunOutcome.FAILED
-    video_key, poster_key = files
+    video_key, poster_key, *_others = files
     values = {
         "step": claimed.params.num_inference_steps,
         "video_key": video_key,
         "poster_key": poster_key,
+        "output_keys": output_keys(key, claimed.token, claimed.params.formats),
     }
     details = {"plan": attempts[-1].plan.name, "attempts": len(attempts)}
     end = _End(RunOutcome.SUCCEEDED, values=values, details=details)
@@ -356,17 +359,23 @@ def _render(
     scratch: str,
 ) -> tuple[list[AttemptResult], dict[str, Path]] | _End:
     """Read the input from the store and render it into ``scratch``: the attempts and the
-    files to store by key (video first, then poster), or how the run ends without them."""
+    files to store by key (video first, then poster, then the other output formats), or how
+    the run ends without them."""
     video = Store.key(job_id, f"video.{claimed.token}.mp4")
     poster = Store.key(job_id, f"poster.{claimed.token}.png")
     files = {video: Path(scratch) / "video.mp4", poster: Path(scratch) / "poster.png"}
+    extra_paths = {}
+    for output, stored in output_keys(job_id, claimed.token, claimed.params.formats).items():
+        if output != "mp4":
+            extra_paths[output] = files[stored] = Path(scratch) / output_name(output)
     rows = _AttemptRows(
         db, job_id, hostname, token=claimed.token, retry_timeout_s=settings.db_retry_timeout_s
     )
     try:
         image = open_upright_rgb(open_store(settings).read_bytes(claimed.input_key))
         attempts = render_with_ladder(
-            settings,
+            # The job's own model, which this worker advertised (svdfarm.catalog).
+            settings.with_overrides(model=claimed.model or settings.model),
             claimed.params,
             plan=claimed.plan,
             reason=claimed.reason,
@@ -377,6 +386,7 @@ def _render(
                 db, job_id, settings.progress_interval_s, By(Actor.WORKER, hostname)
             ),
             hooks=rows,
+            extra_paths=extra_paths,
         )
     except JobCanceled:
         return _End(RunOutcome.CANCELED)

@@ -8,6 +8,13 @@ Hub access never waits without a bound: the local Hugging Face cache is tried fi
 network; then one metadata request with ``hub_timeout_s`` checks that the Hub answers (the
 requests huggingface_hub makes inside ``from_pretrained`` have no timeout of their own);
 downloads use huggingface_hub's timeouts, set from ``hub_timeout_s``.
+
+The Hub ships SVD's weights twice: full precision (``unet/diffusion_pytorch_model.safetensors``)
+and half size (``unet/diffusion_pytorch_model.fp16.safetensors``, diffusers' ``fp16`` variant),
+and many folders hold only the half-size files. Each component reads its ``fp16`` files when it
+has no others, or when its plan dtype is fp16 (the same values, half the bytes to read); else
+its full files, so a bf16 or fp32 plan never starts from weights rounded to fp16 when better
+ones are there. fp16 weights loaded for an fp32 plan are upcast exactly.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import importlib
 import os
 import re
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +44,17 @@ _WHAT_TO_DO = "or set SVDFARM_MODEL to a local folder or to 'tiny'"
 # A Hub repository id: "name" or "org/name" (letters, digits, '-', '_', '.').
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 _PATH_PREFIXES = ("/", "./", "../", "~", ".\\", "..\\")
+
+#: diffusers' name for the half-size weight files (``model.fp16.safetensors``).
+VARIANT = "fp16"
+_WEIGHT_PREFIXES = ("diffusion_pytorch_model", "model", "pytorch_model")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+#: The class each weighted component loads with, when one is loaded on its own.
+_COMPONENT_CLASSES = {
+    "unet": ("diffusers", "UNetSpatioTemporalConditionModel"),
+    "vae": ("diffusers", "AutoencoderKLTemporalDecoder"),
+    "image_encoder": ("transformers", "CLIPVisionModelWithProjection"),
+}
 
 _cache: dict[str, Placement] = {}
 _cache_lock = threading.Lock()
@@ -144,8 +163,47 @@ def _drop_cached() -> None:
     free_memory()
 
 
-def _from_pretrained(source: str, plan: Plan, **kwargs: Any) -> StableVideoDiffusionPipeline:
-    """Call ``from_pretrained`` with each component loaded in its plan dtype."""
+def weight_kinds(files: Iterable[str]) -> dict[str, set[str]]:
+    """Which weight files each component has, from a model's file names (relative paths):
+    ``""`` for full precision, ``"fp16"`` for the half-size variant."""
+    kinds: dict[str, set[str]] = {c: set() for c in COMPONENTS}
+    for name in files:
+        folder, _, base = str(name).replace("\\", "/").partition("/")
+        if folder not in kinds or "/" in base or not base.startswith(_WEIGHT_PREFIXES):
+            continue
+        is_index = base.endswith(".json") and ".index" in base
+        if not (base.endswith(_WEIGHT_SUFFIXES) or is_index):
+            continue
+        kinds[folder].add(VARIANT if f".{VARIANT}." in base else "")
+    return kinds
+
+
+def choose_variants(files: Iterable[str], plan: Plan) -> dict[str, str | None]:
+    """The weights each component should read: ``"fp16"`` when it has only those, or has both
+    and its plan dtype is fp16; ``None`` (its full-precision files) otherwise."""
+    chosen: dict[str, str | None] = {}
+    for component, kinds in weight_kinds(files).items():
+        half = VARIANT in kinds and ("" not in kinds or plan.dtype_of(component) == "fp16")
+        chosen[component] = VARIANT if half else None
+    return chosen
+
+
+def folder_files(folder: str | Path) -> list[str]:
+    """The weight-bearing component folders' files of a model folder, as relative paths."""
+    root = Path(folder)
+    found: list[str] = []
+    for component in COMPONENTS:
+        sub = root / component
+        if sub.is_dir():
+            found.extend(f"{component}/{entry.name}" for entry in sub.iterdir())
+    return found
+
+
+def _from_pretrained(
+    source: str, plan: Plan, files: Iterable[str] = (), **kwargs: Any
+) -> StableVideoDiffusionPipeline:
+    """Call ``from_pretrained`` with each component loaded in its plan dtype, reading the
+    weights :func:`choose_variants` picks from ``files`` (the model's file names)."""
     import diffusers
     import torch
     import transformers
@@ -161,6 +219,35 @@ def _from_pretrained(source: str, plan: Plan, **kwargs: Any) -> StableVideoDiffu
     dtype["default"] = torch.float32
     # diffusers 0.42 renamed torch_dtype to dtype and warns on the old name.
     dtype_arg = "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
+    # transformers did the same in 4.56.
+    tf_dtype_arg = (
+        "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    )
+    names = list(files)
+    variants = choose_variants(names, plan)
+    kinds = weight_kinds(names)
+    # diffusers reads the variant in every component that has it, so the pipeline's call gets
+    # it when one of the components it loads wants it.
+    rest = VARIANT if any(variants[c] for c in COMPONENTS if c != "unet") else None
+    local = {k: v for k, v in kwargs.items() if k == "local_files_only"}
+    for component in COMPONENTS:
+        beside = rest and not variants[component] and VARIANT in kinds[component]
+        # The UNet, the largest, is loaded on its own and first: loading a model holds its
+        # file's pages and its weights at once, and the others are not in memory yet then.
+        # So is a component that must read its full files beside the variant's.
+        if component == "unet" or beside:
+            library, class_name = _COMPONENT_CLASSES[component]
+            loader = getattr(importlib.import_module(library), class_name)
+            own = {"variant": variants[component]} if variants[component] else {}
+            kwargs[component] = loader.from_pretrained(
+                source,
+                subfolder=component,
+                **{tf_dtype_arg if library == "transformers" else dtype_arg: dtype[component]},
+                **own,
+                **local,
+            )
+    if rest:
+        kwargs["variant"] = rest
     kwargs[dtype_arg] = dtype
     return StableVideoDiffusionPipeline.from_pretrained(source, **kwargs)
 
@@ -168,7 +255,7 @@ def _from_pretrained(source: str, plan: Plan, **kwargs: Any) -> StableVideoDiffu
 def _load_folder(folder: str, plan: Plan) -> StableVideoDiffusionPipeline:
     """Load a model saved on disk, turning a malformed folder into :class:`ModelUnavailable`."""
     try:
-        return _from_pretrained(folder, plan, local_files_only=True)
+        return _from_pretrained(folder, plan, folder_files(folder), local_files_only=True)
     except (OSError, ValueError, KeyError) as error:
         raise ModelUnavailable(
             f"Could not load the model in folder {folder!r}: it should hold a diffusers "
@@ -180,19 +267,21 @@ def _load_folder(folder: str, plan: Plan) -> StableVideoDiffusionPipeline:
 
 def _load_from_hub(repo_id: str, plan: Plan, timeout_s: float) -> StableVideoDiffusionPipeline:
     """Load a Hub model from the local cache, else download it, never waiting unbounded."""
-    from huggingface_hub import HfApi, constants
+    from huggingface_hub import HfApi, constants, snapshot_download
 
     # huggingface_hub reads these at call time: they bound each file's metadata and download.
     constants.HF_HUB_ETAG_TIMEOUT = timeout_s  # type: ignore[assignment]
     constants.HF_HUB_DOWNLOAD_TIMEOUT = timeout_s  # type: ignore[assignment]
     errors = _fetch_errors()
     try:
-        return _from_pretrained(repo_id, plan, local_files_only=True)
+        snapshot = snapshot_download(repo_id, local_files_only=True)
+        return _from_pretrained(repo_id, plan, folder_files(snapshot), local_files_only=True)
     except errors:
         pass  # not (fully) cached: go online
     try:
-        HfApi().model_info(repo_id, timeout=timeout_s)
-        return _from_pretrained(repo_id, plan)
+        info = HfApi().model_info(repo_id, timeout=timeout_s)
+        files = [sibling.rfilename for sibling in info.siblings or []]
+        return _from_pretrained(repo_id, plan, files)
     except errors as error:
         raise ModelUnavailable(_hub_message(repo_id, error, timeout_s)) from error
 

@@ -70,6 +70,8 @@ def render_frames(
             fps=params.fps,
             motion_bucket_id=params.motion_bucket_id,
             noise_aug_strength=params.noise_aug_strength,
+            min_guidance_scale=params.min_guidance_scale,
+            max_guidance_scale=params.max_guidance_scale,
             # The plan's, not the job's: the ladder lowers it after an out-of-memory error.
             decode_chunk_size=plan.decode_chunk_size,
             generator=generator,

@@ -10,7 +10,7 @@ import resource
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -119,11 +119,13 @@ def render_to_files(
     video_path: Path,
     poster_path: Path,
     report: Reporter,
+    extra_paths: Mapping[str, Path] | None = None,
 ) -> None:
-    """One attempt: load or re-cast the model, render the frames, write the MP4 and poster."""
+    """One attempt: load or re-cast the model, render the frames, write the MP4 (carrying the
+    model and settings), the poster, and each of ``extra_paths`` (output format -> file)."""
     from worker.pipeline import load_pipeline, pipeline_ready
     from worker.render import render_frames
-    from worker.video import encode_mp4, write_poster
+    from worker.video import encode_mp4, ping_pong, settings_metadata, write_poster
 
     if not pipeline_ready(settings.model, settings.models_dir, plan):
         # Nothing to load or re-cast on a warm worker: one database write less per job.
@@ -137,8 +139,30 @@ def render_to_files(
 
     frames = render_frames(pipe, image, params, plan, on_step)
     report(Phase.ENCODING, _ENCODING, params.num_inference_steps)
-    encode_mp4(frames, params.fps, video_path)
-    write_poster(frames, poster_path)
+    poster_frames = frames
+    if params.loop:
+        frames = ping_pong(frames)
+    metadata = settings_metadata(settings.model, params.as_dict())
+    encode_mp4(frames, params.fps, video_path, metadata=metadata)
+    write_poster(poster_frames, poster_path)
+    write_outputs(frames, params.fps, extra_paths or {}, metadata=metadata)
+
+
+def write_outputs(
+    frames: Any, fps: int, paths: Mapping[str, Path], *, metadata: str | None = None
+) -> None:
+    """Write each format of ``paths`` but the MP4 (``webm``, ``gif``, ``frames``)."""
+    from worker.video import encode_gif, encode_webm, write_frames_zip
+
+    for output, path in paths.items():
+        if output == "webm":
+            encode_webm(frames, fps, path, metadata=metadata)
+        elif output == "gif":
+            encode_gif(frames, fps, path)
+        elif output == "frames":
+            write_frames_zip(frames, path)
+        elif output != "mp4":
+            raise ValueError(f"unknown output format {output!r}")
 
 
 def _failing_component(settings: Settings, exc: BaseException) -> str | None:
@@ -161,11 +185,13 @@ def render_with_ladder(
     poster_path: Path,
     report: Reporter,
     hooks: AttemptHooks,
+    extra_paths: Mapping[str, Path] | None = None,
 ) -> list[AttemptResult]:
     """Render, retrying down the ladder on dtype, memory and non-finite errors.
 
     ``plan`` (chosen for ``reason``) is the first rung; ``report`` hears the phase and
-    progress, ``hooks`` each attempt as it starts and ends.
+    progress, ``hooks`` each attempt as it starts and ends; ``extra_paths`` are the files of
+    the job's other output formats (format -> file).
 
     Returns the attempts (the last one succeeded). Raises :class:`JobCanceled` when a cancel
     stopped it and :class:`RenderFailed` when the ladder ran out or the error is not retried.
@@ -183,7 +209,9 @@ def render_with_ladder(
             torch.cuda.reset_peak_memory_stats()
         started = time.monotonic()
         try:
-            render_to_files(settings, params, plan, image, video_path, poster_path, report)
+            render_to_files(
+                settings, params, plan, image, video_path, poster_path, report, extra_paths
+            )
         except JobCanceled:
             attempt.outcome, attempt.message = AttemptOutcome.CANCELED, "Canceled by request."
             _close(attempt, started, hooks)

@@ -242,3 +242,69 @@ def test_the_progress_bar_shows_the_speed_and_the_time_left(
     now[0] = 201.0
     bar(Phase.DENOISING, 0.09, 2)
     assert "2.00 it/s  ETA 0:12" in capsys.readouterr().err
+
+
+def test_render_again_from_a_video_takes_its_settings(
+    tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    """``svdfarm render --from VIDEO`` reads the model and settings the first MP4 carries: the
+    same seed, size and frames render the same video; an option given wins (--loop here)."""
+    from worker.video import read_metadata
+
+    image = tmp_path / "in.png"
+    image.write_bytes(png_bytes(96, 64))
+    first, again, looped = (tmp_path / n for n in ("first.mp4", "again.mp4", "looped.mp4"))
+    common = [*SVDFARM, "render", str(image), "--precision", "fp32"]
+    flags = ["--frames", "4", "--steps", "2", "--seed", "9", "--max-guidance", "2.5"]
+
+    def run(*args: str) -> None:
+        done = subprocess.run(
+            [*common, *args], env=cli_env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr
+
+    run("-o", str(first), *flags)
+    run("-o", str(again), "--from", str(first))
+    run("-o", str(looped), "--from", str(first), "--loop")
+    settings = read_metadata(first)
+    assert settings is not None and settings["params"]["max_guidance_scale"] == 2.5
+    assert read_metadata(again) == settings
+    assert probe_video(again)["frames"] == 4 and probe_video(looped)["frames"] == 6
+    frames = [imageio_frames(p) for p in (first, again)]
+    assert frames[0] == frames[1]
+
+
+def imageio_frames(path: Path) -> bytes:
+    """The decoded frames of a video, as raw RGB bytes."""
+    import imageio_ffmpeg
+
+    done = subprocess.run(
+        [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(path), "-f", "rawvideo", "-"],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    return done.stdout
+
+
+def test_render_from_a_video_without_settings_fails_clearly(
+    tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    """A video the farm did not make: a one-line error naming it."""
+    import numpy as np
+
+    from worker.video import encode_mp4
+
+    plain = tmp_path / "plain.mp4"
+    encode_mp4(np.zeros((2, 64, 64, 3), np.uint8), 5, plain)
+    image = tmp_path / "in.png"
+    image.write_bytes(png_bytes())
+    done = subprocess.run(
+        [*SVDFARM, "render", str(image), "-o", str(tmp_path / "o.mp4"), "--from", str(plain)],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert "carries no svdfarm settings" in done.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ from svdfarm.models import Job
 from svdfarm.params import (
     FIELDS,
     MAX_SEED,
+    OUTPUT_FIELDS,
+    OUTPUT_FORMATS_PATTERN,
     PRECISIONS,
     SVD_BASE_SIDE,
     ParamError,
@@ -314,6 +317,76 @@ def test_long_bad_values_are_cut_in_messages() -> None:
 def test_render_params_match_the_job_columns() -> None:
     """as_dict gives exactly the Job columns of the same names, so a Job can be built from it."""
     params = parse({})
-    assert set(params.as_dict()) == set(FIELDS) | {"precision"}
+    assert set(params.as_dict()) == set(FIELDS) | {"precision", *OUTPUT_FIELDS}
     columns = set(Job.__table__.columns.keys())
     assert set(params.as_dict()) <= columns
+
+
+def test_guidance_scales_default_to_the_pipelines() -> None:
+    """Blank guidance scales are the pipeline's own, 1.0 rising to 3.0."""
+    params = parse({"min_guidance_scale": "", "max_guidance_scale": " "})
+    assert (params.min_guidance_scale, params.max_guidance_scale) == (1.0, 3.0)
+    given = parse({"min_guidance_scale": "1.5", "max_guidance_scale": "7"})
+    assert (given.min_guidance_scale, given.max_guidance_scale) == (1.5, 7.0)
+    flat = parse({"min_guidance_scale": "2.5", "max_guidance_scale": "2.5"})
+    assert (flat.min_guidance_scale, flat.max_guidance_scale) == (2.5, 2.5)
+
+
+def test_min_guidance_above_max_is_refused_with_both_values() -> None:
+    """Both given and min above max: one error on max guidance naming both values."""
+    errors = errors_of({"min_guidance_scale": "5", "max_guidance_scale": "2"})
+    assert errors == {
+        "max_guidance_scale": "Max guidance must be at least min guidance (5), got 2."
+    }
+
+
+def test_a_blank_bound_follows_the_other() -> None:
+    """One bound given beyond the other's default: the blank one follows it, no error."""
+    high = parse({"min_guidance_scale": "6"})
+    assert (high.min_guidance_scale, high.max_guidance_scale) == (6.0, 6.0)
+    low = parse({"max_guidance_scale": "0.5"})
+    assert (low.min_guidance_scale, low.max_guidance_scale) == (0.5, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (None, "mp4"),
+        ("", "mp4"),
+        ("mp4", "mp4"),
+        ("gif", "mp4,gif"),
+        ("frames, gif ,webm", "mp4,webm,gif,frames"),
+        ("webm,webm,,", "mp4,webm"),
+    ],
+)
+def test_output_formats_are_normalised_with_mp4_first(raw: Any, expected: str) -> None:
+    """Known formats in any order, repeats and blanks: mp4 first, then the others in order."""
+    params = parse({} if raw is None else {"output_formats": raw})
+    assert params.output_formats == expected
+    assert params.formats == tuple(expected.split(","))
+    if raw is not None:
+        assert re.fullmatch(OUTPUT_FORMATS_PATTERN, raw)  # as the OpenAPI document says
+
+
+@pytest.mark.parametrize("raw", ["avi", "mp4,mov", "GIF", "gif\n", "webm;gif"])
+def test_unknown_output_formats_are_refused_by_name(raw: str) -> None:
+    """An unknown format (case counts) is refused with the known ones listed."""
+    errors = errors_of({"output_formats": raw})
+    assert list(errors) == ["output_formats"]
+    assert "mp4, webm, gif, frames" in errors["output_formats"]
+    assert not re.fullmatch(OUTPUT_FORMATS_PATTERN, raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("", False), ("false", False), ("0", False), ("on", True), ("true", True), ("1", True)],
+)
+def test_loop_reads_a_forms_yes_and_no(raw: str, expected: bool) -> None:
+    """A checkbox's ``on``, the API's true/false and 1/0; blank is no loop."""
+    assert parse({"loop": raw}).loop is expected
+    assert parse({}).loop is False
+
+
+def test_a_bad_loop_is_refused() -> None:
+    """Anything else is an error naming the field."""
+    assert "Loop must be true or false" in errors_of({"loop": "maybe"})["loop"]

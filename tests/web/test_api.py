@@ -66,6 +66,10 @@ def test_submit_records_stores_and_enqueues(
         "width": 64,
         "height": 64,
         "precision": "auto",
+        "min_guidance_scale": 1.0,
+        "max_guidance_scale": 3.0,
+        "output_formats": "mp4",
+        "loop": False,
     }
     assert job.input_key == f"{body['id']}/input.png"
     assert (settings.storage_dir / job.input_key).read_bytes() == image
@@ -243,8 +247,12 @@ def test_every_field_is_recorded(app: Flask, client: FlaskClient) -> None:
         "width": "128",
         "height": "192",
         "precision": "fp32",
+        "min_guidance_scale": "1.5",
+        "max_guidance_scale": "7.5",
+        "output_formats": "mp4,webm,gif,frames",
+        "loop": "True",
     }
-    response = post_job(client, png_bytes(), **fields)
+    response = post_job(client, png_bytes(), **(fields | {"loop": "true"}))
     assert response.status_code == 201
     params = load_job(app, response.get_json()["id"]).params()
     assert {k: str(v) for k, v in params.items()} == fields

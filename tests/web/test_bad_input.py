@@ -299,7 +299,7 @@ REFUSED: list[Any] = [
         400,
         "Unknown field 'frames' (did you mean num_frames?): the accepted fields are image, "
         "num_frames, num_inference_steps, fps, motion_bucket_id, noise_aug_strength, seed, "
-        "decode_chunk_size, width, height, precision",
+        "decode_chunk_size, width, height, min_guidance_scale, max_guidance_scale, precision",
         "frames",
         id="misspelled-frames",
     ),
@@ -313,7 +313,8 @@ REFUSED: list[Any] = [
     pytest.param(
         upload(steps="10", guidance_scale="3"),
         400,
-        "Unknown field 'guidance_scale': the accepted fields are image, num_frames",
+        "Unknown field 'guidance_scale' (did you mean min_guidance_scale?): the accepted "
+        "fields are image, num_frames",
         "guidance_scale",
         id="two-unknown-fields",
     ),
@@ -342,7 +343,7 @@ REFUSED: list[Any] = [
     ),
 ]
 
-#: Refusals the form makes and web/api.py does not yet: a field or the image sent twice.
+#: Refusals of a field or the image sent twice (the form takes several images as a batch).
 REPEATED: list[Any] = [
     pytest.param(
         upload(num_frames=["4", "abc"]),
@@ -357,6 +358,20 @@ REPEATED: list[Any] = [
         "Send one image",
         "image",
         id="two-images",
+    ),
+]
+
+
+#: The form takes several images as a batch: two images, the second not an image, are refused
+#: whole, the bad one named.
+REPEATED_ON_THE_FORM: list[Any] = [
+    REPEATED[0],
+    pytest.param(
+        Upload(images=((png_bytes(), "a.png"), (b"other", "b.png"))),
+        415,
+        "Image 2 (b.png)",
+        "image 2",
+        id="two-images-one-bad",
     ),
 ]
 
@@ -471,7 +486,7 @@ def test_the_form_refuses(farm: Farm, sent: Upload, status: int, phrase: str, na
     assert 'class="alert"' in response.get_data(as_text=True)
 
 
-@pytest.mark.parametrize(("sent", "status", "phrase", "name"), REPEATED)
+@pytest.mark.parametrize(("sent", "status", "phrase", "name"), REPEATED_ON_THE_FORM)
 def test_the_form_refuses_repeated_fields(
     farm: Farm, sent: Upload, status: int, phrase: str, name: str
 ) -> None:

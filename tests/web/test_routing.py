@@ -19,6 +19,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from svdfarm.catalog import SVD_XT as SVD_XT_SHAPE
 from svdfarm.models import Job
 from svdfarm.queues import estimate_memory_bytes, route
 from svdfarm.settings import Settings
@@ -26,7 +27,7 @@ from svdfarm.states import JobState
 from tests.conftest import DATABASES
 from tests.factories import png_bytes
 from tests.http import form_token
-from tests.rows import CPU_QUEUES, add_worker, job_count, load_job
+from tests.rows import CPU_QUEUES, add_worker, job_count, load_job, wait_until
 from web import create_app
 
 GB = 1_000_000_000
@@ -78,6 +79,14 @@ def status(client: FlaskClient, job_id: str) -> dict[str, Any]:
     assert response.status_code == 200
     body: dict[str, Any] = response.get_json()
     return body
+
+
+@pytest.fixture(autouse=True)
+def _svd_xt_sized(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Route the tiny model's jobs with SVD-XT's figures, as a farm of SVD-XT would: the tiny
+    model's own (svdfarm.catalog) fit every job in the smallest tier."""
+    monkeypatch.setattr("svdfarm.jobs.model_shape", lambda *_: SVD_XT_SHAPE)
+    monkeypatch.setattr("svdfarm.actions.model_shape", lambda *_: SVD_XT_SHAPE)
 
 
 @pytest.fixture
@@ -360,8 +369,13 @@ def test_the_status_page_shows_why_it_waits(app: Flask, client: FlaskClient) -> 
     ) in text
 
     add_worker(app.extensions["svdfarm.db"], "cpu@box-1", CPU_QUEUES, heartbeat_age_s=1)
-    text = html.unescape(client.get(f"/jobs/{job_id}").get_data(as_text=True))
-    assert "0 job(s) ahead in queue svd.cpu.fp32.12g; 1 worker(s) can take it" in text
+
+    def shows_the_worker() -> bool:
+        """True once the page counts the new worker (within a second: web.recent_workers)."""
+        text = html.unescape(client.get(f"/jobs/{job_id}").get_data(as_text=True))
+        return "0 job(s) ahead in queue svd.cpu.fp32.12g; 1 worker(s) can take it" in text
+
+    wait_until(shows_the_worker, "the page to count the new worker", 5)
 
 
 def test_the_status_page_of_a_gpu_only_farm(gpu_only: tuple[Flask, FlaskClient]) -> None:

@@ -94,8 +94,8 @@ def test_a_missing_model_fails_the_job_with_a_clear_message(
     db: Database, settings: Settings, tmp_path: Path
 ) -> None:
     """The attempt records the class, type and traceback; the job says what to do."""
-    job_id = _submit(db, settings)
     broken = settings.with_overrides(model=str(tmp_path / "no-such-model"))
+    job_id = _submit(db, broken)  # a job of that model (the worker renders the job's model)
     assert run_job(db, broken, str(job_id), "w1@test") == "failed"
     job = _job(db, job_id)
     assert job.state is JobState.FAILED

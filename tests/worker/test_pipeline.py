@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +16,7 @@ from diffusers import (
 )
 from transformers import CLIPVisionModelWithProjection
 
+from tests.hub import cache_as_hub_model, load_in_subprocess
 from worker.pipeline import (
     ModelUnavailable,
     clear_cache,
@@ -30,30 +26,7 @@ from worker.pipeline import (
 )
 from worker.plans import Plan
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 FP32 = Plan.uniform("fp32", "cpu")
-
-# Run in a fresh interpreter so huggingface_hub reads HF_ENDPOINT and HF_HOME at import,
-# exactly as a worker started with them would.
-_LOAD_SCRIPT = """
-import json, sys, time
-from pathlib import Path
-# Imported before the clock starts, so only the time spent on the Hub is measured.
-from diffusers import StableVideoDiffusionPipeline
-from worker.pipeline import ModelUnavailable, load_pipeline
-from worker.plans import Plan
-
-models_dir, timeout, specs = Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
-for spec in specs:
-    started = time.monotonic()
-    try:
-        pipe = load_pipeline(spec, models_dir, Plan.uniform("fp32", "cpu"), hub_timeout_s=timeout)
-        result = {"loaded": type(pipe).__name__}
-    except ModelUnavailable as error:
-        result = {"error": str(error)}
-    result["seconds"] = time.monotonic() - started
-    print(json.dumps(result), flush=True)
-"""
 
 
 @pytest.fixture(autouse=True)
@@ -61,42 +34,6 @@ def _empty_cache() -> Iterator[None]:
     clear_cache()
     yield
     clear_cache()
-
-
-def _load_in_subprocess(
-    tmp_path: Path, endpoint: str, timeout_s: float, *specs: str
-) -> list[dict[str, object]]:
-    """Run load_pipeline for each spec in a new Python with the Hub at ``endpoint``."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("HF_", "HUGGINGFACE_")) and key != "TRANSFORMERS_OFFLINE"
-    }
-    env.update(
-        HF_ENDPOINT=endpoint,
-        HF_HOME=str(tmp_path / "hf"),
-        HF_HUB_DISABLE_TELEMETRY="1",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
-    )
-    completed = subprocess.run(
-        [sys.executable, "-c", _LOAD_SCRIPT, str(tmp_path / "models"), str(timeout_s), *specs],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert completed.returncode == 0, completed.stderr
-    return [json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")]
-
-
-def _cache_as_hub_model(tiny_model_dir: Path, hf_home: Path, repo_id: str) -> None:
-    """Lay the tiny model out as huggingface_hub's cache holds a downloaded repository."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
-    shutil.copytree(tiny_model_dir, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
 
 
 def test_tiny_loads_through_from_pretrained(tiny_model_dir: Path) -> None:
@@ -200,8 +137,8 @@ def test_a_file_or_a_folder_without_a_model_is_unavailable(tmp_path: Path) -> No
 
 def test_hub_refusing_connections(tiny_model_dir: Path, tmp_path: Path) -> None:
     """A cached Hub model loads with no network; an uncached one fails fast and says why."""
-    _cache_as_hub_model(tiny_model_dir, tmp_path / "hf", "someorg/cached-model")
-    cached, missing = _load_in_subprocess(
+    cache_as_hub_model(tiny_model_dir, tmp_path / "hf", "someorg/cached-model")
+    cached, missing = load_in_subprocess(
         tmp_path, "http://127.0.0.1:9", 10.0, "someorg/cached-model", "someorg/some-model"
     )
     assert cached == {"loaded": "StableVideoDiffusionPipeline", "seconds": cached["seconds"]}
@@ -219,7 +156,7 @@ def test_hub_never_answering_is_bounded_by_the_timeout(tmp_path: Path) -> None:
         black_hole.bind(("127.0.0.1", 0))
         black_hole.listen(16)  # the kernel completes handshakes; nobody ever reads or answers
         port = black_hole.getsockname()[1]
-        (result,) = _load_in_subprocess(
+        (result,) = load_in_subprocess(
             tmp_path, f"http://127.0.0.1:{port}", 1.0, "someorg/some-model"
         )
     assert "error" in result, result

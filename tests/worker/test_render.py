@@ -134,3 +134,17 @@ def test_fit_image_applies_exif_orientation() -> None:
     top, bottom = fitted[10, 32], fitted[118, 32]
     assert top[0] > 200 and top[2] < 60, top
     assert bottom[2] > 200 and bottom[0] < 60, bottom
+
+
+def test_the_guidance_scales_reach_the_pipeline(
+    pipe: StableVideoDiffusionPipeline, image: Image.Image, first_render: dict
+) -> None:
+    """The job's min and max guidance are the pipeline's ramp across the frames, and they
+    change the video: no guidance (1.0 to 1.0) renders other frames than 1.0 to 3.0."""
+    params = replace(PARAMS, min_guidance_scale=1.5, max_guidance_scale=4.5)
+    render_frames(pipe, image, params, FP32)
+    ramp = pipe.guidance_scale.flatten().tolist()
+    assert len(ramp) == params.num_frames
+    assert ramp[0] == pytest.approx(1.5) and ramp[-1] == pytest.approx(4.5)
+    off = replace(PARAMS, min_guidance_scale=1.0, max_guidance_scale=1.0)
+    assert not np.array_equal(render_frames(pipe, image, off, FP32), first_render["frames"])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
+import zipfile
 from pathlib import Path
 
 import imageio_ffmpeg
@@ -11,7 +13,16 @@ import pytest
 from PIL import Image
 
 from tests.media import probe_video
-from worker.video import encode_mp4, write_poster
+from worker.video import (
+    encode_gif,
+    encode_mp4,
+    encode_webm,
+    ping_pong,
+    read_metadata,
+    settings_metadata,
+    write_frames_zip,
+    write_poster,
+)
 
 
 def _frames(count: int, width: int, height: int) -> np.ndarray:
@@ -91,3 +102,80 @@ def test_an_ffmpeg_failure_raises_and_leaves_the_old_file(tmp_path: Path) -> Non
         encode_mp4(too_wide, 7, path)
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["video.mp4"]
+
+
+def _levels(count: int = 6, height: int = 48, width: int = 64) -> np.ndarray:
+    """``count`` distinct frames: frame i is filled with 30 * i."""
+    return np.stack([np.full((height, width, 3), 30 * i, np.uint8) for i in range(count)])
+
+
+def test_ping_pong_plays_forward_then_back_without_repeating_the_ends() -> None:
+    """Frames 0..3 loop as 0 1 2 3 2 1; fewer than three frames stay as they are."""
+    levels = ping_pong(_levels(4))[:, 0, 0, 0] // 30
+    assert levels.tolist() == [0, 1, 2, 3, 2, 1]
+    assert len(ping_pong(_levels(2))) == 2
+
+
+def test_the_mp4_carries_the_settings_it_was_rendered_with(tmp_path: Path) -> None:
+    """The model and every parameter are in the MP4's metadata and read back as they were
+    written (quotes, ``=``, ``;``, ``#`` and backslashes included): enough to render it again."""
+    params = {"seed": 2**63 - 1, "loop": True, "output_formats": "mp4,gif", "odd": 'a=b;c#d\\e"'}
+    path = tmp_path / "video.mp4"
+    encode_mp4(_levels(), 7, path, metadata=settings_metadata("svd-xt", params))
+    assert read_metadata(path) == {"model": "svd-xt", "params": params}
+    assert probe_video(path)["moov_before_mdat"]
+
+
+def test_a_video_without_settings_reads_none(tmp_path: Path) -> None:
+    """An MP4 of another tool (no svdfarm comment) has no settings to read."""
+    path = tmp_path / "plain.mp4"
+    encode_mp4(_levels(), 7, path)
+    assert read_metadata(path) is None
+
+
+def test_the_webm_is_vp9_with_every_frame(tmp_path: Path) -> None:
+    """The WebM is VP9 in yuv420p, at the frames' size, every frame kept, settings inside."""
+    path = tmp_path / "video.webm"
+    encode_webm(_levels(), 7, path, metadata=settings_metadata("tiny", {"seed": 1}))
+    info = probe_video(path)
+    assert (info["codec"], info["pix_fmt"]) == ("vp9", "yuv420p")
+    assert (info["width"], info["height"], info["frames"]) == (64, 48, 6)
+    assert path.read_bytes()[:4] == b"\x1a\x45\xdf\xa3"  # EBML: a Matroska/WebM file
+    assert read_metadata(path) == {"model": "tiny", "params": {"seed": 1}}
+
+
+def test_the_gif_loops_forever_with_every_frame(tmp_path: Path) -> None:
+    """The GIF has every frame at the frames' size (odd sizes too) and loops forever."""
+    path = tmp_path / "video.gif"
+    encode_gif(_levels(5, 33, 47), 7, path)
+    with Image.open(path) as gif:
+        assert gif.format == "GIF" and gif.size == (47, 33)
+        assert getattr(gif, "n_frames", 1) == 5
+        assert gif.info.get("loop") == 0
+
+
+def test_the_frames_zip_holds_one_png_per_frame(tmp_path: Path) -> None:
+    """frames.zip holds frame_0001.png ... in order, each the frame exactly (PNG is lossless)."""
+    frames = _levels(3)
+    path = tmp_path / "frames.zip"
+    write_frames_zip(frames, path)
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        assert names == ["frame_0001.png", "frame_0002.png", "frame_0003.png"]
+        for name, frame in zip(names, frames, strict=True):
+            with Image.open(archive.open(name)) as png:
+                assert np.array_equal(np.asarray(png.convert("RGB")), frame)
+
+
+def test_a_model_folder_is_named_without_the_servers_path() -> None:
+    """A model given as a folder on the server is named by its last part in the metadata;
+    hub ids and catalog names are kept as they are."""
+    for given, shown in (
+        ("/srv/models/svd-xt/", "svd-xt"),
+        ("~/models/tiny", "tiny"),
+        ("C:\\models\\svd", "svd"),
+        ("stabilityai/stable-video-diffusion-img2vid-xt", None),
+        ("tiny", None),
+    ):
+        found = json.loads(settings_metadata(given, {}))["svdfarm"]["model"]
+        assert found == (shown or given), given

@@ -1,6 +1,7 @@
 // The submit form's helpers: the size menu fills width and height with one of the model's
 // sizes (and follows what is typed in them), and a chosen file says it replaces the stored
-// image of "render again". Without JavaScript the menu stays hidden; the fields work alone.
+// image of "render again"; chosen, dropped or pasted images show as previews. Without
+// JavaScript the menu stays hidden; the fields work alone.
 (function () {
   "use strict";
   const presets = document.getElementById("size-presets");
@@ -34,4 +35,53 @@
       replaced.hidden = !(image.files && image.files.length);
     });
   }
+
+  // Previews of the chosen images; images dropped on the field or pasted into the page are
+  // added to the chosen files (several images make a batch).
+  const previews = document.getElementById("previews");
+  const zone = document.getElementById("dropzone");
+  const ACCEPTED = ["image/png", "image/jpeg", "image/webp"];
+  if (!image || !previews || !zone) return;
+
+  const showPreviews = function () {
+    previews.replaceChildren();
+    const files = Array.from(image.files || []);
+    previews.hidden = files.length === 0;
+    files.forEach(function (file) {
+      const figure = document.createElement("figure");
+      const img = document.createElement("img");
+      img.alt = file.name;
+      img.src = URL.createObjectURL(file);
+      img.onload = function () { URL.revokeObjectURL(img.src); };
+      const caption = document.createElement("figcaption");
+      caption.textContent = file.name;
+      figure.append(img, caption);
+      previews.append(figure);
+    });
+  };
+  const addFiles = function (files) {
+    const added = Array.from(files).filter(function (f) { return ACCEPTED.includes(f.type); });
+    if (!added.length || typeof DataTransfer === "undefined") return;
+    const all = new DataTransfer();
+    Array.from(image.files || []).concat(added).forEach(function (f) { all.items.add(f); });
+    image.files = all.files;
+    image.dispatchEvent(new Event("change"));
+  };
+  image.addEventListener("change", showPreviews);
+  zone.addEventListener("dragover", function (event) {
+    event.preventDefault();
+    zone.classList.add("dragging");
+  });
+  zone.addEventListener("dragleave", function () { zone.classList.remove("dragging"); });
+  zone.addEventListener("drop", function (event) {
+    event.preventDefault();
+    zone.classList.remove("dragging");
+    if (event.dataTransfer) addFiles(event.dataTransfer.files);
+  });
+  document.addEventListener("paste", function (event) {
+    if (event.clipboardData && event.clipboardData.files.length) {
+      addFiles(event.clipboardData.files);
+    }
+  });
+  showPreviews();
 })();
