@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, current_app, g, render_template_string, request
+from flask import Flask, current_app, g, has_request_context, render_template_string, request
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
@@ -32,10 +32,16 @@ def get_db() -> Database:
     return database
 
 
+#: The methods that only read: their requests get a session without a transaction.
+READ_METHODS = frozenset({"GET", "HEAD"})
+
+
 def get_session() -> Session:
-    """This request's session, opened on first use."""
+    """This request's session, opened on first use: outside a transaction for a GET or HEAD,
+    which only read (:meth:`Database.read_session`: two round trips fewer)."""
     if "db_session" not in g:
-        g.db_session = get_db().session()
+        reads = has_request_context() and request.method in READ_METHODS
+        g.db_session = get_db().read_session() if reads else get_db().session()
     session: Session = g.db_session
     return session
 
