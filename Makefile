@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test test-fast lint venv clean bench
+.PHONY: run test test-fast lint venv clean bench bench-web bench-history
 
 venv: $(STAMP)
 
@@ -32,7 +32,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -m "not slow and not browser" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not browser and not full_shape" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -49,6 +49,17 @@ bench: $(STAMP)
 	$(PY) -m bench.model_cache --write
 	$(PY) -m bench.profile_farm --write
 	$(PY) -m bench.store_load --write
+	$(PY) -m bench.history --write
+
+# The web benchmark alone (bench/web_load.py: wrk when installed), with the same services.
+bench-web: $(STAMP)
+	$(PY) -m bench.services
+	$(PY) -m bench.web_load --write
+
+# Every page and background pass at 1,000,000 jobs against an empty database (about 10 min).
+bench-history: $(STAMP)
+	$(PY) -m bench.services
+	$(PY) -m bench.history --write
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

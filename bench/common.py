@@ -43,6 +43,8 @@ BENCHMARKS_MD = ROOT / "docs" / "BENCHMARKS.md"
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 #: Redis database the benchmarks use; it is emptied before and after each run.
 DEFAULT_REDIS = "redis://127.0.0.1:6379/5"
+#: RabbitMQ the benchmarks use; each run gets a virtual host of its own (``rabbitmqctl``).
+DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672//"
 TERMINAL_STATES = ("succeeded", "failed", "canceled")
 
 
@@ -56,10 +58,15 @@ def redis_url() -> str:
     return os.environ.get("SVDFARM_BENCH_REDIS_URL", DEFAULT_REDIS)
 
 
+def amqp_url() -> str:
+    """The RabbitMQ the benchmarks use as the broker (a new vhost on it each run)."""
+    return os.environ.get("SVDFARM_BENCH_AMQP_URL", DEFAULT_AMQP)
+
+
 def setup_name(database: str, broker: str) -> str:
     """How a table names a setup: ``PostgreSQL + Redis`` or ``SQLite + embedded broker``."""
     db = "PostgreSQL" if database == "postgresql" else "SQLite"
-    queue = "Redis" if broker == "redis" else "embedded broker"
+    queue = {"redis": "Redis", "rabbitmq": "RabbitMQ"}.get(broker, "embedded broker")
     return f"{db} + {queue}"
 
 
@@ -89,13 +96,16 @@ def scratch_database(kind: str, data_dir: Path) -> Iterator[str]:
 
 @contextmanager
 def scratch_broker(kind: str) -> Iterator[str]:
-    """The broker URL for one run: the benchmark Redis database, emptied before and after,
-    or the embedded filesystem broker."""
+    """The broker URL for one run: the benchmark Redis database, emptied before and after, a
+    new RabbitMQ virtual host (deleted after), or the embedded filesystem broker."""
     if kind == "embedded":
         yield "filesystem://"
         return
+    if kind == "rabbitmq":
+        yield from _scratch_vhost(amqp_url())
+        return
     if kind != "redis":
-        raise ValueError(f"broker must be redis or embedded, got {kind!r}")
+        raise ValueError(f"broker must be redis, rabbitmq or embedded, got {kind!r}")
     import redis
 
     url = redis_url()
@@ -106,6 +116,24 @@ def scratch_broker(kind: str) -> Iterator[str]:
     finally:
         client.flushdb()
         client.close()
+
+
+def _scratch_vhost(base_url: str) -> Iterator[str]:
+    """``base_url`` on a new virtual host, made and deleted with ``rabbitmqctl`` (local node)."""
+    vhost = f"svdfarm-bench-{uuid.uuid4().hex[:10]}"
+    scheme, rest = base_url.split("://", 1)
+    authority = rest.split("/", 1)[0]
+    user = authority.rsplit("@", 1)[0].split(":", 1)[0] if "@" in authority else "guest"
+    subprocess.run(["rabbitmqctl", "add_vhost", vhost], check=True, capture_output=True)
+    try:
+        subprocess.run(
+            ["rabbitmqctl", "set_permissions", "-p", vhost, user, ".*", ".*", ".*"],
+            check=True,
+            capture_output=True,
+        )
+        yield f"{scheme}://{authority}/{vhost}"
+    finally:
+        subprocess.run(["rabbitmqctl", "delete_vhost", vhost], check=False, capture_output=True)
 
 
 # --- the farm -------------------------------------------------------------------------------
@@ -576,6 +604,7 @@ SECTIONS = (
     "farm-overhead-all-cores",
     "queue-latency",
     "web",
+    "history",
     "model-cache",
     "memory",
     "profile",
@@ -645,12 +674,16 @@ def section(title: str, table: str, notes: str = "", command: str = "") -> str:
 def write_section(name: str, body: str, path: Path = BENCHMARKS_MD) -> None:
     """Replace (or add) section ``name`` of the benchmarks file, keeping the other sections."""
     sections: dict[str, str] = {}
+    header = _HEADER
     if path.exists():
+        text = path.read_text()
         pattern = re.compile(r"<!-- bench:([\w-]+) -->\n(.*?)\n<!-- /bench:\1 -->", re.DOTALL)
-        sections = {m.group(1): m.group(2) for m in pattern.finditer(path.read_text())}
+        sections = {m.group(1): m.group(2) for m in pattern.finditer(text)}
+        # What stands before the first section was written by hand: kept as it is.
+        header = text.split("<!-- bench:", 1)[0] if sections else header
     sections[name] = body.strip()
     order = [s for s in SECTIONS if s in sections] + sorted(set(sections) - set(SECTIONS))
-    parts = [_HEADER.strip()]
+    parts = [header.strip()]
     parts += [f"<!-- bench:{s} -->\n{sections[s]}\n<!-- /bench:{s} -->" for s in order]
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".benchmarks.")

@@ -17,13 +17,21 @@ from svdfarm.settings import Settings
 
 def add_commands(sub: Any) -> None:
     """Register ``db``, ``queues``, ``reap`` and ``admin``."""
-    db = sub.add_parser("db", help="database migrations")
+    db = sub.add_parser("db", help="database migrations and upkeep")
     migrations = db.add_subparsers(dest="action", required=True, metavar="ACTION")
     up = migrations.add_parser("upgrade", help="migrate up to REV (default: the newest)")
     down = migrations.add_parser("downgrade", help="migrate down to REV (default: one step)")
     for action in (up, down):
         action.set_defaults(run=cmd_db)
         action.add_argument("revision", nargs="?", default="", metavar="REV")
+    again = migrations.add_parser(
+        "recount",
+        help="count /metrics' job and attempt totals again from every row",
+        description="Count the totals /metrics reads again from every row. The database keeps "
+        "them as rows change; only rows changed with its triggers off (a bulk load, a "
+        "restore, a TRUNCATE) need this.",
+    )
+    again.set_defaults(run=cmd_db)
 
     queues = sub.add_parser(
         "queues", help="jobs waiting in each queue and its live workers; purge: empty them all"
@@ -57,9 +65,16 @@ def add_commands(sub: Any) -> None:
 
 
 def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
-    """``svdfarm db upgrade|downgrade``."""
+    """``svdfarm db upgrade|downgrade|recount``."""
     from svdfarm import db
 
+    if args.action == "recount":
+        from svdfarm.counts import recount
+
+        with db.database_for(settings.database_url).begin() as session:
+            recount(session)
+        print(f"database {redact(settings.database_url)}: /metrics' totals counted again")
+        return 0
     if args.action == "upgrade":
         db.upgrade(settings.database_url, args.revision or "head")
     else:

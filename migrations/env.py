@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from svdfarm.db import make_engine
+from svdfarm.db import include_object, make_engine
 from svdfarm.models import Base
 from svdfarm.settings import load_settings
 
@@ -24,6 +24,7 @@ def run_migrations_offline() -> None:
         target_metadata=target_metadata,
         literal_binds=True,
         compare_type=True,
+        include_object=include_object,
         render_as_batch=True,
     )
     with context.begin_transaction():
@@ -38,6 +39,7 @@ def run_migrations_online() -> None:
             connection=connection,
             target_metadata=target_metadata,
             compare_type=True,
+            include_object=include_object,
             render_as_batch=connection.dialect.name == "sqlite",
         )
         with context.begin_transaction():

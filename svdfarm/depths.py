@@ -14,6 +14,7 @@ queue the broker does not know (AMQP answers NOT_FOUND) holds nothing.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from celery import Celery
 from kombu.utils.url import maybe_sanitize_url
@@ -77,6 +78,8 @@ def queue_depths(
                 f"The broker at {maybe_sanitize_url(settings.broker_url)} could not be reached "
                 f"({type(exc).__name__}: {exc}); check SVDFARM_BROKER_URL and that it is up."
             ) from exc
+        if connection.transport.driver_type == "redis":
+            return _redis_depths(channel, names)
         for queue in names:
             try:
                 depths[queue] = int(channel.queue_declare(queue=queue, passive=True).message_count)
@@ -85,3 +88,19 @@ def queue_depths(
                 # AMQP closes a channel after NOT_FOUND; the next queue needs a fresh one.
                 channel = connection.channel()
     return depths
+
+
+def _redis_depths(channel: Any, names: list[str]) -> dict[str, int]:
+    """Every queue's message count from Redis in one round trip: kombu keeps a queue as one
+    list per priority step, and its own ``queue_declare`` asks for them a queue at a time (one
+    round trip each: 72 queues took ~0.4 s a scrape)."""
+    steps = list(channel.priority_steps)
+    with channel.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
+        for queue in names:
+            for step in steps:
+                pipe.llen(channel._q_for_pri(queue, step))
+        sizes = pipe.execute()
+    return {
+        queue: sum(int(n) for n in sizes[i * len(steps) : (i + 1) * len(steps)])
+        for i, queue in enumerate(names)
+    }

@@ -12,12 +12,13 @@ winner alone deletes the files, inside the transaction that marks it.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, or_, select, text
+from sqlalchemy import and_, or_, select, text, tuple_
 
 from svdfarm import lifecycle
 from svdfarm.db import Database
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: The PostgreSQL advisory lock one sweeper holds while it works.
 SWEEP_LOCK = "svdfarm-retention"
+#: Jobs read at a time by a pass (see :func:`_due`).
+SWEEP_BATCH = 500
 
 
 @dataclass
@@ -68,8 +71,10 @@ def input_expires_at(job: Job, settings: Settings) -> datetime | None:
     return job.finished_at + timedelta(seconds=settings.input_retention_s)
 
 
-def _due(db: Database, settings: Settings, now: datetime) -> list[Job]:
-    """Ended jobs with outputs or an input past their time."""
+def _due(db: Database, settings: Settings, now: datetime) -> Iterator[Job]:
+    """Ended jobs with outputs or an input past their time, oldest first, read a batch at a
+    time from where the last one ended: each read is a range of a partial index that holds
+    only the jobs whose files are still kept, so a pass costs the same at any history."""
     due = []
     if settings.retention_s:
         before = now - timedelta(seconds=settings.retention_s)
@@ -77,14 +82,19 @@ def _due(db: Database, settings: Settings, now: datetime) -> list[Job]:
     if settings.input_retention_s:
         before = now - timedelta(seconds=settings.input_retention_s)
         due.append(and_(Job.input_expired_at.is_(None), Job.finished_at < before))
-    with db.session() as session:
-        return list(
-            session.scalars(
-                select(Job)
-                .where(Job.state.in_(JobState.terminal_states()), or_(*due))
-                .order_by(Job.finished_at)
-            )
-        )
+    after: tuple[datetime, uuid.UUID] | None = None
+    while True:
+        stmt = select(Job).where(Job.state.in_(JobState.terminal_states()), or_(*due))
+        if after is not None:
+            stmt = stmt.where(tuple_(Job.finished_at, Job.id) > tuple_(*after))
+        with db.session() as session:
+            batch = list(session.scalars(stmt.order_by(Job.finished_at, Job.id).limit(SWEEP_BATCH)))
+        yield from batch
+        if len(batch) < SWEEP_BATCH:
+            return
+        last = batch[-1]
+        assert last.finished_at is not None
+        after = (last.finished_at, last.id)
 
 
 @contextmanager
@@ -136,7 +146,8 @@ def _expire_one(
     """Expire what is due of one job; nothing when it changed since it was read."""
     outputs = job.expired_at is None and _past(expires_at(job, settings), now)
     inputs = job.input_expired_at is None and _past(input_expires_at(job, settings), now)
-    named = ([job.video_key, job.poster_key] if outputs else []) + (
+    others = [k for f, k in (job.output_keys or {}).items() if f != "mp4"]
+    named = ([job.video_key, job.poster_key, *others] if outputs else []) + (
         [job.input_key] if inputs else []
     )
     keys = [key for key in named if key]

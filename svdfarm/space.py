@@ -16,9 +16,9 @@ from sqlalchemy import select
 from svdfarm import lifecycle
 from svdfarm.db import Database
 from svdfarm.lifecycle import By
-from svdfarm.models import Job, JobEvent, utcnow
+from svdfarm.models import Job, JobEvent, storage_failure_event, utcnow
 from svdfarm.settings import Settings
-from svdfarm.states import ErrorClass, EventType, JobState
+from svdfarm.states import JobState
 from svdfarm.storage import open_store
 
 #: How long a job that failed to store its video waits before it is queued again.
@@ -57,13 +57,15 @@ def retry_storage_failures(
             .where(
                 Job.state == JobState.FAILED,
                 Job.finished_at < before,
+                # Jobs that ever failed to store (a partial index holds just those events:
+                # rare, so the pass does not read every failed job of the history).
+                Job.id.in_(select(JobEvent.job_id).where(storage_failure_event())),
                 # The failed event of its current life says the video could not be stored.
                 select(JobEvent.id)
                 .where(
                     JobEvent.job_id == Job.id,
-                    JobEvent.type == EventType.FAILED,
+                    storage_failure_event(),
                     JobEvent.at >= Job.finished_at,
-                    JobEvent.details["error_class"].as_string() == ErrorClass.STORAGE.value,
                 )
                 .exists(),
             )

@@ -7,6 +7,8 @@ and any script change jobs the same way.
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Any
@@ -23,13 +25,23 @@ from flask import (
 )
 from flask.blueprints import BlueprintSetupState
 from markupsafe import Markup
-from sqlalchemy import ColumnElement, Select, String, and_, cast, func, or_, select
-from sqlalchemy.orm import aliased
+from sqlalchemy import (
+    ColumnElement,
+    ScalarSelect,
+    Select,
+    false,
+    func,
+    or_,
+    select,
+    tuple_,
+    union,
+)
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from svdfarm.actions import JobChange, cancel_job, delete_job, parse_job_id, requeue_jobs
 from svdfarm.depths import BrokerUnavailable, queue_depths, waiting_jobs
 from svdfarm.lifecycle import By, events_of
-from svdfarm.models import Attempt, Job, Worker, utcnow
+from svdfarm.models import Attempt, Job, Worker, list_order, utcnow
 from svdfarm.queues import all_queues
 from svdfarm.registry import effective_state
 from svdfarm.states import Actor, AttemptOutcome, ErrorClass, JobState, WorkerState
@@ -47,6 +59,11 @@ ANY_STATE = "any"
 #: Skipped jobs named one by one after a bulk action; the rest are counted (the flash
 #: messages travel in the session cookie, which must stay small).
 MAX_LISTED = 5
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+#: A search's text held by more jobs than this is common: the page is filled by reading the
+#: list's next :data:`SEARCH_WINDOW` jobs in order (see ``index``).
+FOUND_CAP = 1000
+SEARCH_WINDOW = 2000
 
 
 @bp.record_once
@@ -145,7 +162,10 @@ class Filters:
     since: date | None = None
     until: date | None = None
     q: str = ""
-    page: int = 1
+    #: The page's edge: jobs older than ``before`` or newer than ``after`` (a job's sort key,
+    #: see :func:`parse_cursor`); neither: the newest.
+    before: Cursor | None = None
+    after: Cursor | None = None
 
     @classmethod
     def from_args(cls, args: Any) -> tuple[Filters, list[str]]:
@@ -171,10 +191,15 @@ class Filters:
                     setattr(found, name, date.fromisoformat(raw))
                 except ValueError:
                     problems.append(f"{name} {raw!r} is not a date (YYYY-MM-DD): ignored.")
-        try:
-            found.page = max(1, int(args.get("page", "1")))
-        except ValueError:
-            found.page = 1
+        for name in ("before", "after"):
+            raw = args.get(name, "").strip()
+            if raw:
+                cursor = parse_cursor(raw)
+                if cursor is None:
+                    problems.append(f"{name} {raw!r} is not a page mark: showing the newest.")
+                setattr(found, name, cursor)
+        if found.before and found.after:
+            found.after = None
         return found, problems
 
     def args(self, **changes: Any) -> dict[str, Any]:
@@ -187,11 +212,37 @@ class Filters:
             "since": self.since.isoformat() if self.since else "",
             "until": self.until.isoformat() if self.until else "",
             "q": self.q,
-            "page": self.page if self.page > 1 else "",
+            "before": format_cursor(self.before) if self.before else "",
+            "after": format_cursor(self.after) if self.after else "",
         }
         values.update(changes)
         # "state" is always there: "any" means every state, absent means failed.
         return {k: v for k, v in values.items() if v != ""}
+
+
+#: A job's place in the list: (finished, else created), then its id.
+Cursor = tuple[datetime, uuid.UUID]
+
+
+def sort_key(job: Job) -> Cursor:
+    """Where ``job`` sits in the list, newest first: the cursor of a page's edge."""
+    return (job.finished_at or job.created_at, job.id)
+
+
+def format_cursor(cursor: Cursor) -> str:
+    """``cursor`` as a query argument: microseconds since the epoch, ``_``, the job id."""
+    moment, job_id = cursor
+    micros = (moment - EPOCH) // timedelta(microseconds=1)
+    return f"{micros}_{job_id.hex}"
+
+
+def parse_cursor(text: str) -> Cursor | None:
+    """What :func:`format_cursor` wrote, or None for anything else."""
+    micros, _, hex_id = text.partition("_")
+    try:
+        return EPOCH + timedelta(microseconds=int(micros)), uuid.UUID(hex=hex_id)
+    except (ValueError, OverflowError):
+        return None
 
 
 def _like(text: str) -> str:
@@ -200,19 +251,87 @@ def _like(text: str) -> str:
     return f"%{escaped}%"
 
 
-def filtered_jobs(filters: Filters) -> Select[Job]:
-    """Jobs matching ``filters``, newest first; error class is that of the last attempt."""
-    numbers = (
-        select(Attempt.job_id, func.max(Attempt.number).label("number"))
-        .group_by(Attempt.job_id)
-        .subquery()
+def _last_error_class() -> ScalarSelect[Any]:
+    """The error class of a job's latest attempt (correlated: read per listed row only)."""
+    return (
+        select(Attempt.error_class)
+        .where(Attempt.job_id == Job.id)
+        .order_by(Attempt.number.desc())
+        .limit(1)
+        .scalar_subquery()
     )
-    last = aliased(Attempt)
-    stmt = (
-        select(Job)
-        .outerjoin(numbers, numbers.c.job_id == Job.id)
-        .outerjoin(last, and_(last.job_id == Job.id, last.number == numbers.c.number))
-    )
+
+
+def _id_range(text: str) -> ColumnElement[bool] | None:
+    """Jobs whose id is ``text`` or starts with its hex digits (a key range), or None when
+    ``text`` cannot be the start of an id."""
+    key = parse_job_id(text)
+    if key is not None:
+        return Job.id == key
+    hex_part = text.replace("-", "").lower()
+    if hex_part and len(hex_part) <= 32 and all(c in "0123456789abcdef" for c in hex_part):
+        low = uuid.UUID(hex=hex_part.ljust(32, "0"))
+        high = uuid.UUID(hex=hex_part.ljust(32, "f"))
+        return Job.id.between(low, high)
+    return None
+
+
+def _search(text: str) -> ColumnElement[bool]:
+    """Jobs whose id starts with ``text``, or whose error, file name or any attempt's message
+    holds it, found from the texts' trigram indexes (PostgreSQL) before the jobs are read."""
+    found = union(*(query for query in _text_queries(text)))
+    matches = [Job.id.in_(found.scalar_subquery()), _id_range(text)]
+    return or_(*(m for m in matches if m is not None))
+
+
+def _text_queries(text: str) -> list[Select[Any]]:
+    """The ids of the jobs whose error, file name or an attempt's message holds ``text``."""
+    pattern = _like(text)
+    return [
+        select(Job.id).where(Job.error.ilike(pattern, escape="\\")),
+        select(Job.id).where(Job.input_filename.ilike(pattern, escape="\\")),
+        select(Attempt.job_id).where(Attempt.message.ilike(pattern, escape="\\")),
+    ]
+
+
+def found_ids(session: Session, text: str) -> set[uuid.UUID] | None:
+    """Every job whose texts hold ``text`` (its id range aside), each text asked alone, or
+    None when one of them holds it in more than :data:`FOUND_CAP` jobs (a common text)."""
+    ids: set[uuid.UUID] = set()
+    for query in _text_queries(text):
+        got = session.scalars(query.limit(FOUND_CAP + 1)).all()
+        if len(got) > FOUND_CAP:
+            return None
+        ids.update(got)
+    return ids
+
+
+def _matches(text: str) -> ColumnElement[bool]:
+    """The same test as :func:`_search`, made on each row as it is read."""
+    pattern = _like(text)
+    matches = [
+        Job.error.ilike(pattern, escape="\\"),
+        Job.input_filename.ilike(pattern, escape="\\"),
+        Job.attempts.any(Attempt.message.ilike(pattern, escape="\\")),
+        _id_range(text),
+    ]
+    return or_(*(m for m in matches if m is not None))
+
+
+def filtered_jobs(
+    filters: Filters, *, recent: int = 0, found: Collection[uuid.UUID] | None = None
+) -> Select[Job]:
+    """Jobs matching ``filters``, newest first (older than ``before``, or the oldest first
+    when newer than ``after``); error class is that of the last attempt.
+
+    Flat in history: the order is an index (``ix_jobs_list_order``, and per state
+    ``ix_jobs_state_list_order``) read from the page's edge, never an OFFSET or a count.
+    A search takes the jobs ``found`` in the text indexes when given (see
+    :func:`found_ids`), else with ``recent`` only the next ``recent`` jobs of the list,
+    tested row by row, else every match from the text indexes (see :func:`index`).
+    """
+    when = list_order()
+    stmt = select(Job)
     if filters.state:
         stmt = stmt.where(Job.state == JobState(filters.state))
     if filters.error_class:
@@ -220,59 +339,97 @@ def filtered_jobs(filters: Filters) -> Select[Job]:
         # With a state filter: the failure that put the job there (its last attempt); without
         # one, any attempt, so "jobs" from the failures-by-class table lists them all.
         if filters.state:
-            stmt = stmt.where(last.error_class == wanted)
+            stmt = stmt.where(_last_error_class() == wanted)
         else:
             stmt = stmt.where(Job.attempts.any(Attempt.error_class == wanted))
     if filters.worker:
         stmt = stmt.where(Job.attempts.any(Attempt.worker == filters.worker))
     if filters.model:
         stmt = stmt.where(Job.model == filters.model)
-    when = func.coalesce(Job.finished_at, Job.created_at)
     if filters.since:
         stmt = stmt.where(when >= datetime.combine(filters.since, time(), timezone.utc))
     if filters.until:
         end = datetime.combine(filters.until + timedelta(days=1), time(), timezone.utc)
         stmt = stmt.where(when < end)
-    if filters.q:
-        pattern = _like(filters.q)
-        matches: list[ColumnElement[bool]] = [
-            Job.error.ilike(pattern, escape="\\"),
-            Job.input_filename.ilike(pattern, escape="\\"),
-            last.message.ilike(pattern, escape="\\"),
-        ]
-        key = parse_job_id(filters.q)
-        hex_part = filters.q.replace("-", "").lower()
-        if key is not None:
-            matches.append(Job.id == key)
-        elif hex_part and all(c in "0123456789abcdef" for c in hex_part):
-            # PostgreSQL prints UUIDs with dashes, SQLite stores 32 hex digits: compare without.
-            matches.append(func.replace(cast(Job.id, String), "-", "").like(f"{hex_part}%"))
-        stmt = stmt.where(or_(*matches))
-    return stmt.order_by(when.desc(), Job.id)
+    if filters.q and found is not None:
+        matches = [Job.id.in_(found) if found else false(), _id_range(filters.q)]
+        stmt = stmt.where(or_(*(m for m in matches if m is not None)))
+    elif filters.q and not recent:
+        stmt = stmt.where(_search(filters.q))
+    elif filters.q:
+        # The next ``recent`` jobs of the list, each tested as it is read.
+        window = _edge(filters, stmt, when).with_only_columns(Job.id).limit(recent)
+        stmt = select(Job).where(Job.id.in_(window.correlate(None).scalar_subquery()))
+        stmt = stmt.where(_matches(filters.q))
+    return _edge(filters, stmt, when)
+
+
+def _edge(filters: Filters, stmt: Select[Any], when: ColumnElement[datetime]) -> Select[Any]:
+    """``stmt`` from the page's edge on, in the page's order."""
+    if filters.after:
+        stmt = stmt.where(tuple_(when, Job.id) > tuple_(*filters.after))
+        return stmt.order_by(when, Job.id)
+    if filters.before:
+        stmt = stmt.where(tuple_(when, Job.id) < tuple_(*filters.before))
+    return stmt.order_by(when.desc(), Job.id.desc())
+
+
+def distinct_values(column: InstrumentedAttribute[str]) -> list[str]:
+    """The distinct values of an indexed ``column``, in order, one index probe per value
+    (a loose index scan: ``SELECT DISTINCT`` would read every row)."""
+    return list(get_session().scalars(distinct_query(column)))
+
+
+def distinct_query(column: InstrumentedAttribute[str]) -> Select[tuple[str]]:
+    """The query of :func:`distinct_values`: a recursive CTE, each step the next value up."""
+    found = select(func.min(column).label("v")).cte("found", recursive=True)
+    following = select(func.min(column)).where(column > found.c.v).scalar_subquery()
+    found = found.union_all(select(following).where(found.c.v.is_not(None)))
+    return select(found.c.v).where(found.c.v.is_not(None))
 
 
 @bp.get("/")
 @auth.login_required
 def index() -> Any:
-    """Failed jobs (or any state), filtered and searched, with bulk actions."""
+    """Failed jobs (or any state), filtered and searched, with bulk actions; a page at a
+    time from its edge (keyset), so a long history costs no more than a short one."""
     session = get_session()
     filters, problems = Filters.from_args(request.args)
-    stmt = filtered_jobs(filters)
-    total = session.scalar(select(func.count()).select_from(stmt.order_by(None).subquery())) or 0
-    pages = max(1, -(-total // PAGE_SIZE))
-    filters.page = min(filters.page, pages)
-    rows = session.scalars(stmt.offset((filters.page - 1) * PAGE_SIZE).limit(PAGE_SIZE)).all()
+    page = PAGE_SIZE + 1
+    if not filters.q:
+        rows = list(session.scalars(filtered_jobs(filters).limit(page)))
+    elif (found := found_ids(session, filters.q)) is not None:
+        # A rare text: its few jobs, from the text indexes.
+        rows = list(session.scalars(filtered_jobs(filters, found=found).limit(page)))
+    else:
+        # A common one fills the page from the next jobs of the list, read in order; only
+        # when it does not is every match looked up.
+        window = filtered_jobs(filters, recent=SEARCH_WINDOW)
+        rows = list(session.scalars(window.limit(page)))
+        if len(rows) < page:
+            rows = list(session.scalars(filtered_jobs(filters).limit(page)))
+    more = len(rows) > PAGE_SIZE
+    rows = rows[:PAGE_SIZE]
+    if filters.after:  # read oldest first from the edge: shown newest first
+        rows.reverse()
+    paging = filters.after or filters.before
+    newer = older = None
+    if rows and (filters.before or (filters.after and more)):
+        newer = filters.args(before="", after=format_cursor(sort_key(rows[0])))
+    if rows and (more if not filters.after else True):
+        older = filters.args(after="", before=format_cursor(sort_key(rows[-1])))
     return render_template(
         "admin/jobs.html",
         jobs=rows,
         filters=filters,
         problems=problems,
-        total=total,
-        pages=pages,
+        newest=filters.args(before="", after="") if paging else None,
+        newer=newer,
+        older=older,
         states=list(JobState),
         error_classes=list(ErrorClass),
-        workers=session.scalars(select(Attempt.worker).distinct().order_by(Attempt.worker)).all(),
-        models=session.scalars(select(Job.model).distinct().order_by(Job.model)).all(),
+        workers=distinct_values(Attempt.worker),
+        models=distinct_values(Job.model),
         queues=all_queues(),
         back_to=request.full_path.rstrip("?"),
     )

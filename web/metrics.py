@@ -5,6 +5,10 @@ off the public internet with the reverse proxy if counts are sensitive. Each scr
 fresh :class:`CollectorRegistry` from the database (the source of truth), so every web process
 answers the same numbers.
 
+Every scrape costs the same at any size of history: the database keeps the counts of finished
+jobs and of attempts in ``metric_counts`` as rows change (triggers, see the migration), and
+jobs still waiting or running are counted through the state index.
+
 Everything here is a gauge: it counts the rows in the database now, and rows go away (a job is
 deleted with its attempts) or change (a running attempt gets its error class), so a count can
 fall. A Prometheus counter (``_total``) must never fall (a fall reads as a counter reset and
@@ -27,7 +31,6 @@ format, which has no gauge histogram and calls it a histogram.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 from celery import Celery
 from flask import Blueprint, Response, current_app, request
@@ -35,11 +38,12 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
-from sqlalchemy import ColumnElement, case, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from svdfarm.counts import DURATION_BUCKETS
 from svdfarm.depths import BrokerUnavailable, queue_depths, waiting_jobs
-from svdfarm.models import Attempt, Job
+from svdfarm.models import METRIC_LABEL_SEP, Job, MetricCount
 from svdfarm.queues import all_queues
 from svdfarm.registry import online_workers
 from svdfarm.settings import Settings
@@ -47,18 +51,6 @@ from svdfarm.states import JobState
 from web.database import get_session
 
 bp = Blueprint("metrics", __name__)
-
-#: Upper bounds of the job duration buckets, in seconds: seconds on the tiny model on CPU,
-#: minutes on a GPU, hours at the time limit.
-DURATION_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 10800)
-
-
-def duration_seconds(session: Session) -> ColumnElement[Any]:
-    """``finished_at - started_at`` of a job in seconds, in the session's SQL dialect."""
-    if session.get_bind().dialect.name == "sqlite":
-        # SQLite stores timestamps as text; julianday() reads them (fractional days).
-        return (func.julianday(Job.finished_at) - func.julianday(Job.started_at)) * 86400.0
-    return func.extract("epoch", Job.finished_at - Job.started_at)
 
 
 class FarmCollector(Collector):
@@ -80,58 +72,58 @@ class FarmCollector(Collector):
         workers.add_metric([], len(online_workers(self.session, self.settings)))
         yield workers
 
-    def _jobs(self) -> Metric:
-        """Jobs per state, zero for states no job is in."""
-        counts = dict(
-            self.session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+    def _counts(self, name: str) -> dict[str, float]:
+        """The counts the database's triggers keep under ``name`` (:class:`MetricCount`)."""
+        rows = self.session.execute(
+            select(MetricCount.labels, MetricCount.value).where(MetricCount.name == name)
         )
+        return {labels: value for labels, value in rows.all()}
+
+    def _jobs(self) -> Metric:
+        """Jobs per state, zero for states no job is in: the finished ones from the kept
+        counts, the few still waiting or running counted through the state index."""
+        live = dict(
+            self.session.execute(
+                select(Job.state, func.count())
+                .where(Job.state.in_([s for s in JobState if not s.terminal]))
+                .group_by(Job.state)
+            ).all()
+        )
+        kept = self._counts("jobs")
         family = GaugeMetricFamily("svdfarm_jobs", "Jobs in each state.", labels=["state"])
         for state in JobState:
-            family.add_metric([state.value], counts.get(state, 0))
+            count = kept.get(state.value, 0) if state.terminal else live.get(state, 0)
+            family.add_metric([state.value], int(count))
         return family
 
     def _attempts(self) -> Metric:
         """Attempts in the database now, by error class, plan and outcome (a gauge)."""
-        rows = self.session.execute(
-            select(Attempt.error_class, Attempt.plan_name, Attempt.outcome, func.count()).group_by(
-                Attempt.error_class, Attempt.plan_name, Attempt.outcome
-            )
-        ).all()
         family = GaugeMetricFamily(
             "svdfarm_attempts",
             "Render attempts in the database by error class (none: no error), dtype plan and "
             "outcome; a gauge: deleting a job removes its attempts.",
             labels=["error_class", "plan", "outcome"],
         )
-        for error_class, plan, outcome, count in rows:
-            labels = [error_class.value if error_class else "none", plan, outcome.value]
-            family.add_metric(labels, count)
+        for labels, count in sorted(self._counts("attempts").items()):
+            if count:
+                family.add_metric(labels.split(METRIC_LABEL_SEP), int(count))
         return family
 
     def _durations(self) -> Metric:
-        """The gauge histogram of succeeded jobs' durations, counted by the database."""
-        seconds = duration_seconds(self.session)
-        columns: list[Any] = [func.count(), func.coalesce(func.sum(seconds), 0.0)]
-        columns += [
-            func.coalesce(func.sum(case((seconds <= b, 1), else_=0)), 0) for b in DURATION_BUCKETS
-        ]
-        row = self.session.execute(
-            select(*columns).where(
-                Job.state == JobState.SUCCEEDED,
-                Job.started_at.is_not(None),
-                Job.finished_at.is_not(None),
-            )
-        ).one()
-        total, total_seconds, *cumulative = row
-        pairs = zip(DURATION_BUCKETS, cumulative, strict=True)
-        buckets = [(str(float(bound)), int(n)) for bound, n in pairs]
-        buckets.append(("+Inf", int(total)))
+        """The gauge histogram of succeeded jobs' durations, from the kept bucket counts."""
+        counts = self._counts("duration_count")
+        buckets: list[tuple[str, float]] = []
+        below = 0
+        for bound in DURATION_BUCKETS:
+            below += int(counts.get(str(bound), 0))
+            buckets.append((str(float(bound)), below))
+        buckets.append(("+Inf", below + int(counts.get("+Inf", 0))))
         return GaugeHistogramMetricFamily(
             "svdfarm_job_duration_seconds",
             "Seconds from a job's start to its finish, for the succeeded jobs in the database; "
             "a gauge histogram: deleting a job removes it.",
             buckets=buckets,
-            gsum_value=float(total_seconds),
+            gsum_value=float(self._counts("duration_sum").get("", 0.0)),
         )
 
     def _queues(self) -> Iterator[Metric]:

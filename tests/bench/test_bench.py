@@ -107,6 +107,10 @@ def test_write_section_keeps_the_others(tmp_path: Path) -> None:
     web = text.split("<!-- bench:web -->")[1].split("<!-- /bench:web -->")[0]
     assert parse_table(web) == [{"a": "2"}]
     assert "Measured " in web and "Command: `" in web
+    # What was written by hand before the first section stays.
+    doc.write_text(text.replace("# Benchmarks\n", "# Benchmarks\n\nA note by hand.\n", 1))
+    write_section("web", section("3. Web", markdown_table(["a"], [[3]]), "third"), doc)
+    assert "A note by hand." in doc.read_text() and "third" in doc.read_text()
 
 
 def test_hot_spots_fold_the_pipeline(tmp_path: Path) -> None:

@@ -206,6 +206,28 @@ def test_db_says_the_revision_it_left_the_database_at(cli_env: dict[str, str]) -
     assert older and older[1] != newest[1], down.stdout
 
 
+def test_db_recount_counts_the_metrics_totals_again(cli_env: dict[str, str]) -> None:
+    """``svdfarm db recount`` replaces /metrics' kept totals with a count of the rows: a
+    total written wrong (as a bulk load with the triggers off leaves them) is put right."""
+    from sqlalchemy import create_engine, text
+
+    subprocess.run([*SVDFARM, "db", "upgrade"], env=cli_env, check=True, capture_output=True)
+    engine = create_engine(f"sqlite:///{Path(cli_env['SVDFARM_DATA_DIR']) / 'svdfarm.db'}")
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO metric_counts VALUES ('jobs', 'failed', 41)"))
+        done = subprocess.run(
+            [*SVDFARM, "db", "recount"], env=cli_env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip().endswith("/metrics' totals counted again")
+        with engine.connect() as conn:
+            kept = conn.execute(text("SELECT name, labels, value FROM metric_counts")).all()
+        assert kept == [("duration_sum", "", 0.0)]
+    finally:
+        engine.dispose()
+
+
 def test_reap_says_why_it_judged_no_worker_lost(cli_env: dict[str, str]) -> None:
     """With no worker beating, ``svdfarm reap`` says it looked for no lost worker and why,
     instead of a bare "requeued: 0"; ``--json`` carries the same reason."""

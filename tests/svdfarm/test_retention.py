@@ -73,6 +73,22 @@ def test_a_dry_run_deletes_nothing(db: Database, settings: Settings) -> None:
     assert job is not None and job.expired_at is None
 
 
+@pytest.mark.parametrize("database_url", DATABASES, indirect=True)
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "sweep"])
+def test_a_pass_reads_the_due_jobs_a_batch_at_a_time(
+    db: Database, settings: Settings, monkeypatch: pytest.MonkeyPatch, dry_run: bool
+) -> None:
+    """More jobs due than a batch: the pass goes on from where each batch ended, takes every
+    one once, oldest first, and leaves the job not yet due."""
+    monkeypatch.setattr("svdfarm.retention.SWEEP_BATCH", 2)
+    settings = settings.with_overrides(retention_s=3600.0)
+    due = [ended_job(db, settings, (10 - n) * HOUR) for n in range(5)]
+    kept = ended_job(db, settings, timedelta(minutes=5))
+    swept = sweep(db, settings, by=REAPER, dry_run=dry_run)
+    assert swept.expired == [str(job_id) for job_id in due]
+    assert str(kept) not in swept.expired
+
+
 def test_retention_off_keeps_everything(db: Database, settings: Settings) -> None:
     """The default (0) keeps files forever, and the pass says why it did nothing."""
     job_id = ended_job(db, settings, 1000 * HOUR)

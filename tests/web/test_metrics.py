@@ -269,3 +269,108 @@ def test_a_canceled_jobs_message_is_not_waiting(
     assert value(families["svdfarm_queue_depth"], "svdfarm_queue_depth", queue=QUEUE) == 1
     assert value(families["svdfarm_queue_messages"], "svdfarm_queue_messages", queue=QUEUE) == 2
     assert value(families["svdfarm_jobs"], "svdfarm_jobs", state="canceled") == 1
+
+
+def kept_and_recounted(
+    db: Database,
+) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], float]]:
+    """The counts the triggers kept, and the same counted from every row (as the scrape did
+    before the counts were kept), zeros left out of both."""
+    from sqlalchemy import func, select
+
+    from svdfarm.counts import DURATION_BUCKETS
+    from svdfarm.models import METRIC_LABEL_SEP, Job, MetricCount
+
+    with db.session() as session:
+        kept = {
+            (m.name, m.labels): round(m.value, 3)
+            for m in session.scalars(select(MetricCount))
+            if round(m.value, 3)
+        }
+        recount: dict[tuple[str, str], float] = {}
+        for state, n in session.execute(select(Job.state, func.count()).group_by(Job.state)):
+            if state.terminal:
+                recount[("jobs", state.value)] = n
+        for job in session.scalars(select(Job).where(Job.state == JobState.SUCCEEDED)):
+            if job.started_at and job.finished_at:
+                seconds = (job.finished_at - job.started_at).total_seconds()
+                bound = next((str(b) for b in DURATION_BUCKETS if seconds <= b), "+Inf")
+                key = ("duration_count", bound)
+                recount[key] = recount.get(key, 0) + 1
+                total = recount.get(("duration_sum", ""), 0.0) + seconds
+                recount[("duration_sum", "")] = round(total, 3)
+        for attempt in session.scalars(select(Attempt)):
+            labels = [
+                attempt.error_class.value if attempt.error_class else "none",
+                attempt.plan_name,
+                attempt.outcome.value,
+            ]
+            key = ("attempts", METRIC_LABEL_SEP.join(labels))
+            recount[key] = recount.get(key, 0) + 1
+    return kept, recount
+
+
+@pytest.mark.parametrize("database_url", DATABASES, indirect=True)
+def test_kept_counts_match_a_full_count(db: Database, settings: Settings) -> None:
+    """Whatever writes the rows (inserts, state moves, a requeue, deletes with their attempts,
+    an attempt's outcome changed in place), the counts the database keeps equal a count of
+    every row."""
+    from datetime import timedelta
+
+    from svdfarm.models import Job, utcnow
+
+    jobs = [add_job(db, settings, state) for state in JobState for _ in range(2)]
+    jobs.append(add_job(db, settings, JobState.SUCCEEDED, duration_s=4000.0))
+    kept, recount = kept_and_recounted(db)
+    assert kept == recount and ("jobs", "succeeded") in kept
+    with db.begin() as session:
+        session.execute(
+            update(Job).where(Job.id == jobs[4]).values(state=JobState.QUEUED, finished_at=None)
+        )
+        session.execute(
+            update(Job)
+            .where(Job.id == jobs[0])
+            .values(
+                state=JobState.SUCCEEDED,
+                started_at=utcnow() - timedelta(seconds=20),
+                finished_at=utcnow(),
+            )
+        )
+        session.execute(
+            update(Attempt)
+            .where(Attempt.job_id == jobs[2])
+            .values(outcome=AttemptOutcome.FAILED, error_class=ErrorClass.NON_FINITE)
+        )
+        session.execute(update(Job).where(Job.id == jobs[5]).values(expired_at=utcnow()))
+    with db.session() as session:
+        for job_id in (jobs[-1], jobs[6]):
+            assert delete_job(session, settings, job_id).done
+    kept, recount = kept_and_recounted(db)
+    assert kept == recount
+    # Counted again from every row (svdfarm db recount): the same.
+    from svdfarm.counts import recount as count_again
+
+    with db.begin() as session:
+        count_again(session)
+    assert kept_and_recounted(db) == (kept, recount)
+
+
+def test_the_migration_counts_what_the_scrape_reads() -> None:
+    """The migration froze the histogram's bounds and the finished states: the same as the
+    scrape's."""
+    import importlib.util
+    from pathlib import Path
+
+    from svdfarm.counts import DURATION_BUCKETS
+
+    versions = Path(__file__).resolve().parents[2] / "migrations" / "versions"
+    path = next(versions.glob("*_metric_counts.py"))
+    spec = importlib.util.spec_from_file_location("metric_counts_migration", path)
+    assert spec and spec.loader
+    migration = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(migration)
+    assert migration.DURATION_BUCKETS == DURATION_BUCKETS
+    assert set(migration.FINISHED) == {s.value for s in JobState.terminal_states()}
+    from svdfarm.models import METRIC_LABEL_SEP
+
+    assert migration.SEP == METRIC_LABEL_SEP
