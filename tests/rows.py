@@ -61,6 +61,31 @@ def read_job(db: Database, job_id: uuid.UUID) -> Job | None:
         return session.get(Job, job_id)
 
 
+def submit_small_job(db: Database, settings: Settings, **fields: str) -> uuid.UUID:
+    """Record and enqueue a small job (4 frames, 2 steps, seed 1 unless ``fields`` say
+    otherwise) as the API does; returns its id."""
+    from svdfarm.celery_app import create_celery
+    from svdfarm.jobs import submit_job, validate_submission
+    from svdfarm.lifecycle import By
+    from svdfarm.states import Actor
+    from tests.factories import png_bytes
+
+    raw = {"num_frames": "4", "num_inference_steps": "2", "seed": "1", **fields}
+    submission = validate_submission(settings, raw, png_bytes(), "in.png")
+    celery = create_celery(settings)
+    with db.session() as session:
+        return submit_job(session, celery, settings, submission, by=By(Actor.API)).id
+
+
+def job_with_attempts(db: Database, job_id: uuid.UUID) -> Job:
+    """The job row with its attempts loaded (it must exist)."""
+    with db.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.attempts  # noqa: B018 - load them before the session closes
+        return job
+
+
 def job_count(app: Flask) -> int:
     """How many job rows the database holds."""
     with app.extensions["svdfarm.db"].session() as session:

@@ -8,12 +8,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-from celery import Celery
 from sqlalchemy import select
 
 from svdfarm import lifecycle
 from svdfarm.db import Database
-from svdfarm.jobs import submit_job, validate_submission
 from svdfarm.lifecycle import By
 from svdfarm.models import Attempt, Job
 from svdfarm.settings import Settings
@@ -22,27 +20,11 @@ from svdfarm.storage import FileStore, Store
 from tests.conftest import DATABASES
 from tests.factories import png_bytes
 from tests.media import probe_video
+from tests.rows import job_with_attempts, submit_small_job
 from worker.execute import run_job
 
-
-def _submit(db: Database, settings: Settings, **fields: str) -> uuid.UUID:
-    """Record and enqueue a job as the web does; returns its id."""
-    from svdfarm.celery_app import create_celery
-
-    raw = {"num_frames": "4", "num_inference_steps": "2", "seed": "1", **fields}
-    submission = validate_submission(settings, raw, png_bytes(), "in.png")
-    celery: Celery = create_celery(settings)
-    with db.session() as session:
-        return submit_job(session, celery, settings, submission, by=By(Actor.API)).id
-
-
-def _job(db: Database, job_id: uuid.UUID) -> Job:
-    """The job row with its attempts."""
-    with db.session() as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        job.attempts  # noqa: B018 - load them before the session closes
-        return job
+_submit = submit_small_job
+_job = job_with_attempts
 
 
 @pytest.mark.parametrize("database_url", DATABASES, indirect=True)

@@ -9,41 +9,27 @@ import uuid
 import zipfile
 
 import pytest
-from celery import Celery
 from flask import Flask
 from PIL import Image
 
 from svdfarm.db import Database
-from svdfarm.jobs import submit_job, validate_submission
-from svdfarm.lifecycle import By
 from svdfarm.models import Job
 from svdfarm.params import parse_params
 from svdfarm.settings import Settings
-from svdfarm.states import Actor, JobState
+from svdfarm.states import JobState
 from svdfarm.storage import FileStore, Store
-from tests.factories import png_bytes
 from tests.media import probe_video
+from tests.rows import job_with_attempts, submit_small_job
 from worker.execute import run_job
 from worker.video import read_metadata
 
 
 def _submit(db: Database, settings: Settings, **fields: str) -> uuid.UUID:
-    """Record and enqueue a small job as the API does; returns its id."""
-    from svdfarm.celery_app import create_celery
-
-    raw = {"num_frames": "4", "num_inference_steps": "2", "seed": "5", **fields}
-    submission = validate_submission(settings, raw, png_bytes(), "in.png")
-    celery: Celery = create_celery(settings)
-    with db.session() as session:
-        return submit_job(session, celery, settings, submission, by=By(Actor.API)).id
+    """Record and enqueue a small job with seed 5 as the API does; returns its id."""
+    return submit_small_job(db, settings, **{"seed": "5", **fields})
 
 
-def _job(db: Database, job_id: uuid.UUID) -> Job:
-    """The job row."""
-    with db.session() as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        return job
+_job = job_with_attempts
 
 
 @pytest.fixture
