@@ -153,6 +153,13 @@ class Job(Base):
     # Who asked (the client address, for the per-client submit limit) and, for API clients
     # that retry, their Idempotency-Key with a hash of the request it was first used for.
     client: Mapped[str | None] = mapped_column(String(64))
+    # Who owns the job (svdfarm.users: ``user:<id>``, or an anonymous owner in open mode):
+    # only they and the admin see it; fair share and the per-owner limits count by it.
+    owner: Mapped[str] = mapped_column(String(80), default="")
+    # Dispatch order (svdfarm.dispatch): higher first, -10..10.
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    # When the dispatcher put the queued job's id on its queue; None: it waits in the database.
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
     request_hash: Mapped[str | None] = mapped_column(String(64))
     # Set by each claim: only the holder of the latest claim may finish the job.
@@ -200,6 +207,18 @@ def list_order() -> ColumnElement[datetime]:
 Index("ix_jobs_list_order", list_order(), Job.id)
 Index("ix_jobs_state_list_order", Job.state, list_order(), Job.id)
 Index("ix_jobs_model", Job.model)
+# The caller's jobs, newest first (GET /api/v1/jobs, "My jobs").
+Index("ix_jobs_owner_created", Job.owner, Job.created_at, Job.id)
+# The dispatcher reads the waiting jobs of a queue in its order (svdfarm/dispatch.py).
+Index(
+    "ix_jobs_waiting",
+    Job.queue,
+    Job.owner,
+    Job.priority,
+    Job.created_at,
+    postgresql_where=and_(Job.state == JobState.QUEUED, Job.published_at.is_(None)),
+    sqlite_where=and_(Job.state == JobState.QUEUED, Job.published_at.is_(None)),
+)
 # Retention's pass reads only the jobs whose files are still kept (svdfarm/retention.py).
 Index(
     "ix_jobs_outputs_kept",
@@ -227,6 +246,51 @@ class Batch(Base):
     client: Mapped[str | None] = mapped_column(String(64))
 
     jobs: Mapped[list[Job]] = relationship(order_by="Job.batch_index")
+
+
+class User(Base):
+    """Someone who submits jobs: their limits and share of the farm (svdfarm.users)."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: A werkzeug password hash, for the web form's login; None: API keys only.
+    password_hash: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    disabled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: Limits; None: the farm's defaults (no per-owner limit).
+    max_queued: Mapped[int | None] = mapped_column(Integer)
+    max_running: Mapped[int | None] = mapped_column(Integer)
+    #: The highest priority their jobs may ask for.
+    max_priority: Mapped[int] = mapped_column(Integer, default=0)
+    #: Their weight in fair share (2.0 gets twice the GPU time of 1.0 under contention).
+    share: Mapped[float] = mapped_column(Float, default=1.0)
+
+    keys: Mapped[list[ApiKey]] = relationship(back_populates="user", order_by="ApiKey.created_at")
+
+    @property
+    def owner(self) -> str:
+        """The owner string of this user's jobs."""
+        return f"user:{self.id}"
+
+
+class ApiKey(Base):
+    """An API key: shown once when made, kept as a SHA-256 of its secret part."""
+
+    __tablename__ = "api_keys"
+
+    #: The public part, in the key itself (``svdf_<id>_<secret>``) and in listings.
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    label: Mapped[str] = mapped_column(String(100), default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    user: Mapped[User] = relationship(back_populates="keys")
 
 
 class Attempt(Base):

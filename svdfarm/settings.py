@@ -11,6 +11,7 @@ import os
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -186,6 +187,24 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
+class AuthMode(str, Enum):
+    """``SVDFARM_AUTH``: who may submit and read jobs."""
+
+    #: No login: each browser session and each API client address is its own anonymous owner.
+    OPEN = "open"
+    #: The API needs ``Authorization: Bearer <key>``, the form a user login.
+    KEYS = "keys"
+
+
+def _auth(env: Mapping[str, str]) -> AuthMode:
+    """Parse ``SVDFARM_AUTH``."""
+    raw = _str(env, "AUTH", "open").lower()
+    try:
+        return AuthMode(raw)
+    except ValueError:
+        raise SettingsError(f"SVDFARM_AUTH={raw!r}: use open or keys") from None
+
+
 @dataclass(frozen=True)
 class Settings:
     """The farm's configuration; build it with :func:`load_settings`."""
@@ -231,6 +250,15 @@ class Settings:
     #: ``SVDFARM_WORKER_MODELS``: what a worker advertises; empty: the catalog's models whose
     #: files it has, the tiny model and its ``SVDFARM_MODEL``.
     worker_models: str = ""
+    #: ``SVDFARM_AUTH``: ``open`` (no login; anonymous owners) or ``keys`` (API keys, user
+    #: logins); production requires ``keys`` (svdfarm.users).
+    auth: AuthMode = field(default_factory=lambda: AuthMode.OPEN)
+    #: Messages the dispatcher keeps on a queue beyond its idle consumers (svdfarm.dispatch).
+    dispatch_margin: int = 0
+    #: How far back fair share counts an owner's GPU time.
+    fair_share_window_s: float = 3600.0
+    #: A queued job no worker of its class ever took fails after this; 0 = waits forever.
+    max_wait_s: float = 0.0
 
     @property
     def offline_after_s(self) -> float:
@@ -306,6 +334,11 @@ class Settings:
                 f"SVDFARM_SECRET_KEY has {len(secret)} characters; production needs at least "
                 f"{MIN_SECRET_LENGTH} ({_MAKE_A_KEY})."
             )
+        if self.auth is not AuthMode.KEYS:
+            problems.append(
+                "SVDFARM_AUTH is open: production needs SVDFARM_AUTH=keys (API keys and user "
+                "logins; make them with `svdfarm users add` and `svdfarm keys create`)."
+            )
         password = self.admin_password
         if password and not is_password_hash(password):
             problems.append(
@@ -375,6 +408,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         storage_proxy=_bool(env, "STORAGE_PROXY", False),
         models=_str(env, "MODELS", DEFAULT_MODELS),
         worker_models=_str(env, "WORKER_MODELS", ""),
+        auth=_auth(env),
+        dispatch_margin=_int(env, "DISPATCH_MARGIN", 0, minimum=0, maximum=1000),
+        fair_share_window_s=_duration(env, "FAIR_SHARE_WINDOW", "1h") or 3600.0,
+        max_wait_s=_duration(env, "MAX_WAIT", "0"),
     )
     for name, text in (("MODELS", settings.models), ("WORKER_MODELS", settings.worker_models)):
         try:

@@ -20,6 +20,8 @@ TABLES = {
     "workers",
     "batches",
     "metric_counts",
+    "users",
+    "api_keys",
     "alembic_version",
 }
 

@@ -11,6 +11,7 @@ from svdfarm.settings import (
     DEFAULT_MODEL,
     MIN_SECRET_LENGTH,
     TINY_MODEL,
+    AuthMode,
     ModelChoice,
     Settings,
     SettingsError,
@@ -237,11 +238,14 @@ def test_production_problems_name_every_unsafe_setting(tmp_path: Path) -> None:
         }
     )
     problems = unsafe.production_problems()
-    assert len(problems) == 2
+    assert len(problems) == 3
     assert problems[0].startswith("SVDFARM_SECRET_KEY is a placeholder")
     assert "token_hex(32)" in problems[0]
-    assert "svdfarm admin hash-password" in problems[1]
-    safe = unsafe.with_overrides(secret_key="k" * MIN_SECRET_LENGTH, admin_password=HASHED)
+    assert problems[1].startswith("SVDFARM_AUTH is open: production needs SVDFARM_AUTH=keys")
+    assert "svdfarm admin hash-password" in problems[2]
+    safe = unsafe.with_overrides(
+        secret_key="k" * MIN_SECRET_LENGTH, admin_password=HASHED, auth=AuthMode.KEYS
+    )
     assert is_password_hash(HASHED) and not is_password_hash("hunter2")
     assert safe.production_problems() == []
 
@@ -249,7 +253,7 @@ def test_production_problems_name_every_unsafe_setting(tmp_path: Path) -> None:
 def test_check_production_refuses_only_in_production(tmp_path: Path) -> None:
     """Unsafe settings pass while SVDFARM_PRODUCTION is off and raise, listing every problem,
     once it is on."""
-    env = {"SVDFARM_DATA_DIR": str(tmp_path), "SVDFARM_SECRET_KEY": "short"}
+    env = {"SVDFARM_DATA_DIR": str(tmp_path), "SVDFARM_SECRET_KEY": "short", "SVDFARM_AUTH": "keys"}
     load_settings(env).check_production()
     production = load_settings({**env, "SVDFARM_PRODUCTION": "1"})
     with pytest.raises(SettingsError) as refused:
@@ -299,3 +303,13 @@ def test_retention_is_a_duration_and_zero_keeps_forever(
     settings = load_settings({**env, "SVDFARM_INPUT_RETENTION": value})
     assert (settings.retention_s, settings.input_retention_s) == (seconds, seconds)
     assert settings.min_free_bytes == 1024**3
+
+
+def test_auth_mode_is_open_or_keys(tmp_path: Path) -> None:
+    """SVDFARM_AUTH takes open (the default) or keys, in any case; anything else is refused
+    with the choices."""
+    env = {"SVDFARM_DATA_DIR": str(tmp_path)}
+    assert load_settings(env).auth is AuthMode.OPEN
+    assert load_settings({**env, "SVDFARM_AUTH": "KEYS"}).auth is AuthMode.KEYS
+    with pytest.raises(SettingsError, match="SVDFARM_AUTH='token': use open or keys"):
+        load_settings({**env, "SVDFARM_AUTH": "token"})

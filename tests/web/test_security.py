@@ -450,7 +450,12 @@ def test_production_refuses_unsafe_settings(
 ) -> None:
     """With SVDFARM_PRODUCTION=1 the app will not start on a missing, short or placeholder
     secret, or a plain admin password; it says which and how to fix it, writing nothing."""
-    values = {"SVDFARM_SECRET_KEY": GOOD_SECRET, "SVDFARM_PRODUCTION": "1", **env}
+    values = {
+        "SVDFARM_SECRET_KEY": GOOD_SECRET,
+        "SVDFARM_PRODUCTION": "1",
+        "SVDFARM_AUTH": "keys",
+        **env,
+    }
     settings = make_settings(tmp_path / "var", database_url, tiny_model_dir, **values)
     with pytest.raises(SettingsError, match=re.escape(message)):
         create_app({"SVDFARM_SETTINGS": settings})
@@ -469,6 +474,7 @@ def test_production_starts_with_good_settings(settings_with: Any) -> None:
     Secure (HTTPS only), HttpOnly and SameSite=Lax."""
     _, app = settings_with(
         SVDFARM_PRODUCTION="1",
+        SVDFARM_AUTH="keys",
         SVDFARM_SECRET_KEY=secrets.token_hex(32),
         SVDFARM_ADMIN_PASSWORD=hash_password("correct horse"),
     )
