@@ -22,13 +22,13 @@ from sqlalchemy.orm import Session
 
 from svdfarm import lifecycle
 from svdfarm.catalog import model_shape
-from svdfarm.jobs import publish
+from svdfarm.jobs import dispatch_after_submit
 from svdfarm.lifecycle import By
 from svdfarm.models import Job, JobEvent
 from svdfarm.queues import Unroutable, parse_queue, route
 from svdfarm.registry import online_queues
 from svdfarm.settings import Settings
-from svdfarm.states import JobState
+from svdfarm.states import EventType, JobState
 from svdfarm.storage import open_store
 
 log = logging.getLogger(__name__)
@@ -183,10 +183,22 @@ def _requeue_one(
         return JobChange(str(key), False, f"Job {key} changed state meanwhile; not requeued.")
     session.commit()
     session.refresh(job)
-    published = publish(session, celery, job, by=by)
+    dispatch_after_submit(session, celery, settings, [job.queue])
     extra = overrides.describe()
-    later = "" if published else " The broker is unreachable: it is sent once it is back."
-    text = f"Job {key} requeued on {job.queue}" + (f" ({extra})." if extra else ".") + later
+    text = f"Job {key} requeued on {job.queue}" + (f" ({extra})." if extra else ".")
+    session.refresh(job)
+    if job.published_at is None:
+        last = session.scalar(
+            select(JobEvent.type)
+            .where(JobEvent.job_id == job.id)
+            .order_by(JobEvent.id.desc())
+            .limit(1)
+        )
+        text += (
+            " The broker is unreachable: it is sent once it is back."
+            if last is EventType.PUBLISH_FAILED
+            else " It waits for a free worker of its class."
+        )
     return JobChange(str(key), True, text)
 
 

@@ -19,7 +19,14 @@ from celery import Celery
 from sqlalchemy.orm import Session
 
 from svdfarm import lifecycle
-from svdfarm.jobs import Submission, check_limits, new_job, publish, validate_submission
+from svdfarm.jobs import (
+    Submission,
+    check_limits,
+    check_owner,
+    dispatch_after_submit,
+    new_job,
+    validate_submission,
+)
 from svdfarm.lifecycle import By
 from svdfarm.models import Batch, Job
 from svdfarm.params import MAX_SEED, ParamError
@@ -148,10 +155,13 @@ def submit_batch(
     *,
     client: str | None = None,
     by: By,
+    owner: str,
 ) -> tuple[Batch, list[Job]]:
     """Record the batch and all its jobs in one transaction, store their inputs, commit, then
     put each job's id on its queue. Raises :class:`svdfarm.jobs.SubmitRefused` when the
-    batch's jobs would pass a limit (nothing is written then)."""
+    batch's jobs would pass a limit, ParamError when its owner may not ask its priority
+    (nothing is written then)."""
+    check_owner(session, owner, submissions, count=len(submissions))
     check_limits(session, settings, client, count=len(submissions))
     storage = open_store(settings)
     batch = Batch(id=uuid.uuid4(), client=(client or None) and client[:64])
@@ -161,7 +171,7 @@ def submit_batch(
     try:
         session.flush()
         for index, submission in enumerate(submissions):
-            job = new_job(settings, submission, client=client, online=online)
+            job = new_job(settings, submission, client=client, online=online, owner=owner)
             job.batch_id, job.batch_index = batch.id, index
             lifecycle.submit(session, job, by=by)
             storage.write_bytes(job.input_key, submission.data)
@@ -172,6 +182,5 @@ def submit_batch(
         for job in jobs:
             storage.delete_job(job.id)
         raise
-    for job in jobs:
-        publish(session, celery, job, by=by)
+    dispatch_after_submit(session, celery, settings, {job.queue for job in jobs})
     return batch, jobs

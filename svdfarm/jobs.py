@@ -35,14 +35,17 @@ from svdfarm.queues import Route, Unroutable, route
 from svdfarm.registry import default_model, online_queues
 from svdfarm.settings import Settings
 from svdfarm.space import LOW_SPACE_RETRY_AFTER_S, low_space
-from svdfarm.states import JobState
+from svdfarm.states import Actor, JobState
 from svdfarm.storage import Store, open_store
+from svdfarm.users import MAX_PRIORITY, MIN_PRIORITY, limits_of
 
 log = logging.getLogger(__name__)
 
 
 #: How long a client that hit the queue-full limit is asked to wait before trying again.
 QUEUE_FULL_RETRY_AFTER_S = 10
+#: The same for an owner at their own ``--max-queued`` limit.
+OWNER_FULL_RETRY_AFTER_S = 30
 #: The longest ``Idempotency-Key`` accepted (the column's size).
 MAX_IDEMPOTENCY_KEY = 255
 
@@ -82,6 +85,8 @@ class Submission:
     sent: tuple[tuple[str, str], ...] = ()
     #: The model it renders: a catalog entry's source (svdfarm.catalog).
     model: str = ""
+    #: Its dispatch priority, -10..10 (checked against the owner's limit at submit).
+    priority: int = 0
 
     def fingerprint(self) -> str:
         """A hash of what was asked (the fields as sent and the image bytes), for retries."""
@@ -93,7 +98,7 @@ class Submission:
 
 
 #: The fields a submission may carry besides its image.
-SUBMIT_FIELDS = (*FIELDS, "precision", *OUTPUT_FIELDS, "model")
+SUBMIT_FIELDS = (*FIELDS, "precision", *OUTPUT_FIELDS, "model", "priority")
 #: Unknown fields named one by one in a refusal (a form may hold up to 1,000 parts).
 MAX_UNKNOWN_LISTED = 10
 
@@ -170,6 +175,11 @@ def validate_submission(
     else:
         model = default_model(settings, set(served)).source
     status = 400
+    try:
+        priority = parse_priority(fields.get("priority"))
+    except ParamError as exc:
+        errors.update(exc.errors)
+        priority = 0
     info: ImageInfo | None = None
     if data is None:
         errors["image"] = "Choose an image to animate (PNG, JPEG or WebP)."
@@ -198,7 +208,58 @@ def validate_submission(
         filename=clean_filename(filename),
         sent=sent,
         model=model,
+        priority=priority,
     )
+
+
+def parse_priority(value: Any) -> int:
+    """The ``priority`` field: an integer from -10 to 10, blank = 0; else ParamError."""
+    text = str(value or "").strip()
+    if not text:
+        return 0
+    try:
+        priority = int(text)
+    except ValueError:
+        priority = MAX_PRIORITY + 1
+    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        raise ParamError(
+            {
+                "priority": f"Priority must be a whole number from {MIN_PRIORITY} to "
+                f"{MAX_PRIORITY} (higher runs first); {text[:20]!r} is not."
+            }
+        )
+    return priority
+
+
+def check_owner(
+    session: Session, owner: str, submissions: Iterable[Submission], *, count: int = 1
+) -> None:
+    """Refuse what the owner may not ask: a priority above their ``--max-priority``
+    (ParamError, 403) or more waiting jobs than their ``--max-queued`` (SubmitRefused, 429)."""
+    limits = limits_of(session, [owner])[owner]
+    highest = max((s.priority for s in submissions), default=0)
+    if highest > limits.max_priority:
+        raise ParamError(
+            {
+                "priority": f"Priority {highest} is above your limit of {limits.max_priority} "
+                "(an admin can raise it: svdfarm users add --max-priority)."
+            },
+            403,
+        )
+    if limits.max_queued is None:
+        return
+    waiting = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.owner == owner, Job.state == JobState.QUEUED)
+    )
+    if (waiting or 0) + count > limits.max_queued:
+        raise SubmitRefused(
+            f"You have {waiting} job(s) waiting, and your limit is {limits.max_queued}: "
+            f"wait for some to start, or cancel some. Try again in {OWNER_FULL_RETRY_AFTER_S} s.",
+            429,
+            OWNER_FULL_RETRY_AFTER_S,
+        )
 
 
 def _route(
@@ -232,12 +293,19 @@ def check_idempotency_key(key: str | None) -> str | None:
     return key
 
 
-def find_idempotent(session: Session, key: str, submission: Submission) -> Job | None:
+def find_idempotent(
+    session: Session, key: str, submission: Submission, *, owner: str | None = None
+) -> Job | None:
     """The job an earlier request with ``key`` made, or None.
 
-    Raises :class:`IdempotencyConflict` when the key was used for a different request.
+    Raises :class:`IdempotencyConflict` when the key was used for a different request, or
+    by another owner (whose job is not shown).
     """
     job = session.scalar(select(Job).where(Job.idempotency_key == key))
+    if job is not None and owner is not None and job.owner != owner:
+        raise IdempotencyConflict(
+            "This Idempotency-Key was already used by another client; use a new key."
+        )
     if job is not None and job.request_hash != submission.fingerprint():
         raise IdempotencyConflict(
             "This Idempotency-Key was already used for a different request (other image or "
@@ -310,10 +378,11 @@ def new_job(
     *,
     client: str | None,
     online: Iterable[str],
+    owner: str = "",
     idempotency_key: str | None = None,
 ) -> Job:
-    """The row of a new job for ``submission``, routed among the ``online`` queues (not
-    added to a session)."""
+    """The row of a new job of ``owner`` for ``submission``, routed among the ``online``
+    queues (not added to a session)."""
     job_id = uuid.uuid4()
     routed = _route(settings, submission.params, online, submission.model)
     return Job(
@@ -324,6 +393,8 @@ def new_job(
         queue=routed.queue,
         memory_estimate_bytes=routed.memory_bytes,
         client=(client or None) and client[:64],
+        owner=owner[:80],
+        priority=submission.priority,
         idempotency_key=idempotency_key,
         request_hash=submission.fingerprint() if idempotency_key is not None else None,
         **submission.params.as_dict(),
@@ -339,18 +410,22 @@ def submit_job(
     client: str | None = None,
     idempotency_key: str | None = None,
     by: By,
+    owner: str,
 ) -> Job:
-    """Record a validated submission, store its image, commit, and enqueue its id.
+    """Record a validated submission of ``owner``, store its image, commit, and let the
+    dispatcher send it (:mod:`svdfarm.dispatch`).
 
     ``by`` is who submits (the web form or an API client). With ``idempotency_key``, a
-    request already made with that key returns its job instead (:class:`IdempotencyConflict`
-    when the request differs). Raises :class:`SubmitRefused` when a limit says no; nothing
-    is written then.
+    request already made with that key by the same owner returns its job instead
+    (:class:`IdempotencyConflict` when the request differs). Raises :class:`SubmitRefused`
+    when a limit says no, ParamError when the owner may not ask that priority; nothing is
+    written then.
     """
     if idempotency_key is not None:
-        earlier = find_idempotent(session, idempotency_key, submission)
+        earlier = find_idempotent(session, idempotency_key, submission, owner=owner)
         if earlier is not None:
             return earlier
+    check_owner(session, owner, [submission])
     check_limits(session, settings, client)
     storage = open_store(settings)
     job = new_job(
@@ -358,6 +433,7 @@ def submit_job(
         submission,
         client=client,
         online=online_queues(session, settings, submission.model or None),
+        owner=owner,
         idempotency_key=idempotency_key,
     )
     job_id, input_key = job.id, job.input_key
@@ -370,7 +446,7 @@ def submit_job(
         session.rollback()
         storage.delete_job(job_id)
         if idempotency_key is not None:
-            earlier = find_idempotent(session, idempotency_key, submission)
+            earlier = find_idempotent(session, idempotency_key, submission, owner=owner)
             if earlier is not None:
                 return earlier
         raise
@@ -378,8 +454,23 @@ def submit_job(
         session.rollback()
         storage.delete_job(job_id)
         raise
-    publish(session, celery, job, by=by)
+    dispatch_after_submit(session, celery, settings, [job.queue])
     return job
+
+
+def dispatch_after_submit(
+    session: Session, celery: Celery, settings: Settings, queues: Iterable[str]
+) -> None:
+    """Run a dispatch pass for the queues new jobs went to: on an idle farm the job is sent
+    at once. A pass that fails (the broker or the database down) leaves the jobs waiting in
+    the database for the next pass; the submit has succeeded either way."""
+    from svdfarm.dispatch import dispatch
+
+    try:
+        dispatch(session, celery, settings, queues=set(queues), by=By(Actor.WEB))
+    except Exception:
+        session.rollback()
+        log.exception("dispatch after submit failed; the next pass sends the job")
 
 
 def publish(

@@ -95,6 +95,10 @@ MOVES: tuple[Move, ...] = (
          "its workers were lost too many times in a row"),
     Move("expire", (S, F, C), None, frozenset({Actor.REAPER, Actor.CLI}), EventType.EXPIRED,
          "retention deleted its outputs or its input (the event names the files)"),
+    Move("reprioritize", (Q,), None, OPERATORS, EventType.PRIORITY_CHANGED,
+         "an operator changes a waiting job's priority, or moves it to the front"),
+    Move("give_up_waiting", (Q,), F, frozenset({Actor.REAPER}), EventType.FAILED,
+         "no worker of its class took it within SVDFARM_MAX_WAIT"),
     Move("retry_storage", (F,), Q, frozenset({Actor.REAPER}), EventType.STORAGE_RETRIED,
          "its worker could not store the video (disk full, store down): queued again after "
          "a delay, a few times in a row at most"),
@@ -106,11 +110,16 @@ _BY_NAME = {move.name: move for move in MOVES}
 class IllegalMove(ValueError):
     """A move the table does not allow from the job's state, or not to this actor."""
 
-    def __init__(self, job_id: uuid.UUID | str, state: JobState | None, move: str, by: By):
-        """Say which job, in which state, refused which move by whom."""
+    def __init__(
+        self, job_id: uuid.UUID | str, state: JobState | None, move: str, by: By, why: str = ""
+    ):
+        """Say which job, in which state, refused which move by whom (and ``why``, when the
+        state alone does not say it)."""
         where = state.label if state is not None else "not yet recorded"
         allowed = _BY_NAME[move]
-        if state in allowed.sources or (state is None and None in allowed.sources):
+        if why:
+            why = f"{move.replace('_', ' ')} is not possible: {why}"
+        elif state in allowed.sources or (state is None and None in allowed.sources):
             why = f"{by.kind.label} may not {move.replace('_', ' ')}"
         else:
             sources = ", ".join(s.label if s else "new" for s in allowed.sources)
@@ -196,12 +205,19 @@ def _back_to_queue() -> dict[str, Any]:
         "started_at": None,
         "finished_at": None,
         "expired_at": None,
+        "published_at": None,
     }
 
 
 def _ended(**values: Any) -> dict[str, Any]:
     """The values of a job that has just ended: done, with its end time."""
-    return {"phase": Phase.DONE, "claim_token": None, "finished_at": utcnow(), **values}
+    return {
+        "phase": Phase.DONE,
+        "claim_token": None,
+        "finished_at": utcnow(),
+        "published_at": None,
+        **values,
+    }
 
 
 def _state_of(session: Session, job_id: uuid.UUID, lock: bool = False) -> JobState | None:
@@ -226,12 +242,18 @@ def submit(session: Session, job: Job, *, by: By) -> None:
 
 
 def publish(
-    session: Session, job_id: uuid.UUID, *, by: By, seen_updated_at: datetime | None = None
+    session: Session,
+    job_id: uuid.UUID,
+    *,
+    by: By,
+    seen_updated_at: datetime | None = None,
+    waiting_only: bool = False,
 ) -> bool:
     """Mark a queued job as being put on its queue; the caller sends it after commit.
 
     With ``seen_updated_at`` only if nobody touched the job since (one reaper of many
-    republishes a job). False when the job is no longer queued or was touched.
+    republishes a job); with ``waiting_only`` only if it was not sent already (the
+    dispatcher). False when the job is no longer queued or was touched.
     """
     seen = session.execute(select(Job.state, Job.queue).where(Job.id == job_id)).first()
     if seen is None or seen.state is not Q:
@@ -239,7 +261,10 @@ def publish(
     state, queue = seen
     move = check_move(job_id, state, "publish", by)
     where = [Job.updated_at == seen_updated_at] if seen_updated_at is not None else []
-    return _move(session, job_id, move, Q, by, where=where, details={"queue": queue})
+    if waiting_only:
+        where.append(Job.published_at.is_(None))
+    values = {"published_at": utcnow()}
+    return _move(session, job_id, move, Q, by, where=where, values=values, details={"queue": queue})
 
 
 def publish_failed(session: Session, job_id: uuid.UUID, *, by: By, error: str) -> None:
@@ -282,6 +307,49 @@ def requeue(
     values = {**_back_to_queue(), **(overrides or {})}
     details = {"from": state.value, "overrides": _plain(overrides or {})}
     return _move(session, job_id, move, state, by, values=values, details=details)
+
+
+def reprioritize(
+    session: Session, job_id: uuid.UUID, *, by: By, priority: int | None = None, front: bool = False
+) -> int:
+    """Change a waiting job's ``priority`` (-10..10), or with ``front`` move it to the front
+    (the highest priority, so the dispatcher sends it next). Returns the new priority.
+
+    Raises :class:`IllegalMove` when the job is not queued (a job already sent to a worker
+    keeps its place: the broker holds it), ValueError for a priority out of range.
+    """
+    from svdfarm.users import MAX_PRIORITY, MIN_PRIORITY
+
+    if front:
+        priority = MAX_PRIORITY
+    if priority is None or not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        raise ValueError(f"A priority is an integer from {MIN_PRIORITY} to {MAX_PRIORITY}.")
+    seen = session.execute(
+        select(Job.state, Job.priority, Job.published_at).where(Job.id == job_id).with_for_update()
+    ).first()
+    state = seen.state if seen is not None else None
+    move = check_move(job_id, state, "reprioritize", by)
+    assert seen is not None
+    if seen.published_at is not None:
+        raise IllegalMove(job_id, state, "reprioritize", by, why="it was already sent to a worker")
+    details = {"from": seen.priority, "to": priority, "front": front}
+    where = [Job.published_at.is_(None)]
+    values = {"priority": priority}
+    if not _move(session, job_id, move, Q, by, where=where, values=values, details=details):
+        raise IllegalMove(job_id, _state_of(session, job_id), "reprioritize", by)
+    return priority
+
+
+def give_up_waiting(session: Session, job_id: uuid.UUID, *, by: By, waited_s: float) -> bool:
+    """Fail a queued job that no worker of its class took within ``SVDFARM_MAX_WAIT``."""
+    move = check_move(job_id, Q, "give_up_waiting", by)
+    minutes = waited_s / 60
+    error = (
+        f"No worker that can run this job came online within {minutes:.0f} min "
+        "(SVDFARM_MAX_WAIT); requeue it once one does."
+    )
+    details = {"reason": "max_wait", "waited_s": round(waited_s)}
+    return _move(session, job_id, move, Q, by, values=_ended(error=error), details=details)
 
 
 def _plain(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -335,6 +403,7 @@ def claim(session: Session, settings: Settings, job_id: uuid.UUID, *, by: By) ->
         "step": 0,
         "error": None,
         "claim_token": token,
+        "published_at": None,
         "started_at": utcnow(),
         "finished_at": None,
     }

@@ -44,10 +44,11 @@ from sqlalchemy.orm import Session
 from svdfarm import lifecycle, retention, space
 from svdfarm.db import Database
 from svdfarm.depths import BrokerUnavailable, queue_depths
+from svdfarm.dispatch import dispatch
 from svdfarm.jobs import publish
 from svdfarm.lifecycle import By
 from svdfarm.models import Job, JobEvent, Worker, utcnow
-from svdfarm.registry import effective_state
+from svdfarm.registry import effective_state, online_workers
 from svdfarm.settings import Settings
 from svdfarm.states import Actor, EventType, JobState, WorkerState
 
@@ -72,6 +73,10 @@ class Reaped:
     storage_retried: list[str] = field(default_factory=list)
     #: Jobs whose outputs or input retention deleted.
     expired: list[str] = field(default_factory=list)
+    #: Waiting jobs the pass's dispatch sent to their queues (those requeued above among them).
+    dispatched: list[str] = field(default_factory=list)
+    #: Jobs that waited past SVDFARM_MAX_WAIT for a class no worker has, failed.
+    gave_up: list[str] = field(default_factory=list)
     #: Why the pass looked for no lost worker's job (empty when it did).
     skipped: str = ""
 
@@ -88,6 +93,8 @@ class Reaped:
             "republished": self.republished,
             "storage_retried": self.storage_retried,
             "expired": self.expired,
+            "gave_up": self.gave_up,
+            "dispatched": self.dispatched,
         }
 
 
@@ -149,43 +156,73 @@ def reap(
     ]
     swept = retention.sweep(db, settings, by=by)
     reaped.expired = sorted(set(swept.expired) | set(swept.inputs))
+    reaped.gave_up = give_up_waiting(db, settings, by=by)
     if celery is None:
         return reaped
-    again = set(reaped.requeued) | set(reaped.storage_retried)
-    for job in republish_candidates(db, settings, celery, again):
+    for job in republish_candidates(db, settings, celery):
         with db.session() as session:
             if publish(session, celery, job, by=by, seen_updated_at=job.updated_at):
                 reaped.republished.append(str(job.id))
+    with db.session() as session:
+        # Jobs queued again above, and any waiting: sent as far as consumers can take them.
+        reaped.dispatched = [str(i) for i in dispatch(session, celery, settings, by=by)]
     return reaped
+
+
+def give_up_waiting(db: Database, settings: Settings, *, by: By) -> list[str]:
+    """Fail the jobs that waited longer than ``SVDFARM_MAX_WAIT`` for a class no worker has
+    (none online consumes its queue); nothing when the setting is 0 (wait forever)."""
+    if not settings.max_wait_s:
+        return []
+    now = utcnow()
+    oldest = now - timedelta(seconds=settings.max_wait_s)
+    failed: list[str] = []
+    with db.session() as session:
+        served = {q for w in online_workers(session, settings) for q in w.queues or []}
+        late = session.execute(
+            select(Job.id, Job.queue, Job.created_at).where(
+                Job.state == JobState.QUEUED, Job.created_at < oldest
+            )
+        ).all()
+    for job_id, queue, created_at in late:
+        if queue in served:
+            continue
+        with db.begin() as session:
+            waited = (now - created_at).total_seconds()
+            if lifecycle.give_up_waiting(session, job_id, by=by, waited_s=waited):
+                failed.append(str(job_id))
+    return failed
 
 
 #: Where a pass records a lost worker's job, by the state the job was left in.
 _OUTCOMES = {JobState.QUEUED: "requeued", JobState.FAILED: "failed", JobState.CANCELED: "canceled"}
 
 
-def republish_candidates(
-    db: Database, settings: Settings, celery: Celery, just_requeued: set[str]
-) -> list[Job]:
-    """Queued jobs the broker does not hold (the caller publishes each only if untouched).
+def republish_candidates(db: Database, settings: Settings, celery: Celery) -> list[Job]:
+    """Jobs the dispatcher sent whose id the broker does not hold (the caller publishes each
+    only if untouched). Jobs still waiting in the database are the dispatcher's.
 
-    Jobs just requeued by this pass are always included; others only once they have waited
-    longer than the grace period (so a submit between commit and publish is left alone): on
-    brokers whose messages can be read (Redis, the embedded broker) those whose id the broker
-    does not hold, on AMQP those :func:`unreadable_broker_lost` finds.
+    Only jobs sent longer ago than the grace period (so a pass between its commit and its
+    send is left alone): on brokers whose messages can be read (Redis, the embedded broker)
+    those whose id the broker does not hold, on AMQP those :func:`unreadable_broker_lost`
+    finds.
     """
     grace = timedelta(seconds=max(2 * settings.offline_after_s, 5.0))
     with db.session() as session:
-        queued = session.scalars(select(Job).where(Job.state == JobState.QUEUED)).all()
-    if not queued:
-        return []
-    old = [j for j in queued if str(j.id) in just_requeued or j.updated_at < utcnow() - grace]
+        old = session.scalars(
+            select(Job).where(
+                Job.state == JobState.QUEUED,
+                Job.published_at.is_not(None),
+                Job.updated_at < utcnow() - grace,
+            )
+        ).all()
     if not old:
         return []
     held = broker_held_ids(settings, celery, {j.queue for j in old})
     if held is None:
-        lost = unreadable_broker_lost(db, settings, celery, old)
-        return [job for job in old if str(job.id) in just_requeued or str(job.id) in lost]
-    return [job for job in old if str(job.id) in just_requeued or str(job.id) not in held]
+        lost = unreadable_broker_lost(db, settings, celery, list(old))
+        return [job for job in old if str(job.id) in lost]
+    return [job for job in old if str(job.id) not in held]
 
 
 def unreadable_broker_lost(

@@ -109,6 +109,7 @@ class EventType(_Readable):
     HANDED_BACK = "handed_back"
     EXPIRED = "expired"
     STORAGE_RETRIED = "storage_retried"
+    PRIORITY_CHANGED = "priority_changed"
 
     @property
     def terminal(self) -> bool:

@@ -129,6 +129,10 @@ def make_settings(data_dir: Path, database_url: str, tiny_model_dir: Path, **env
         "SVDFARM_MODEL": "tiny",
         "SVDFARM_SECRET_KEY": "test-secret",
         "SVDFARM_PROGRESS_INTERVAL": "0.2",
+        # In-process tests hand every submitted job to the broker at once (the dispatcher
+        # with room for all): they test other things. The dispatcher's own tests, and the
+        # worker and web processes the end-to-end tests start, use the real margin (0).
+        "SVDFARM_DISPATCH_MARGIN": "1000",
     }
     base.update(env)
     return load_settings(base)

@@ -74,7 +74,9 @@ def submit_small_job(db: Database, settings: Settings, **fields: str) -> uuid.UU
     submission = validate_submission(settings, raw, png_bytes(), "in.png")
     celery = create_celery(settings)
     with db.session() as session:
-        return submit_job(session, celery, settings, submission, by=By(Actor.API)).id
+        return submit_job(
+            session, celery, settings, submission, by=By(Actor.API), owner="addr:127.0.0.1"
+        ).id
 
 
 def job_with_attempts(db: Database, job_id: uuid.UUID) -> Job:
@@ -109,6 +111,10 @@ def broker_messages(settings: Settings) -> list[tuple[str, str]]:
 def job_row(job_id: uuid.UUID, **fields: object) -> Job:
     """A job row with a small job's parameters; ``fields`` set or replace any column."""
     values: dict[str, object] = {**SMALL_JOB, "input_key": f"{job_id}/input.png", **fields}
+    if values.get("state", JobState.QUEUED) is JobState.QUEUED:
+        # A queued row was sent to its queue already, unless the test says published_at=None
+        # (a job that waits in the database for the dispatcher).
+        values.setdefault("published_at", values.get("updated_at") or utcnow())
     return Job(id=job_id, **values)
 
 
@@ -125,9 +131,11 @@ def add_job(
     finished_at: datetime | None = None,
     duration_s: float = 42.0,
     traceback: str = 'Traceback (most recent call last):\n  File "render.py"\nOutOfMemoryError',
+    sent: bool = True,
 ) -> uuid.UUID:
     """Insert a job on :data:`QUEUE` in ``state`` with its input file in storage and, unless
-    queued, one attempt by ``worker`` (failed when ``error_class`` and the job failed)."""
+    queued, one attempt by ``worker`` (failed when ``error_class`` and the job failed). A
+    queued one was sent to its queue, unless ``sent`` is False (it waits in the database)."""
     job_id = uuid.uuid4()
     finished = finished_at or utcnow()
     started = finished - timedelta(seconds=duration_s)
@@ -150,6 +158,7 @@ def add_job(
                 progress=0.5,
                 step=1,
                 error=error if state is JobState.FAILED else None,
+                **({} if sent else {"published_at": None}),
             )
         )
         if state is not JobState.QUEUED:
@@ -288,3 +297,15 @@ def send_two_cancel_one(db: Database, settings: Settings) -> tuple[uuid.UUID, uu
     with db.session() as session:
         assert cancel_job(session, canceled, by=By(Actor.ADMIN)).done
     return kept, canceled
+
+
+#: The owner of a test client's key-less jobs in open mode (web.owners): its address.
+LOCAL_OWNER = "addr:127.0.0.1"
+
+
+def set_owner(db: Database, job_id: uuid.UUID, owner: str = LOCAL_OWNER) -> uuid.UUID:
+    """Give a job inserted directly an owner (:data:`LOCAL_OWNER`: the test client's, so its
+    pages and API show the job); returns the id."""
+    with db.begin() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(owner=owner))
+    return job_id

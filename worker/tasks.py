@@ -99,8 +99,24 @@ def render(self: Task, job_id: str) -> str:
 
     settings = settings_of(self.app)
     hostname = self.request.hostname or socket.gethostname()
-    outcome = run_job(database_for(settings.database_url), settings, job_id, hostname)
+    db = database_for(settings.database_url)
+    outcome = run_job(db, settings, job_id, hostname)
+    # This worker is free again: the next job in dispatch order comes to it (or another).
+    _dispatch_now(db, self.app, settings, hostname)
     return outcome.value
+
+
+def _dispatch_now(db: Any, app: Any, settings: Settings, hostname: str) -> None:
+    """A dispatch pass over every queue with waiting jobs; a failure is logged (the next
+    periodic pass, by any worker, sends the jobs)."""
+    from svdfarm.dispatch import dispatch
+    from svdfarm.lifecycle import By
+
+    try:
+        with db.session() as session:
+            dispatch(session, app, settings, by=By(Actor.WORKER, hostname))
+    except Exception:
+        log.exception("dispatch pass failed")
 
 
 def _rendering() -> bool:
@@ -274,6 +290,25 @@ class _Registry:
         threading.Thread(target=self._beat, name="svdfarm-heartbeat", daemon=True).start()
         if self.settings.reap_interval_s:
             threading.Thread(target=self._reaper, name="svdfarm-reaper", daemon=True).start()
+        threading.Thread(target=self._dispatcher, name="svdfarm-dispatch", daemon=True).start()
+
+    def _dispatcher(self) -> None:
+        """A dispatch pass now (this worker is new and idle), then every
+        ``DISPATCH_INTERVAL_S``: jobs waiting in the database reach idle workers even when
+        nobody submits or finishes (after a cancel, a priority change, a worker's start)."""
+        from svdfarm.dispatch import DISPATCH_INTERVAL_S
+
+        assert self.settings is not None
+        if self.publish_celery is None:
+            from svdfarm.celery_app import create_celery
+
+            self.publish_celery = create_celery(self.settings)
+        db = database_for(self.settings.database_url)
+        wait = 0.0
+        while not self.stop.wait(wait):
+            wait = DISPATCH_INTERVAL_S
+            if not self.draining:
+                _dispatch_now(db, self.publish_celery, self.settings, self.hostname)
 
     def _beat(self) -> None:
         """Every heartbeat interval: the time, the queues, and draining once stopping.
@@ -464,9 +499,8 @@ def _hand_back_running(reason: str) -> None:
 
 
 def _hand_back(job_id: uuid.UUID, reason: str) -> bool:
-    """Record that this worker gives the job back (not lost: stopped), queue it again and
-    publish it; False when the job was no longer running. A publish the broker refuses is
-    recorded (``publish_failed``) and the reaper publishes the job later."""
+    """Record that this worker gives the job back (not lost: stopped) and queue it again in
+    the database, where the dispatcher finds it; False when the job was no longer running."""
     from svdfarm import lifecycle
 
     assert _registry.settings is not None
@@ -475,26 +509,8 @@ def _hand_back(job_id: uuid.UUID, reason: str) -> bool:
     with database_for(_registry.settings.database_url).begin() as session:
         if not lifecycle.hand_back(session, job_id, by=by, message=message):
             return False
-    try:
-        _publish(job_id, by)
-    except Exception:  # the job is queued in the database: the reaper publishes it
-        log.exception("could not publish handed-back job %s", job_id)
+    # Another worker's dispatch pass sends it on (this one is draining: never to it).
     return True
-
-
-def _publish(job_id: uuid.UUID, by: Any) -> None:
-    """Put a queued job's id on its queue, through an app of its own (not the consumer's)."""
-    from svdfarm.celery_app import create_celery
-    from svdfarm.jobs import publish
-    from svdfarm.models import Job
-
-    assert _registry.settings is not None
-    if _registry.publish_celery is None:
-        _registry.publish_celery = create_celery(_registry.settings)
-    with database_for(_registry.settings.database_url).session() as session:
-        job = session.get(Job, job_id)
-        if job is not None:
-            publish(session, _registry.publish_celery, job, by=by)
 
 
 @worker_shutdown.connect

@@ -137,7 +137,7 @@ def test_enqueue_failure_leaves_the_job_queued_for_the_reaper(
     def refuse(*_: object) -> None:
         raise ConnectionError("broker down")
 
-    monkeypatch.setattr("svdfarm.jobs.enqueue_render", refuse)
+    monkeypatch.setattr("svdfarm.dispatch.enqueue_render", refuse)
     job_id = add_job(db, settings)
     with db.session() as session:
         [change] = requeue_jobs(session, celery, settings, [job_id], by=ADMIN)

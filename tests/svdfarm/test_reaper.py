@@ -123,7 +123,7 @@ def test_a_job_of_a_dead_worker_is_requeued_and_published(
     job_id = running_job(db)
     add_worker(db, DEAD, ["svd.cpu.fp32.8g"], 10, state=WorkerState.BUSY, current_job_id=job_id)
     reaped = reap(db, fast, celery)
-    assert reaped.requeued == [str(job_id)] and reaped.republished == [str(job_id)]
+    assert reaped.requeued == [str(job_id)] and reaped.dispatched == [str(job_id)]
     job = load(db, job_id)
     assert job.state is JobState.QUEUED and job.claim_token is None
     (attempt,) = job.attempts

@@ -148,7 +148,7 @@ def test_a_half_only_folder_renders_through_the_worker(
     submission = validate_submission(settings, raw, png_bytes(), "in.png")
     with db.session() as session:
         job_id: uuid.UUID = submit_job(
-            session, create_celery(settings), settings, submission, by=By(Actor.API)
+            session, create_celery(settings), settings, submission, by=By(Actor.API), owner="t"
         ).id
     assert settings.model == "tiny"
     assert run_job(db, settings, str(job_id), "w1@test") == "succeeded"

@@ -1,0 +1,334 @@
+"""The dispatcher: the database is the queue of record, the broker a short conveyor.
+
+A submitted job waits in the database (queued, ``published_at`` unset). A dispatch pass sends
+a queue's waiting jobs to Celery only as fast as that queue's consumers can take them: as
+many as it has idle consumers (live, not draining, holding no job), plus
+``SVDFARM_DISPATCH_MARGIN``, minus the jobs already sent and not yet taken. So the order is
+decided when a worker is free, and a changed priority or a canceled waiting job takes effect
+without touching the broker.
+
+The order (:func:`dispatch_order`): the highest priority first; within a priority, fair share
+across owners (the owner whose GPU time over ``SVDFARM_FAIR_SHARE_WINDOW``, divided by their
+share, is least goes first, and each job sent counts as the queue's mean run against its
+owner for the rest of the pass); within an owner, the oldest first. Owners at their
+``--max-running`` limit are skipped.
+
+Who runs a pass: the web after each submit, a worker when it finishes a job or starts, and
+every worker's registry thread every :data:`DISPATCH_INTERVAL_S` (so a farm with no submit
+and no finish still moves, after a cancel or a priority change). On PostgreSQL a pass holds a
+per-queue advisory lock, so passes over one queue run one after another and never both send
+a job; on SQLite the database's single writer does the same. A job is marked sent before its
+id goes to the broker: a pass that dies between the two leaves a job the reaper finds missing
+from the broker and publishes again (:mod:`svdfarm.reaper`); a broker that refuses the id
+gets the job back in the database for the next pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import ColumnElement, and_, func, select, text, update
+from sqlalchemy.orm import Session
+
+from svdfarm import lifecycle
+from svdfarm.celery_app import enqueue_render
+from svdfarm.lifecycle import By
+from svdfarm.models import Attempt, Job, Worker, utcnow
+from svdfarm.registry import online_workers
+from svdfarm.settings import Settings
+from svdfarm.states import JobState, WorkerState
+from svdfarm.users import Limits, limits_of
+
+log = logging.getLogger(__name__)
+
+#: How often each worker's registry thread runs a pass of its own.
+DISPATCH_INTERVAL_S = 2.0
+#: What a job sent counts against its owner when the queue has no finished run to measure.
+DEFAULT_RUN_S = 60.0
+#: The most waiting jobs of one queue a page's place reads (beyond it: "more than").
+PLACE_HORIZON = 2000
+
+
+def waiting() -> ColumnElement[bool]:
+    """Jobs that wait in the database for the dispatcher (queued, not yet sent)."""
+    return and_(Job.state == JobState.QUEUED, Job.published_at.is_(None))
+
+
+@dataclass
+class Candidate:
+    """A waiting job as the order sees it."""
+
+    id: uuid.UUID
+    owner: str
+    priority: int
+    created_at: datetime
+
+
+@dataclass
+class Ledger:
+    """What the order needs of each owner: their limits, GPU time and jobs at work."""
+
+    limits: dict[str, Limits] = field(default_factory=dict)
+    used_s: dict[str, float] = field(default_factory=dict)
+    busy: dict[str, int] = field(default_factory=dict)
+    run_s: float = DEFAULT_RUN_S
+
+    def weight(self, owner: str) -> float:
+        """The owner's recent GPU time divided by their share (less goes first)."""
+        share = self.limits.get(owner, Limits()).share or 1.0
+        return self.used_s.get(owner, 0.0) / share
+
+    def full(self, owner: str) -> bool:
+        """True when the owner is at their ``--max-running`` limit."""
+        limit = self.limits.get(owner, Limits()).max_running
+        return limit is not None and self.busy.get(owner, 0) >= limit
+
+    def charge(self, owner: str) -> None:
+        """Count one more job of ``owner`` at work, with a mean run against their time."""
+        self.used_s[owner] = self.used_s.get(owner, 0.0) + self.run_s
+        self.busy[owner] = self.busy.get(owner, 0) + 1
+
+
+def dispatch_order(candidates: Iterable[Candidate], ledger: Ledger, limit: int) -> list[Candidate]:
+    """The first ``limit`` of ``candidates`` in dispatch order (the ledger is charged for
+    each one chosen). Each owner's candidates must come oldest first within a priority."""
+    heads: dict[str, deque[Candidate]] = {}
+    for candidate in sorted(candidates, key=lambda c: (-c.priority, c.created_at, c.id.hex)):
+        heads.setdefault(candidate.owner, deque()).append(candidate)
+    chosen: list[Candidate] = []
+    while len(chosen) < limit:
+        ready = [o for o, jobs in heads.items() if jobs and not ledger.full(o)]
+        if not ready:
+            break
+        owner = min(
+            ready,
+            key=lambda o: (-heads[o][0].priority, ledger.weight(o), heads[o][0].created_at),
+        )
+        chosen.append(heads[owner].popleft())
+        ledger.charge(owner)
+    return chosen
+
+
+def dispatch(
+    session: Session,
+    celery: Celery,
+    settings: Settings,
+    *,
+    queues: Iterable[str] | None = None,
+    by: By,
+) -> list[uuid.UUID]:
+    """One pass over ``queues`` (default: every queue with a waiting job): send each queue
+    the waiting jobs its idle consumers can take now, in dispatch order. Commits; returns
+    the ids sent."""
+    if queues is None:
+        queues = session.scalars(select(Job.queue).where(waiting()).distinct()).all()
+        session.commit()
+    sent: list[uuid.UUID] = []
+    for queue in sorted(set(queues)):
+        chosen = _choose(session, settings, queue, by)
+        session.commit()
+        for job_id in chosen:
+            if _send(session, celery, job_id, queue, by):
+                sent.append(job_id)
+    return sent
+
+
+def _choose(session: Session, settings: Settings, queue: str, by: By) -> list[uuid.UUID]:
+    """Mark the jobs this pass sends to ``queue`` (under the queue's lock); their ids."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
+            {"key": f"svdfarm-dispatch:{queue}"},
+        )
+    slots = free_slots(session, settings, queue)
+    if slots <= 0:
+        return []
+    candidates = _candidates(session, queue, per_owner=slots)
+    if not candidates:
+        return []
+    ledger = ledger_for(session, settings, queue, {c.owner for c in candidates})
+    chosen = []
+    for candidate in dispatch_order(candidates, ledger, slots):
+        if lifecycle.publish(session, candidate.id, by=by, waiting_only=True):
+            chosen.append(candidate.id)
+    return chosen
+
+
+def _send(session: Session, celery: Celery, job_id: uuid.UUID, queue: str, by: By) -> bool:
+    """Put one marked job's id on its queue; on a refusal give it back to the database."""
+    try:
+        enqueue_render(celery, str(job_id), queue)
+    except Exception as exc:
+        log.warning(
+            "could not send job %s to %s (%s: %s); the next dispatch pass tries again",
+            job_id,
+            queue,
+            type(exc).__name__,
+            exc,
+        )
+        lifecycle.publish_failed(session, job_id, by=by, error=type(exc).__name__)
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.QUEUED)
+            .values(published_at=None)
+        )
+        session.commit()
+        return False
+    return True
+
+
+def consumers_of(workers: Sequence[Worker], queue: str) -> list[Worker]:
+    """The workers (online ones) that take new jobs from ``queue``."""
+    return [w for w in workers if queue in (w.queues or []) and w.state is not WorkerState.DRAINING]
+
+
+def free_slots(session: Session, settings: Settings, queue: str) -> int:
+    """How many more jobs ``queue`` can be sent now: its idle consumers plus the margin,
+    minus the jobs sent to it and not yet taken. The margin holds even with no consumer, so
+    a queue scaled to zero shows its first jobs to a length-based autoscaler."""
+    consumers = consumers_of(online_workers(session, settings), queue)
+    idle = sum(1 for w in consumers if w.current_job_id is None)
+    in_flight = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.queue == queue, Job.state == JobState.QUEUED, Job.published_at.is_not(None))
+    )
+    return idle + settings.dispatch_margin - (in_flight or 0)
+
+
+def _candidates(
+    session: Session, queue: str, *, per_owner: int | None = None, limit: int | None = None
+) -> list[Candidate]:
+    """The waiting jobs of ``queue``: each owner's first ``per_owner`` in their own order
+    (all with None), at most ``limit`` in all."""
+    rank = (
+        func.row_number()
+        .over(partition_by=Job.owner, order_by=(Job.priority.desc(), Job.created_at, Job.id))
+        .label("rank")
+    )
+    inner = (
+        select(Job.id, Job.owner, Job.priority, Job.created_at, rank)
+        .where(Job.queue == queue, waiting())
+        .subquery()
+    )
+    stmt = select(inner.c.id, inner.c.owner, inner.c.priority, inner.c.created_at)
+    if per_owner is not None:
+        stmt = stmt.where(inner.c.rank <= per_owner)
+    if limit is not None:
+        stmt = stmt.order_by(inner.c.priority.desc(), inner.c.created_at).limit(limit)
+    return [Candidate(*row) for row in session.execute(stmt)]
+
+
+def ledger_for(session: Session, settings: Settings, queue: str, owners: set[str]) -> Ledger:
+    """Each owner's limits, GPU time over the fair-share window and jobs at work (running,
+    or sent and not yet taken), and the queue's mean run."""
+    now = utcnow()
+    since = now - timedelta(seconds=settings.fair_share_window_s)
+    ledger = Ledger(limits=limits_of(session, owners))
+    runs = session.execute(
+        select(Job.owner, Job.queue, Attempt.started_at, Attempt.finished_at)
+        .join(Attempt, Attempt.job_id == Job.id)
+        .where(Attempt.started_at >= since)
+    )
+    finished: list[float] = []
+    for owner, job_queue, started, ended in runs:
+        seconds = max(0.0, ((ended or now) - started).total_seconds())
+        if owner in owners:
+            ledger.used_s[owner] = ledger.used_s.get(owner, 0.0) + seconds
+        if ended is not None and job_queue == queue:
+            finished.append(seconds)
+    if finished:
+        ledger.run_s = max(0.001, sum(finished) / len(finished))
+    at_work = Job.state.in_(
+        [JobState.RUNNING, JobState.CANCEL_REQUESTED]
+    ) | Job.published_at.is_not(None)
+    for owner, count in session.execute(
+        select(Job.owner, func.count()).where(Job.owner.in_(owners), at_work).group_by(Job.owner)
+    ):
+        ledger.busy[owner] = count
+    return ledger
+
+
+@dataclass(frozen=True)
+class Place:
+    """A queued job's place: 0 when it was sent and a worker takes it next, else its
+    position in its queue's dispatch order; and an estimate of when it starts."""
+
+    position: int
+    eta_s: float | None
+    #: Why it waits beyond its turn ("you have 2 jobs running, your limit"), or "".
+    held: str = ""
+    #: True when more waiting jobs than :data:`PLACE_HORIZON` were read (position is a floor).
+    beyond: bool = False
+
+    def describe(self) -> str:
+        """``2nd in line``, ``next``, with the estimate when there is one."""
+        if self.position == 0:
+            text = "sent to a worker: it starts next"
+        else:
+            text = f"{ordinal(self.position)} in line" + (" or later" if self.beyond else "")
+        if self.eta_s is not None:
+            text += f", starts in about {_minutes(self.eta_s)}"
+        return text
+
+
+def ordinal(n: int) -> str:
+    """1st, 2nd, 3rd, 4th, 11th, 21st..."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _minutes(seconds: float) -> str:
+    """A start estimate in words."""
+    if seconds < 60:
+        return f"{max(1, round(seconds))} s"
+    return f"{round(seconds / 60)} min"
+
+
+def place_of(
+    session: Session, settings: Settings, job: Job, workers: Sequence[Worker] | None = None
+) -> Place | None:
+    """Where a queued job stands in its queue's dispatch order, and when it may start
+    (from the queue's mean run and its consumers); None for a job that is not queued."""
+    if job.state is not JobState.QUEUED:
+        return None
+    workers = online_workers(session, settings) if workers is None else workers
+    consumers = consumers_of(workers, job.queue)
+    ledger = ledger_for(session, settings, job.queue, set())
+    eta_per_job = ledger.run_s / len(consumers) if consumers else None
+    if job.published_at is not None:
+        return Place(0, 0.0 if consumers else None)
+    candidates = _candidates(session, job.queue, limit=PLACE_HORIZON)
+    ledger = ledger_for(session, settings, job.queue, {c.owner for c in candidates} | {job.owner})
+    held = ""
+    if ledger.full(job.owner):
+        limit = ledger.limits[job.owner].max_running
+        held = f"you have {ledger.busy.get(job.owner, 0)} job(s) running, your limit is {limit}"
+    busy = sum(1 for w in consumers if w.current_job_id is not None)
+    order = dispatch_order(candidates, ledger, len(candidates))
+    ids = [c.id for c in order]
+    beyond = len(candidates) >= PLACE_HORIZON and job.id not in ids
+    position = ids.index(job.id) + 1 if job.id in ids else len(candidates) + 1
+    eta = None
+    if eta_per_job is not None and not held:
+        # The jobs ahead, each a mean run shared by the consumers; busy ones free up halfway.
+        eta = (position - 1) * eta_per_job + (eta_per_job / 2 if busy == len(consumers) else 0)
+    return Place(position, eta, held, beyond)
+
+
+def backlog(session: Session) -> dict[str, int]:
+    """Jobs waiting in the database per queue (what KEDA scales on: see docs/SCHEDULING.md)."""
+    rows = session.execute(select(Job.queue, func.count()).where(waiting()).group_by(Job.queue))
+    return {queue: count for queue, count in rows}
+
+
+def describe_ledger(ledger: Ledger) -> dict[str, Any]:
+    """The ledger as plain data (for the CLI and the benchmark)."""
+    return {"used_s": dict(ledger.used_s), "busy": dict(ledger.busy), "run_s": ledger.run_s}
