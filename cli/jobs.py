@@ -1,9 +1,10 @@
-"""``svdfarm jobs``: list, show, cancel, requeue and delete jobs from a terminal.
+"""``svdfarm jobs``: list, show, cancel, requeue, delete and reprioritize jobs from a terminal.
 
 Each subcommand calls :mod:`svdfarm.actions`, as the admin pages and the API do, and acts as
 ``cli:<login name>`` in the job's events. Exit status: 0 when done; 1 when the job's state
 refused the action (the reason is printed); 2 for bad arguments (an unknown state, a job id
-that is malformed or names no job, a queue outside the naming scheme).
+that is malformed or names no job, a queue outside the naming scheme; for ``priority``, also
+a priority out of range or a job that no longer waits in the database).
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ if TYPE_CHECKING:  # the commands import the database layer when they run, not f
 
 
 def add_commands(sub: Any) -> None:
-    """Register ``jobs`` and its actions: list, show, cancel, requeue, delete."""
+    """Register ``jobs`` and its actions: list, show, cancel, requeue, delete, priority."""
     jobs = sub.add_parser(
         "jobs",
-        help="list, show, cancel, requeue and delete jobs",
+        help="list, show, cancel, requeue, delete and reprioritize jobs",
         description="Exit status: 0 done, 1 refused by the job's state (the reason is on "
         "stderr), 2 bad arguments (an unknown state, a job id that names no job).",
     )
@@ -66,6 +67,19 @@ def add_commands(sub: Any) -> None:
     delete = actions.add_parser("delete", help="delete a job that is not running, and its files")
     delete.set_defaults(run=cmd_delete)
     delete.add_argument("job_id", metavar="ID")
+
+    priority = actions.add_parser(
+        "priority",
+        help="change a queued job's priority (-10..10), or move it to the front",
+        description="Exit status: 0 done, 2 a bad id or priority, or a job not waiting in "
+        "the queue (the reason is on stderr).",
+    )
+    priority.set_defaults(run=cmd_priority)
+    priority.add_argument("job_id", metavar="ID")
+    priority.add_argument("priority", metavar="N", type=int, nargs="?", help="-10 to 10")
+    priority.add_argument(
+        "--front", action="store_true", help="the highest priority: dispatched next"
+    )
 
 
 def operator() -> By:
@@ -269,6 +283,28 @@ def cmd_delete(args: argparse.Namespace, settings: Settings) -> int:
         except LookupError as exc:
             return fail(str(exc))
         return _report(delete_job(session, settings, job.id))
+
+
+def cmd_priority(args: argparse.Namespace, settings: Settings) -> int:
+    """``svdfarm jobs priority ID N`` or ``svdfarm jobs priority ID --front``: a queued job's
+    new priority, committed; exit 2 for a bad id or priority, or a job no longer waiting."""
+    from svdfarm.lifecycle import reprioritize
+
+    if (args.priority is None) == (not args.front):
+        return fail("give either a priority N (-10 to 10) or --front, not both")
+    with _session(settings) as session:
+        try:
+            job_id = _find(session, args.job_id).id
+            new = reprioritize(
+                session, job_id, by=operator(), priority=args.priority, front=args.front
+            )
+        except (LookupError, ValueError) as exc:  # IllegalMove is a ValueError
+            session.rollback()
+            return fail(str(exc))
+        session.commit()
+    where = "moved to the front: priority" if args.front else "priority is now"
+    print(f"Job {job_id} {where} {new}.")
+    return 0
 
 
 def _report(change: JobChange) -> int:

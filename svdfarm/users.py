@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from svdfarm.models import ApiKey, User, utcnow
@@ -134,6 +134,45 @@ def disable_user(session: Session, name: str) -> User:
     if user.disabled_at is None:
         user.disabled_at = utcnow()
     return user
+
+
+def enable_user(session: Session, name: str) -> User:
+    """Enable a disabled user again: their live keys and login work from the next request on."""
+    user = get_user(session, name)
+    user.disabled_at = None
+    return user
+
+
+def set_limits(session: Session, name: str, *, limits: Limits) -> User:
+    """Replace a user's limits and share with ``limits`` (checked with :func:`check_limits`)."""
+    user = get_user(session, name)
+    check_limits(
+        max_queued=limits.max_queued,
+        max_running=limits.max_running,
+        max_priority=limits.max_priority,
+        share=limits.share,
+    )
+    user.max_queued, user.max_running = limits.max_queued, limits.max_running
+    user.max_priority, user.share = limits.max_priority, limits.share
+    return user
+
+
+def list_users(session: Session) -> list[User]:
+    """Every user by name, their keys loaded."""
+    return list(session.scalars(select(User).options(selectinload(User.keys)).order_by(User.name)))
+
+
+def list_keys(session: Session, *, name: str | None = None) -> list[ApiKey]:
+    """Every API key (of the user ``name`` only, when given), oldest first, users loaded."""
+    stmt = select(ApiKey).options(selectinload(ApiKey.user))
+    if name is not None:
+        stmt = stmt.where(ApiKey.user_id == get_user(session, name).id)
+    return list(session.scalars(stmt.order_by(ApiKey.created_at, ApiKey.id)))
+
+
+def live_keys(user: User) -> list[ApiKey]:
+    """The user's keys that are not revoked."""
+    return [key for key in user.keys if key.revoked_at is None]
 
 
 def admin_user(session: Session) -> User:

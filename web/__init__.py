@@ -47,6 +47,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.extensions["celery"] = create_celery(settings)
 
     from web.admin import bp as admin_bp
+    from web.admin_users import bp as admin_users_bp
     from web.api import bp as api_bp
     from web.health import bp as health_bp
     from web.metrics import bp as metrics_bp
@@ -58,6 +59,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(openapi_bp)
     app.register_blueprint(health_bp)
     app.register_blueprint(admin_bp)
+    app.register_blueprint(admin_users_bp)
     app.register_blueprint(metrics_bp)
 
     too_large = f"The upload is larger than the {format_size(settings.max_upload_bytes)} limit."

@@ -40,11 +40,12 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from svdfarm.actions import JobChange, cancel_job, delete_job, parse_job_id, requeue_jobs
 from svdfarm.depths import BrokerUnavailable, queue_depths, waiting_jobs
-from svdfarm.lifecycle import By, events_of
+from svdfarm.lifecycle import By, events_of, reprioritize
 from svdfarm.models import Attempt, Job, Worker, list_order, utcnow
 from svdfarm.queues import all_queues
 from svdfarm.registry import effective_state
 from svdfarm.states import Actor, AttemptOutcome, ErrorClass, JobState, WorkerState
+from svdfarm.users import MAX_PRIORITY, MIN_PRIORITY
 from web import auth
 from web.database import get_session
 from web.jobs import event_text, find_job
@@ -439,17 +440,49 @@ def index() -> Any:
 @auth.login_required
 def job(job_id: str) -> Any:
     """One job with every attempt: plan and reason, error, full traceback, worker, memory."""
+    return _job_page(job_id)
+
+
+def _job_page(job_id: str, priority_error: str | None = None) -> str:
+    """The job's page, with why its priority was not changed when it was not."""
     session = get_session()
     found = find_job(session, job_id)
+    page = url_for("admin.job", job_id=found.id)
     return render_template(
         "admin/job.html",
         job=found,
         queues=all_queues(),
-        back_to=request.full_path.rstrip("?"),
+        back_to=request.full_path.rstrip("?") if request.method == "GET" else page,
         events=events_of(session, found.id),
         event_text=event_text,
         show_details=True,
+        priority_error=priority_error,
+        priorities=(MIN_PRIORITY, MAX_PRIORITY),
     )
+
+
+@bp.post("/jobs/<job_id>/priority")
+@auth.login_required
+def priority(job_id: str) -> Any:
+    """Change a queued job's priority, or move it to the front; the job's page again with
+    the reason and 400 when the number or the job's state refuses it."""
+    session = get_session()
+    found = find_job(session, job_id)
+    front = request.form.get("front") == "1"
+    raw = request.form.get("priority", "").strip()
+    try:
+        wanted = None if front else int(raw)
+    except ValueError:
+        message = f"A priority is a whole number from {MIN_PRIORITY} to {MAX_PRIORITY}."
+        return _job_page(job_id, priority_error=message), 400
+    try:
+        new = reprioritize(session, found.id, by=ADMIN, priority=wanted, front=front)
+    except ValueError as exc:  # out of range, or IllegalMove: no longer waiting
+        session.rollback()
+        return _job_page(job_id, priority_error=str(exc)), 400
+    session.commit()
+    flash(f"Priority is now {new}" + (" (moved to the front)." if front else "."), "ok")
+    return redirect(url_for("admin.job", job_id=found.id), code=303)
 
 
 @bp.post("/jobs/actions")

@@ -8,6 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from cli import main
+from svdfarm.settings import Settings
+
+#: Who the commands of the in-process tests act as (their events name them).
+OPERATOR = "ops-alice"
+
 
 @pytest.fixture
 def cli_env(tmp_path: Path, tiny_model_dir: Path) -> dict[str, str]:
@@ -23,3 +29,24 @@ def cli_env(tmp_path: Path, tiny_model_dir: Path) -> dict[str, str]:
         "SVDFARM_DATABASE_URL": "",
         "SVDFARM_BROKER_URL": "",
     }
+
+
+@pytest.fixture
+def farm_env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Point ``svdfarm`` run in this process at the test's data folder, database, embedded
+    broker and dispatch margin, acting as :data:`OPERATOR`."""
+    monkeypatch.setenv("SVDFARM_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("SVDFARM_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("SVDFARM_BROKER_URL", settings.broker_url)
+    monkeypatch.setenv("SVDFARM_MODEL", "tiny")
+    monkeypatch.setenv("SVDFARM_DISPATCH_MARGIN", str(settings.dispatch_margin))
+    monkeypatch.setenv("LOGNAME", OPERATOR)
+    monkeypatch.setenv("USER", OPERATOR)
+    return settings
+
+
+def svdfarm(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Run ``svdfarm ARGS`` in this process: (exit status, stdout, stderr)."""
+    status = main(list(args))
+    out, err = capsys.readouterr()
+    return status, out, err

@@ -12,37 +12,16 @@ import uuid
 
 import pytest
 
-from cli import main
 from svdfarm.actions import FP32_DTYPES
 from svdfarm.db import Database
 from svdfarm.lifecycle import events_of
 from svdfarm.settings import Settings
 from svdfarm.states import Actor, EventType, JobState
+from tests.cli.conftest import OPERATOR, svdfarm
 from tests.conftest import DATABASES
 from tests.rows import QUEUE, add_job, broker_messages, read_job
 
-OPERATOR = "ops-alice"
 STATES = "queued, running, succeeded, failed, cancel_requested, canceled"
-
-
-@pytest.fixture
-def farm_env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    """Point ``svdfarm`` at the test's data folder, database and embedded broker, acting as
-    :data:`OPERATOR`."""
-    monkeypatch.setenv("SVDFARM_DATA_DIR", str(settings.data_dir))
-    monkeypatch.setenv("SVDFARM_DATABASE_URL", settings.database_url)
-    monkeypatch.setenv("SVDFARM_BROKER_URL", settings.broker_url)
-    monkeypatch.setenv("SVDFARM_MODEL", "tiny")
-    monkeypatch.setenv("LOGNAME", OPERATOR)
-    monkeypatch.setenv("USER", OPERATOR)
-    return settings
-
-
-def svdfarm(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """Run ``svdfarm ARGS`` in this process: (exit status, stdout, stderr)."""
-    status = main(list(args))
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 # ---- list ------------------------------------------------------------------------------------
