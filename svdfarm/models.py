@@ -343,6 +343,11 @@ class Worker(Base):
     current_job_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("jobs.id", ondelete="SET NULL")
     )
+    #: Set when the worker failed several jobs in a row with the same error that is not a
+    #: precision error (a broken card, a full disk): it takes no job until an operator clears
+    #: it (svdfarm.worker_health). The reason names the error and the jobs.
+    flagged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    flagged_reason: Mapped[str | None] = mapped_column(Text)
 
 
 class MetricCount(Base):
