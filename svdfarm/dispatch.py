@@ -185,8 +185,15 @@ def _send(session: Session, celery: Celery, job_id: uuid.UUID, queue: str, by: B
 
 
 def consumers_of(workers: Sequence[Worker], queue: str) -> list[Worker]:
-    """The workers (online ones) that take new jobs from ``queue``."""
-    return [w for w in workers if queue in (w.queues or []) and w.state is not WorkerState.DRAINING]
+    """The workers (online ones) that take new jobs from ``queue``: not draining, not
+    flagged (svdfarm.worker_health)."""
+    return [
+        w
+        for w in workers
+        if queue in (w.queues or [])
+        and w.state is not WorkerState.DRAINING
+        and w.flagged_at is None
+    ]
 
 
 def free_slots(session: Session, settings: Settings, queue: str) -> int:

@@ -58,7 +58,7 @@ def online_queues(session: Session, settings: Settings, model: str | None = None
     return {
         q
         for w in online_workers(session, settings)
-        if w.state is not WorkerState.DRAINING and serves(w, model)
+        if w.state is not WorkerState.DRAINING and w.flagged_at is None and serves(w, model)
         for q in w.queues
     }
 
