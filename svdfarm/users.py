@@ -267,11 +267,10 @@ def owner_names(session: Session, owners: Iterable[str]) -> dict[str, str]:
     """Each owner as pages show it: a user's name, ``anonymous`` or ``anonymous (address)``."""
     owners = set(owners)
     ids = {uid for o in owners if (uid := user_id_of(o)) is not None}
-    names = (
-        dict(session.execute(select(User.id, User.name).where(User.id.in_(ids))).tuples().all())
-        if ids
-        else {}
-    )
+    names: dict[int, str] = {}
+    if ids:
+        rows = session.execute(select(User.id, User.name).where(User.id.in_(ids)))
+        names = {uid: name for uid, name in rows}
     shown = {}
     for owner in owners:
         uid = user_id_of(owner)

@@ -1,4 +1,8 @@
-"""The JSON API, ``/api/v1``: submit a job, read its state, cancel it."""
+"""The JSON API, ``/api/v1``: submit a job, read its state, list the caller's jobs, cancel one.
+
+Who the caller is and which jobs it may see: :mod:`web.owners` (a job of someone else is
+answered 404 as an unknown id).
+"""
 
 from __future__ import annotations
 
@@ -21,16 +25,21 @@ from svdfarm.lifecycle import By, events_of
 from svdfarm.models import utcnow
 from svdfarm.params import ParamError
 from svdfarm.registry import models_listing, served_models
-from svdfarm.states import Actor
+from svdfarm.states import Actor, JobState
 from web.database import get_session
 from web.jobs import (
+    DEFAULT_PAGE,
+    MAX_PAGE,
+    CursorError,
     batch_body_limit,
     batch_json,
     describe_job,
-    find_batch,
-    find_job,
-    job_json,
+    describe_jobs,
+    jobs_page,
+    own_batch,
+    own_job,
 )
+from web.owners import current_caller
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -95,7 +104,10 @@ def create_job() -> Any:
             client=client_address(),
             idempotency_key=key,
             by=By(Actor.API),
+            owner=current_caller().owner,
         )
+    except ParamError as exc:  # a priority above the owner's limit (403)
+        return error_response(str(exc), exc.status, fields=exc.errors)
     except SubmitRefused as exc:
         response, status = error_response(str(exc), exc.status)
         response.headers["Retry-After"] = str(exc.retry_after)
@@ -153,7 +165,10 @@ def create_batch() -> Any:
             submissions,
             client=client_address(),
             by=By(Actor.API),
+            owner=current_caller().owner,
         )
+    except ParamError as exc:  # a priority above the owner's limit (403)
+        return error_response(str(exc), exc.status, fields=exc.errors)
     except SubmitRefused as exc:
         response, status = error_response(str(exc), exc.status)
         response.headers["Retry-After"] = str(exc.retry_after)
@@ -181,14 +196,14 @@ def create_batch() -> Any:
 def get_batch(batch_id: str) -> Any:
     """The batch's jobs, each as ``GET /api/v1/jobs/<id>`` shows it, and their totals."""
     session = get_session()
-    return jsonify(batch_json(session, find_batch(session, batch_id)))
+    return jsonify(batch_json(session, own_batch(session, batch_id)))
 
 
 @bp.get("/jobs/<job_id>")
 def get_job(job_id: str) -> Any:
     """The job's state, progress, attempts, and its video URL once it succeeded."""
     session = get_session()
-    return jsonify(describe_job(session, find_job(session, job_id)))
+    return jsonify(describe_job(session, own_job(session, job_id)))
 
 
 @bp.get("/models")
@@ -203,7 +218,7 @@ def models() -> Any:
 def job_events(job_id: str) -> Any:
     """The job's events in order: every move of its state and change of its phase."""
     session = get_session()
-    job = find_job(session, job_id)
+    job = own_job(session, job_id)
     return jsonify({"events": [e.as_dict() for e in events_of(session, job.id)]})
 
 
@@ -211,8 +226,54 @@ def job_events(job_id: str) -> Any:
 def cancel(job_id: str) -> Any:
     """Cancel a queued job at once, or ask a running one to stop at its next step."""
     session = get_session()
-    job = find_job(session, job_id)
+    job = own_job(session, job_id)
     change = cancel_job(session, job.id, by=By(Actor.API))
     if not change.done:
         return error_response(f"The job is already {job.state.label}; nothing to cancel.", 409)
-    return jsonify(job_json(job)), 202
+    return jsonify(describe_job(session, job)), 202
+
+
+#: The query parameters of ``GET /api/v1/jobs``.
+LIST_PARAMETERS = ("state", "limit", "cursor")
+
+
+@bp.get("/jobs")
+def list_jobs() -> Any:
+    """The caller's jobs, newest first, a page at a time: ``?state=&limit=&cursor=`` ->
+    ``{"jobs": [...], "next_cursor": ...}`` (an admin lists its own jobs too, not everyone's)."""
+    refused = {
+        name: f"Unknown query parameter {name[:40]!r}: use {', '.join(LIST_PARAMETERS)}."
+        for name in request.args
+        if name not in LIST_PARAMETERS
+    }
+    for name in LIST_PARAMETERS:
+        if len(request.args.getlist(name)) > 1:
+            refused[name] = f"The {name} parameter was sent more than once; send it once."
+    state: JobState | None = None
+    raw_state = request.args.get("state", "")
+    if raw_state and "state" not in refused:
+        try:
+            state = JobState(raw_state)
+        except ValueError:
+            states = ", ".join(s.value for s in JobState)
+            refused["state"] = f"The state {raw_state[:40]!r} is not one of {states}."
+    limit = DEFAULT_PAGE
+    raw_limit = request.args.get("limit", "")
+    if raw_limit and "limit" not in refused:
+        limit = int(raw_limit) if raw_limit.isdigit() and len(raw_limit) < 6 else 0
+        if not 1 <= limit <= MAX_PAGE:
+            refused["limit"] = f"The limit must be a whole number from 1 to {MAX_PAGE}."
+    if refused:
+        return error_response(" ".join(refused.values()), 400, fields=refused)
+    session = get_session()
+    try:
+        jobs, next_cursor = jobs_page(
+            session,
+            current_caller().identities,
+            limit=limit,
+            cursor=request.args.get("cursor") or None,
+            state=state,
+        )
+    except CursorError as exc:
+        return error_response(str(exc), 400, fields={"cursor": str(exc)})
+    return jsonify({"jobs": describe_jobs(session, jobs), "next_cursor": next_cursor})

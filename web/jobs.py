@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import uuid
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NoReturn
 
 from flask import abort, current_app, url_for
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, joinedload
 
 from svdfarm.actions import FP32_DTYPES
 from svdfarm.batches import MAX_BATCH_IMAGES
-from svdfarm.models import Attempt, Batch, Job, JobEvent, utcnow
+from svdfarm.dispatch import Place, place_of
+from svdfarm.models import Attempt, Batch, Job, JobEvent, Worker, utcnow
 from svdfarm.params import OUTPUT_FORMATS
 from svdfarm.registry import waiting_reason
 from svdfarm.retention import expires_at
 from svdfarm.settings import Settings
 from svdfarm.states import AttemptOutcome, EventType, JobState, Phase
+from web.owners import current_caller, display_names, shown_owner
 from web.recent_workers import recent_workers
 
 PHASE_LABELS = {
@@ -75,24 +81,67 @@ def public_messages(job: Job) -> dict[int, str]:
     return shown
 
 
-def describe_job(session: Session, job: Job) -> dict[str, Any]:
-    """:func:`job_json` with the waiting reason, from the online workers as this process read
-    them at most a second ago (:mod:`web.recent_workers`)."""
+def describe_job(
+    session: Session, job: Job, *, online: Sequence[Worker] | None = None
+) -> dict[str, Any]:
+    """:func:`job_json` with the waiting reason and the queued job's place, from the online
+    workers as this process read them at most a second ago (:mod:`web.recent_workers`), and
+    the owner as this request's caller may read it."""
+    settings = current_app.config["SVDFARM_SETTINGS"]
+    if online is None:
+        online = recent_workers(session, settings)
+    return job_json(
+        job,
+        waiting_reason(session, settings, job, online),
+        owner=shown_owner(job.owner),
+        place=place_of(session, settings, job, online),
+    )
+
+
+def describe_jobs(session: Session, jobs: Sequence[Job]) -> list[dict[str, Any]]:
+    """:func:`describe_job` of each job, the workers and owners' names read once."""
     settings = current_app.config["SVDFARM_SETTINGS"]
     online = recent_workers(session, settings)
-    return job_json(job, waiting_reason(session, settings, job, online))
+    names = display_names({job.owner for job in jobs}) if current_caller().is_admin else {}
+    return [
+        job_json(
+            job,
+            waiting_reason(session, settings, job, online),
+            owner=shown_owner(job.owner, names),
+            place=place_of(session, settings, job, online),
+        )
+        for job in jobs
+    ]
+
+
+def _no_job(job_id: str) -> NoReturn:
+    """The 404 of a job id that names no job (or one the caller may not see: the same)."""
+    try:
+        uuid.UUID(job_id)
+    except ValueError:
+        abort(404, description=f"No job with id {job_id[:64]!r}: job ids are UUIDs.")
+    abort(404, description=f"No job with id {job_id}.")
 
 
 def find_job(session: Session, job_id: str) -> Job:
-    """The job with this id, or a 404 that says so."""
+    """The job with this id, or a 404 that says so (whoever owns it: the admin's pages)."""
     try:
         key = uuid.UUID(job_id)
     except ValueError:
-        abort(404, description=f"No job with id {job_id[:64]!r}: job ids are UUIDs.")
+        _no_job(job_id)
     # The attempts in the same query: every caller shows them.
     job = session.get(Job, key, options=[joinedload(Job.attempts)])
     if job is None:
-        abort(404, description=f"No job with id {job_id}.")
+        _no_job(job_id)
+    return job
+
+
+def own_job(session: Session, job_id: str) -> Job:
+    """The job with this id when this request's caller may see it; otherwise the very 404 of
+    an unknown id (:mod:`web.owners`)."""
+    job = find_job(session, job_id)
+    if not current_caller().may_see(job.owner):
+        _no_job(job_id)
     return job
 
 
@@ -108,6 +157,71 @@ def find_batch(session: Session, batch_id: str) -> Batch:
     return batch
 
 
+def own_batch(session: Session, batch_id: str) -> Batch:
+    """The batch with this id when this request's caller may see its jobs (all of a batch's
+    jobs have one owner); otherwise the very 404 of an unknown id."""
+    batch = find_batch(session, batch_id)
+    caller = current_caller()
+    if not batch.jobs or not all(caller.may_see(job.owner) for job in batch.jobs):
+        abort(404, description=f"No batch with id {batch_id}.")
+    return batch
+
+
+#: The jobs one page of a listing has at most, and by default.
+MAX_PAGE, DEFAULT_PAGE = 100, 20
+
+
+class CursorError(ValueError):
+    """A listing's cursor that is not one this farm made."""
+
+
+def encode_cursor(job: Job) -> str:
+    """The opaque cursor after ``job`` in a newest-first listing: its creation time and id."""
+    raw = f"{job.created_at.isoformat()}|{job.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    """The creation time and id a cursor of :func:`encode_cursor` holds; CursorError else."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        moment, _, job_id = raw.partition("|")
+        found = datetime.fromisoformat(moment), uuid.UUID(job_id)
+    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        raise CursorError(
+            "The cursor is not one this farm gave: pass next_cursor as it came."
+        ) from exc
+    if found[0].tzinfo is None:
+        raise CursorError("The cursor is not one this farm gave: pass next_cursor as it came.")
+    return found
+
+
+def jobs_page(
+    session: Session,
+    owners: Collection[str],
+    *,
+    limit: int = DEFAULT_PAGE,
+    cursor: str | None = None,
+    state: JobState | None = None,
+) -> tuple[list[Job], str | None]:
+    """One page of the jobs of ``owners``, newest first by (created_at, id), after ``cursor``
+    (keyset pagination), in ``state`` when given; and the cursor of the next page (None on
+    the last). Raises CursorError for a cursor this farm did not make."""
+    query = select(Job).where(Job.owner.in_(list(owners)))
+    if state is not None:
+        query = query.where(Job.state == state)
+    if cursor:
+        created, job_id = decode_cursor(cursor)
+        query = query.where(
+            or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id))
+        )
+    query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    jobs = list(session.scalars(query.options(joinedload(Job.attempts))).unique())
+    if len(jobs) > limit:
+        return jobs[:limit], encode_cursor(jobs[limit - 1])
+    return jobs, None
+
+
 def batch_body_limit(settings: Settings) -> int:
     """The largest body a batch may send: its most images, each within the upload limit."""
     from web import FORM_OVERHEAD_BYTES
@@ -119,9 +233,7 @@ def batch_json(session: Session, batch: Batch) -> dict[str, Any]:
     """A batch as ``GET /api/v1/batches/<id>`` answers it: its jobs in order (each as
     :func:`job_json`), how many are in each state, the overall progress, whether every job
     has ended, and the zip of the outputs made so far."""
-    settings = current_app.config["SVDFARM_SETTINGS"]
-    online = recent_workers(session, settings)
-    jobs = [job_json(job, waiting_reason(session, settings, job, online)) for job in batch.jobs]
+    jobs = describe_jobs(session, batch.jobs)
     counts: dict[str, int] = {}
     for job in batch.jobs:
         counts[job.state.value] = counts.get(job.state.value, 0) + 1
@@ -293,8 +405,40 @@ def output_urls(job: Job) -> dict[str, str]:
     return urls
 
 
-def job_json(job: Job, waiting: str | None = None) -> dict[str, Any]:
-    """The job as ``GET /api/v1/jobs/<id>`` answers it (``waiting``: why a queued job waits).
+def place_json(place: Place | None) -> dict[str, Any] | None:
+    """A queued job's place as the API shows it (None for a job that is not queued)."""
+    if place is None:
+        return None
+    return {
+        "position": place.position,
+        "eta_seconds": round(place.eta_s, 1) if place.eta_s is not None else None,
+        "held": place.held,
+    }
+
+
+def place_text(place: dict[str, Any] | None) -> str:
+    """The status page's sentence of a queued job's place: "3rd in line, starts in about
+    4 min.", with the reason it is held back when there is one."""
+    if place is None:
+        return ""
+    eta = place["eta_seconds"]
+    text = Place(place["position"], eta, place["held"]).describe()
+    text = text[:1].upper() + text[1:] + "."
+    if place["held"]:
+        held = place["held"]
+        text += f" Held back: {held[:1].upper()}{held[1:]}."
+    return text
+
+
+def job_json(
+    job: Job,
+    waiting: str | None = None,
+    *,
+    owner: str = "anonymous",
+    place: Place | None = None,
+) -> dict[str, Any]:
+    """The job as ``GET /api/v1/jobs/<id>`` answers it (``waiting``: why a queued job waits;
+    ``owner``: its owner as the caller may read it; ``place``: a queued job's place).
 
     ``phase_text`` is the waiting reason while there is one, else ``phase_label`` (the phase as a
     person reads it); ``eta_s`` comes from :func:`eta_seconds`, ``eta_text`` from
@@ -323,6 +467,9 @@ def job_json(job: Job, waiting: str | None = None) -> dict[str, Any]:
         "eta_s": round(eta, 1) if eta is not None else None,
         "eta_text": eta_for(job, now),
         "model": job.model,
+        "owner": owner,
+        "priority": job.priority,
+        "place": place_json(place) if job.state is JobState.QUEUED else None,
         "params": job.params(),
         "input_filename": job.input_filename,
         "created_at": _iso(job.created_at),
@@ -388,6 +535,8 @@ def event_text(event: JobEvent) -> str:
             return f"Failed: its worker was lost {d.get('lost_in_a_row')} times in a row"
         if d.get("error_class") == "storage":
             return "Failed: the video could not be stored"
+        if d.get("reason") == "max_wait":
+            return "Failed: no worker that can run it came online in time"
         return "Failed"
     if kind is EventType.CANCEL_REQUESTED:
         return "Cancel requested"
@@ -406,4 +555,12 @@ def event_text(event: JobEvent) -> str:
         return f"Expired: {' and '.join(what) or 'files'} deleted by retention"
     if kind is EventType.STORAGE_RETRIED:
         return "Queued again after its video could not be stored"
+    if kind is EventType.PRIORITY_CHANGED:
+        if d.get("front"):
+            return "Moved to the front of the line"
+        return f"Priority changed from {d.get('from')} to {d.get('to')}"
+    if kind is EventType.DECLINED:
+        return "Left for another worker (this one failed it before)"
+    if d.get("after_failure"):
+        return "Handed back to the queue for another worker after an attempt failed"
     return "Handed back to the queue by a stopping worker"

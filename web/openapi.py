@@ -26,6 +26,8 @@ from svdfarm.params import (
     SIZE_MULTIPLE,
 )
 from svdfarm.states import AttemptOutcome, ErrorClass, EventType, JobState, Phase
+from svdfarm.users import MAX_PRIORITY, MIN_PRIORITY
+from web.jobs import DEFAULT_PAGE, MAX_PAGE
 
 bp = Blueprint("openapi", __name__, url_prefix="/api/v1")
 
@@ -61,6 +63,16 @@ def _error(description: str, retry_after: bool = False) -> dict[str, Any]:
     response = _json(_ref("Error"), description)
     if retry_after:
         response["headers"] = {"Retry-After": {"$ref": "#/components/headers/Retry-After"}}
+    return response
+
+
+def _unauthorized() -> dict[str, Any]:
+    """401: a bad API key (either mode), or none where the farm needs one (keys mode)."""
+    response = _error(
+        "The API key sent is unknown, malformed or revoked, or its user is disabled; or the "
+        "farm runs with SVDFARM_AUTH=keys and the request has no key (nor a login session)."
+    )
+    response["headers"] = {"WWW-Authenticate": {"$ref": "#/components/headers/WWW-Authenticate"}}
     return response
 
 
@@ -104,6 +116,11 @@ def _field_schemas() -> dict[str, Any]:
         "known ones listed.",
     }
     properties.update(_output_schemas())
+    properties["priority"] = {
+        "anyOf": [{"type": "integer", "minimum": MIN_PRIORITY, "maximum": MAX_PRIORITY}, BLANK],
+        "description": f"Dispatch priority, {MIN_PRIORITY} to {MAX_PRIORITY}: higher runs first. "
+        "Above the owner's own limit (0 for anonymous clients) is refused with 403. Blank: 0.",
+    }
     return properties
 
 
@@ -278,6 +295,13 @@ def _job() -> dict[str, Any]:
         "eta_s": _nullable({"type": "number", "minimum": 0}),
         "eta_text": _nullable(text),
         "model": text,
+        "owner": {
+            **text,
+            "description": "Who submitted it: the user's name, or anonymous (an admin also "
+            "reads other users' names and an anonymous API client's address).",
+        },
+        "priority": {"type": "integer", "minimum": MIN_PRIORITY, "maximum": MAX_PRIORITY},
+        "place": _nullable(_ref("Place")),
         "params": params,
         "input_filename": {**text, "description": "The client's file name, shown, never used."},
         "created_at": moment,
@@ -364,6 +388,46 @@ def _components() -> dict[str, Any]:
             "BatchCreated": _batch_created(),
             "Batch": _batch(),
             "Attempt": _attempt(),
+            "Place": {
+                "type": "object",
+                "description": "A queued job's place in its queue's dispatch order.",
+                "required": ["position", "eta_seconds", "held"],
+                "properties": {
+                    "position": {
+                        "type": "integer",
+                        "minimum": 0,
+                        "description": "0: sent to a worker, it starts next; else its place "
+                        "in line (1 = the next one sent).",
+                    },
+                    "eta_seconds": _nullable(
+                        {
+                            "type": "number",
+                            "minimum": 0,
+                            "description": "About when it starts (null: no estimate).",
+                        }
+                    ),
+                    "held": {
+                        "type": "string",
+                        "description": "Why it waits beyond its turn (the owner's running "
+                        "limit), or empty.",
+                    },
+                },
+                "additionalProperties": False,
+            },
+            "JobList": {
+                "type": "object",
+                "required": ["jobs", "next_cursor"],
+                "properties": {
+                    "jobs": {"type": "array", "items": _ref("Job"), "maxItems": MAX_PAGE},
+                    "next_cursor": _nullable(
+                        {
+                            "type": "string",
+                            "description": "Pass as cursor for the next page; null on the last.",
+                        }
+                    ),
+                },
+                "additionalProperties": False,
+            },
             "JobState": {"type": "string", "enum": [s.value for s in JobState]},
             "JobEvent": _event(),
             "JobEvents": {
@@ -412,7 +476,21 @@ def _components() -> dict[str, Any]:
                 "schema": {"type": "string", "format": "uuid"},
             },
         },
+        "securitySchemes": {
+            "apiKey": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "An API key (svdf_<id>_<secret>, made by an admin with svdfarm "
+                "keys create). Needed with SVDFARM_AUTH=keys; in open mode a client without a "
+                "key is known by its address. A key that is sent must be valid (else 401).",
+            }
+        },
         "headers": {
+            "WWW-Authenticate": {
+                "description": 'The challenge of a 401: Bearer realm="svdfarm".',
+                "required": True,
+                "schema": {"type": "string"},
+            },
             "Retry-After": {
                 "description": "Seconds to wait before trying again.",
                 "required": True,
@@ -489,7 +567,11 @@ def _submit_operation() -> dict[str, Any]:
             "415": _error(
                 "The file is not a PNG, JPEG or WebP image, or the body is not multipart/form-data."
             ),
-            "422": _error("The Idempotency-Key was used before for a different request."),
+            "401": _unauthorized(),
+            "403": _error("The priority is above the owner's limit (fields.priority says it)."),
+            "422": _error(
+                "The Idempotency-Key was used before for a different request, or by another client."
+            ),
             "429": _error("Too many submissions from this client this minute.", True),
             "503": _error("The farm's queue is full, or the database is unavailable.", True),
         },
@@ -537,6 +619,8 @@ def _batch_operations() -> dict[str, Any]:
                 "the seeds or count are malformed, or the batch makes too many jobs; fields "
                 "says which (image 2 for the second image)."
             ),
+            "401": _unauthorized(),
+            "403": _error("The priority is above the owner's limit (fields.priority says it)."),
             "413": _error("The body or an image is over the upload or pixel limit."),
             "415": _error("A file is not a PNG, JPEG or WebP image, or the body is not multipart."),
             "429": _error("The batch's jobs would pass this client's per-minute limit.", True),
@@ -549,7 +633,10 @@ def _batch_operations() -> dict[str, Any]:
         "parameters": [{"$ref": "#/components/parameters/BatchId"}],
         "responses": {
             "200": _json(_ref("Batch"), "Every job of the batch, and their totals."),
-            "404": _error("No batch has this id (or it is not a UUID)."),
+            "401": _unauthorized(),
+            "404": _error(
+                "No batch has this id (or it is not a UUID), or its jobs are someone else's."
+            ),
             "503": _error("The database is unavailable.", True),
         },
     }
@@ -583,7 +670,11 @@ def _job_operation(operation_id: str, summary: str, ok: str, ok_text: str) -> di
         "parameters": [{"$ref": "#/components/parameters/JobId"}],
         "responses": {
             ok: _json(_ref("Job"), ok_text),
-            "404": _error("No job has this id (or it is not a UUID)."),
+            "401": _unauthorized(),
+            "404": _error(
+                "No job has this id (or it is not a UUID), or it is someone else's (the "
+                "same answer, so ids of others' jobs cannot be told from none)."
+            ),
             "503": _error("The database is unavailable.", True),
         },
     }
@@ -627,9 +718,52 @@ def _models_operation() -> dict[str, Any]:
     return {
         "operationId": "listModels",
         "summary": "The models jobs may name",
+        "security": [],
         "responses": {
             "200": _json(listing, "Each model with its defaults and availability."),
             "406": _error(NOT_ACCEPTABLE),
+            "503": _error("The database is unavailable.", True),
+        },
+    }
+
+
+def _list_operation() -> dict[str, Any]:
+    """``GET /api/v1/jobs``: the caller's jobs, newest first, a page at a time."""
+    return {
+        "operationId": "listJobs",
+        "summary": "Your jobs, newest first",
+        "description": "The jobs of the caller (the key's user; in open mode without a key, "
+        "this address's key-less jobs), newest first by creation time, a page at a time. "
+        "Unknown query parameters are refused (400).",
+        "parameters": [
+            {
+                "name": "state",
+                "in": "query",
+                "required": False,
+                "description": "Only the jobs in this state.",
+                "schema": _ref("JobState"),
+            },
+            {
+                "name": "limit",
+                "in": "query",
+                "required": False,
+                "description": f"Jobs per page (default {DEFAULT_PAGE}).",
+                "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
+            },
+            {
+                "name": "cursor",
+                "in": "query",
+                "required": False,
+                "description": "The next_cursor of the page before (opaque).",
+                "schema": {"type": "string"},
+            },
+        ],
+        "responses": {
+            "200": _json(_ref("JobList"), "One page of the caller's jobs, and the next's cursor."),
+            "400": _error(
+                "A query parameter is unknown, repeated or malformed; fields says which."
+            ),
+            "401": _unauthorized(),
             "503": _error("The database is unavailable.", True),
         },
     }
@@ -654,17 +788,19 @@ def openapi_document() -> dict[str, Any]:
             "title": "svdfarm API",
             "version": "1",
             "description": "Submit an image to Stable Video Diffusion, follow the job, cancel "
-            "it. The API uses no cookies and needs no CSRF token. Errors are "
+            "it. Credentials: an API key as 'Authorization: Bearer <key>' (needed with "
+            "SVDFARM_AUTH=keys; in open mode a client without a key is known by its address). "
+            "Each caller sees its own jobs only: someone else's job is answered 404. The API "
+            "needs no CSRF token. Errors are "
             '{"error": "...", "fields": {...}}.',
             "license": {"name": "Apache License 2.0", "identifier": "Apache-2.0"},
         },
         # Relative: the farm that serves this document, wherever it is deployed.
         "servers": [{"url": "/", "description": "The farm that serves this document."}],
-        # No credentials: anyone who can reach the farm may submit, and a job's id is what
-        # lets one read or cancel it. (The admin pages have a login; they are not the API.)
-        "security": [],
+        # An API key, or none (open mode: the client's address owns its jobs).
+        "security": [{}, {"apiKey": []}],
         "paths": {
-            "/api/v1/jobs": {"post": _submit_operation()},
+            "/api/v1/jobs": {"post": _submit_operation(), "get": _list_operation()},
             "/api/v1/jobs/{job_id}": {
                 "get": _job_operation(
                     "getJob", "A job's state", "200", "The job's state, progress and attempts."
@@ -678,6 +814,7 @@ def openapi_document() -> dict[str, Any]:
                 "get": {
                     "operationId": "openapi",
                     "summary": "This document",
+                    "security": [],
                     "responses": {
                         "200": _json({"type": "object"}, "The OpenAPI document."),
                         "406": _error(NOT_ACCEPTABLE),
@@ -688,6 +825,7 @@ def openapi_document() -> dict[str, Any]:
                 "get": {
                     "operationId": "health",
                     "summary": "Is the web up, and can it reach its database?",
+                    "security": [],
                     "responses": {
                         "200": _json(_ref("Health"), "The database answers."),
                         "406": _error(NOT_ACCEPTABLE),

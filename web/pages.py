@@ -1,5 +1,10 @@
-"""The pages people use: the submit form, a job's status page, its files, and the jobs this
-browser submitted ("My jobs", kept in the signed session cookie)."""
+"""The pages people use: the submit form, a job's status page, its files, "My jobs" (the
+caller's jobs, from the database), and a user's login and logout.
+
+Who the caller is and which jobs it may see: :mod:`web.owners` (this blueprint installs its
+gate: in keys mode these pages send a caller without a login to ``/login``). A job of
+someone else is answered 404 exactly as an unknown id.
+"""
 
 from __future__ import annotations
 
@@ -19,10 +24,8 @@ from flask import (
     request,
     send_file,
     send_from_directory,
-    session,
     url_for,
 )
-from sqlalchemy import select
 from werkzeug.datastructures import MultiDict
 
 from svdfarm.actions import cancel_job
@@ -51,33 +54,39 @@ from svdfarm.params import (
     size_presets,
 )
 from svdfarm.registry import models_listing, served_models
-from svdfarm.settings import Settings
+from svdfarm.settings import AuthMode, Settings
 from svdfarm.states import Actor, JobState
 from svdfarm.storage import open_store, output_name
+from svdfarm.users import MAX_PRIORITY, MIN_PRIORITY, check_login
+from web import owners
+from web.auth import LoginLimiter, too_many_failures
 from web.database import get_session
 from web.jobs import (
+    DEFAULT_PAGE,
+    CursorError,
     batch_body_limit,
     batch_json,
     describe_job,
     event_text,
-    find_batch,
-    find_job,
+    jobs_page,
     override_text,
+    own_batch,
+    own_job,
+    place_text,
     public_messages,
     public_text,
 )
 from web.security import CSRF_FIELD, check_csrf, client_address, csrf_problem
 
 bp = Blueprint("pages", __name__)
+bp.before_app_request(owners.gate)
 
 #: How long a presigned S3 link of a download stays valid; the page asks again on each view.
 DOWNLOAD_URL_EXPIRES_S = 300
-#: Session key of the ids of the jobs this browser submitted through the form, newest first.
-RECENT_KEY = "recent_jobs"
-#: How many of them the cookie keeps (50 UUIDs stay well under a cookie's 4 KB).
-RECENT_LIMIT = 50
 #: The form fields "render again" may prefill from the query string.
-PREFILL = (*FIELDS, "precision", *OUTPUT_FIELDS, "model")
+PREFILL = (*FIELDS, "precision", *OUTPUT_FIELDS, "model", "priority")
+#: The users' login limiter, in the app's extensions (the admin login has its own).
+_USER_LIMITER_KEY = "svdfarm.user_limiter"
 #: The status page's names of the parameters that are not numbers of FIELDS.
 EXTRA_LABELS = {"output_formats": "Outputs", "loop": "Loop"}
 #: How much of a batch's zip is built in memory before it spills to a temporary file.
@@ -97,8 +106,13 @@ FORM_ONLY_FIELDS = (CSRF_FIELD, AGAIN_FIELD)
 
 @bp.app_context_processor
 def _navigation() -> dict[str, Any]:
-    """Lets every template ask whether an endpoint exists (the admin link needs its blueprint)."""
-    return {"has_endpoint": lambda name: name in current_app.view_functions}
+    """Lets every template ask whether an endpoint exists (the admin link needs its blueprint),
+    and who is logged in (the header's name and log-out button)."""
+    return {
+        "has_endpoint": lambda name: name in current_app.view_functions,
+        "signed_in": owners.signed_in,
+        "keys_mode": current_app.config["SVDFARM_SETTINGS"].auth is AuthMode.KEYS,
+    }
 
 
 def _served_models(settings: Settings) -> set[str]:
@@ -150,22 +164,23 @@ def form_page(
             tiny=is_tiny(model),
             size_step=SIZE_MULTIPLE,
             presets=size_presets(model),
+            min_priority=MIN_PRIORITY,
+            max_priority=MAX_PRIORITY,
+            priority_limit=owners.max_priority(),
         ),
         status,
     )
 
 
 def readable_job(job_id: str) -> Job | None:
-    """The job with this id when the caller may read it, else None (a malformed or unknown id).
-
-    For now anyone who has a job's id may read it, as its status page shows; this is the one
-    place that rule is written for "render again", which copies the job's stored image.
-    """
+    """The job with this id when the caller may read it, else None (a malformed or unknown id,
+    or a job of someone else: the same). "Render again" copies the job's stored image."""
     try:
         key = uuid.UUID(job_id)
     except ValueError:
         return None
-    return get_session().get(Job, key)
+    job = get_session().get(Job, key)
+    return job if job is not None and owners.may_see(job) else None
 
 
 def stored_input(job: Job | None, asked: str) -> tuple[bytes | None, str, str]:
@@ -199,13 +214,6 @@ def favicon() -> Any:
     return send_from_directory(
         folder, "favicon.ico", mimetype="image/vnd.microsoft.icon", max_age=86400
     )
-
-
-def remember_job(job_id: str) -> None:
-    """Add a job to this browser's recent jobs, newest first, keeping the last fifty."""
-    recent = [j for j in session.get(RECENT_KEY, []) if isinstance(j, str) and j != job_id]
-    session[RECENT_KEY] = [job_id, *recent][:RECENT_LIMIT]
-    session.permanent = True
 
 
 def joined_formats(form: MultiDict[str, str]) -> MultiDict[str, str]:
@@ -270,12 +278,14 @@ def submit() -> Any:
             submission,
             client=client_address(),
             by=By(Actor.WEB),
+            owner=owners.submitting_caller().owner,
         )
+    except ParamError as exc:  # a priority above the owner's limit (403)
+        return form_page(exc.errors, exc.status, values, again)
     except SubmitRefused as exc:
         response = make_response(form_page({"job": str(exc)}, exc.status, values, again))
         response.headers["Retry-After"] = str(exc.retry_after)
         return response
-    remember_job(str(job.id))
     return redirect(url_for("pages.job", job_id=job.id), code=303)
 
 
@@ -290,20 +300,21 @@ def submit_form_batch(form: MultiDict[str, str], uploads: list[Upload]) -> Any:
     except ParamError as exc:
         return form_page(exc.errors, exc.status, values)
     try:
-        found, jobs = submit_batch(
+        found, _jobs = submit_batch(
             get_session(),
             current_app.extensions["celery"],
             settings,
             submissions,
             client=client_address(),
             by=By(Actor.WEB),
+            owner=owners.submitting_caller().owner,
         )
+    except ParamError as exc:  # a priority above the owner's limit (403)
+        return form_page(exc.errors, exc.status, values)
     except SubmitRefused as exc:
         response = make_response(form_page({"job": str(exc)}, exc.status, values))
         response.headers["Retry-After"] = str(exc.retry_after)
         return response
-    for each in reversed(jobs):
-        remember_job(str(each.id))
     return redirect(url_for("pages.batch", batch_id=found.id), code=303)
 
 
@@ -311,7 +322,7 @@ def submit_form_batch(form: MultiDict[str, str], uploads: list[Upload]) -> Any:
 def batch(batch_id: str) -> Any:
     """A batch's page: every job's state and progress, its poster once done, and the zip."""
     session = get_session()
-    found = find_batch(session, batch_id)
+    found = own_batch(session, batch_id)
     info = batch_json(session, found)
     return render_template("batch.html", batch=found, info=info)
 
@@ -320,7 +331,7 @@ def batch(batch_id: str) -> Any:
 def batch_outputs(batch_id: str) -> Any:
     """Every output the batch's jobs have made so far, in one zip (``01-seed42-video.mp4``,
     ``01-seed42-frames.zip``...); 404 while none has."""
-    found = find_batch(get_session(), batch_id)
+    found = own_batch(get_session(), batch_id)
     storage = open_store(current_app.config["SVDFARM_SETTINGS"])
     spool = tempfile.SpooledTemporaryFile(max_size=BATCH_ZIP_MEMORY_BYTES)
     written = 0
@@ -355,15 +366,20 @@ def batch_outputs(batch_id: str) -> Any:
 def job(job_id: str) -> Any:
     """A job's status page: state, progress, attempts, and the video once done."""
     session = get_session()
-    found = find_job(session, job_id)
+    found = own_job(session, job_id)
     info = describe_job(session, found)
-    again = url_for("pages.index", again=info["id"], **again_params(info["params"]))
+    again = url_for(
+        "pages.index",
+        again=info["id"],
+        **again_params({**info["params"], "priority": info["priority"]}),
+    )
     return render_template(
         "job.html",
         job=found,
         info=info,
         phase=info["phase_label"],
         waiting=_waiting_text(info["waiting"]),
+        place=place_text(info["place"]),
         again_url=again,
         error=public_text(found.error),
         messages=public_messages(found),
@@ -385,21 +401,18 @@ def _waiting_text(waiting: str | None) -> str:
 
 @bp.get("/jobs")
 def recent() -> Any:
-    """The jobs this browser submitted through the form, newest first, with thumbnails.
-
-    Jobs submitted through the API are not listed: the list lives in this browser's cookie.
-    """
-    keys = []
-    for value in session.get(RECENT_KEY, []):
-        try:
-            keys.append(uuid.UUID(str(value)))
-        except ValueError:
-            continue
-    jobs: list[Job] = []
-    if keys:
-        query = select(Job).where(Job.id.in_(keys)).order_by(Job.created_at.desc())
-        jobs = list(get_session().scalars(query))
-    return render_template("recent.html", jobs=jobs, limit=RECENT_LIMIT)
+    """ "My jobs": the caller's jobs, newest first, however they were submitted (the form, the
+    API, a batch), with thumbnails, a page at a time (``?cursor=`` as the API's)."""
+    cursor = request.args.get("cursor") or None
+    try:
+        jobs, next_cursor = jobs_page(
+            get_session(), owners.current_caller().identities, limit=DEFAULT_PAGE, cursor=cursor
+        )
+    except CursorError as exc:
+        abort(400, description=str(exc))
+    return render_template(
+        "recent.html", jobs=jobs, next_cursor=next_cursor, first_page=cursor is None
+    )
 
 
 @bp.post("/jobs/<job_id>/cancel")
@@ -407,13 +420,13 @@ def cancel(job_id: str) -> Any:
     """Cancel from the status page (with the form's CSRF token), then show it again."""
     check_csrf()
     session = get_session()
-    cancel_job(session, find_job(session, job_id).id, by=By(Actor.WEB))
+    cancel_job(session, own_job(session, job_id).id, by=By(Actor.WEB))
     return redirect(url_for("pages.job", job_id=job_id), code=303)
 
 
 def _send(job_id: str, attribute: str, mimetype: str, download_name: str) -> Any:
     """Send one stored file of a job (the key in its column ``attribute``)."""
-    found = find_job(get_session(), job_id)
+    found = own_job(get_session(), job_id)
     return _send_key(job_id, getattr(found, attribute), mimetype, download_name)
 
 
@@ -456,7 +469,7 @@ def video(job_id: str) -> Any:
 @bp.get("/jobs/<job_id>/frames.zip", defaults={"output": "frames"})
 def output(job_id: str, output: str) -> Any:
     """One of the job's other output formats: the WebM, the GIF, the zip of its frames."""
-    found = find_job(get_session(), job_id)
+    found = own_job(get_session(), job_id)
     name = output_name(output)
     download = f"svdfarm-{job_id}{name.removeprefix('video')}"
     if output == "frames":
@@ -473,7 +486,59 @@ def poster(job_id: str) -> Any:
 @bp.get("/jobs/<job_id>/input")
 def input_image(job_id: str) -> Any:
     """The image the job was submitted with."""
-    found = find_job(get_session(), job_id)
+    found = own_job(get_session(), job_id)
     ext = found.input_key.rsplit(".", 1)[-1]
     mime = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}.get(ext, "")
     return _send(job_id, "input_key", mime or "application/octet-stream", f"input.{ext}")
+
+
+def _user_limiter() -> LoginLimiter:
+    """The running app's limiter of failed user logins, made on first use."""
+    extensions = current_app.extensions
+    if _USER_LIMITER_KEY not in extensions:
+        extensions[_USER_LIMITER_KEY] = LoginLimiter()
+    found: LoginLimiter = extensions[_USER_LIMITER_KEY]
+    return found
+
+
+def _login_page(error: str = "", status: int = 200, name: str = "") -> Any:
+    """The login form, with what went wrong."""
+    target = owners.safe_next(request.values.get("next"))
+    return render_template("login.html", error=error, name=name, next=target), status
+
+
+@bp.get("/login")
+def login() -> Any:
+    """A user's login form (name and password; ``svdfarm users add --password``)."""
+    return _login_page()
+
+
+@bp.post("/login")
+def login_post() -> Any:
+    """Check the name and password: on success a fresh session holds the user (no fixation)
+    and the browser goes on to ``next``; a wrong pair is answered 401, too many from one
+    address 429 with ``Retry-After`` (as the admin's login)."""
+    name = request.form.get("name", "").strip()[:64]
+    problem = csrf_problem()
+    if problem:
+        return _login_page(problem, 400, name)
+    limiter, client = _user_limiter(), client_address()
+    wait = limiter.retry_after(client)
+    if wait:
+        page, status = _login_page(too_many_failures(wait), 429, name)
+        return page, status, {"Retry-After": str(wait)}
+    user = check_login(get_session(), name, request.form.get("password", ""))
+    if user is None:
+        limiter.failed(client)
+        return _login_page("Wrong name or password (or the account is disabled).", 401, name)
+    limiter.reset(client)
+    owners.log_in_user(user)
+    return redirect(owners.safe_next(request.form.get("next")), code=303)
+
+
+@bp.post("/logout")
+def logout() -> Any:
+    """End the login (with the form's CSRF token), then show the login page."""
+    check_csrf()
+    owners.log_out()
+    return redirect(url_for("pages.login"), code=303)

@@ -613,7 +613,7 @@ API_ONLY: list[Any] = [
         "Unknown field 'f9'",
         id="fifty-unknown-fields",
     ),
-    pytest.param(lambda c: c.get("/api/v1/jobs"), 405, "method is not allowed", id="list-jobs"),
+    pytest.param(lambda c: c.put("/api/v1/jobs"), 405, "method is not allowed", id="put-jobs"),
     pytest.param(
         lambda c: c.delete(f"/api/v1/jobs/{UNKNOWN}"), 405, "method is not allowed", id="delete-job"
     ),
@@ -686,7 +686,7 @@ def test_the_form_takes_its_own_fields_and_no_other(farm: Farm) -> None:
 @pytest.mark.parametrize(
     ("method", "path", "allowed"),
     [
-        ("get", "/api/v1/jobs", {"OPTIONS", "POST"}),
+        ("put", "/api/v1/jobs", {"GET", "HEAD", "OPTIONS", "POST"}),
         ("delete", f"/api/v1/jobs/{UNKNOWN}", {"GET", "HEAD", "OPTIONS"}),
         ("put", f"/api/v1/jobs/{UNKNOWN}/cancel", {"OPTIONS", "POST"}),
     ],

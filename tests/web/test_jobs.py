@@ -17,7 +17,7 @@ from svdfarm.db import Database
 from svdfarm.models import Job, utcnow
 from svdfarm.settings import Settings
 from svdfarm.states import ErrorClass, JobState, Phase
-from tests.rows import add_job
+from tests.rows import add_job, set_owner
 from web.jobs import SERVER_PATH_TEXT, eta_for, eta_seconds, public_text
 
 # ---- errors on the public pages ----------------------------------------------------------
@@ -51,7 +51,9 @@ def test_a_model_error_is_shown_once_without_server_paths(
     the page says the error once (the failed attempt's message is the same text)."""
     error, path = model_error(kind)
     assert path in error  # what the worker stores: the admin pages show all of it
-    job_id = add_job(db, settings, error_class=ErrorClass.MODEL_UNAVAILABLE, error=error)
+    job_id = set_owner(
+        db, add_job(db, settings, error_class=ErrorClass.MODEL_UNAVAILABLE, error=error)
+    )
 
     html = client.get(f"/jobs/{job_id}").text
     assert path not in html
@@ -72,7 +74,9 @@ def test_an_earlier_attempts_other_error_is_still_shown(
     app: object, client: FlaskClient, db: Database, settings: Settings
 ) -> None:
     """Only the message the job's error repeats is left out: another attempt's stays."""
-    job_id = add_job(db, settings, error="The worker ran out of memory (CUDA out of memory).")
+    job_id = set_owner(
+        db, add_job(db, settings, error="The worker ran out of memory (CUDA out of memory).")
+    )
     with db.begin() as session:
         job = session.get(Job, job_id)
         assert job is not None
@@ -162,7 +166,7 @@ def test_the_api_and_the_page_say_a_step_has_overrun(
 ) -> None:
     """A job whose last progress write is 20 s old, after 5 s steps: no eta_s, and the words
     name the step and how long it has run, on the page and in the API."""
-    job_id = add_job(db, settings, JobState.RUNNING)
+    job_id = set_owner(db, add_job(db, settings, JobState.RUNNING))
     now = utcnow()
     with db.begin() as session:
         job = session.get(Job, job_id)

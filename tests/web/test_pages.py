@@ -432,11 +432,13 @@ def test_the_form_ignores_unknown_or_bad_prefill(client: FlaskClient) -> None:
     assert 'value="&#34;&gt;"' in html  # shown escaped; the validator refuses it on submit
 
 
-def test_my_jobs_lists_this_browsers_form_jobs_newest_first(
+def test_my_jobs_lists_the_callers_jobs_newest_first(
     app: Flask, client: FlaskClient, settings: Settings, mp4_bytes: bytes
 ) -> None:
-    """/jobs lists the form's jobs of this session with thumbnails; API jobs are not tracked."""
-    assert "has not submitted a job yet" in client.get("/jobs").get_data(as_text=True)
+    """/jobs lists, from the database, this session's form jobs and the key-less API jobs of
+    its address, newest first, with thumbnails; another session sees only the address's API
+    jobs, another address nothing (web.owners)."""
+    assert "have not submitted a job yet" in client.get("/jobs").get_data(as_text=True)
     first = job_id_from(submit(client))
     second = job_id_from(submit(client))
     FileStore(settings.storage_dir).write_bytes(Store.key(first, "poster.png"), png_bytes())
@@ -444,27 +446,27 @@ def test_my_jobs_lists_this_browsers_form_jobs_newest_first(
     update_job(app, first, poster_key=Store.key(first, "poster.png"))
     api = client.post("/api/v1/jobs", data={"image": (io.BytesIO(png_bytes()), "api.png")})
     assert api.status_code == 201
+    api_id = api.get_json()["id"]
 
     html = client.get("/jobs").get_data(as_text=True)
     listed = re.findall(r'data-job-id="([0-9a-f-]{36})"', html)
-    assert listed == [second, first]
+    assert listed == [api_id, second, first]
     assert f'<img src="/jobs/{first}/poster.png"' in html
     assert f'<img src="/jobs/{second}/input"' in html
-    assert api.get_json()["id"] not in html
-    assert app.test_client().get("/jobs").get_data(as_text=True).count("data-job-id") == 0
+    other_session = app.test_client().get("/jobs").get_data(as_text=True)
+    assert re.findall(r'data-job-id="([0-9a-f-]{36})"', other_session) == [api_id]
+    elsewhere = app.test_client().get("/jobs", environ_base={"REMOTE_ADDR": "10.0.0.9"})
+    assert elsewhere.get_data(as_text=True).count("data-job-id") == 0
 
 
-def test_my_jobs_keeps_the_last_fifty(client: FlaskClient) -> None:
-    """The session keeps at most fifty ids, dropping the oldest."""
-    from web.pages import RECENT_KEY, RECENT_LIMIT
-
-    ids = [str(uuid.uuid4()) for _ in range(RECENT_LIMIT)]
+def test_my_jobs_keeps_no_list_in_the_cookie(client: FlaskClient) -> None:
+    """The session holds the browser's anonymous owner id, not a list of job ids: it does not
+    grow with the jobs submitted."""
+    job_id_from(submit(client))
+    job_id_from(submit(client))
     with client.session_transaction() as session:
-        session[RECENT_KEY] = ids
-    newest = job_id_from(submit(client))
-    with client.session_transaction() as session:
-        kept = session[RECENT_KEY]
-    assert kept == [newest, *ids[:-1]]
+        assert session["anon"].startswith("anon:")
+        assert set(session) <= {"anon", "csrf", "_permanent"}
 
 
 def test_the_nav_links_admin_only_when_its_blueprint_exists(settings: Settings) -> None:

@@ -11,7 +11,7 @@ from sqlalchemy import event
 from svdfarm.db import Database
 from svdfarm.settings import Settings
 from svdfarm.states import JobState
-from tests.rows import add_job, add_worker
+from tests.rows import add_job, add_worker, set_owner
 from web.recent_workers import RecentWorkers
 
 
@@ -40,7 +40,7 @@ def test_the_status_reads_the_workers_once_a_second(
     app: Flask, db: Database, settings: Settings
 ) -> None:
     """Status reads of a queued job in a row cost one read of the workers."""
-    job_id = add_job(db, settings, JobState.QUEUED, error_class=None, error=None)
+    job_id = set_owner(db, add_job(db, settings, JobState.QUEUED, error_class=None, error=None))
     reads: list[str] = []
 
     def count(_conn: object, _cursor: object, statement: str, *_: object) -> None:

@@ -479,7 +479,8 @@ def test_production_starts_with_good_settings(settings_with: Any) -> None:
         SVDFARM_ADMIN_PASSWORD=hash_password("correct horse"),
     )
     assert app.config["SESSION_COOKIE_SECURE"] is True
-    cookie = app.test_client().get("/", base_url="https://localhost").headers["Set-Cookie"]
+    # Production runs with keys: the form sends to the login page, whose form sets the cookie.
+    cookie = app.test_client().get("/login", base_url="https://localhost").headers["Set-Cookie"]
     assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Lax" in cookie
 
 

@@ -14,6 +14,7 @@
   const stateLine = document.getElementById("state-line");
   const phase = document.getElementById("phase");
   const waiting = document.getElementById("waiting");
+  const place = document.getElementById("place");
   const attempts = document.querySelectorAll("#attempts tbody tr:not(.message)").length;
   let lastState = root.dataset.state;
   // The seconds behind the time left on screen: a later estimate above them is not shown, so
@@ -33,6 +34,28 @@
     shownEta = job.eta_s;
   }
 
+  function ordinal(n) {
+    const tens = n % 100;
+    const suffix = tens >= 10 && tens <= 20 ? "th" : ({ 1: "st", 2: "nd", 3: "rd" }[n % 10] || "th");
+    return n + suffix;
+  }
+
+  function minutes(seconds) {
+    return seconds < 60 ? Math.max(1, Math.round(seconds)) + " s" : Math.round(seconds / 60) + " min";
+  }
+
+  // The queued job's place as the page says it: "3rd in line, starts in about 4 min."
+  function placeText(p) {
+    if (!p) return "";
+    let text = p.position === 0 ? "Sent to a worker: it starts next" : ordinal(p.position) + " in line";
+    if (p.eta_seconds !== null && p.eta_seconds !== undefined) {
+      text += ", starts in about " + minutes(p.eta_seconds);
+    }
+    text += ".";
+    if (p.held) text += " Held back: " + p.held.charAt(0).toUpperCase() + p.held.slice(1) + ".";
+    return text;
+  }
+
   function show(job) {
     const pct = Math.round(job.progress * 1000) / 10;
     if (bar) {
@@ -44,6 +67,7 @@
     state.textContent = job.state.replace("_", " ");
     stateLine.className = "state state-" + job.state;
     phase.textContent = job.phase_label;
+    if (place) place.textContent = placeText(job.place);
     if (waiting && job.waiting) {
       const text = job.waiting.replace(/^waiting: /, "");
       waiting.textContent = text.charAt(0).toUpperCase() + text.slice(1) + ".";
