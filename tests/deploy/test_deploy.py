@@ -5,7 +5,9 @@ compose file and every Kubernetes document with PyYAML, the systemd units with c
 the Dockerfiles line by line. The names in them are then checked against the code: ``svdfarm``
 commands against the real argument parser, queue names against ``svdfarm.queues``,
 ``SVDFARM_*`` variables against the settings, stop grace periods against the worker's stop
-timeout, and each GPU pool's KEDA triggers against the queues its cards serve.
+timeout, and each GPU pool's KEDA query (its backlog in the ``jobs`` table, since the dispatcher)
+against the queues its cards serve; that query also runs on a migrated PostgreSQL when
+``SVDFARM_TEST_DATABASE_URL`` names one.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import re
 import shlex
 import subprocess
 import sys
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,13 +32,20 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import sqlalchemy
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from cli import build_parser
+from svdfarm import dispatch
+from svdfarm.db import Database, upgrade
+from svdfarm.models import Job, utcnow
 from svdfarm.queues import PRECISION_CLASSES, all_queues, parse_queue, queues_for
 from svdfarm.settings import load_settings
+from svdfarm.states import JobState
+from tests.conftest import DATABASES
+from tests.rows import job_row
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -285,7 +295,7 @@ def all_commands() -> list[tuple[str, list[str]]]:
     """Every command line of deploy/, as (where, argv)."""
     found: list[tuple[str, list[str]]] = []
     for name, service in compose()["services"].items():
-        argv = []
+        argv: list[str] = []
         for key in ("entrypoint", "command"):
             value = service.get(key) or []
             argv += shlex.split(value) if isinstance(value, str) else value
@@ -422,12 +432,130 @@ def best_class(queues: list[str]) -> str:
     return max((c for c in classes if c.precision == precision), key=lambda c: c.tier_gb).queue
 
 
+#: The one query a pool's ScaledObject scales on: its queued jobs, across the queues it wakes
+#: the pool for. Whitespace is free (YAML folds the lines); any other change of shape fails.
+BACKLOG_QUERY = re.compile(
+    r"SELECT count\(\*\) FROM jobs WHERE state = 'queued' AND queue IN \( ?(?P<queues>[^()]*?) ?\)"
+)
+#: What KEDA's postgresql scaler reads from a TriggerAuthentication (or the trigger itself).
+POSTGRESQL_AUTH = {"connection", "password", "host", "port", "userName", "dbName", "sslmode"}
+#: The parameters that make a connection when no ``connection`` string is given.
+POSTGRESQL_PARTS = {"host", "port", "userName", "dbName", "sslmode"}
+
+
+def backlog_queues(query: str) -> list[str]:
+    """The queues a pool's backlog query counts, in its order; ValueError when the query is
+    not ``SELECT count(*) FROM jobs WHERE state = 'queued' AND queue IN ('q1', 'q2', ...)``."""
+    normal = " ".join(query.split())
+    match = BACKLOG_QUERY.fullmatch(normal)
+    if not match:
+        raise ValueError(
+            f"query {normal!r} is not SELECT count(*) FROM jobs WHERE state = 'queued' "
+            "AND queue IN ('<queue>', ...)"
+        )
+    queues = []
+    for item in match["queues"].split(","):
+        quoted = re.fullmatch(r"'([a-z0-9.]+)'", item.strip())
+        if not quoted:
+            raise ValueError(f"{item.strip()!r} in query {normal!r} is not a quoted queue name")
+        queues.append(quoted[1])
+    return queues
+
+
+def backlog_trigger(scaled: dict[str, Any]) -> dict[str, Any]:
+    """A ScaledObject's one trigger (it must have exactly one)."""
+    (trigger,) = scaled["spec"]["triggers"]
+    found: dict[str, Any] = trigger
+    return found
+
+
+def scaling_problems(name: str, scaled: dict[str, Any]) -> list[str]:
+    """Why a ScaledObject does not scale on its pool's backlog, one pod per queued job: one
+    ``postgresql`` trigger, target 1, activation 0, numbers as strings, no formula left over."""
+    spec = scaled["spec"]
+    problems = []
+    triggers = spec.get("triggers", [])
+    if len(triggers) != 1:
+        problems.append(
+            f"{name}: {len(triggers)} triggers, not 1: one query counts all the pool's queues"
+        )
+    if "scalingModifiers" in spec.get("advanced", {}):
+        problems.append(f"{name}: advanced.scalingModifiers left over: one query sums the queues")
+    for trigger in triggers:
+        meta = trigger.get("metadata", {})
+        if trigger.get("type") != "postgresql":
+            problems.append(f"{name}: a {trigger.get('type')} trigger, not postgresql")
+        if not all(isinstance(value, str) for value in meta.values()):
+            problems.append(f"{name}: KEDA takes strings only: quote the numbers")
+        if meta.get("targetQueryValue") != "1":
+            problems.append(f'{name}: targetQueryValue must be "1" (one pod per queued job)')
+        if meta.get("activationTargetQueryValue") != "0":
+            problems.append(f'{name}: activationTargetQueryValue must be "0" (a job wakes it)')
+        if trigger.get("metricType", "AverageValue") != "AverageValue":
+            problems.append(f"{name}: metricType must be AverageValue (jobs per pod)")
+    return problems
+
+
+def farm_database(docs: list[dict[str, Any]], deployment: str) -> tuple[str, int, str, str]:
+    """(host, port, database, user) of a worker Deployment's SVDFARM_DATABASE_URL."""
+    worker = containers(worker_deployments(docs)[deployment])[-1]
+    url = urlsplit(container_env(worker, docs)["SVDFARM_DATABASE_URL"])
+    return url.hostname or "", url.port or 5432, url.path.strip("/"), url.username or ""
+
+
+def auth_problems(
+    name: str, trigger: dict[str, Any], docs: list[dict[str, Any]], deployment: str
+) -> list[str]:
+    """Why KEDA could not read the database of ``deployment`` for a ScaledObject's trigger:
+    its TriggerAuthentication, the Secret keys that reads, and the connection they make (the
+    farm's host, port and database, as a role of KEDA's own, in a URL KEDA's Go driver takes)."""
+    ref = trigger.get("authenticationRef", {})
+    kind = ref.get("kind", "TriggerAuthentication")
+    auth = k8s(docs, kind).get(ref.get("name", ""))
+    if auth is None:
+        return [f"{name}: its authenticationRef names no {kind} {ref.get('name')!r}"]
+    problems = []
+    params: dict[str, str] = {}
+    for target in auth["spec"].get("secretTargetRef", []):
+        parameter, secret = target.get("parameter"), k8s(docs, "Secret").get(target.get("name"))
+        if parameter not in POSTGRESQL_AUTH:
+            problems.append(f"{name}: {kind} parameter {parameter!r} is none of {POSTGRESQL_AUTH}")
+        elif secret is None or target.get("key") not in secret.get("stringData", {}):
+            problems.append(f"{name}: {parameter} reads {target.get('key')!r} of no Secret")
+        else:
+            params[parameter] = str(secret["stringData"][target["key"]])
+    meta = trigger.get("metadata", {})
+    if "connection" in params:
+        url = urlsplit(params["connection"])
+        if url.scheme not in {"postgresql", "postgres"}:
+            problems.append(f"{name}: connection scheme {url.scheme!r}: KEDA wants postgresql://")
+        given = (url.hostname or "", url.port or 5432, url.path.strip("/"), url.username or "")
+    else:
+        missing = POSTGRESQL_PARTS - set(params) - set(meta)
+        if missing or not ({"password", "passwordFromEnv"} & (set(params) | set(meta))):
+            problems.append(f"{name}: no connection, and {sorted(missing)} or a password missing")
+            return problems
+        parts = {**meta, **params}
+        given = (parts["host"], int(parts["port"]), parts["dbName"], parts["userName"])
+    farm = farm_database(docs, deployment)
+    if given[:3] != farm[:3]:
+        problems.append(f"{name}: KEDA reads {given[:3]}, the farm's database is {farm[:3]}")
+    if given[3] in {"", farm[3]}:
+        problems.append(f"{name}: KEDA logs in as {given[3]!r}: give it a read-only role")
+    return problems
+
+
+def scaled_target(scaled: dict[str, Any]) -> str:
+    """The Deployment a ScaledObject scales."""
+    target: str = scaled["spec"]["scaleTargetRef"]["name"]
+    return target
+
+
 def pool_problems(docs: list[dict[str, Any]]) -> list[str]:
     """What is wrong between the worker Deployments and the ScaledObjects that scale them."""
     problems = []
     pools = {name: consumed(d) for name, d in worker_deployments(docs).items()}
-    auths = k8s(docs, "TriggerAuthentication")
-    watched: Counter[str] = Counter()
+    counted: Counter[str] = Counter()
     targets: Counter[str] = Counter()
     for name, scaled in k8s(docs, "ScaledObject").items():
         target = scaled["spec"]["scaleTargetRef"]
@@ -435,89 +563,47 @@ def pool_problems(docs: list[dict[str, Any]]) -> list[str]:
         if target.get("kind", "Deployment") != "Deployment" or target["name"] not in pools:
             problems.append(f"ScaledObject {name} targets {target}, not a worker Deployment")
             continue
-        worker = containers(worker_deployments(docs)[target["name"]])[-1]
-        broker = container_env(worker, docs)["SVDFARM_BROKER_URL"]
-        broker_db = urlsplit(broker).path.strip("/") or "0"
-        for trigger in scaled["spec"]["triggers"]:
-            meta = trigger.get("metadata", {})
-            queue = meta.get("listName")
-            watched[queue] += 1
-            if trigger["type"] != "redis" or queue not in pools[target["name"]]:
-                problems.append(
-                    f"{name}: {trigger['type']} trigger on {queue!r}, which "
-                    f"{target['name']} does not consume"
-                )
-            if not all(isinstance(value, str) for value in meta.values()):
-                problems.append(f"{name}: {queue}: KEDA takes strings only: quote the numbers")
-            if not str(meta.get("listLength", "")).isdigit():
-                problems.append(f"{name}: {queue}: listLength must be a whole number")
-            if str(meta.get("databaseIndex", "0")) != broker_db:
-                problems.append(
-                    f"{name}: {queue}: databaseIndex is not the broker URL's {broker_db}"
-                )
-            auth = trigger.get("authenticationRef", {}).get("name")
-            if auth not in auths and not {"address", "addressFromEnv", "host"} & set(meta):
-                problems.append(f"{name}: {queue}: no Redis address (TriggerAuthentication {auth})")
-        problems += sum_problems(name, scaled)
+        problems += scaling_problems(name, scaled)
+        for trigger in scaled["spec"].get("triggers", []):
+            if trigger.get("type") != "postgresql":
+                continue
+            try:
+                queues = backlog_queues(str(trigger.get("metadata", {}).get("query", "")))
+            except ValueError as exc:
+                problems.append(f"{name}: {exc}")
+                continue
+            twice = sorted(q for q, n in Counter(queues).items() if n > 1)
+            if twice:
+                problems.append(f"{name}: its query names {twice} more than once")
+            counted.update(set(queues))
+            for queue in queues:
+                if queue not in pools[target["name"]]:
+                    problems.append(
+                        f"{name}: its query counts {queue!r}, which {target['name']} "
+                        "does not consume"
+                    )
+            problems += auth_problems(name, trigger, docs, target["name"])
     problems += [f"{t} is the target of {n} ScaledObjects" for t, n in targets.items() if n > 1]
     for queue in sorted({q for queues in pools.values() for q in queues}):
-        if watched[queue] != 1:
+        if counted[queue] != 1:
             problems.append(
-                f"{queue} is consumed by a pool but watched by {watched[queue]} "
+                f"{queue} is consumed by a pool but counted by {counted[queue]} "
                 "ScaledObjects (want 1: a job wakes one pool)"
             )
     return problems
 
 
-def trigger_name(queue: str) -> str:
-    """The name a pool's trigger on ``queue`` has (a name KEDA's formulas can use)."""
-    return queue.replace(".", "_")
-
-
-def sum_problems(name: str, scaled: dict[str, Any]) -> list[str]:
-    """Why a ScaledObject does not scale on the sum of its queues: every trigger named after
-    its queue, and ``advanced.scalingModifiers`` adding them all up, one pod per job.
-
-    Without it the HPA takes the largest of the triggers' metrics: three jobs in three queues
-    of one pool would ask for one pod.
-    """
-    problems = []
-    triggers = scaled["spec"]["triggers"]
-    names = [t.get("name") for t in triggers]
-    for trigger, given in zip(triggers, names, strict=True):
-        want = trigger_name(trigger.get("metadata", {}).get("listName", ""))
-        if given != want:
-            problems.append(f"{name}: the trigger on {want!r} is named {given!r}, not {want!r}")
-    modifiers = scaled["spec"].get("advanced", {}).get("scalingModifiers")
-    if not modifiers:
-        return [*problems, f"{name}: no advanced.scalingModifiers: it scales on its longest queue"]
-    formula = str(modifiers.get("formula", ""))
-    terms = [t.strip() for t in formula.split("+")]
-    if Counter(terms) != Counter(names):
-        problems.append(f"{name}: formula {formula!r} is not the sum of its triggers {names}")
-    if str(modifiers.get("target")) != "1" or not isinstance(modifiers.get("target"), str):
-        problems.append(f'{name}: scalingModifiers.target must be "1" (one pod per job)')
-    if modifiers.get("metricType", "AverageValue") != "AverageValue":
-        problems.append(f"{name}: scalingModifiers.metricType must be AverageValue")
-    return problems
-
-
-def desired_pods(scaled: dict[str, Any], lengths: dict[str, int]) -> int:
-    """The pods KEDA's HPA asks for when the pool's queues hold ``lengths`` (queue: messages):
-    the formula's sum (a sum of trigger names, :func:`sum_problems`) over the target, within
-    the replica bounds; without scalingModifiers, the largest single trigger's."""
+def desired_pods(scaled: dict[str, Any], queued: dict[str, int]) -> int:
+    """The pods KEDA asks for when the farm holds ``queued`` jobs (queue: queued rows): the
+    query's count over targetQueryValue, rounded up (AverageValue), within the replica bounds;
+    minReplicaCount while the count is at or below activationTargetQueryValue."""
     spec = scaled["spec"]
-    by_name = {t["name"]: lengths.get(t["metadata"]["listName"], 0) for t in spec["triggers"]}
-    modifiers = spec.get("advanced", {}).get("scalingModifiers")
-    if modifiers:
-        total = sum(by_name[term.strip()] for term in str(modifiers["formula"]).split("+"))
-        wanted = math.ceil(total / float(modifiers["target"]))
-    else:
-        wanted = max(
-            math.ceil(n / float(t["metadata"]["listLength"]))
-            for t, n in zip(spec["triggers"], by_name.values(), strict=True)
-        )
-    return max(spec.get("minReplicaCount", 0), min(spec.get("maxReplicaCount", 100), wanted))
+    meta = backlog_trigger(scaled)["metadata"]
+    count = sum(queued.get(queue, 0) for queue in backlog_queues(meta["query"]))
+    low, high = spec.get("minReplicaCount", 0), spec.get("maxReplicaCount", 100)
+    if count <= float(meta.get("activationTargetQueryValue", "0")):
+        return int(low)
+    return int(max(low, min(high, math.ceil(count / float(meta["targetQueryValue"])))))
 
 
 # ---- every file ----------------------------------------------------------------------------
@@ -540,8 +626,9 @@ def test_every_file_parses() -> None:
 
 def test_svdfarm_commands_parse() -> None:
     """Every ``svdfarm ...`` command in deploy/ is a real subcommand whose flags parse."""
-    found = [(where, svdfarm_args(argv)) for where, argv in all_commands()]
-    found = [(where, args) for where, args in found if args is not None]
+    found = [
+        (where, args) for where, argv in all_commands() if (args := svdfarm_args(argv)) is not None
+    ]
     assert len(found) >= 12, found
     problems = [f"{where}: {p}" for where, args in found if (p := command_problem(args))]
     assert not problems, "\n".join(problems)
@@ -798,20 +885,108 @@ def test_k8s_worker_pools() -> None:
     assert len(data_claims) == 1, f"the pools write videos to different volumes: {data_claims}"
 
 
-def test_k8s_scaled_objects_watch_what_their_pools_consume() -> None:
-    """Each ScaledObject targets a pool and watches its queues; each queue wakes one pool."""
-    problems = pool_problems(k8s_docs())
+def test_k8s_scaled_objects_count_what_their_pools_consume() -> None:
+    """Each ScaledObject targets a pool and counts its queued jobs with one PostgreSQL query
+    over the queues that pool consumes; each queue wakes exactly one pool."""
+    docs = k8s_docs()
+    problems = pool_problems(docs)
     assert not problems, "\n".join(problems)
+    assert len(k8s(docs, "ScaledObject")) == len(worker_deployments(docs)) >= 2
 
 
-def test_k8s_pools_scale_on_the_sum_of_their_queues() -> None:
-    """A job in each of three queues of one pool asks for three pods, not one; no job, none."""
-    for name, scaled in k8s(k8s_docs(), "ScaledObject").items():
-        queues = [t["metadata"]["listName"] for t in scaled["spec"]["triggers"]]
-        assert len(queues) >= 3, name
+def test_k8s_backlog_query_reads_the_job_model() -> None:
+    """The query's table, columns and state are the model's: ``queued`` is the state of a job
+    that waits in the database and of one sent and not yet taken (dispatch.waiting() is the
+    first of them only), and both count."""
+    assert Job.__tablename__ == "jobs"
+    assert {"state", "queue", "published_at"} <= set(Job.__table__.columns.keys())
+    assert JobState.QUEUED.value == "queued"
+    waiting = str(dispatch.waiting().compile(compile_kwargs={"literal_binds": True}))
+    assert "jobs.state = 'queued'" in waiting and "published_at IS NULL" in waiting
+
+
+def test_k8s_keda_reads_the_database_with_a_role_of_its_own() -> None:
+    """Every trigger authenticates through a TriggerAuthentication whose Secret holds a
+    ``postgresql://`` connection to the farm's host, port and database as another user."""
+    docs = k8s_docs()
+    auths = k8s(docs, "TriggerAuthentication")
+    for name, scaled in k8s(docs, "ScaledObject").items():
+        trigger = backlog_trigger(scaled)
+        assert trigger["authenticationRef"]["name"] in auths, name
+        problems = auth_problems(name, trigger, docs, scaled_target(scaled))
+        assert not problems, "\n".join(problems)
+    assert "svdfarm-redis" not in auths, "nothing reads Redis for KEDA any more"
+
+
+def test_k8s_pools_scale_one_pod_per_queued_job() -> None:
+    """A job in each of three queues of one pool asks for three pods; two and two, four; no
+    job, or jobs only in queues the pool does not count, none; a flood, maxReplicaCount."""
+    scaled_objects = k8s(k8s_docs(), "ScaledObject")
+    for name, scaled in scaled_objects.items():
+        spec = scaled["spec"]
+        queues = backlog_queues(backlog_trigger(scaled)["metadata"]["query"])
+        assert len(queues) >= 3 and spec["maxReplicaCount"] >= 4, name
         assert desired_pods(scaled, {q: 1 for q in queues[:3]}) == 3, name
         assert desired_pods(scaled, {q: 2 for q in queues[:2]}) == 4, name
-        assert desired_pods(scaled, {}) == 0, name
+        assert desired_pods(scaled, {}) == spec.get("minReplicaCount", 0) == 0, name
+        others = [q for q in all_queues() if q not in queues]
+        assert desired_pods(scaled, {q: 5 for q in others}) == 0, name
+        assert desired_pods(scaled, {queues[-1]: 1000}) == spec["maxReplicaCount"], name
+        behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+        assert behavior["stabilizationWindowSeconds"] >= 1800, f"{name} scales down fast"
+
+
+@pytest.mark.parametrize("database_url", DATABASES[1:], indirect=True)
+def test_k8s_backlog_queries_count_queued_jobs_on_postgresql(database_url: str) -> None:
+    """Each ScaledObject's query, run as written on a migrated PostgreSQL by a role that may
+    only read ``jobs``, counts its pool's queued jobs, waiting in the database or sent and not
+    yet taken; not running, ended or canceling ones, nor those of other pools' queues."""
+    upgrade(database_url)
+    scaled_objects = k8s(k8s_docs(), "ScaledObject")
+    queries = {name: backlog_trigger(s)["metadata"]["query"] for name, s in scaled_objects.items()}
+    counted = {q for query in queries.values() for q in backlog_queues(query)}
+    uncounted = next(q for q in all_queues() if q not in counted)
+    now = utcnow()
+    rows = [job_row(uuid.uuid4(), queue=uncounted, published_at=None)]
+    expected: dict[str, int] = {}
+    queued: Counter[str] = Counter({uncounted: 1})
+    for index, (name, query) in enumerate(queries.items()):
+        first, *_, last = backlog_queues(query)
+        # A different count per pool, so a query that counted another pool's jobs would fail.
+        rows += [job_row(uuid.uuid4(), queue=first, published_at=None) for _ in range(index + 2)]
+        rows.append(job_row(uuid.uuid4(), queue=last, published_at=now))
+        queued.update({first: index + 2, last: 1})
+        expected[name] = index + 3
+        for state in set(JobState) - {JobState.QUEUED}:
+            rows.append(job_row(uuid.uuid4(), queue=first, state=state, started_at=now))
+    db = Database(database_url)
+    engine = sqlalchemy.create_engine(database_url)
+    role = f"keda_{uuid.uuid4().hex[:12]}"
+    created = False
+    try:
+        with db.begin() as session:
+            session.add_all(rows)
+        with engine.begin() as conn:
+            conn.execute(sqlalchemy.text(f'CREATE ROLE "{role}" NOLOGIN'))
+            created = True
+            schema = conn.scalar(sqlalchemy.text("SELECT current_schema()"))
+            # The README's role: SELECT on jobs (and USAGE on a schema that is not public).
+            conn.execute(sqlalchemy.text(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"'))
+            conn.execute(sqlalchemy.text(f'GRANT SELECT ON jobs TO "{role}"'))
+        with engine.begin() as conn:
+            conn.execute(sqlalchemy.text(f'SET LOCAL ROLE "{role}"'))
+            got = {name: conn.scalar(sqlalchemy.text(query)) for name, query in queries.items()}
+        assert got == expected
+        for name, scaled in scaled_objects.items():
+            high = scaled["spec"]["maxReplicaCount"]
+            assert desired_pods(scaled, dict(queued)) == min(high, expected[name]), name
+    finally:
+        if created:
+            with engine.begin() as conn:
+                conn.execute(sqlalchemy.text(f'DROP OWNED BY "{role}"'))
+                conn.execute(sqlalchemy.text(f'DROP ROLE "{role}"'))
+        engine.dispose()
+        db.dispose()
 
 
 # ---- systemd -------------------------------------------------------------------------------
@@ -1027,7 +1202,7 @@ def test_web_side_runs_without_worker_dependencies(tmp_path: Path) -> None:
 )
 def test_a_wrong_queue_name_is_caught(bad: str) -> None:
     """A misspelt queue name in a file is reported."""
-    assert queue_problems(f"listName: {bad}\n")
+    assert queue_problems(f"AND queue IN ('{bad}')\n")
 
 
 def test_wrong_commands_and_settings_are_caught() -> None:
@@ -1039,32 +1214,129 @@ def test_wrong_commands_and_settings_are_caught() -> None:
     assert seconds("11m") == seconds("660s") == seconds("11min") == 660
 
 
-def test_a_pool_scaling_on_its_longest_queue_is_caught() -> None:
-    """No scalingModifiers, a trigger left out of the formula, or a trigger misnamed: each is
-    reported; without the formula three jobs in three queues would get one pod."""
+def with_queues(query: str, queues: list[str]) -> str:
+    """``query`` counting ``queues`` instead of its own."""
+    head = query[: query.index("(", query.index("IN"))]
+    return head + "(" + ", ".join(f"'{q}'" for q in queues) + ")"
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "SELECT count(*) FROM jobs WHERE state = 'running' AND queue IN ('svd.cuda.fp16.8g')",
+        "SELECT count(*) FROM job WHERE state = 'queued' AND queue IN ('svd.cuda.fp16.8g')",
+        "SELECT count(*) FROM jobs WHERE state = 'queued' OR queue IN ('svd.cuda.fp16.8g')",
+        "SELECT count(*) FROM jobs WHERE queue IN ('svd.cuda.fp16.8g')",
+        "SELECT count(id) FROM jobs WHERE state = 'queued' AND queue IN ('svd.cuda.fp16.8g')",
+        "SELECT count(*) FROM jobs WHERE state = 'queued' AND queue IN ('svd.cuda.fp16.8g');",
+        "SELECT count(*) FROM jobs WHERE state = 'queued' AND queue = 'svd.cuda.fp16.8g'",
+        "SELECT count(*) FROM jobs WHERE state = 'queued' AND queue IN ()",
+        "SELECT count(*) FROM jobs WHERE state = 'queued' AND queue IN ('svd.cuda.fp16.8g',)",
+        "SELECT count(*) FROM jobs WHERE state = 'queued' AND queue IN (svd.cuda.fp16.8g)",
+        "SELECT count(*) FROM jobs WHERE state = 'queued' AND queue IN ('svd.cuda.fp16.8g' "
+        "'svd.cuda.fp16.12g')",
+        "SELECT count(*) FROM jobs WHERE state = 'queued' AND queue IN ('svd.cuda.fp16.8g') "
+        "AND priority > 0",
+        "SELECT count(*) FROM jobs WHERE state = 'queued' AND queue LIKE 'svd.cuda.%'",
+    ],
+)
+def test_a_backlog_query_of_another_shape_is_rejected(query: str) -> None:
+    """The parser takes the one shape of query the pools scale on, and nothing else."""
+    with pytest.raises(ValueError):
+        backlog_queues(query)
+
+
+def test_a_backlog_query_may_be_folded() -> None:
+    """Line breaks and spaces (YAML's folding) do not change the queues read."""
+    query = (
+        "SELECT  count(*)\nFROM jobs WHERE state = 'queued' AND queue IN (\n"
+        "'svd.cuda.fp16.8g',\n  'svd.cuda.fp32.8g' )\n"
+    )
+    assert backlog_queues(query) == ["svd.cuda.fp16.8g", "svd.cuda.fp32.8g"]
+
+
+def test_a_pool_missing_a_queue_or_counting_a_foreign_one_is_caught() -> None:
+    """A query that leaves out a queue of its pool (then nobody wakes for it), counts a queue
+    its pool does not consume, names a queue twice or has another shape: each is reported."""
     docs = k8s_docs()
     name, scaled = next(iter(k8s(docs, "ScaledObject").items()))
-    queues = [t["metadata"]["listName"] for t in scaled["spec"]["triggers"]]
-    longest = copy.deepcopy(scaled)
-    del longest["spec"]["advanced"]["scalingModifiers"]
-    assert any("longest queue" in p for p in sum_problems(name, longest))
-    assert desired_pods(longest, {q: 1 for q in queues[:3]}) == 1
-    partial = copy.deepcopy(scaled)
-    modifiers = partial["spec"]["advanced"]["scalingModifiers"]
-    modifiers["formula"] = " + ".join(trigger_name(q) for q in queues[1:])
-    assert any("not the sum" in p for p in sum_problems(name, partial))
-    misnamed = copy.deepcopy(scaled)
-    misnamed["spec"]["triggers"][0]["name"] = "first"
-    assert any("is named 'first'" in p for p in sum_problems(name, misnamed))
-
-
-def test_a_pool_watching_a_queue_it_cannot_serve_is_caught() -> None:
-    """A trigger on a queue its pool does not consume, or a queue nobody watches, is reported."""
-    docs = copy.deepcopy(k8s_docs())
-    scaled = next(iter(k8s(docs, "ScaledObject").values()))
-    pool = worker_deployments(docs)[scaled["spec"]["scaleTargetRef"]["name"]]
+    meta = backlog_trigger(scaled)["metadata"]
+    queues = backlog_queues(meta["query"])
+    pool = worker_deployments(docs)[scaled_target(scaled)]
     served = set(queues_for(GPU_PROFILES[pod_spec(pool)["nodeSelector"][GPU_PRODUCT]]))
     foreign = next(q for q in all_queues() if q.startswith("svd.cuda.") and q not in served)
-    scaled["spec"]["triggers"][0]["metadata"]["listName"] = foreign
-    problems = pool_problems(docs)
-    assert any(foreign in p for p in problems) and any("watched by 0" in p for p in problems)
+
+    def problems_with(query: str) -> list[str]:
+        changed = copy.deepcopy(docs)
+        backlog_trigger(k8s(changed, "ScaledObject")[name])["metadata"]["query"] = query
+        return pool_problems(changed)
+
+    missing = problems_with(with_queues(meta["query"], queues[1:]))
+    assert any(f"{queues[0]} is consumed by a pool but counted by 0" in p for p in missing)
+    extra = problems_with(with_queues(meta["query"], [*queues, foreign]))
+    assert any(f"counts {foreign!r}" in p for p in extra), extra
+    twice = problems_with(with_queues(meta["query"], [*queues, queues[0]]))
+    assert any("more than once" in p for p in twice), twice
+    running = problems_with(meta["query"].replace("'queued'", "'running'"))
+    assert any("is not SELECT count(*)" in p for p in running), running
+    assert not problems_with(with_queues(meta["query"], queues[::-1]))
+
+
+def test_a_pool_scaling_on_many_triggers_or_a_formula_is_caught() -> None:
+    """A second trigger, a scalingModifiers formula left over, an unquoted number, a target
+    other than one job per pod, or a trigger of another scaler: each is reported."""
+    docs = k8s_docs()
+    name, scaled = next(iter(k8s(docs, "ScaledObject").items()))
+    assert not scaling_problems(name, scaled)
+    doubled = copy.deepcopy(scaled)
+    doubled["spec"]["triggers"].append(copy.deepcopy(backlog_trigger(scaled)))
+    assert any("2 triggers, not 1" in p for p in scaling_problems(name, doubled))
+    formula = copy.deepcopy(scaled)
+    formula["spec"]["advanced"]["scalingModifiers"] = {"formula": "backlog", "target": "1"}
+    assert any("scalingModifiers left over" in p for p in scaling_problems(name, formula))
+    unquoted = copy.deepcopy(scaled)
+    backlog_trigger(unquoted)["metadata"]["targetQueryValue"] = 1
+    assert any("strings only" in p for p in scaling_problems(name, unquoted))
+    halved = copy.deepcopy(scaled)
+    backlog_trigger(halved)["metadata"]["targetQueryValue"] = "2"
+    assert any("one pod per queued job" in p for p in scaling_problems(name, halved))
+    first = backlog_queues(backlog_trigger(scaled)["metadata"]["query"])[0]
+    assert desired_pods(halved, {first: 3}) == 2, "three jobs, two per pod: two pods"
+    redis = copy.deepcopy(scaled)
+    backlog_trigger(redis)["type"] = "redis"
+    assert any("a redis trigger" in p for p in scaling_problems(name, redis))
+
+
+def test_a_wrong_keda_auth_is_caught() -> None:
+    """A trigger naming no TriggerAuthentication, a Secret key that is not there, SQLAlchemy's
+    URL where KEDA wants its own, another database, or the farm's own user: each is reported."""
+    docs = k8s_docs()
+    name, scaled = next(iter(k8s(docs, "ScaledObject").items()))
+    deployment = scaled_target(scaled)
+    auth_name = backlog_trigger(scaled)["authenticationRef"]["name"]
+    auth = k8s(docs, "TriggerAuthentication")[auth_name]
+    secret_name = auth["spec"]["secretTargetRef"][0]["name"]
+    connection = k8s(docs, "Secret")[secret_name]["stringData"]["connection"]
+
+    def problems_with(
+        ref: str = auth_name, key: str = "connection", url: str = connection
+    ) -> list[str]:
+        changed = copy.deepcopy(docs)
+        trigger = backlog_trigger(k8s(changed, "ScaledObject")[name])
+        trigger["authenticationRef"]["name"] = ref
+        k8s(changed, "TriggerAuthentication")[auth_name]["spec"]["secretTargetRef"][0]["key"] = key
+        k8s(changed, "Secret")[secret_name]["stringData"]["connection"] = url
+        return auth_problems(name, trigger, changed, deployment) + pool_problems(changed)
+
+    assert not problems_with()
+    assert any("names no TriggerAuthentication" in p for p in problems_with(ref="svdfarm-redis"))
+    assert any("of no Secret" in p for p in problems_with(key="url"))
+    sqlalchemy_url = connection.replace("postgresql://", "postgresql+psycopg://")
+    assert any("wants postgresql://" in p for p in problems_with(url=sqlalchemy_url))
+    other_db = connection.replace("/svdfarm?", "/postgres?")
+    assert other_db != connection
+    assert any("the farm's database is" in p for p in problems_with(url=other_db))
+    farm_user = farm_database(docs, deployment)[3]
+    as_farm = connection.replace("//keda:", f"//{farm_user}:")
+    assert as_farm != connection
+    assert any("a read-only role" in p for p in problems_with(url=as_farm))
