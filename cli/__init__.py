@@ -1,12 +1,13 @@
 """The ``svdfarm`` command: run the farm (``up``, ``web``, ``worker``), operate it (``db``,
-``queues``, ``reap``, ``admin``, ``jobs``, ``users``, ``keys``, ``cleanup``, ``storage``), and
+``queues``, ``reap``, ``admin``, ``jobs``, ``users``, ``keys``, ``workers``, ``cleanup``,
+``storage``), and
 work on this machine without the queue (``render``, ``caps``, ``model``).
 
 The CLI sits above the three packages: it imports the core (``svdfarm``), the web side and
 the worker, each only inside the command that needs it, so ``svdfarm --help``, ``svdfarm web``
 and ``svdfarm jobs`` never load torch. One module per group of commands: :mod:`cli.serve`,
-:mod:`cli.farm`, :mod:`cli.jobs`, :mod:`cli.users`, :mod:`cli.cleanup`, :mod:`cli.storage` and
-:mod:`cli.local`.
+:mod:`cli.farm`, :mod:`cli.jobs`, :mod:`cli.users`, :mod:`cli.workers`, :mod:`cli.cleanup`,
+:mod:`cli.storage` and :mod:`cli.local`.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from svdfarm.catalog import find_entry
 from svdfarm.settings import ModelChoice, Settings, SettingsError, choose_model, load_settings
 
 DESCRIPTION = (
-    "Run the farm (up, web, worker), operate it (db, queues, reap, admin, jobs, cleanup, "
-    "storage), and work on this machine without the queue (render, caps, model)."
+    "Run the farm (up, web, worker), operate it (db, queues, reap, admin, jobs, users, keys, "
+    "workers, cleanup, storage), and work on this machine without the queue (render, caps, "
+    "model)."
 )
 
 
@@ -63,11 +65,11 @@ def settle_model(settings: Settings, given: str = "") -> Settings:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``svdfarm`` command; each subcommand sets ``run``."""
-    from cli import cleanup, farm, jobs, local, serve, storage, users
+    from cli import cleanup, farm, jobs, local, serve, storage, users, workers
 
     parser = argparse.ArgumentParser(prog="svdfarm", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (serve, farm, jobs, users, cleanup, storage, local):
+    for group in (serve, farm, workers, jobs, users, cleanup, storage, local):
         group.add_commands(sub)
     return parser
 

@@ -102,6 +102,9 @@ MOVES: tuple[Move, ...] = (
     Move("retry_storage", (F,), Q, frozenset({Actor.REAPER}), EventType.STORAGE_RETRIED,
          "its worker could not store the video (disk full, store down): queued again after "
          "a delay, a few times in a row at most"),
+    Move("decline", (Q,), Q, frozenset({Actor.WORKER}), EventType.DECLINED,
+         "a worker it failed on (or a flagged one) leaves it for another worker: it waits "
+         "for the dispatcher again"),
 )  # fmt: skip
 
 _BY_NAME = {move.name: move for move in MOVES}
@@ -506,8 +509,11 @@ def confirm_cancel(
     return _move(session, job_id, move, CR, by, where=where, values=_ended(), details=details)
 
 
-def hand_back(session: Session, job_id: uuid.UUID, *, by: By, message: str) -> bool:
-    """A stopping worker gives its running job back: its attempt closed, the job queued."""
+def hand_back(
+    session: Session, job_id: uuid.UUID, *, by: By, message: str, after_failure: bool = False
+) -> bool:
+    """A stopping worker gives its running job back: its attempt closed, the job queued
+    (``after_failure``: a worker whose attempt failed leaves the job to another one)."""
     state = _state_of(session, job_id, lock=True)
     if state is not R:
         return False
@@ -515,8 +521,27 @@ def hand_back(session: Session, job_id: uuid.UUID, *, by: By, message: str) -> b
     deliveries.close_running_attempts(
         session, job_id, error_class=ErrorClass.OTHER, error_type="HandedBack", message=message
     )
-    details = {"worker": by.name, "reason": message}
+    details: dict[str, Any] = {"worker": by.name, "reason": message}
+    if after_failure:
+        details["after_failure"] = True
     return _move(session, job_id, move, R, by, values=_back_to_queue(), details=details)
+
+
+def decline(session: Session, job_id: uuid.UUID, *, by: By, reason: str) -> bool:
+    """The worker ``by`` would not take a queued job sent to it (its attempt failed on that
+    worker and another worker can take it, or the worker is flagged: svdfarm.worker_health).
+
+    The job stays queued and waits in the database again (``published_at`` unset), so the
+    next dispatch pass sends it on; the ``declined`` event names the worker and the
+    ``reason``. False when the job is no longer queued (nothing changes).
+    """
+    state = _state_of(session, job_id, lock=True)
+    if state is not Q:
+        return False
+    move = check_move(job_id, state, "decline", by)
+    details = {"worker": by.name, "reason": reason[:500]}
+    values = {"published_at": None}
+    return _move(session, job_id, move, Q, by, values=values, details=details)
 
 
 # -- Retention and storage failures ---------------------------------------------------------

@@ -110,6 +110,9 @@ class EventType(_Readable):
     EXPIRED = "expired"
     STORAGE_RETRIED = "storage_retried"
     PRIORITY_CHANGED = "priority_changed"
+    #: A worker would not take the job (it failed here, or the worker is flagged): it waits
+    #: for the dispatcher again, to go to another worker (svdfarm.worker_health).
+    DECLINED = "declined"
 
     @property
     def terminal(self) -> bool:
@@ -132,6 +135,8 @@ class ClaimOutcome(_Readable):
     RUNNING_ELSEWHERE = "running_elsewhere"
     POISONED = "poisoned"
     TAKEN = "taken"
+    #: The worker gave the job back for another one (svdfarm.worker_health).
+    DECLINED = "declined"
 
 
 class RunOutcome(_Readable):
@@ -146,6 +151,9 @@ class RunOutcome(_Readable):
     RUNNING_ELSEWHERE = "running_elsewhere"
     POISONED = "poisoned"
     TAKEN = "taken"
+    DECLINED = "declined"
+    #: The attempt failed here, and the job went back to the queue for another worker.
+    HANDED_BACK = "handed_back"
 
 
 class AttemptOutcome(str, enum.Enum):

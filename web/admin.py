@@ -7,6 +7,7 @@ and any script change jobs the same way.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from svdfarm.queues import all_queues
 from svdfarm.registry import effective_state
 from svdfarm.states import Actor, AttemptOutcome, ErrorClass, JobState, WorkerState
 from svdfarm.users import MAX_PRIORITY, MIN_PRIORITY
+from svdfarm.worker_health import clear_flag
 from web import auth
 from web.database import get_session
 from web.jobs import event_text, find_job
@@ -567,7 +569,8 @@ def _report(action: str, changes: list[JobChange]) -> None:
 @bp.get("/workers")
 @auth.login_required
 def workers() -> Any:
-    """Workers with their state and heartbeat, queue depths, failures of the last 24 hours."""
+    """Workers with their state and heartbeat (a flagged one with its reason and a button to
+    clear it), queue depths, failures of the last 24 hours."""
     session = get_session()
     settings = current_app.config["SVDFARM_SETTINGS"]
     now = utcnow()
@@ -592,12 +595,52 @@ def workers() -> Any:
     return render_template(
         "admin/workers.html",
         workers=rows,
+        flag_text=flag_text,
         states=states,
         now=now,
         depths=[(q, depths[q], queued[q], consumers.get(q, [])) for q in shown],
         broker_error=broker_error,
         failures=failures_by_class(since=now - timedelta(hours=24)),
     )
+
+
+#: A job id in a flag's reason (svdfarm.worker_health names them in full).
+_JOB_ID = re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b")
+
+
+def flag_text(reason: str | None) -> Markup:
+    """A flagged worker's reason, escaped, each job id in it a link to its admin page."""
+    text = reason or ""
+    parts: list[Markup] = []
+    last = 0
+    for found in _JOB_ID.finditer(text):
+        parts.append(Markup.escape(text[last : found.start()]))
+        job_id = found.group(0)
+        parts.append(
+            Markup('<a href="{}"><code>{}</code></a>').format(
+                url_for("admin.job", job_id=job_id), job_id[:8]
+            )
+        )
+        last = found.end()
+    parts.append(Markup.escape(text[last:]))
+    return Markup("").join(parts)
+
+
+@bp.post("/workers/<hostname>/clear-flag")
+@auth.login_required
+def clear_worker_flag(hostname: str) -> Any:
+    """Clear a flagged worker's flag (an operator fixed it): it takes jobs again within a
+    heartbeat or two. Back to the workers page with what was done."""
+    session = get_session()
+    cleared = clear_flag(session, hostname)
+    session.commit()
+    if cleared:
+        flash(f"The flag of {hostname} is cleared: it takes jobs again at its next beat.", "ok")
+    elif session.get(Worker, hostname) is None:
+        flash(f"No worker is named {hostname}.", "bad")
+    else:
+        flash(f"{hostname} was not flagged.", "bad")
+    return redirect(url_for("admin.workers"), code=303)
 
 
 def failures_by_class(since: datetime) -> list[tuple[ErrorClass, int]]:

@@ -20,12 +20,14 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
-from svdfarm import lifecycle
+from svdfarm import lifecycle, worker_health
 from svdfarm.db import Database, is_unavailable, retrying
 from svdfarm.images import open_upright_rgb
 from svdfarm.lifecycle import By
@@ -73,8 +75,15 @@ def _claim(
     db: Database, settings: Settings, job_id: uuid.UUID, hostname: str
 ) -> Claimed | ClaimOutcome:
     """Mark the job running under a new token and choose its first plan; or say why not."""
+    by = By(Actor.WORKER, hostname)
     with db.begin() as session:
-        taken = lifecycle.claim(session, settings, job_id, by=By(Actor.WORKER, hostname))
+        # A job that failed here goes to another worker when one is free (or any job, when
+        # this worker is flagged): declined, it waits for the dispatcher again.
+        why = worker_health.decline_reason(session, settings, job_id, hostname)
+        if why is not None and lifecycle.decline(session, job_id, by=by, reason=why):
+            log.warning("job %s declined: %s", job_id, why)
+            return ClaimOutcome.DECLINED
+        taken = lifecycle.claim(session, settings, job_id, by=by)
         if taken.outcome is not ClaimOutcome.CLAIMED:
             return taken.outcome
         job = taken.job
@@ -281,17 +290,77 @@ def _finish_once(
             )
         else:
             won = lifecycle.confirm_cancel(session, job_id, by=by, token=token)
-        session.execute(
-            update(Worker)
-            .where(Worker.hostname == hostname, Worker.current_job_id == job_id)
-            .values(current_job_id=None, last_heartbeat=now)
-        )
-        session.execute(
-            update(Worker)
-            .where(Worker.hostname == hostname, Worker.state == WorkerState.BUSY)
-            .values(state=WorkerState.IDLE)
-        )
+        _free_worker(session, hostname, job_id, now)
     return won
+
+
+def _free_worker(session: Session, hostname: str, job_id: uuid.UUID, now: datetime) -> None:
+    """The worker holds the job no more: idle again (unless draining)."""
+    session.execute(
+        update(Worker)
+        .where(Worker.hostname == hostname, Worker.current_job_id == job_id)
+        .values(current_job_id=None, last_heartbeat=now)
+    )
+    session.execute(
+        update(Worker)
+        .where(Worker.hostname == hostname, Worker.state == WorkerState.BUSY)
+        .values(state=WorkerState.IDLE)
+    )
+
+
+def _hand_back_failed(
+    db: Database, settings: Settings, token: str, job_id: uuid.UUID, hostname: str, end: _End
+) -> bool:
+    """Give the job back to the queue instead of failing it, when its attempt failed here
+    with an error that is not a precision error and another worker can take it
+    (:func:`svdfarm.worker_health.hand_back_to`); True when handed back. Only while the claim
+    ``token`` still holds the running job."""
+    try:
+        error_class: ErrorClass | None = ErrorClass(end.details.get("error_class"))
+    except ValueError:
+        error_class = None
+    if error_class not in worker_health.NOT_PRECISION:
+        return False
+
+    def once() -> bool:
+        with db.begin() as session:
+            state = session.scalar(
+                select(Job.state)
+                .where(Job.id == job_id, Job.claim_token == token)
+                .with_for_update()
+            )
+            if state is not JobState.RUNNING:
+                return False
+            other = worker_health.hand_back_to(session, settings, job_id, hostname, error_class)
+            if other is None:
+                return False
+            assert error_class is not None
+            message = (
+                f"The attempt failed on {hostname} ({error_class.label}: "
+                f"{end.error[:300]}); the job was handed back for another worker ({other})."
+            )
+            by = By(Actor.WORKER, hostname)
+            if not lifecycle.hand_back(session, job_id, by=by, message=message, after_failure=True):
+                return False
+            _free_worker(session, hostname, job_id, utcnow())
+            return True
+
+    return retrying(
+        once, timeout_s=settings.db_retry_timeout_s, what=f"job {job_id}: handing it back"
+    )
+
+
+def _check_health(db: Database, hostname: str) -> None:
+    """Flag this worker when it has failed too many jobs in a row the same way
+    (:func:`svdfarm.worker_health.check_worker`); a failure to look is only logged."""
+    try:
+        with db.begin() as session:
+            reason = worker_health.check_worker(session, hostname)
+    except Exception:
+        log.exception("could not check whether worker %s should be flagged", hostname)
+        return
+    if reason is not None:
+        log.error("worker %s flagged, it takes no more jobs until cleared: %s", hostname, reason)
 
 
 #: What a delivery that did not become a render tells the task, by the claim's outcome.
@@ -302,6 +371,7 @@ _NOT_RUN = {
     ClaimOutcome.RUNNING_ELSEWHERE: RunOutcome.RUNNING_ELSEWHERE,
     ClaimOutcome.POISONED: RunOutcome.POISONED,
     ClaimOutcome.TAKEN: RunOutcome.TAKEN,
+    ClaimOutcome.DECLINED: RunOutcome.DECLINED,
 }
 
 
@@ -324,7 +394,17 @@ def run_job(db: Database, settings: Settings, job_id: str, hostname: str) -> Run
     with tempfile.TemporaryDirectory(prefix=f"svdfarm-{key}-") as scratch:
         rendered = _render(db, settings, claimed, job_id=key, hostname=hostname, scratch=scratch)
         if isinstance(rendered, _End):
-            finish(end=rendered)
+            if rendered.outcome is not RunOutcome.FAILED:
+                finish(end=rendered)
+                return rendered.outcome
+            # Failed here: another worker may take it (a bad worker does not eat the job).
+            if _hand_back_failed(db, settings, claimed.token, key, hostname, rendered):
+                log.warning("job %s failed here and was handed back for another worker", job_id)
+                _check_health(db, hostname)
+                return RunOutcome.HANDED_BACK
+            won = finish(end=rendered)
+            if won:
+                _check_health(db, hostname)
             return rendered.outcome
         attempts, files = rendered
         try:

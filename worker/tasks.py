@@ -124,6 +124,12 @@ def _rendering() -> bool:
     return _active_job_id() is not None
 
 
+def _flagged() -> bool:
+    """True while this worker is flagged (svdfarm.worker_health): its heartbeat read the
+    flag on its row; it must not consume until an operator clears it."""
+    return _registry.flagged
+
+
 def _stopping() -> bool:
     """True once the worker is shutting down (it must not consume again)."""
     from celery.worker import state as worker_state
@@ -186,9 +192,13 @@ class _Intake:
         return True
 
     def tick(self) -> None:
-        """Consume again once nothing renders; stop again if a reconnection resumed it."""
+        """Consume again once nothing renders; stop again if a reconnection resumed it.
+
+        A flagged worker (see :func:`_flagged`) stays paused, as while it renders, until its
+        flag is cleared.
+        """
         try:
-            if _rendering():
+            if _rendering() or _flagged():
                 if self._consuming():
                     self.pause()
                 return
@@ -249,6 +259,8 @@ class _Registry:
         self.publish_celery: Any = None
         self.stop_timer = False
         self.hand_back_reason = ""
+        #: Whether the row is flagged (svdfarm.worker_health), as the last heartbeat read it.
+        self.flagged = False
 
     def queues(self) -> list[str]:
         """The queues this worker consumes right now (add/cancel_consumer change them)."""
@@ -282,10 +294,18 @@ class _Registry:
                 session.add(row)
             row.capabilities = capabilities
             row.queues = self.queues()
-            row.state = WorkerState.IDLE
+            # A flag outlives a restart: it is cleared by an operator, not by the worker.
+            self.flagged = row.flagged_at is not None
+            row.state = WorkerState.DRAINING if self.flagged else WorkerState.IDLE
             row.started_at = row.last_heartbeat = now
             row.current_job_id = None
         log.info("worker %s registered; queues: %s", self.hostname, ", ".join(self.queues()))
+        if self.flagged:
+            log.error(
+                "worker %s is flagged: it takes no job until an operator clears it "
+                "(admin workers page, or svdfarm workers clear)",
+                self.hostname,
+            )
         self.beating_since = time.monotonic()
         threading.Thread(target=self._beat, name="svdfarm-heartbeat", daemon=True).start()
         if self.settings.reap_interval_s:
@@ -313,7 +333,10 @@ class _Registry:
     def _beat(self) -> None:
         """Every heartbeat interval: the time, the queues, and draining once stopping.
 
-        Nothing else runs in this thread, so a slow broker or reaper never delays a beat.
+        It also reads the row's flag (svdfarm.worker_health): while set, the worker shows as
+        draining and its intake stays paused (:meth:`_Intake.tick`); once an operator clears
+        it, the next beat lets it consume again. Nothing else runs in this thread, so a slow
+        broker or reaper never delays a beat.
         """
         assert self.settings is not None
         while not self.stop.wait(self.settings.heartbeat_interval_s):
@@ -329,7 +352,8 @@ class _Registry:
                     # released here, and its redelivery can be claimed elsewhere.
                     active = _active_job_id()
                     row.current_job_id = active
-                    if self.draining:
+                    self._follow_flag(row.flagged_at is not None)
+                    if self.draining or self.flagged:
                         row.state = WorkerState.DRAINING
                     else:
                         row.state = WorkerState.BUSY if active else WorkerState.IDLE
@@ -344,6 +368,17 @@ class _Registry:
                 continue
             if self.beating_since is None:
                 self.beating_since = time.monotonic()
+
+    def _follow_flag(self, flagged: bool) -> None:
+        """Note whether the row is flagged now, saying so when that changes (the intake's
+        next tick pauses or resumes consuming)."""
+        if flagged and not self.flagged:
+            log.error(
+                "worker %s was flagged: it takes no job until an operator clears it", self.hostname
+            )
+        elif self.flagged and not flagged:
+            log.warning("worker %s: its flag was cleared, it takes jobs again", self.hostname)
+        self.flagged = flagged
 
     def _reaper(self) -> None:
         """Every reap interval, a pass of the reaper (jobs of lost workers, messages the broker
