@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from werkzeug.test import TestResponse
 
 from svdfarm.actions import FP32_DTYPES
 from svdfarm.db import Database
@@ -24,33 +23,8 @@ from svdfarm.settings import Settings, is_password_hash
 from svdfarm.states import ErrorClass, JobState, WorkerState
 from tests.conftest import DATABASES
 from tests.rows import QUEUE, add_job, add_worker, broker_messages, read_job, send_two_cancel_one
-from web import create_app
+from tests.web.admin_login import PASSWORD, admin_app, log_in, token
 from web.auth import LoginLimiter, check_password, hash_password
-
-PASSWORD = "correct horse battery staple"
-
-
-def register_admin(app: Flask) -> Flask:
-    """Register the admin and metrics blueprints unless create_app already does."""
-    from web.admin import bp as admin_bp
-    from web.metrics import bp as metrics_bp
-
-    for bp in (admin_bp, metrics_bp):
-        if bp.name not in app.blueprints:
-            app.register_blueprint(bp)
-    return app
-
-
-@pytest.fixture(scope="session")
-def password_hash() -> str:
-    """The admin password's hash, made once (scrypt is slow on purpose)."""
-    return hash_password(PASSWORD)
-
-
-def admin_app(settings: Settings, admin_password: str) -> Flask:
-    """The web app with the admin on, using ``admin_password`` (a hash or plain)."""
-    configured = settings.with_overrides(admin_password=admin_password)
-    return register_admin(create_app({"SVDFARM_SETTINGS": configured, "TESTING": True}))
 
 
 @pytest.fixture
@@ -59,23 +33,6 @@ def app(settings: Settings, password_hash: str) -> Iterator[Flask]:
     flask_app = admin_app(settings, password_hash)
     yield flask_app
     flask_app.extensions["svdfarm.db"].dispose()
-
-
-def token(client: FlaskClient, path: str = "/admin/login") -> str:
-    """The CSRF token of the form on ``path``."""
-    found = re.search(r'name="csrf_token" value="([^"]+)"', client.get(path).get_data(True))
-    assert found, f"no CSRF field on {path}"
-    return found.group(1)
-
-
-def log_in(client: FlaskClient, password: str = PASSWORD, **environ: str) -> TestResponse:
-    """Submit the login form with its CSRF token."""
-    csrf = token(client)
-    return client.post(
-        "/admin/login",
-        data={"password": password, "csrf_token": csrf, "next": "/admin/"},
-        environ_base=environ,
-    )
 
 
 @pytest.fixture
@@ -632,3 +589,67 @@ def test_every_query_of_the_pages_and_passes_reads_an_index(
             plan = "\n".join(conn.exec_driver_sql(f"EXPLAIN {statement}", params).scalars())
             for table in GROWING:
                 assert f"Seq Scan on {table}" not in plan, f"{statement}\n{params}\n{plan}"
+
+
+def _flag(db: Database, settings: Settings, hostname: str) -> list[uuid.UUID]:
+    """Three jobs failed in a row on ``hostname`` with a full disk, and the worker flagged
+    for them (svdfarm.worker_health); their ids."""
+    from svdfarm.worker_health import check_worker
+
+    add_worker(db, hostname, [QUEUE])
+    jobs = [
+        add_job(
+            db,
+            settings,
+            error_class=ErrorClass.STORAGE,
+            worker=hostname,
+            error="No space left on device <scratch>",
+            finished_at=utcnow() - timedelta(minutes=m),
+        )
+        for m in (30, 20, 10)
+    ]
+    with db.begin() as session:
+        assert check_worker(session, hostname) is not None
+    return jobs
+
+
+@pytest.mark.parametrize("database_url", DATABASES, indirect=True)
+def test_a_flagged_worker_is_shown_and_its_flag_cleared(
+    admin: FlaskClient, db: Database, settings: Settings
+) -> None:
+    """The workers page shows the flag, its reason (the errors, escaped; the jobs linked) and
+    a Clear flag button; the POST needs the CSRF token, then clears it and says so."""
+    from svdfarm.models import Worker
+
+    jobs = _flag(db, settings, "gpu1@farm")
+    add_worker(db, "gpu2@farm", [QUEUE])
+    page = admin.get("/admin/workers").get_data(True)
+    flag = page.split('id="flag-gpu1@farm"')[1].split("</tr>")[0]
+    assert page.count("worker-flagged") == 1 and ">Flagged</span>" in page
+    assert "3 jobs in a row failed here with storage errors" in flag
+    assert "No space left on device &lt;scratch&gt;" in flag
+    for job_id in jobs:
+        assert f'href="/admin/jobs/{job_id}"' in flag
+    assert 'action="/admin/workers/gpu1@farm/clear-flag"' in flag and "Clear flag" in flag
+    for bad in ({}, {"csrf_token": "forged"}):
+        assert admin.post("/admin/workers/gpu1@farm/clear-flag", data=bad).status_code == 400
+    with db.session() as session:
+        row = session.get(Worker, "gpu1@farm")
+        assert row is not None and row.flagged_at is not None
+    response = admin.post(
+        "/admin/workers/gpu1@farm/clear-flag",
+        data={"csrf_token": token(admin, "/admin/workers")},
+    )
+    assert response.status_code == 303 and response.headers["Location"] == "/admin/workers"
+    page = admin.get("/admin/workers").get_data(True)
+    assert "The flag of gpu1@farm is cleared" in page
+    assert "worker-flagged" not in page and 'id="flag-gpu1@farm"' not in page
+    with db.session() as session:
+        row = session.get(Worker, "gpu1@farm")
+        assert row is not None and row.flagged_at is None
+    again = admin.post(
+        "/admin/workers/gpu1@farm/clear-flag",
+        data={"csrf_token": token(admin, "/admin/workers")},
+    )
+    assert again.status_code == 303
+    assert "gpu1@farm was not flagged." in admin.get("/admin/workers").get_data(True)

@@ -27,7 +27,7 @@ from svdfarm.states import Actor, EventType, JobState
 from svdfarm.users import ADMIN_USER, Limits, add_user, authenticate_key, create_key, find_user
 from tests.conftest import DATABASES
 from tests.rows import add_job, read_job
-from tests.web.test_admin import admin_app, log_in, token
+from tests.web.admin_login import admin_app, log_in, token
 
 USERS = "/admin/users/"
 
@@ -38,15 +38,6 @@ def app(settings: Settings, password_hash: str) -> Iterator[Flask]:
     flask_app = admin_app(settings, password_hash)
     yield flask_app
     flask_app.extensions["svdfarm.db"].dispose()
-
-
-@pytest.fixture(scope="session")
-def password_hash() -> str:
-    """The admin password's hash, made once (scrypt is slow on purpose)."""
-    from tests.web.test_admin import PASSWORD
-    from web.auth import hash_password
-
-    return hash_password(PASSWORD)
 
 
 @pytest.fixture
