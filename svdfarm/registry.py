@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from svdfarm.catalog import CatalogEntry, find_entry, model_defaults
@@ -66,7 +66,7 @@ def online_queues(session: Session, settings: Settings, model: str | None = None
 def waiting_reason(
     session: Session, settings: Settings, job: Job, online: Sequence[Worker] | None = None
 ) -> str | None:
-    """Why a queued job waits, for its status page: no worker for its class, or its place.
+    """Why a queued job waits, for its status page: no worker for its class, or who can take it.
 
     ``online``: the online workers when the caller has them (read a moment ago); else read.
     """
@@ -81,18 +81,10 @@ def waiting_reason(
         except ValueError:
             wanted = f"a worker on queue {job.queue}"
         return f"waiting: no worker online that can take it ({wanted} is needed)"
-    ahead = session.scalar(
-        select(func.count())
-        .select_from(Job)
-        .where(
-            Job.queue == job.queue, Job.state == JobState.QUEUED, Job.created_at < job.created_at
-        )
-    )
     busy = sum(1 for w in consumers if w.current_job_id is not None)
-    return (
-        f"waiting: {ahead or 0} job(s) ahead in queue {job.queue}; "
-        f"{len(consumers)} worker(s) can take it, {busy} busy"
-    )
+    # Its place in line is the dispatcher's to say (svdfarm.dispatch.place_of): priorities and
+    # fair share order the queue, not the age alone.
+    return f"waiting: in queue {job.queue}; {len(consumers)} worker(s) can take it, {busy} busy"
 
 
 def served_models(session: Session, settings: Settings) -> set[str]:

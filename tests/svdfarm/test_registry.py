@@ -208,9 +208,9 @@ def test_a_queue_outside_the_scheme_is_named_as_is(db: Database, beats: Settings
     )
 
 
-def test_jobs_ahead_are_counted_in_the_same_queue_only(db: Database, beats: Settings) -> None:
-    """Earlier queued jobs of the same queue are ahead; other queues, states and later jobs
-    are not; consumers are the online workers on the queue, with how many are busy."""
+def test_consumers_are_the_online_workers_on_the_queue(db: Database, beats: Settings) -> None:
+    """Consumers are the online workers on the job's queue, with how many are busy; jobs
+    ahead do not change the reason (the place is the dispatcher's)."""
     queue = "svd.cuda.fp16.16g"
     start = utcnow() - timedelta(minutes=10)
     at = [start + timedelta(seconds=s) for s in range(10)]
@@ -232,10 +232,10 @@ def test_jobs_ahead_are_counted_in_the_same_queue_only(db: Database, beats: Sett
     add_worker(db, "cpu@c", CPU_QUEUES, 1, state=WorkerState.BUSY, current_job_id=other)
 
     assert reason(db, beats, mine) == (
-        f"waiting: 2 job(s) ahead in queue {queue}; 2 worker(s) can take it, 1 busy"
+        f"waiting: in queue {queue}; 2 worker(s) can take it, 1 busy"
     )
     assert reason(db, beats, later) == (
-        f"waiting: 3 job(s) ahead in queue {queue}; 2 worker(s) can take it, 1 busy"
+        f"waiting: in queue {queue}; 2 worker(s) can take it, 1 busy"
     )
 
 
@@ -245,7 +245,7 @@ def test_first_in_line_has_nobody_ahead(db: Database, beats: Settings) -> None:
     add_job(db, "svd.cpu.fp32.12g", utcnow())
     add_worker(db, "cpu@a", CPU_QUEUES, 0)
     assert reason(db, beats, job_id) == (
-        "waiting: 0 job(s) ahead in queue svd.cpu.fp32.12g; 1 worker(s) can take it, 0 busy"
+        "waiting: in queue svd.cpu.fp32.12g; 1 worker(s) can take it, 0 busy"
     )
 
 

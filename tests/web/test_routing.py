@@ -237,7 +237,7 @@ def test_a_live_mac_gets_the_jobs_its_tier_holds(
     assert load_job(app, svd_xt).queue == "svd.cuda.fp16.24g"
     assert messages(settings) == {small: "svd.mps.fp16.8g", svd_xt: "svd.cuda.fp16.24g"}
     assert status(client, small)["waiting"] == (
-        "waiting: 0 job(s) ahead in queue svd.mps.fp16.8g; 1 worker(s) can take it, 0 busy"
+        "waiting: in queue svd.mps.fp16.8g; 1 worker(s) can take it, 0 busy"
     )
     assert status(client, svd_xt)["waiting"] == (
         "waiting: no worker online that can take it "
@@ -325,21 +325,22 @@ def test_waiting_says_no_worker_can_take_it(client: FlaskClient) -> None:
     assert body["phase_text"] == expected
 
 
-def test_waiting_counts_the_jobs_ahead(app: Flask, client: FlaskClient) -> None:
-    """With a live consumer, each job says how many are ahead of it and who could take it."""
+def test_waiting_names_the_queue_and_its_workers(app: Flask, client: FlaskClient) -> None:
+    """With a live consumer, each job says its queue and who could take it (its place in line
+    is the dispatcher's: svdfarm.dispatch.place_of)."""
     add_worker(
         app.extensions["svdfarm.db"], "t4@gpu-1", T4_QUEUES, heartbeat_age_s=1, capabilities=T4
     )
     first, second = submit(client), submit(client)
     other = submit(client, **SVD_XT_CHUNK4)  # another queue the T4 consumes
     assert status(client, first)["waiting"] == (
-        "waiting: 0 job(s) ahead in queue svd.cuda.fp16.8g; 1 worker(s) can take it, 0 busy"
+        "waiting: in queue svd.cuda.fp16.8g; 1 worker(s) can take it, 0 busy"
     )
     assert status(client, second)["waiting"] == (
-        "waiting: 1 job(s) ahead in queue svd.cuda.fp16.8g; 1 worker(s) can take it, 0 busy"
+        "waiting: in queue svd.cuda.fp16.8g; 1 worker(s) can take it, 0 busy"
     )
     assert status(client, other)["waiting"] == (
-        "waiting: 0 job(s) ahead in queue svd.cuda.fp16.16g; 1 worker(s) can take it, 0 busy"
+        "waiting: in queue svd.cuda.fp16.16g; 1 worker(s) can take it, 0 busy"
     )
 
 
@@ -373,7 +374,7 @@ def test_the_status_page_shows_why_it_waits(app: Flask, client: FlaskClient) -> 
     def shows_the_worker() -> bool:
         """True once the page counts the new worker (within a second: web.recent_workers)."""
         text = html.unescape(client.get(f"/jobs/{job_id}").get_data(as_text=True))
-        return "0 job(s) ahead in queue svd.cpu.fp32.12g; 1 worker(s) can take it" in text
+        return "In queue svd.cpu.fp32.12g; 1 worker(s) can take it" in text
 
     wait_until(shows_the_worker, "the page to count the new worker", 5)
 
