@@ -304,30 +304,63 @@ def place_of(
 ) -> Place | None:
     """Where a queued job stands in its queue's dispatch order, and when it may start
     (from the queue's mean run and its consumers); None for a job that is not queued."""
-    if job.state is not JobState.QUEUED:
-        return None
+    return places_of(session, settings, [job], workers).get(job.id)
+
+
+def places_of(
+    session: Session,
+    settings: Settings,
+    jobs: Sequence[Job],
+    workers: Sequence[Worker] | None = None,
+) -> dict[uuid.UUID, Place]:
+    """:func:`place_of` for each queued job of ``jobs`` (others are left out), each queue's
+    order worked out once (a list of jobs costs a few queries per queue, not per job)."""
+    queued = [job for job in jobs if job.state is JobState.QUEUED]
+    if not queued:
+        return {}
     workers = online_workers(session, settings) if workers is None else workers
-    consumers = consumers_of(workers, job.queue)
-    ledger = ledger_for(session, settings, job.queue, set())
-    eta_per_job = ledger.run_s / len(consumers) if consumers else None
-    if job.published_at is not None:
-        return Place(0, 0.0 if consumers else None)
-    candidates = _candidates(session, job.queue, limit=PLACE_HORIZON)
-    ledger = ledger_for(session, settings, job.queue, {c.owner for c in candidates} | {job.owner})
-    held = ""
-    if ledger.full(job.owner):
-        limit = ledger.limits[job.owner].max_running
-        held = f"you have {ledger.busy.get(job.owner, 0)} job(s) running, your limit is {limit}"
-    busy = sum(1 for w in consumers if w.current_job_id is not None)
-    order = dispatch_order(candidates, ledger, len(candidates))
-    ids = [c.id for c in order]
-    beyond = len(candidates) >= PLACE_HORIZON and job.id not in ids
-    position = ids.index(job.id) + 1 if job.id in ids else len(candidates) + 1
-    eta = None
-    if eta_per_job is not None and not held:
-        # The jobs ahead, each a mean run shared by the consumers; busy ones free up halfway.
-        eta = (position - 1) * eta_per_job + (eta_per_job / 2 if busy == len(consumers) else 0)
-    return Place(position, eta, held, beyond)
+    places: dict[uuid.UUID, Place] = {}
+    for queue in sorted({job.queue for job in queued}):
+        here = [job for job in queued if job.queue == queue]
+        places.update(_places_in(session, settings, queue, here, consumers_of(workers, queue)))
+    return places
+
+
+def _places_in(
+    session: Session,
+    settings: Settings,
+    queue: str,
+    jobs: Sequence[Job],
+    consumers: Sequence[Worker],
+) -> dict[uuid.UUID, Place]:
+    """The places of ``jobs``, all queued on ``queue`` with these ``consumers``."""
+    candidates = _candidates(session, queue, limit=PLACE_HORIZON)
+    owners = {c.owner for c in candidates} | {job.owner for job in jobs}
+    ledger = ledger_for(session, settings, queue, owners)
+    per_job = ledger.run_s / len(consumers) if consumers else None
+    all_busy = bool(consumers) and all(w.current_job_id is not None for w in consumers)
+    order = [c.id for c in dispatch_order(candidates, ledger, len(candidates))]
+    # The order charged the ledger with every waiting job: read the limits from a fresh one.
+    fresh = ledger_for(session, settings, queue, {job.owner for job in jobs})
+    places: dict[uuid.UUID, Place] = {}
+    for job in jobs:
+        if job.published_at is not None:
+            places[job.id] = Place(0, 0.0 if consumers else None)
+            continue
+        held = ""
+        if fresh.full(job.owner):
+            limit = fresh.limits[job.owner].max_running
+            busy = fresh.busy.get(job.owner, 0)
+            held = f"you have {busy} job(s) running, your limit is {limit}"
+        beyond = job.id not in order
+        position = order.index(job.id) + 1 if not beyond else len(candidates) + 1
+        eta = None
+        if per_job is not None and not held:
+            # The jobs ahead, a mean run each shared by the consumers; when every consumer is
+            # busy, half a run more for the first of them to be free.
+            eta = (position - 1) * per_job + (per_job / 2 if all_busy else 0.0)
+        places[job.id] = Place(position, eta, held, beyond and len(candidates) >= PLACE_HORIZON)
+    return places
 
 
 def backlog(session: Session) -> dict[str, int]:

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, joinedload
 
 from svdfarm.actions import FP32_DTYPES
 from svdfarm.batches import MAX_BATCH_IMAGES
-from svdfarm.dispatch import Place, place_of
+from svdfarm.dispatch import Place, place_of, places_of
 from svdfarm.models import Attempt, Batch, Job, JobEvent, Worker, utcnow
 from svdfarm.params import OUTPUT_FORMATS
 from svdfarm.registry import waiting_reason
@@ -103,12 +103,13 @@ def describe_jobs(session: Session, jobs: Sequence[Job]) -> list[dict[str, Any]]
     settings = current_app.config["SVDFARM_SETTINGS"]
     online = recent_workers(session, settings)
     names = display_names({job.owner for job in jobs}) if current_caller().is_admin else {}
+    places = places_of(session, settings, jobs, online)
     return [
         job_json(
             job,
             waiting_reason(session, settings, job, online),
             owner=shown_owner(job.owner, names),
-            place=place_of(session, settings, job, online),
+            place=places.get(job.id),
         )
         for job in jobs
     ]
