@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test test-fast lint venv clean bench bench-web bench-history
+.PHONY: run test test-fast lint venv clean bench bench-web bench-history bench-fair-share
 
 venv: $(STAMP)
 
@@ -55,6 +55,12 @@ bench: $(STAMP)
 bench-web: $(STAMP)
 	$(PY) -m bench.services
 	$(PY) -m bench.web_load --write
+
+# Fair share between two owners on one worker, and submit -> start on an idle farm
+# (bench/fair_share.py), with the same services.
+bench-fair-share: $(STAMP)
+	$(PY) -m bench.services
+	$(PY) -m bench.fair_share --write
 
 # Every page and background pass at 1,000,000 jobs against an empty database (about 10 min).
 bench-history: $(STAMP)

@@ -213,3 +213,40 @@ def test_farm_overhead_smoke(tmp_path: Path) -> None:
 def test_epoch_rounds_index_each_set_of_processes() -> None:
     """Rounds are numbered across the sets of processes that ran them."""
     assert epoch_rounds([[1, 1], [1], [2, 1, 1]]) == [range(0, 2), range(2, 3), range(3, 6)]
+
+
+@pytest.mark.slow
+def test_fair_share_smoke(tmp_path: Path) -> None:
+    """Four jobs of two owners on one worker and two idle-farm jobs (SQLite, embedded
+    broker, into a scratch file): both owners' shares and the latency line are printed, and
+    the section written reads back with a row per owner whose shares add up to 1."""
+    doc = tmp_path / "BENCHMARKS.md"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.fair_share",
+            "--jobs=4",
+            "--backlog=2",
+            "--database=sqlite",
+            "--broker=embedded",
+            "--latency-jobs=2",
+            "--latency-setup=embedded",
+            "--write",
+            f"--doc={doc}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "alice share of worker time: " in done.stdout
+    assert "bob share of worker time: " in done.stdout
+    assert "submit -> attempt start on an idle farm (embedded, 2 jobs): p50 " in done.stdout
+    text = doc.read_text()
+    body = text.split("<!-- bench:fair-share -->")[1].split("<!-- /bench:fair-share -->")[0]
+    (rows,) = parse_tables(body)
+    assert [row["owner"] for row in rows] == ["alice", "bob"]
+    assert all(int(row["jobs run"]) >= 1 for row in rows)
+    assert sum(float(row["share"]) for row in rows) == pytest.approx(1.0, abs=0.002)
