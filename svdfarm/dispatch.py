@@ -153,7 +153,12 @@ def _choose(session: Session, settings: Settings, queue: str, by: By) -> list[uu
     candidates = _candidates(session, queue, per_owner=slots)
     if not candidates:
         return []
-    ledger = ledger_for(session, settings, queue, {c.owner for c in candidates})
+    owners = {c.owner for c in candidates}
+    ledger = Ledger(limits=limits_of(session, owners))
+    if len(owners) > 1 or any(limit.max_running is not None for limit in ledger.limits.values()):
+        # Fair share and running limits need each owner's time and jobs at work; one owner
+        # without a running limit (an idle farm's usual submit) goes in its own order.
+        ledger = ledger_for(session, settings, queue, owners)
     chosen = []
     for candidate in dispatch_order(candidates, ledger, slots):
         if lifecycle.publish(session, candidate.id, by=by, waiting_only=True):
