@@ -33,6 +33,7 @@ from svdfarm.params import MAX_SEED, ParamError
 from svdfarm.registry import online_queues
 from svdfarm.settings import Settings
 from svdfarm.storage import open_store
+from svdfarm.users import user_id_of
 
 #: The fields a batch takes besides a submission's: the seeds, or how many per image.
 BATCH_FIELDS = ("seeds", "count")
@@ -162,7 +163,8 @@ def submit_batch(
     batch's jobs would pass a limit, ParamError when its owner may not ask its priority
     (nothing is written then)."""
     check_owner(session, owner, submissions, count=len(submissions))
-    check_limits(session, settings, client, count=len(submissions))
+    rated = client if user_id_of(owner) is None else None  # users have limits of their own
+    check_limits(session, settings, rated, count=len(submissions))
     storage = open_store(settings)
     batch = Batch(id=uuid.uuid4(), client=(client or None) and client[:64])
     session.add(batch)

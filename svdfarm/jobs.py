@@ -37,7 +37,8 @@ from svdfarm.settings import Settings
 from svdfarm.space import LOW_SPACE_RETRY_AFTER_S, low_space
 from svdfarm.states import Actor, JobState
 from svdfarm.storage import Store, open_store
-from svdfarm.users import MAX_PRIORITY, MIN_PRIORITY, limits_of
+from svdfarm.users import MAX_PRIORITY, MIN_PRIORITY, limits_of, user_id_of
+from svdfarm.webhook_urls import WebhookUrlError, check_url
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,8 @@ class Submission:
     model: str = ""
     #: Its dispatch priority, -10..10 (checked against the owner's limit at submit).
     priority: int = 0
+    #: Where the job's own webhook deliveries go (svdfarm.webhooks); None: nowhere.
+    webhook_url: str | None = None
 
     def fingerprint(self) -> str:
         """A hash of what was asked (the fields as sent and the image bytes), for retries."""
@@ -98,7 +101,7 @@ class Submission:
 
 
 #: The fields a submission may carry besides its image.
-SUBMIT_FIELDS = (*FIELDS, "precision", *OUTPUT_FIELDS, "model", "priority")
+SUBMIT_FIELDS = (*FIELDS, "precision", *OUTPUT_FIELDS, "model", "priority", "webhook_url")
 #: Unknown fields named one by one in a refusal (a form may hold up to 1,000 parts).
 MAX_UNKNOWN_LISTED = 10
 
@@ -180,6 +183,12 @@ def validate_submission(
     except ParamError as exc:
         errors.update(exc.errors)
         priority = 0
+    webhook_url = str(fields.get("webhook_url") or "").strip() or None
+    if webhook_url is not None:
+        try:
+            webhook_url = check_url(webhook_url, allow_private=settings.webhook_allow_private)
+        except WebhookUrlError as exc:
+            errors["webhook_url"] = str(exc)
     info: ImageInfo | None = None
     if data is None:
         errors["image"] = "Choose an image to animate (PNG, JPEG or WebP)."
@@ -209,6 +218,7 @@ def validate_submission(
         sent=sent,
         model=model,
         priority=priority,
+        webhook_url=webhook_url,
     )
 
 
@@ -395,6 +405,7 @@ def new_job(
         client=(client or None) and client[:64],
         owner=owner[:80],
         priority=submission.priority,
+        webhook_url=submission.webhook_url,
         idempotency_key=idempotency_key,
         request_hash=submission.fingerprint() if idempotency_key is not None else None,
         **submission.params.as_dict(),
@@ -426,7 +437,8 @@ def submit_job(
         if earlier is not None:
             return earlier
     check_owner(session, owner, [submission])
-    check_limits(session, settings, client)
+    # The per-address rate is for anonymous owners; a user has limits of their own.
+    check_limits(session, settings, client if user_id_of(owner) is None else None)
     storage = open_store(settings)
     job = new_job(
         settings,
