@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test test-fast lint venv clean bench bench-web bench-history bench-fair-share
+.PHONY: run test test-fast lint venv clean bench bench-web bench-history bench-fair-share bench-previews
 
 venv: $(STAMP)
 
@@ -61,6 +61,10 @@ bench-web: $(STAMP)
 bench-fair-share: $(STAMP)
 	$(PY) -m bench.services
 	$(PY) -m bench.fair_share --write
+
+# What the denoising previews cost (bench/previews.py): tiny renders in process, SVD-XT's shape.
+bench-previews: $(STAMP)
+	$(PY) -m bench.previews --write
 
 # Every page and background pass at 1,000,000 jobs against an empty database (about 10 min).
 bench-history: $(STAMP)

@@ -65,11 +65,11 @@ def settle_model(settings: Settings, given: str = "") -> Settings:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``svdfarm`` command; each subcommand sets ``run``."""
-    from cli import cleanup, farm, jobs, local, serve, storage, users, workers
+    from cli import cleanup, farm, jobs, local, serve, storage, users, webhooks, workers
 
     parser = argparse.ArgumentParser(prog="svdfarm", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (serve, farm, workers, jobs, users, cleanup, storage, local):
+    for group in (serve, farm, workers, jobs, users, cleanup, storage, local, webhooks):
         group.add_commands(sub)
     return parser
 

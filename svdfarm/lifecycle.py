@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import Session
 
-from svdfarm import deliveries
+from svdfarm import deliveries, webhooks
 from svdfarm.models import Job, JobEvent, Worker, utcnow
 from svdfarm.settings import Settings
 from svdfarm.states import (
@@ -156,7 +156,8 @@ def record(
     by: By,
     details: Mapping[str, Any] | None = None,
 ) -> JobEvent:
-    """Append one event for ``job_id`` to the caller's transaction."""
+    """Append one event for ``job_id`` to the caller's transaction, with the webhook
+    deliveries it makes (svdfarm.webhooks)."""
     row = JobEvent(
         job_id=job_id,
         type=event,
@@ -167,6 +168,7 @@ def record(
     )
     session.add(row)
     session.flush()
+    webhooks.on_event(session, row)
     return row
 
 

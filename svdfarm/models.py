@@ -39,6 +39,7 @@ from svdfarm.states import (
     Phase,
     WorkerState,
 )
+from svdfarm.webhook_states import DeliveryState, WebhookEvent
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -135,6 +136,8 @@ class Job(Base):
     poster_key: Mapped[str | None] = mapped_column(String(200))
     # Every output's key by format ("mp4", "webm", "gif", "frames"), set with video_key.
     output_keys: Mapped[dict[str, str] | None] = mapped_column(JSON)
+    # The latest preview of a running render (worker.previews), under its claim's token.
+    preview_key: Mapped[str | None] = mapped_column(String(200))
     # The batch the job was submitted in, if any (svdfarm.batches).
     batch_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("batches.id", ondelete="SET NULL"), index=True
@@ -164,6 +167,8 @@ class Job(Base):
     request_hash: Mapped[str | None] = mapped_column(String(64))
     # Set by each claim: only the holder of the latest claim may finish the job.
     claim_token: Mapped[str | None] = mapped_column(String(32))
+    # Where this job's own webhook deliveries go (svdfarm.webhooks); None: none of its own.
+    webhook_url: Mapped[str | None] = mapped_column(String(2000))
 
     attempts: Mapped[list[Attempt]] = relationship(
         back_populates="job",
@@ -415,3 +420,73 @@ Index(
     postgresql_where=storage_failure_event(),
     sqlite_where=storage_failure_event(),
 )
+
+
+class WebhookSecret(Base):
+    """An owner's webhook signing secret (``whsec_...``), made on first use (svdfarm.webhooks)."""
+
+    __tablename__ = "webhook_secrets"
+
+    owner: Mapped[str] = mapped_column(String(80), primary_key=True)
+    key: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class WebhookEndpoint(Base):
+    """A URL an owner registered for the webhook events of all their jobs."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    owner: Mapped[str] = mapped_column(String(80), index=True)
+    url: Mapped[str] = mapped_column(String(2000))
+    #: The event types it gets (:class:`svdfarm.webhook_states.WebhookEvent` values).
+    events: Mapped[list[str]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    #: Set when the receiver answered 410 Gone: no delivery is made to it any more.
+    disabled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    disabled_reason: Mapped[str | None] = mapped_column(Text)
+
+
+class WebhookDelivery(Base):
+    """One webhook event for one URL: written with the job event it tells of, sent (and
+    retried) by the workers' sender loop (svdfarm.webhook_sender)."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    #: The ``webhook-id`` header, the same on every try.
+    msg_id: Mapped[str] = mapped_column(String(64), unique=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    #: The registered endpoint it goes to; None: the job's own ``webhook_url``.
+    endpoint_id: Mapped[int | None] = mapped_column(
+        ForeignKey("webhook_endpoints.id", ondelete="SET NULL"), index=True
+    )
+    #: Whose secret signs it (the job's owner).
+    owner: Mapped[str] = mapped_column(String(80))
+    url: Mapped[str] = mapped_column(String(2000))
+    event_type: Mapped[WebhookEvent] = mapped_column(_enum(WebhookEvent))
+    #: The request body, exactly as signed and sent.
+    payload: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    state: Mapped[DeliveryState] = mapped_column(
+        _enum(DeliveryState), default=DeliveryState.PENDING
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: When it is due (while pending); while a sender holds it, when that sender's lease ends.
+    next_try_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+# The sender reads the pending deliveries that are due, and a job's earlier ones per URL.
+Index(
+    "ix_webhook_deliveries_due",
+    WebhookDelivery.next_try_at,
+    postgresql_where=WebhookDelivery.state == DeliveryState.PENDING,
+    sqlite_where=WebhookDelivery.state == DeliveryState.PENDING,
+)
+Index("ix_webhook_deliveries_job_id_id", WebhookDelivery.job_id, WebhookDelivery.id)

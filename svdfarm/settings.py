@@ -218,6 +218,8 @@ class Settings:
     max_upload_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     progress_interval_s: float = 0.5
+    #: Seconds between previews of the denoising latents (worker.previews); 0: none.
+    preview_interval_s: float = 2.0
     task_soft_time_limit_s: int = 3 * 3600
     task_time_limit_s: int = 3 * 3600 + 300
     hub_timeout_s: float = 10.0
@@ -259,6 +261,11 @@ class Settings:
     fair_share_window_s: float = 3600.0
     #: A queued job no worker of its class ever took fails after this; 0 = waits forever.
     max_wait_s: float = 0.0
+    #: ``SVDFARM_WEBHOOK_ALLOW_PRIVATE``: webhooks may go to loopback, private, link-local and
+    #: other non-public addresses (tests, in-cluster receivers); off, they are refused.
+    webhook_allow_private: bool = False
+    #: ``SVDFARM_WEBHOOK_TIMEOUT``: how long one webhook POST may take, in seconds.
+    webhook_timeout_s: float = 15.0
 
     @property
     def offline_after_s(self) -> float:
@@ -384,6 +391,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             env, "MAX_IMAGE_PIXELS", 40_000_000, minimum=64 * 64, maximum=MAX_IMAGE_PIXELS_CAP
         ),
         progress_interval_s=_float(env, "PROGRESS_INTERVAL", 0.5),
+        preview_interval_s=_float(env, "PREVIEW_INTERVAL", 2.0),
         task_soft_time_limit_s=_int(env, "TASK_SOFT_TIME_LIMIT", 3 * 3600, minimum=1),
         task_time_limit_s=_int(env, "TASK_TIME_LIMIT", 3 * 3600 + 300, minimum=1),
         hub_timeout_s=_float(env, "HUB_TIMEOUT", 10.0),
@@ -412,6 +420,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         dispatch_margin=_int(env, "DISPATCH_MARGIN", 0, minimum=0, maximum=1000),
         fair_share_window_s=_duration(env, "FAIR_SHARE_WINDOW", "1h") or 3600.0,
         max_wait_s=_duration(env, "MAX_WAIT", "0"),
+        webhook_allow_private=_bool(env, "WEBHOOK_ALLOW_PRIVATE", False),
+        webhook_timeout_s=_float(env, "WEBHOOK_TIMEOUT", 15.0) or 15.0,
     )
     for name, text in (("MODELS", settings.models), ("WORKER_MODELS", settings.worker_models)):
         try:

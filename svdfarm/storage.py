@@ -44,6 +44,26 @@ def output_keys(job_id: uuid.UUID | str, token: str, formats: Iterable[str]) -> 
     return keys
 
 
+def preview_key(job_id: uuid.UUID | str, token: str, step: int) -> str:
+    """The storage key of a claim's preview after denoising step ``step``
+    (``preview.<token>.<step>.jpg``, worker.previews)."""
+    return Store.key(job_id, f"preview.{token}.{step}.jpg")
+
+
+def preview_step(key: str | None, token: str | None) -> int | None:
+    """The step of the preview stored at ``key`` when the claim ``token`` wrote it (the job's
+    current claim), else None: a lost claim's preview, a malformed key, no key."""
+    if not key or not token:
+        return None
+    name = key.rpartition("/")[2]
+    kind, _, rest = name.partition(".")
+    owner, _, rest = rest.partition(".")
+    step, _, suffix = rest.partition(".")
+    if kind != "preview" or owner != token or suffix != "jpg" or not step.isdigit():
+        return None
+    return int(step)
+
+
 class Store(ABC):
     """A job file store: keys ``<job id>/<name>``, whole-object writes, nothing half written."""
 

@@ -26,7 +26,8 @@ from svdfarm.models import utcnow
 from svdfarm.params import ParamError
 from svdfarm.registry import models_listing, served_models
 from svdfarm.states import Actor, JobState
-from web.database import get_session
+from svdfarm.webhooks import secret_for
+from web.database import get_db, get_session
 from web.jobs import (
     DEFAULT_PAGE,
     MAX_PAGE,
@@ -277,3 +278,15 @@ def list_jobs() -> Any:
     except CursorError as exc:
         return error_response(str(exc), 400, fields={"cursor": str(exc)})
     return jsonify({"jobs": describe_jobs(session, jobs), "next_cursor": next_cursor})
+
+
+@bp.get("/webhooks/secret")
+def webhook_secret() -> Any:
+    """The caller's own webhook signing secret, ``{"key": "whsec_..."}`` (made on first use):
+    every delivery of its jobs is signed with it. In open mode a caller without a key is its
+    address's anonymous owner, and gets that owner's secret."""
+    owner = current_caller().owner
+    # A GET's session reads outside a transaction; making the secret needs one.
+    with get_db().session() as session, session.begin():
+        key = secret_for(session, owner)
+    return jsonify({"key": key})

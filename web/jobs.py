@@ -24,6 +24,7 @@ from svdfarm.registry import waiting_reason
 from svdfarm.retention import expires_at
 from svdfarm.settings import Settings
 from svdfarm.states import AttemptOutcome, EventType, JobState, Phase
+from svdfarm.storage import preview_step
 from web.owners import current_caller, display_names, shown_owner
 from web.recent_workers import recent_workers
 
@@ -406,6 +407,15 @@ def output_urls(job: Job) -> dict[str, str]:
     return urls
 
 
+def preview_url(job: Job) -> str | None:
+    """The URL of a running job's latest preview (``?step=N``, the step it shows, so a new
+    one is a new URL), or None: not running, no preview yet, or one of a lost claim."""
+    step = preview_step(job.preview_key, job.claim_token) if job.state.active else None
+    if step is None:
+        return None
+    return url_for("pages.preview", job_id=job.id, step=step, _external=True)
+
+
 def place_json(place: Place | None) -> dict[str, Any] | None:
     """A queued job's place as the API shows it (None for a job that is not queued)."""
     if place is None:
@@ -447,7 +457,8 @@ def job_json(
     (:func:`public_text`): the admin pages have the whole text. ``expires_at`` is when
     retention deletes the outputs (None: kept forever); once it has, ``expired`` is true and
     there is no video or poster URL. ``outputs`` has the URL of each output format once the
-    job succeeded (empty before, and once expired).
+    job succeeded (empty before, and once expired). ``preview_url`` is a running job's latest
+    preview (:func:`preview_url`).
     """
     settings = current_app.config["SVDFARM_SETTINGS"]
     expired = job.expired_at is not None
@@ -487,6 +498,7 @@ def job_json(
             else None
         ),
         "outputs": output_urls(job) if done else {},
+        "preview_url": preview_url(job),
         "error": public_text(job.error),
         "status_url": url_for("api.get_job", job_id=job.id, _external=True),
         "page_url": url_for("pages.job", job_id=job.id, _external=True),

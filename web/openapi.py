@@ -121,6 +121,16 @@ def _field_schemas() -> dict[str, Any]:
         "description": f"Dispatch priority, {MIN_PRIORITY} to {MAX_PRIORITY}: higher runs first. "
         "Above the owner's own limit (0 for anonymous clients) is refused with 403. Blank: 0.",
     }
+    properties["webhook_url"] = {
+        "type": "string",
+        "maxLength": 2000,
+        "description": "An http:// or https:// URL (no user:password@, at most 2000 "
+        "characters) the farm POSTs the job's events to: job.queued, job.started, "
+        "job.succeeded, job.failed, job.canceled, each signed with the owner's secret (GET "
+        "/api/v1/webhooks/secret; docs/WEBHOOKS.md). A literal loopback, private, link-local "
+        "or other non-public address is refused (400) unless the farm allows them "
+        "(SVDFARM_WEBHOOK_ALLOW_PRIVATE). Blank: none.",
+    }
     return properties
 
 
@@ -324,6 +334,15 @@ def _job() -> dict[str, Any]:
             {**url, "description": "The MP4, once the job succeeded (until it expires)."}
         ),
         "poster_url": _nullable(url),
+        "preview_url": _nullable(
+            {
+                **url,
+                "description": "While the job runs, its latest preview: the middle frame of "
+                "the denoising latents as a small JPEG under /jobs/<id>/, with ?step=N (the "
+                "step it shows) so each new one is a new URL; null before the first, and once "
+                "the job ended.",
+            }
+        ),
         "outputs": {
             "type": "object",
             "propertyNames": {"enum": list(OUTPUT_FORMATS)},
@@ -769,6 +788,34 @@ def _list_operation() -> dict[str, Any]:
     }
 
 
+def _webhook_secret_operation() -> dict[str, Any]:
+    """``GET /api/v1/webhooks/secret``: the caller's signing secret."""
+    secret = {
+        "type": "object",
+        "required": ["key"],
+        "properties": {
+            "key": {
+                "type": "string",
+                "pattern": "^whsec_[A-Za-z0-9+/=]+$",
+                "description": "The secret that signs every webhook delivery of the caller's "
+                "jobs (Standard Webhooks: webhook-id, webhook-timestamp, webhook-signature).",
+            }
+        },
+    }
+    return {
+        "operationId": "getWebhookSecret",
+        "summary": "Your webhook signing secret",
+        "description": "The caller's own owner's secret, made on first use and the same "
+        "afterwards. In open mode a caller without a key is its address's anonymous owner and "
+        "gets that owner's secret; with SVDFARM_AUTH=keys a caller without a key gets 401.",
+        "responses": {
+            "200": _json(secret, "The caller's signing secret."),
+            "401": _unauthorized(),
+            "503": _error("The database is unavailable.", True),
+        },
+    }
+
+
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document of the JSON API and ``/healthz``."""
     cancel = _job_operation(
@@ -809,6 +856,7 @@ def openapi_document() -> dict[str, Any]:
             "/api/v1/jobs/{job_id}/events": {"get": events},
             "/api/v1/models": {"get": _models_operation()},
             "/api/v1/jobs/{job_id}/cancel": {"post": cancel},
+            "/api/v1/webhooks/secret": {"get": _webhook_secret_operation()},
             **_batch_operations(),
             "/api/v1/openapi.json": {
                 "get": {

@@ -483,6 +483,12 @@ def poster(job_id: str) -> Any:
     return _send(job_id, "poster_key", "image/png", f"svdfarm-{job_id}.png")
 
 
+@bp.get("/jobs/<job_id>/preview.jpg")
+def preview(job_id: str) -> Any:
+    """The latest preview of a running job's middle frame (``?step=`` only busts caches)."""
+    return _send(job_id, "preview_key", "image/jpeg", f"svdfarm-{job_id}-preview.jpg")
+
+
 @bp.get("/jobs/<job_id>/input")
 def input_image(job_id: str) -> Any:
     """The image the job was submitted with."""

@@ -48,6 +48,7 @@ from svdfarm.storage import Store, open_store, other_claims_outputs, output_keys
 from worker.errors import JobCanceled, classify, user_message
 from worker.planner import first_plan
 from worker.plans import Plan
+from worker.previews import PreviewWriter
 from worker.runner import AttemptResult, RenderFailed, local_capabilities, render_with_ladder
 
 log = logging.getLogger(__name__)
@@ -237,6 +238,7 @@ def _finish(
     end: _End,
     store: Store | None = None,
     outputs: tuple[str, ...] = (),
+    previews: PreviewWriter | None = None,
 ) -> bool:
     """Move the job to its end state and free the worker, in one transaction.
 
@@ -245,13 +247,16 @@ def _finish(
     makes them the job's, so a succeeded job's files are never replaced and a job taken over
     elsewhere gets none of this worker's. Retried while the database is unreachable. Returns
     False (this claim's outputs deleted) when the job was not ours; a success deletes the
-    outputs of the job's lost claims, a failure its own.
+    outputs of the job's lost claims, a failure its own. This claim's ``previews`` go in
+    any case (with a success, every claim's).
     """
     won = retrying(
         lambda: _finish_once(db, claimed.token, job_id, hostname, end),
         timeout_s=settings.db_retry_timeout_s,
         what=f"job {job_id}: recording how it ended",
     )
+    if previews is not None:
+        previews.discard(every_claim=won and end.outcome is RunOutcome.SUCCEEDED)
     if store is None:
         return won
     if not won:
@@ -387,18 +392,29 @@ def run_job(db: Database, settings: Settings, job_id: str, hostname: str) -> Run
         log.info("job %s not run: %s", job_id, claimed.label)
         return _NOT_RUN[claimed]
     store = open_store(settings)
+    previews = PreviewWriter(db, store, key, claimed.token, settings.preview_interval_s)
     finish = functools.partial(
-        _finish, db, settings, claimed, job_id=key, hostname=hostname, store=store
+        _finish,
+        db,
+        settings,
+        claimed,
+        job_id=key,
+        hostname=hostname,
+        store=store,
+        previews=previews,
     )
     # The store sees only finished files, under this claim's names; nothing shared is written.
     with tempfile.TemporaryDirectory(prefix=f"svdfarm-{key}-") as scratch:
-        rendered = _render(db, settings, claimed, job_id=key, hostname=hostname, scratch=scratch)
+        rendered = _render(
+            db, settings, claimed, job_id=key, hostname=hostname, scratch=scratch, preview=previews
+        )
         if isinstance(rendered, _End):
             if rendered.outcome is not RunOutcome.FAILED:
                 finish(end=rendered)
                 return rendered.outcome
             # Failed here: another worker may take it (a bad worker does not eat the job).
             if _hand_back_failed(db, settings, claimed.token, key, hostname, rendered):
+                previews.discard()
                 log.warning("job %s failed here and was handed back for another worker", job_id)
                 _check_health(db, hostname)
                 return RunOutcome.HANDED_BACK
@@ -422,6 +438,7 @@ def run_job(db: Database, settings: Settings, job_id: str, hostname: str) -> Run
         "video_key": video_key,
         "poster_key": poster_key,
         "output_keys": output_keys(key, claimed.token, claimed.params.formats),
+        "preview_key": None,  # the video replaces the previews (deleted by _finish)
     }
     details = {"plan": attempts[-1].plan.name, "attempts": len(attempts)}
     end = _End(RunOutcome.SUCCEEDED, values=values, details=details)
@@ -437,10 +454,11 @@ def _render(
     job_id: uuid.UUID,
     hostname: str,
     scratch: str,
+    preview: PreviewWriter | None = None,
 ) -> tuple[list[AttemptResult], dict[str, Path]] | _End:
     """Read the input from the store and render it into ``scratch``: the attempts and the
     files to store by key (video first, then poster, then the other output formats), or how
-    the run ends without them."""
+    the run ends without them; ``preview`` stores previews as it denoises."""
     video = Store.key(job_id, f"video.{claimed.token}.mp4")
     poster = Store.key(job_id, f"poster.{claimed.token}.png")
     files = {video: Path(scratch) / "video.mp4", poster: Path(scratch) / "poster.png"}
@@ -467,6 +485,7 @@ def _render(
             ),
             hooks=rows,
             extra_paths=extra_paths,
+            preview=preview,
         )
     except JobCanceled:
         return _End(RunOutcome.CANCELED)

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     )
 
 StepCallback = Callable[[int, int], None]
+#: on_latents(pipe, done, total, latents) after each denoising step (worker.previews).
+LatentsCallback = Callable[[Any, int, int, Any], None]
 
 
 def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
@@ -39,11 +41,13 @@ def render_frames(
     params: RenderParams,
     plan: Plan,
     on_step: StepCallback | None = None,
+    on_latents: LatentsCallback | None = None,
 ) -> np.ndarray:
     """Render ``params.num_frames`` frames from ``image``; uint8, (frames, height, width, 3).
 
     ``on_step(done, total)`` is called after each denoising step; an exception it raises
-    stops the render and propagates (this is how a job is cancelled). Raises
+    stops the render and propagates (this is how a job is cancelled); then ``on_latents(pipe,
+    done, total, latents)`` sees the latents (the previews). Raises
     :class:`NonFiniteOutput` when the frames hold NaN or infinity.
     """
     import torch
@@ -57,6 +61,8 @@ def render_frames(
         check_finite(callback_kwargs["latents"], f"the latents after step {step_index + 1}")
         if on_step is not None:
             on_step(step_index + 1, total)
+        if on_latents is not None:
+            on_latents(_pipe, step_index + 1, total, callback_kwargs["latents"])
         return callback_kwargs
 
     generator = torch.Generator("cpu").manual_seed(params.seed)

@@ -27,6 +27,8 @@ from worker.plans import Plan, device_type
 
 #: report(phase, progress 0..1, step): called as the render moves; may raise to stop it.
 Reporter = Callable[[Phase, float, int], None]
+#: preview(pipe, step, total, latents): sees the latents after each step (worker.previews).
+Previewer = Callable[[Any, int, int, Any], None]
 
 # Shares of the progress bar; denoising dominates the time of a real render.
 _LOADED, _DENOISED, _ENCODING = 0.05, 0.90, 0.96
@@ -120,9 +122,11 @@ def render_to_files(
     poster_path: Path,
     report: Reporter,
     extra_paths: Mapping[str, Path] | None = None,
+    preview: Previewer | None = None,
 ) -> None:
     """One attempt: load or re-cast the model, render the frames, write the MP4 (carrying the
-    model and settings), the poster, and each of ``extra_paths`` (output format -> file)."""
+    model and settings), the poster, and each of ``extra_paths`` (output format -> file);
+    ``preview`` sees the latents as they denoise."""
     from worker.pipeline import load_pipeline, pipeline_ready
     from worker.render import render_frames
     from worker.video import encode_mp4, ping_pong, settings_metadata, write_poster
@@ -137,7 +141,7 @@ def render_to_files(
         progress = _LOADED + (_DENOISED - _LOADED) * step / total
         report(Phase.DECODING if step >= total else Phase.DENOISING, progress, step)
 
-    frames = render_frames(pipe, image, params, plan, on_step)
+    frames = render_frames(pipe, image, params, plan, on_step, preview)
     report(Phase.ENCODING, _ENCODING, params.num_inference_steps)
     poster_frames = frames
     if params.loop:
@@ -186,12 +190,14 @@ def render_with_ladder(
     report: Reporter,
     hooks: AttemptHooks,
     extra_paths: Mapping[str, Path] | None = None,
+    preview: Previewer | None = None,
 ) -> list[AttemptResult]:
     """Render, retrying down the ladder on dtype, memory and non-finite errors.
 
     ``plan`` (chosen for ``reason``) is the first rung; ``report`` hears the phase and
     progress, ``hooks`` each attempt as it starts and ends; ``extra_paths`` are the files of
-    the job's other output formats (format -> file).
+    the job's other output formats (format -> file); ``preview`` sees the latents after each
+    denoising step.
 
     Returns the attempts (the last one succeeded). Raises :class:`JobCanceled` when a cancel
     stopped it and :class:`RenderFailed` when the ladder ran out or the error is not retried.
@@ -210,7 +216,7 @@ def render_with_ladder(
         started = time.monotonic()
         try:
             render_to_files(
-                settings, params, plan, image, video_path, poster_path, report, extra_paths
+                settings, params, plan, image, video_path, poster_path, report, extra_paths, preview
             )
         except JobCanceled:
             attempt.outcome, attempt.message = AttemptOutcome.CANCELED, "Canceled by request."

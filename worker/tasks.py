@@ -311,6 +311,7 @@ class _Registry:
         if self.settings.reap_interval_s:
             threading.Thread(target=self._reaper, name="svdfarm-reaper", daemon=True).start()
         threading.Thread(target=self._dispatcher, name="svdfarm-dispatch", daemon=True).start()
+        threading.Thread(target=self._webhooks, name="svdfarm-webhooks", daemon=True).start()
 
     def _dispatcher(self) -> None:
         """A dispatch pass now (this worker is new and idle), then every
@@ -329,6 +330,23 @@ class _Registry:
             wait = DISPATCH_INTERVAL_S
             if not self.draining:
                 _dispatch_now(db, self.publish_celery, self.settings, self.hostname)
+
+    def _webhooks(self) -> None:
+        """Every ``SEND_INTERVAL_S``, a pass of the webhook sender (svdfarm.webhook_sender):
+        the due deliveries, sent from this thread only, never from a web request. A failed
+        pass is logged and tried again next time."""
+        from svdfarm.webhook_sender import SEND_INTERVAL_S, send_due
+
+        assert self.settings is not None
+        db = database_for(self.settings.database_url)
+        while not self.stop.wait(SEND_INTERVAL_S):
+            try:
+                send_due(db, self.settings)
+            except Exception as exc:
+                if is_unavailable(exc):
+                    log.warning("webhooks: database unavailable (%s)", type(exc).__name__)
+                else:
+                    log.exception("webhook pass failed")
 
     def _beat(self) -> None:
         """Every heartbeat interval: the time, the queues, and draining once stopping.

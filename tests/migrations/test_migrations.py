@@ -22,6 +22,9 @@ TABLES = {
     "metric_counts",
     "users",
     "api_keys",
+    "webhook_secrets",
+    "webhook_endpoints",
+    "webhook_deliveries",
     "alembic_version",
 }
 

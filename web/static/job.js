@@ -15,6 +15,8 @@
   const phase = document.getElementById("phase");
   const waiting = document.getElementById("waiting");
   const place = document.getElementById("place");
+  const preview = document.getElementById("preview");
+  const previewFigure = document.getElementById("preview-figure");
   const attempts = document.querySelectorAll("#attempts tbody tr:not(.message)").length;
   let lastState = root.dataset.state;
   // The seconds behind the time left on screen: a later estimate above them is not shown, so
@@ -68,6 +70,11 @@
     stateLine.className = "state state-" + job.state;
     phase.textContent = job.phase_label;
     if (place) place.textContent = placeText(job.place);
+    // A new preview is a new URL (?step=N): load it only when it changed.
+    if (preview && job.preview_url && preview.getAttribute("src") !== job.preview_url) {
+      preview.src = job.preview_url;
+      if (previewFigure) previewFigure.hidden = false;
+    }
     if (waiting && job.waiting) {
       const text = job.waiting.replace(/^waiting: /, "");
       waiting.textContent = text.charAt(0).toUpperCase() + text.slice(1) + ".";
