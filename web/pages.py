@@ -84,7 +84,7 @@ bp.before_app_request(owners.gate)
 #: How long a presigned S3 link of a download stays valid; the page asks again on each view.
 DOWNLOAD_URL_EXPIRES_S = 300
 #: The form fields "render again" may prefill from the query string.
-PREFILL = (*FIELDS, "precision", *OUTPUT_FIELDS, "model", "priority")
+PREFILL = (*FIELDS, "precision", *OUTPUT_FIELDS, "model", "priority", "webhook_url")
 #: The users' login limiter, in the app's extensions (the admin login has its own).
 _USER_LIMITER_KEY = "svdfarm.user_limiter"
 #: The status page's names of the parameters that are not numbers of FIELDS.

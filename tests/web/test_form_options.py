@@ -102,3 +102,17 @@ def test_render_again_copies_formats_loop_and_guidance(app: Flask, client: Flask
     assert not re.search(r'value="webm" id="output-webm"\s+checked', form)
     assert re.search(r'id="loop"\s+checked', form)
     assert re.search(r'<input id="max_guidance_scale"[^>]*value="6.0"', form)
+
+
+def test_a_webhook_url_from_the_form(app: Flask, client: FlaskClient) -> None:
+    """The Advanced section's webhook URL is kept on the job; one pointing at an internal
+    address is refused beside its field, the section open and the value kept."""
+    refused = submit(client, webhook_url="http://10.0.0.5/hook")
+    assert refused.status_code == 400
+    assert re.search(r'<details class="advanced" id="advanced"\s+open>', refused.text)
+    assert 'id="webhook_url-error"' in refused.text
+    assert re.search(r'<input id="webhook_url"[^>]*value="http://10.0.0.5/hook"', refused.text)
+    response = submit(client, webhook_url="https://example.com/hook")
+    assert response.status_code == 303, response.text
+    job = load_job(app, job_id_from(response))
+    assert job.webhook_url == "https://example.com/hook"
