@@ -28,6 +28,9 @@ QUEUE = "svd.cuda.fp16.16g"
 CPU_QUEUES = [f"svd.cpu.fp32.{t}g" for t in (8, 12, 16, 24)]
 
 #: The render parameters of a small job, for rows inserted directly.
+#: The owner of a test client's key-less jobs in open mode (web.owners): its address.
+LOCAL_OWNER = "addr:127.0.0.1"
+
 SMALL_JOB = {
     "model": "tiny",
     "num_frames": 4,
@@ -111,6 +114,8 @@ def broker_messages(settings: Settings) -> list[tuple[str, str]]:
 def job_row(job_id: uuid.UUID, **fields: object) -> Job:
     """A job row with a small job's parameters; ``fields`` set or replace any column."""
     values: dict[str, object] = {**SMALL_JOB, "input_key": f"{job_id}/input.png", **fields}
+    # The test client's own key-less job, unless the test names another owner.
+    values.setdefault("owner", LOCAL_OWNER)
     if values.get("state", JobState.QUEUED) is JobState.QUEUED:
         # A queued row was sent to its queue already, unless the test says published_at=None
         # (a job that waits in the database for the dispatcher).
@@ -297,10 +302,6 @@ def send_two_cancel_one(db: Database, settings: Settings) -> tuple[uuid.UUID, uu
     with db.session() as session:
         assert cancel_job(session, canceled, by=By(Actor.ADMIN)).done
     return kept, canceled
-
-
-#: The owner of a test client's key-less jobs in open mode (web.owners): its address.
-LOCAL_OWNER = "addr:127.0.0.1"
 
 
 def set_owner(db: Database, job_id: uuid.UUID, owner: str = LOCAL_OWNER) -> uuid.UUID:

@@ -182,16 +182,19 @@ def _submitter(
 
 
 def _poller(port: int, seed: int, stop: threading.Event, record: Record) -> None:
-    """Read the status of accepted jobs, picked at random, until told to stop."""
+    """Read the status of accepted jobs, picked at random, until told to stop; each as the
+    client that submitted it (its address is its owner: another's job answers 404)."""
     rng = random.Random(seed)
     while not stop.is_set():
         with record.lock:
             job_id = rng.choice(record.accepted) if record.accepted else None
+            address = record.address_of.get(job_id or "", "")
         if job_id is None:
             time.sleep(0.05)
             continue
         try:
-            answer = request(port, "GET", f"/api/v1/jobs/{job_id}")
+            headers = {"X-Forwarded-For": address}
+            answer = request(port, "GET", f"/api/v1/jobs/{job_id}", headers=headers)
         except Exception as exc:
             record.problem(f"status of {job_id}: {exc!r}")
         else:
