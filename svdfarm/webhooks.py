@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from standardwebhooks.webhooks import Webhook
 
-from svdfarm.models import JobEvent, WebhookDelivery, WebhookEndpoint, WebhookSecret, utcnow
+from svdfarm.models import Job, JobEvent, WebhookDelivery, WebhookEndpoint, WebhookSecret, utcnow
 from svdfarm.users import find_user, user_id_of
 from svdfarm.webhook_payload import job_columns, payload
 from svdfarm.webhook_states import DEFAULT_EVENTS, FROM_JOB_EVENT, DeliveryState, WebhookEvent
@@ -199,13 +199,20 @@ def on_event(session: Session, event: JobEvent) -> list[WebhookDelivery]:
     kind = FROM_JOB_EVENT.get(event.type)
     if kind is None:
         return []
-    job = session.execute(job_columns(event.job_id)).first()
+    # One read in the usual case (no URL on the job, no endpoint of its owner): the job's
+    # columns with whether its owner has an endpoint at all.
+    has_endpoints = (
+        select(WebhookEndpoint.id)
+        .where(WebhookEndpoint.owner == Job.owner, WebhookEndpoint.disabled_at.is_(None))
+        .exists()
+    )
+    job = session.execute(job_columns(event.job_id).add_columns(has_endpoints)).first()
     if job is None:
         return []
     targets: list[tuple[int | None, str]] = []
     if job.webhook_url and kind in DEFAULT_EVENTS:
         targets.append((None, job.webhook_url))
-    if job.owner:
+    if job.owner and job[-1]:
         endpoints = session.execute(
             select(WebhookEndpoint.id, WebhookEndpoint.url, WebhookEndpoint.events).where(
                 WebhookEndpoint.owner == job.owner, WebhookEndpoint.disabled_at.is_(None)
