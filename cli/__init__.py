@@ -17,6 +17,8 @@ import contextlib
 import os
 import sys
 
+from sqlalchemy.exc import DBAPIError
+
 from cli import gpus
 from svdfarm.catalog import find_entry
 from svdfarm.settings import ModelChoice, Settings, SettingsError, choose_model, load_settings
@@ -74,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def missing_schema(exc: DBAPIError) -> bool:
+    """True when a database error says a table or column of ours is missing (a database not
+    migrated, or migrated to an older revision)."""
+    text = str(exc.orig).lower()
+    return any(sign in text for sign in ("no such table", "no such column", "does not exist")) and (
+        "relation" in text or "column" in text or "no such" in text
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``svdfarm`` command."""
     try:
@@ -85,6 +96,13 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()  # a reader that left (``| head``) shows here, not at exit
     except SettingsError as exc:
         return fail(str(exc))
+    except DBAPIError as exc:
+        if not missing_schema(exc):
+            raise
+        return fail(
+            "the database has no svdfarm tables yet, or an older schema: run "
+            "`svdfarm db upgrade` first (`svdfarm up` does it on its own)."
+        )
     except BrokenPipeError:
         # Whatever reads our output stopped reading: say nothing more to it, and make the
         # flush at exit write to nowhere instead of printing a second error.

@@ -91,3 +91,22 @@ def test_the_chosen_model_is_printed_and_handed_on(
     assert settle_model(load_settings()).model == DEFAULT_MODEL
     assert settle_model(load_settings(), given="/models/x").model == "/models/x"
     assert capsys.readouterr().err.splitlines()[-1] == "model: /models/x (--model)"
+
+
+@pytest.mark.parametrize("command", [["jobs", "list"], ["users", "add", "bob"], ["keys", "list"]])
+def test_a_database_not_migrated_is_named_not_a_traceback(
+    cli_env: dict[str, str], command: list[str]
+) -> None:
+    """On a fresh data folder (no tables yet) a command says to run ``svdfarm db upgrade``
+    in one line and exits 2, writing nothing; after the upgrade the same command works."""
+    done = subprocess.run([*SVDFARM, *command], env=cli_env, capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (
+        "error: the database has no svdfarm tables yet, or an older schema: run "
+        "`svdfarm db upgrade` first (`svdfarm up` does it on its own)."
+    )
+    assert "Traceback" not in done.stderr
+    upgraded = subprocess.run([*SVDFARM, "db", "upgrade"], env=cli_env, capture_output=True)
+    assert upgraded.returncode == 0, upgraded.stderr
+    again = subprocess.run([*SVDFARM, *command], env=cli_env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
