@@ -24,7 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 
 from svdfarm import lifecycle, worker_health
@@ -93,15 +93,12 @@ def _claim(
         casts = settings.casts if job.casts is None else job.casts
         plan, reason = first_plan(local_capabilities(), params, casts=casts, dtypes=job.dtypes)
         taken.event.details = {**taken.event.details, "plan": plan.name}
+        # This worker holds the job now, and is busy unless it was draining (one write).
+        busy = case((Worker.state == WorkerState.IDLE, WorkerState.BUSY), else_=Worker.state)
         session.execute(
             update(Worker)
             .where(Worker.hostname == hostname)
-            .values(current_job_id=job_id, last_heartbeat=utcnow())
-        )
-        session.execute(
-            update(Worker)
-            .where(Worker.hostname == hostname, Worker.state == WorkerState.IDLE)
-            .values(state=WorkerState.BUSY)
+            .values(current_job_id=job_id, last_heartbeat=utcnow(), state=busy)
         )
         return Claimed(params, job.input_key, plan, reason, taken.token, job.model or "")
 
