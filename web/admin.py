@@ -75,14 +75,7 @@ def _setup(state: BlueprintSetupState) -> None:
     auth.warn_if_plain(state.app.config["SVDFARM_SETTINGS"].admin_password)
 
 
-@bp.before_request
-def _guard() -> Any:
-    """The admin is off without a password; every POST must carry the CSRF token."""
-    if not auth.admin_password():
-        return render_template("admin/disabled.html"), 503
-    if request.method == "POST":
-        auth.check_csrf()
-    return None
+bp.before_request(auth.admin_guard)
 
 
 @bp.context_processor

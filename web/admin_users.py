@@ -44,14 +44,7 @@ from web.database import get_session
 bp = Blueprint("admin_users", __name__, url_prefix="/admin/users")
 
 
-@bp.before_request
-def _guard() -> Any:
-    """The admin is off without a password; every POST must carry the CSRF token."""
-    if not auth.admin_password():
-        return render_template("admin/disabled.html"), 503
-    if request.method == "POST":
-        auth.check_csrf()
-    return None
+bp.before_request(auth.admin_guard)
 
 
 @bp.context_processor

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar, cast
 
-from flask import current_app, redirect, request, session, url_for
+from flask import current_app, redirect, render_template, request, session, url_for
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from svdfarm.settings import is_password_hash
@@ -128,13 +128,24 @@ class LoginLimiter:
             self._failures.pop(client, None)
 
 
-def limiter() -> LoginLimiter:
-    """The running app's :class:`LoginLimiter`, made on first use."""
+def limiter(key: str = _LIMITER_KEY) -> LoginLimiter:
+    """The running app's :class:`LoginLimiter` named ``key`` (the admin's by default; the
+    users' login keeps its own), made on first use."""
     extensions = current_app.extensions
-    if _LIMITER_KEY not in extensions:
-        extensions[_LIMITER_KEY] = LoginLimiter()
-    found: LoginLimiter = extensions[_LIMITER_KEY]
+    if key not in extensions:
+        extensions[key] = LoginLimiter()
+    found: LoginLimiter = extensions[key]
     return found
+
+
+def admin_guard() -> Any:
+    """Before every admin request: off without a password (503 with how to turn it on), and
+    every POST must carry the CSRF token."""
+    if not admin_password():
+        return render_template("admin/disabled.html"), 503
+    if request.method == "POST":
+        check_csrf()
+    return None
 
 
 def too_many_failures(wait_s: int) -> str:

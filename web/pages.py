@@ -60,6 +60,7 @@ from svdfarm.storage import open_store, output_name
 from svdfarm.users import MAX_PRIORITY, MIN_PRIORITY, check_login
 from web import owners
 from web.auth import LoginLimiter, too_many_failures
+from web.auth import limiter as auth_limiter
 from web.database import get_session
 from web.jobs import (
     DEFAULT_PAGE,
@@ -499,12 +500,8 @@ def input_image(job_id: str) -> Any:
 
 
 def _user_limiter() -> LoginLimiter:
-    """The running app's limiter of failed user logins, made on first use."""
-    extensions = current_app.extensions
-    if _USER_LIMITER_KEY not in extensions:
-        extensions[_USER_LIMITER_KEY] = LoginLimiter()
-    found: LoginLimiter = extensions[_USER_LIMITER_KEY]
-    return found
+    """The running app's limiter of failed user logins (not the admin's), made on first use."""
+    return auth_limiter(_USER_LIMITER_KEY)
 
 
 def _login_page(error: str = "", status: int = 200, name: str = "") -> Any:
