@@ -94,11 +94,16 @@ def _claim(
         plan, reason = first_plan(local_capabilities(), params, casts=casts, dtypes=job.dtypes)
         taken.event.details = {**taken.event.details, "plan": plan.name}
         # This worker holds the job now, and is busy unless it was draining (one write).
-        busy = case((Worker.state == WorkerState.IDLE, WorkerState.BUSY), else_=Worker.state)
         session.execute(
             update(Worker)
             .where(Worker.hostname == hostname)
-            .values(current_job_id=job_id, last_heartbeat=utcnow(), state=busy)
+            .values(
+                current_job_id=job_id,
+                last_heartbeat=utcnow(),
+                state=case(
+                    (Worker.state == WorkerState.IDLE, WorkerState.BUSY), else_=Worker.state
+                ),
+            )
         )
         return Claimed(params, job.input_key, plan, reason, taken.token, job.model or "")
 
