@@ -9,7 +9,6 @@ import errno
 import threading
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -23,6 +22,7 @@ from svdfarm.settings import Settings
 from svdfarm.states import AttemptOutcome, ErrorClass, EventType, JobState, RunOutcome, WorkerState
 from tests.conftest import DATABASES
 from tests.rows import add_worker, job_with_attempts, submit_small_job, wait_until
+from tests.worker.consumers import FakeConsumer
 from worker import tasks
 from worker.execute import run_job
 
@@ -191,30 +191,6 @@ def test_a_failed_health_check_never_breaks_the_finish(
 
 
 # -- The worker process: the heartbeat reads the flag, the intake stays paused ---------------
-
-
-@dataclass
-class FakeTaskConsumer:
-    """kombu's Consumer as the intake uses it: subscriptions by consumer tag."""
-
-    _active_tags: dict[str, str] = field(default_factory=lambda: {"svd.cpu.fp32.8g": "tag"})
-    calls: list[str] = field(default_factory=list)
-
-    def cancel(self) -> None:
-        self.calls.append("cancel")
-        self._active_tags.clear()
-
-    def consume(self) -> None:
-        self.calls.append("consume")
-        self._active_tags["svd.cpu.fp32.8g"] = "tag"
-
-
-@dataclass
-class FakeConsumer:
-    """Celery's worker consumer: its task consumer and timer."""
-
-    task_consumer: FakeTaskConsumer = field(default_factory=FakeTaskConsumer)
-    timer: Any = None
 
 
 @pytest.fixture
