@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     """Serve the bare app with ``svdfarm web``'s gunicorn settings until stopped."""
     from gunicorn.app.base import BaseApplication
 
-    from cli.web_server import ServePlan, Server, gunicorn_options
+    from cli.web_server import ServePlan, Server, default_worker_class, gunicorn_options
     from svdfarm.settings import load_settings
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         workers=args.workers or settings.web_workers,
         threads=args.threads or settings.web_threads,
+        worker_class=default_worker_class(),
     )
 
     class BareApplication(BaseApplication):  # type: ignore[misc]

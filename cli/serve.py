@@ -22,7 +22,7 @@ from typing import Any
 from cli import fail, redact, settle_model
 from cli.gpus import GpuQueryFailed, cuda_device_count, torch_installed
 from cli.noise import silence_library_noise
-from cli.web_server import ServePlan, Server, serve
+from cli.web_server import ServePlan, Server, default_worker_class, serve
 from svdfarm.settings import MAX_WEB, Settings, load_settings
 
 #: How the farm starts its own children: this interpreter, ``python -m cli``.
@@ -80,6 +80,7 @@ def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
         port=args.port,
         workers=args.workers or settings.web_workers,
         threads=args.threads or settings.web_threads,
+        worker_class=default_worker_class(),
     )
     print(plan.describe(), flush=True)
     return serve(plan, settings)

@@ -2,10 +2,13 @@
 when asked (``--server waitress``).
 
 gunicorn runs as a library (:func:`gunicorn_application`): ``SVDFARM_WEB_WORKERS`` processes (by
-default one per core) of ``SVDFARM_WEB_THREADS`` threads each (gthread), the combined access
-log on stdout, and gunicorn's own ``GUNICORN_CMD_ARGS`` applied last, so an operator can
-change any of its settings. Each worker process builds the app itself (no preload), so no
-database connection or broker channel is ever shared across a fork.
+default one per core), each gevent's (:data:`GEVENT_CONNECTIONS` connections a process, each
+request a greenlet: a live event stream waiting for its next event costs a few kilobytes,
+not a thread) where gevent is installed, else gthread's with ``SVDFARM_WEB_THREADS`` threads
+each; the combined access log on stdout, and gunicorn's own ``GUNICORN_CMD_ARGS`` applied
+last, so an operator can change any of its settings (``--worker-class gthread`` too). Each
+worker process builds the app itself (no preload), so no database connection or broker
+channel is ever shared across a fork.
 
 Proxies are the app's business (``SVDFARM_TRUSTED_PROXIES``, werkzeug's ProxyFix in
 :mod:`web.security`): gunicorn is told to trust no peer's ``X-Forwarded-Proto``, which it
@@ -28,6 +31,8 @@ from svdfarm.settings import Settings, SettingsError
 
 #: gunicorn's default access log format: the combined log format plus nothing.
 COMBINED = '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"'
+#: Connections one gevent worker process holds at once (gunicorn's ``worker_connections``).
+GEVENT_CONNECTIONS = 2000
 #: Seconds a gunicorn worker gets to finish its requests after SIGTERM: within the 10 s
 #: ``docker stop`` waits before it kills.
 GRACEFUL_TIMEOUT_S = 8
@@ -54,14 +59,25 @@ class ServePlan:
     port: int
     workers: int
     threads: int
+    #: gunicorn's worker class: gevent where installed (:func:`default_worker_class`).
+    worker_class: str = "gthread"
 
     def describe(self) -> str:
         """The line ``svdfarm web`` prints at start."""
         if self.server is Server.WAITRESS:
             shape = f"waitress, 1 process, {self.workers * self.threads} threads"
+        elif self.worker_class == "gevent":
+            shape = f"gunicorn, {self.workers} processes x {GEVENT_CONNECTIONS} connections, gevent"
         else:
             shape = f"gunicorn, {self.workers} processes x {self.threads} threads"
         return f"svdfarm web on http://{self.host}:{self.port}/ ({shape})"
+
+
+def default_worker_class() -> str:
+    """``gevent`` when it is installed (the ``web`` extra installs it), else ``gthread``."""
+    import importlib.util
+
+    return "gevent" if importlib.util.find_spec("gevent") is not None else "gthread"
 
 
 def serve(plan: ServePlan, settings: Settings) -> int:
@@ -86,7 +102,8 @@ def gunicorn_options(plan: ServePlan) -> dict[str, Any]:
         "bind": [f"[{plan.host}]:{plan.port}" if ":" in plan.host else f"{plan.host}:{plan.port}"],
         "workers": plan.workers,
         "threads": plan.threads,
-        "worker_class": "gthread",
+        "worker_class": plan.worker_class,
+        "worker_connections": GEVENT_CONNECTIONS,
         "accesslog": "-",
         "access_log_format": COMBINED,
         "errorlog": "-",

@@ -161,6 +161,7 @@ def app(settings: Settings) -> Iterator[Flask]:
 
     flask_app = create_app({"SVDFARM_SETTINGS": settings, "TESTING": True})
     yield flask_app
+    flask_app.extensions["svdfarm.feed"].stop()
     flask_app.extensions["svdfarm.db"].dispose()
 
 

@@ -53,6 +53,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     from web.metrics import bp as metrics_bp
     from web.openapi import bp as openapi_bp
     from web.pages import bp as pages_bp
+    from web.streams import bp as streams_bp
+    from web.streams import init_app as init_streams
 
     app.register_blueprint(pages_bp)
     app.register_blueprint(api_bp)
@@ -61,6 +63,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(admin_bp)
     app.register_blueprint(admin_users_bp)
     app.register_blueprint(metrics_bp)
+    app.register_blueprint(streams_bp)
+    init_streams(app)
 
     too_large = f"The upload is larger than the {format_size(settings.max_upload_bytes)} limit."
 

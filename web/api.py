@@ -41,6 +41,7 @@ from web.jobs import (
     own_job,
 )
 from web.owners import current_caller
+from web.streams import job_stream, wants_stream
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -217,9 +218,13 @@ def models() -> Any:
 
 @bp.get("/jobs/<job_id>/events")
 def job_events(job_id: str) -> Any:
-    """The job's events in order: every move of its state and change of its phase."""
+    """The job's events in order: every move of its state and change of its phase. To a
+    request that accepts ``text/event-stream``, a live stream of them and of the job's
+    progress instead (:mod:`web.streams`)."""
     session = get_session()
     job = own_job(session, job_id)
+    if wants_stream():
+        return job_stream(session, job)
     return jsonify({"events": [e.as_dict() for e in events_of(session, job.id)]})
 
 

@@ -46,6 +46,12 @@ def get_session() -> Session:
     return session
 
 
+def release_session() -> None:
+    """Close this request's session now, giving its connection back: a long response (an
+    event stream) that reads nothing more holds no connection while it lasts."""
+    _close_session()
+
+
 def _close_session(_exc: BaseException | None = None) -> None:
     """Close the request's session, if one was opened."""
     session = g.pop("db_session", None)

@@ -816,6 +816,100 @@ def _webhook_secret_operation() -> dict[str, Any]:
     }
 
 
+EVENT_STREAM = "text/event-stream"
+STREAM_TEXT = (
+    "With 'Accept: text/event-stream', a live stream of server-sent events instead: "
+    "'event: event' with 'id:' for each event (its JSON as listed here, plus job and state) "
+    "and 'event: progress' (no id) with the job's phase, step, steps, progress, ETA and "
+    "preview_url (a path) whenever they change. A client that reconnects with Last-Event-ID "
+    "(EventSource does) gets every event after it first."
+)
+
+
+def _stream_parameters() -> list[dict[str, Any]]:
+    """The parameters that resume an event stream (or page the JSON list) after an event."""
+    event_id = {"type": "string", "pattern": "^[0-9]{1,18}$"}
+    return [
+        {
+            "name": "Last-Event-ID",
+            "in": "header",
+            "required": False,
+            "description": "Only the events after this event id (a stream's resume point).",
+            "schema": event_id,
+        },
+        {
+            "name": "after",
+            "in": "query",
+            "required": False,
+            "description": "The same as Last-Event-ID, for clients that cannot set headers.",
+            "schema": event_id,
+        },
+    ]
+
+
+def _stream_content() -> dict[str, Any]:
+    """An event stream's content, as OpenAPI describes a ``text/event-stream`` body."""
+    return {
+        "schema": {
+            "type": "string",
+            "description": "Server-sent events: 'id:', 'event:' (event or progress) and one "
+            "'data:' line of JSON each; a comment every 15 s while quiet.",
+        }
+    }
+
+
+def _caller_events_operation() -> dict[str, Any]:
+    """``GET /api/v1/events``: the events of all the caller's jobs."""
+    page = {
+        "type": "object",
+        "required": ["events", "last_id"],
+        "properties": {
+            "events": {"type": "array", "items": _caller_event()},
+            "last_id": {
+                "type": "integer",
+                "description": "The last event's id: pass it as after for the next page.",
+            },
+        },
+        "additionalProperties": False,
+    }
+    ok = _json(page, "The caller's jobs' events after 'after', oldest first.")
+    ok["content"][EVENT_STREAM] = _stream_content()
+    return {
+        "operationId": "getEvents",
+        "summary": "All your jobs' events",
+        "description": "The events of every job of the caller, oldest first. "
+        + STREAM_TEXT.replace("'event: event'", "'event: event' (of any of its jobs)")
+        + " Without Last-Event-ID the stream starts from now.",
+        "parameters": [
+            *_stream_parameters(),
+            {
+                "name": "limit",
+                "in": "query",
+                "required": False,
+                "description": "Events in a JSON answer (default 100).",
+                "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+            },
+        ],
+        "responses": {
+            "200": ok,
+            "400": _error("A query parameter is unknown or malformed; fields says which."),
+            "401": _unauthorized(),
+            "503": _error("The database is unavailable.", True),
+        },
+    }
+
+
+def _caller_event() -> dict[str, Any]:
+    """One event of one of the caller's jobs: a job's event with the job's id."""
+    found = _event()
+    found["required"] = [*found["required"], "job"]
+    found["properties"] = {
+        **found["properties"],
+        "job": {"type": "string", "format": "uuid", "description": "The job's id."},
+    }
+    return found
+
+
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document of the JSON API and ``/healthz``."""
     cancel = _job_operation(
@@ -828,7 +922,15 @@ def openapi_document() -> dict[str, Any]:
     events = _job_operation(
         "getJobEvents", "A job's events", "200", "Every move of its state and phase, in order."
     )
+    events["description"] = STREAM_TEXT + " The stream ends after the event that ends the job."
+    events["parameters"] += _stream_parameters()
     events["responses"]["200"] = _json(_ref("JobEvents"), "The job's events, oldest first.")
+    events["responses"]["200"]["content"][EVENT_STREAM] = _stream_content()
+    events["responses"]["204"] = {
+        "description": "Asked for a stream of a job that has ended, with no event after "
+        "Last-Event-ID: nothing more will come (EventSource stops reconnecting)."
+    }
+    events["responses"]["400"] = _error("Last-Event-ID (or after) is not an event id.")
     return {
         "openapi": "3.1.0",
         "info": {
@@ -854,6 +956,7 @@ def openapi_document() -> dict[str, Any]:
                 )
             },
             "/api/v1/jobs/{job_id}/events": {"get": events},
+            "/api/v1/events": {"get": _caller_events_operation()},
             "/api/v1/models": {"get": _models_operation()},
             "/api/v1/jobs/{job_id}/cancel": {"post": cancel},
             "/api/v1/webhooks/secret": {"get": _webhook_secret_operation()},

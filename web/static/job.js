@@ -1,12 +1,15 @@
-// Live status: poll the JSON API and update the page; reload once the job ends (or a new
-// attempt starts) so the video, the error and the attempts appear. Without JavaScript the page
-// refreshes itself instead (a <noscript> meta refresh).
+// Live status: follow the job's event stream (server-sent events: its progress and preview as
+// they change, its events as they happen) and update the page; reload once the job's state
+// changes (or an attempt fails) so the video, the error and the attempts appear. Without
+// EventSource, or when the stream keeps failing, poll the JSON API once a second instead;
+// without JavaScript the page refreshes itself (a <noscript> meta refresh).
 (function () {
   "use strict";
   const ENDED = ["succeeded", "failed", "canceled"];
   const root = document.getElementById("job");
   if (!root || ENDED.includes(root.dataset.state)) return;
   const url = root.dataset.statusUrl;
+  const eventsUrl = root.dataset.eventsUrl;
   const bar = document.getElementById("bar");
   const percent = document.getElementById("percent");
   const eta = document.getElementById("eta");
@@ -59,6 +62,7 @@
   }
 
   function show(job) {
+    if (job.progress === undefined) return;
     const pct = Math.round(job.progress * 1000) / 10;
     if (bar) {
       bar.value = pct;
@@ -69,7 +73,7 @@
     state.textContent = job.state.replace("_", " ");
     stateLine.className = "state state-" + job.state;
     phase.textContent = job.phase_label;
-    if (place) place.textContent = placeText(job.place);
+    if (place && "place" in job) place.textContent = placeText(job.place);
     // A new preview is a new URL (?step=N): load it only when it changed.
     if (preview && job.preview_url && preview.getAttribute("src") !== job.preview_url) {
       preview.src = job.preview_url;
@@ -101,5 +105,50 @@
     }
     window.setTimeout(poll, 1000);
   }
-  window.setTimeout(poll, 1000);
+  // One JSON read (after an event that changes more than the bar: a published job's place).
+  async function refresh() {
+    try {
+      const response = await fetch(url, { headers: { Accept: "application/json" } });
+      if (response.ok) show(await response.json());
+    } catch (err) {
+      // The next event brings the page up to date.
+    }
+  }
+
+  function follow() {
+    const source = new EventSource(eventsUrl);
+    let failures = 0;
+    source.addEventListener("progress", function (e) {
+      failures = 0;
+      show(JSON.parse(e.data));
+    });
+    source.addEventListener("event", function (e) {
+      failures = 0;
+      const event = JSON.parse(e.data);
+      if (event.type === "phase") return; // its progress message follows
+      if (event.state !== lastState || event.type === "attempt_failed" ||
+          ENDED.includes(event.state)) {
+        source.close();
+        lastState = event.state;
+        window.location.reload();
+        return;
+      }
+      refresh();
+    });
+    // EventSource reconnects by itself (resuming after the last event id); after a few
+    // failures in a row, fall back to polling.
+    source.onerror = function () {
+      failures += 1;
+      if (failures >= 3) {
+        source.close();
+        window.setTimeout(poll, 1000);
+      }
+    };
+  }
+
+  if (eventsUrl && window.EventSource) {
+    follow();
+  } else {
+    window.setTimeout(poll, 1000);
+  }
 })();
