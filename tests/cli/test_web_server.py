@@ -5,21 +5,36 @@ when asked."""
 from __future__ import annotations
 
 import os
+import selectors
 import signal
+import socket
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
 from cli import main
-from cli.web_server import AccessLog, ServePlan, Server, gunicorn_application
-from svdfarm.settings import SettingsError, load_settings
+from cli.web_server import (
+    GEVENT_CONNECTIONS,
+    AccessLog,
+    ServePlan,
+    Server,
+    default_worker_class,
+    gunicorn_application,
+)
+from svdfarm import lifecycle
+from svdfarm.db import Database
+from svdfarm.lifecycle import By
+from svdfarm.settings import Settings, SettingsError, load_settings
+from svdfarm.states import Actor, Phase
+from tests.conftest import DATABASES
 from tests.http import free_port
 from tests.load import request, wait_until_serving
-from tests.processes import LiveProcess, start_svdfarm
-from tests.rows import wait_until
+from tests.processes import LiveProcess, start_svdfarm, start_web
+from tests.rows import submit_small_job, wait_until
 
 PLAN = ServePlan(Server.GUNICORN, "127.0.0.1", 8000, workers=3, threads=2)
 
@@ -56,6 +71,16 @@ def test_svdfarm_web_refuses_an_invalid_setting_before_serving(
     monkeypatch.setenv("SVDFARM_WEB_THREADS", "four")
     assert main(["web", "--port", str(free_port())]) == 2
     assert "SVDFARM_WEB_THREADS='four' is not an integer" in capsys.readouterr().err
+
+
+def test_svdfarm_web_runs_gevent_workers_where_gevent_is_installed() -> None:
+    """gevent is in the web extra: ``svdfarm web`` uses its workers (a waiting event stream
+    is a greenlet); without it, gthread's."""
+    assert default_worker_class() == "gevent"
+    plan = ServePlan(Server.GUNICORN, "127.0.0.1", 8000, 2, 4, worker_class="gevent")
+    cfg = gunicorn_application(plan, load_settings({})).cfg
+    assert (cfg.worker_class_str, cfg.worker_connections) == ("gevent", GEVENT_CONNECTIONS)
+    assert "2 processes x 2000 connections, gevent" in plan.describe()
 
 
 def test_gunicorn_runs_gthread_with_the_plan_and_trusts_no_forwarding_peer(
@@ -186,14 +211,18 @@ def test_svdfarm_web_runs_gunicorn_workers_logs_each_request_and_stops_on_sigter
         timeout_s=30,
         what="gunicorn's 3 workers",
     )
-    assert "gunicorn, 3 processes x 2 threads" in web.text()
+    assert "gunicorn, 3 processes x 2000 connections, gevent" in web.text()
     for _ in range(5):
-        answer = request(port, "GET", "/healthz", headers={"X-Forwarded-Proto": "https"})
+        # Its own query string: the readiness probe's retries (a slow start under load) may
+        # be answered, and logged, late.
+        answer = request(port, "GET", "/healthz?of=test", headers={"X-Forwarded-Proto": "https"})
         assert answer.status == 200
         assert answer.headers["server"] == "gunicorn"
         assert "strict-transport-security" not in answer.headers  # the request is not https
-    wait_until(lambda: len(_access_lines(web, "/healthz")) >= 6, timeout_s=10, what="6 lines")
-    assert len(_access_lines(web, "/healthz")) == 6, web.text()  # the readiness probe too
+    wait_until(
+        lambda: len(_access_lines(web, "/healthz?of=test")) >= 5, timeout_s=10, what="5 lines"
+    )
+    assert len(_access_lines(web, "/healthz?of=test")) == 5, web.text()
     _stops_on_sigterm(web)
 
 
@@ -218,3 +247,76 @@ def test_svdfarm_web_server_waitress_serves_logs_and_stops(
     assert psutil.Process(web.process.pid).children() == []
     wait_until(lambda: len(_access_lines(web, "/healthz")) >= 2, timeout_s=10, what="2 lines")
     _stops_on_sigterm(web)
+
+
+#: Event streams one gevent worker process holds in the test below.
+STREAMS = 300
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("database_url", DATABASES[1:], indirect=True)
+def test_one_gevent_process_holds_hundreds_of_event_streams_and_feeds_them_all(
+    tmp_path: Path, settings: Settings, db: Database, started: list[LiveProcess]
+) -> None:
+    """One web process, 300 open event streams of one job: each gets the replay, then the
+    job's next event and progress (PostgreSQL NOTIFY, one listener), within seconds."""
+    job_id = submit_small_job(db, settings)
+    port = free_port()
+    web = start_web(settings, tmp_path, port, SVDFARM_WEB_WORKERS="1")
+    started.append(web)
+    wait_until_serving(web, port)
+    streams = SocketStreams(port, f"/api/v1/jobs/{job_id}/events", STREAMS)
+    try:
+        streams.read_until(lambda text: text.count("event: event") >= 2, timeout_s=60)
+        worker = By(Actor.WORKER, "gpu1@farm")
+        with db.begin() as session:
+            lifecycle.claim(session, settings, job_id, by=worker)
+        with db.begin() as session:
+            lifecycle.progress(
+                session, job_id, by=worker, phase=Phase.DENOISING, fraction=0.5, step=1
+            )
+        streams.read_until(
+            lambda text: '"type":"claimed"' in text and '"step":1' in text, timeout_s=30
+        )
+    finally:
+        streams.close()
+    assert "gevent" in web.text()
+
+
+class SocketStreams:
+    """``count`` event streams of ``path`` on raw sockets, read in this thread."""
+
+    def __init__(self, port: int, path: str, count: int) -> None:
+        """Open the connections and send each request."""
+        request_bytes = (
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n"
+        ).encode()
+        self.selector = selectors.DefaultSelector()
+        self.texts: dict[socket.socket, str] = {}
+        for _ in range(count):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+            sock.sendall(request_bytes)
+            sock.setblocking(False)
+            self.selector.register(sock, selectors.EVENT_READ)
+            self.texts[sock] = ""
+
+    def read_until(self, done: Callable[[str], bool], timeout_s: float) -> None:
+        """Read until every stream's text so far satisfies ``done``."""
+        deadline = time.monotonic() + timeout_s
+        while not all(done(text) for text in self.texts.values()):
+            left = deadline - time.monotonic()
+            waiting = sum(not done(text) for text in self.texts.values())
+            assert left > 0, f"{waiting} of {len(self.texts)} streams still waiting"
+            for key, _events in self.selector.select(timeout=min(left, 1.0)):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                chunk = sock.recv(65536)
+                assert chunk, "the server closed a stream"
+                self.texts[sock] += chunk.decode(errors="replace")
+
+    def close(self) -> None:
+        """Close every connection."""
+        for sock in self.texts:
+            self.selector.unregister(sock)
+            sock.close()
+        self.selector.close()
