@@ -462,7 +462,7 @@ class WebhookDelivery(Base):
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     #: The registered endpoint it goes to; None: the job's own ``webhook_url``.
     endpoint_id: Mapped[int | None] = mapped_column(
-        ForeignKey("webhook_endpoints.id", ondelete="SET NULL"), index=True
+        ForeignKey("webhook_endpoints.id", ondelete="SET NULL")
     )
     #: Whose secret signs it (the job's owner).
     owner: Mapped[str] = mapped_column(String(80))
@@ -480,6 +480,10 @@ class WebhookDelivery(Base):
     last_status: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str | None] = mapped_column(Text)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: How many times an admin asked for it again (svdfarm.webhooks.redeliver), and when last;
+    #: a redelivery's three days of retries count from then.
+    redeliveries: Mapped[int] = mapped_column(Integer, default=0)
+    redelivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 # The sender reads the pending deliveries that are due, and a job's earlier ones per URL.
@@ -490,3 +494,6 @@ Index(
     sqlite_where=WebhookDelivery.state == DeliveryState.PENDING,
 )
 Index("ix_webhook_deliveries_job_id_id", WebhookDelivery.job_id, WebhookDelivery.id)
+# The admin's delivery log, newest first from a page's edge, by state or by endpoint.
+Index("ix_webhook_deliveries_state_id", WebhookDelivery.state, WebhookDelivery.id)
+Index("ix_webhook_deliveries_endpoint_id_id", WebhookDelivery.endpoint_id, WebhookDelivery.id)

@@ -266,6 +266,9 @@ class Settings:
     webhook_allow_private: bool = False
     #: ``SVDFARM_WEBHOOK_TIMEOUT``: how long one webhook POST may take, in seconds.
     webhook_timeout_s: float = 15.0
+    #: ``SVDFARM_WEBHOOK_RETRY_SCALE``: every wait between webhook retries times this (5 s,
+    #: 5 min... at 1; tests use 0.01), the three days before giving up unchanged.
+    webhook_retry_scale: float = 1.0
 
     @property
     def offline_after_s(self) -> float:
@@ -422,7 +425,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_wait_s=_duration(env, "MAX_WAIT", "0"),
         webhook_allow_private=_bool(env, "WEBHOOK_ALLOW_PRIVATE", False),
         webhook_timeout_s=_float(env, "WEBHOOK_TIMEOUT", 15.0) or 15.0,
+        webhook_retry_scale=_float(env, "WEBHOOK_RETRY_SCALE", 1.0),
     )
+    if not 0.001 <= settings.webhook_retry_scale <= 100:
+        raise SettingsError(
+            f"SVDFARM_WEBHOOK_RETRY_SCALE={settings.webhook_retry_scale:g} must be from 0.001 "
+            "to 100 (1: retries after 5 s, 5 min, 30 min...)"
+        )
     for name, text in (("MODELS", settings.models), ("WORKER_MODELS", settings.worker_models)):
         try:
             if text:

@@ -62,13 +62,15 @@ class Taken:
     payload: str
     key: str
     attempts: int
+    #: When its retries started: it was made, or an admin last redelivered it.
     created_at: datetime
 
 
-def retry_delay(attempts: int, *, rng: random.Random | None = None) -> float:
-    """Seconds to wait after the ``attempts``-th failed try, with jitter."""
+def retry_delay(attempts: int, *, scale: float = 1.0, rng: random.Random | None = None) -> float:
+    """Seconds to wait after the ``attempts``-th failed try, with jitter; every wait times
+    ``scale`` (``SVDFARM_WEBHOOK_RETRY_SCALE``: shorter in tests)."""
     base = RETRY_DELAYS_S[attempts - 1] if 0 < attempts <= len(RETRY_DELAYS_S) else DAY
-    return base * (1 + (rng or random).uniform(-JITTER, JITTER))
+    return scale * base * (1 + (rng or random).uniform(-JITTER, JITTER))
 
 
 def send_due(database: Database, settings: Settings, *, limit: int = PASS_LIMIT) -> int:
@@ -87,7 +89,7 @@ def send_due(database: Database, settings: Settings, *, limit: int = PASS_LIMIT)
             allow_private=settings.webhook_allow_private,
             timeout_s=settings.webhook_timeout_s,
         )
-        settle(database, taken, answer)
+        settle(database, taken, answer, retry_scale=settings.webhook_retry_scale)
         tried += 1
     return tried
 
@@ -132,12 +134,16 @@ def take_one(database: Database) -> Taken | None:
             payload=row.payload,
             key=secret_for(session, row.owner),
             attempts=attempts,
-            created_at=row.created_at,
+            # An admin's redelivery gets its own three days of retries.
+            created_at=row.redelivered_at or row.created_at,
         )
 
 
-def settle(database: Database, taken: Taken, answer: Answer) -> DeliveryState:
-    """Write how the try of ``taken`` went; its state now (pending: another try is due).
+def settle(
+    database: Database, taken: Taken, answer: Answer, *, retry_scale: float = 1.0
+) -> DeliveryState:
+    """Write how the try of ``taken`` went; its state now (pending: another try is due after
+    :func:`retry_delay` times ``retry_scale``).
 
     Written only if the row is still pending at this attempt (else a sender took it again
     after this one's lease ended, and that one writes).
@@ -152,7 +158,7 @@ def settle(database: Database, taken: Taken, answer: Answer) -> DeliveryState:
         state = DeliveryState.FAILED
         values.update(state=state)
     else:
-        delay = retry_delay(taken.attempts)
+        delay = retry_delay(taken.attempts, scale=retry_scale)
         if answer.status in (429, 503) and answer.retry_after_s is not None:
             delay = min(max(answer.retry_after_s, 1.0), DAY)
         if (now - taken.created_at).total_seconds() + delay > GIVE_UP_AFTER_S:

@@ -158,6 +158,19 @@ def disable_endpoint(session: Session, endpoint_id: int, *, reason: str) -> None
     cancel_pending(session, endpoint_id=endpoint_id, why=reason)
 
 
+def enable_endpoint(session: Session, endpoint_id: int) -> WebhookEndpoint:
+    """Send to a disabled endpoint again, from its owner's next event on (the deliveries
+    canceled when it was disabled stay canceled: :func:`redeliver` sends one again).
+    :class:`WebhookError` when there is no such endpoint."""
+    row = session.get(WebhookEndpoint, endpoint_id)
+    if row is None:
+        raise WebhookError(f"No webhook endpoint {endpoint_id}.")
+    row.disabled_at = None
+    row.disabled_reason = None
+    session.flush()
+    return row
+
+
 def cancel_pending(
     session: Session,
     *,
@@ -253,3 +266,36 @@ def deliveries_of(session: Session, job_id: uuid.UUID) -> list[WebhookDelivery]:
             .order_by(WebhookDelivery.id)
         )
     )
+
+
+def redeliver(session: Session, delivery_id: int) -> WebhookDelivery:
+    """Send a delivery again, now: pending, due at once, with the same ``webhook-id`` and
+    body (a new attempt of the same message, as Standard Webhooks asks, so a receiver that
+    got it before can tell), in the caller's transaction (flushed, not committed).
+
+    Any state may be sent again: a delivered one (the receiver lost it), a failed one (the
+    receiver is fixed) or a pending one waiting for a late retry. The row records it
+    (``redeliveries``, ``redelivered_at``), its attempts go on counting, and if the new try
+    fails, its retries follow the usual schedule for three days from now. It is still sent
+    in order: a later pending delivery of the same job to the same URL waits for it. A try
+    in flight at this moment may overlap the new one; the receiver tells them apart by their
+    ``webhook-id``. :class:`WebhookError` when there is no such delivery or its endpoint is
+    disabled (enable it first).
+    """
+    row = session.get(WebhookDelivery, delivery_id)
+    if row is None:
+        raise WebhookError(f"No webhook delivery {delivery_id}.")
+    if row.endpoint_id is not None:
+        endpoint = session.get(WebhookEndpoint, row.endpoint_id)
+        if endpoint is not None and endpoint.disabled_at is not None:
+            raise WebhookError(
+                f"Delivery {row.msg_id} goes to endpoint {endpoint.id}, which is disabled "
+                f"({endpoint.disabled_reason or 'no reason given'}): enable it first."
+            )
+    now = utcnow()
+    row.state = DeliveryState.PENDING
+    row.next_try_at = now
+    row.redeliveries += 1
+    row.redelivered_at = now
+    session.flush()
+    return row

@@ -27,6 +27,7 @@ from sqlalchemy import create_engine, text
 
 from svdfarm.db import Database, upgrade
 from svdfarm.settings import Settings, load_settings
+from tests.webhook_receiver import Receiver, listening
 
 PG_URL = os.environ.get("SVDFARM_TEST_DATABASE_URL", "")
 REDIS_URL = os.environ.get("SVDFARM_TEST_REDIS_URL", "")
@@ -169,6 +170,13 @@ def app(settings: Settings) -> Iterator[Flask]:
 def client(app: Flask) -> FlaskClient:
     """A test client of the app."""
     return app.test_client()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """A webhook receiver on a free port of 127.0.0.1, listening (tests.webhook_receiver)."""
+    with listening() as found:
+        yield found
 
 
 @dataclass(frozen=True)

@@ -189,6 +189,32 @@ def add_job(
     return job_id
 
 
+def add_delivery(db: Database, job_id: uuid.UUID, url: str, **fields: Any) -> int:
+    """Insert a webhook delivery of ``job_id`` to ``url``: a ``job.succeeded`` of the job's
+    owner (:data:`LOCAL_OWNER`), pending and due now, unless ``fields`` say otherwise; its id."""
+    from svdfarm.models import WebhookDelivery
+    from svdfarm.webhook_states import DeliveryState, WebhookEvent
+
+    now = utcnow()
+    event = fields.pop("event_type", WebhookEvent.SUCCEEDED)
+    values: dict[str, Any] = {
+        "msg_id": f"msg_{uuid.uuid4().hex}",
+        "owner": LOCAL_OWNER,
+        "payload": json.dumps({"type": event.value, "timestamp": now.isoformat(), "data": {}}),
+        "created_at": now,
+        "state": DeliveryState.PENDING,
+        "attempts": 0,
+        "next_try_at": now,
+        "redeliveries": 0,
+        **fields,
+    }
+    with db.begin() as session:
+        row = WebhookDelivery(job_id=job_id, url=url, event_type=event, **values)
+        session.add(row)
+        session.flush()
+        return row.id
+
+
 def add_worker(
     db: Database,
     hostname: str,

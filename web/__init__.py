@@ -48,6 +48,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
     from web.admin import bp as admin_bp
     from web.admin_users import bp as admin_users_bp
+    from web.admin_webhooks import bp as admin_webhooks_bp
     from web.api import bp as api_bp
     from web.health import bp as health_bp
     from web.metrics import bp as metrics_bp
@@ -62,6 +63,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(health_bp)
     app.register_blueprint(admin_bp)
     app.register_blueprint(admin_users_bp)
+    app.register_blueprint(admin_webhooks_bp)
     app.register_blueprint(metrics_bp)
     app.register_blueprint(streams_bp)
     init_streams(app)

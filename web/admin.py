@@ -47,6 +47,7 @@ from svdfarm.queues import all_queues
 from svdfarm.registry import effective_state
 from svdfarm.states import Actor, AttemptOutcome, ErrorClass, JobState, WorkerState
 from svdfarm.users import MAX_PRIORITY, MIN_PRIORITY
+from svdfarm.webhooks import deliveries_of
 from svdfarm.worker_health import clear_flag
 from web import auth
 from web.database import get_session
@@ -449,6 +450,7 @@ def _job_page(job_id: str, priority_error: str | None = None) -> str:
         queues=all_queues(),
         back_to=request.full_path.rstrip("?") if request.method == "GET" else page,
         events=events_of(session, found.id),
+        deliveries=deliveries_of(session, found.id),
         event_text=event_text,
         show_details=True,
         priority_error=priority_error,

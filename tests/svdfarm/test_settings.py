@@ -147,6 +147,9 @@ def test_postgres_urls_get_the_psycopg_driver(url: str, expected: str, tmp_path:
         ("RETENTION", "-3d", "'-3d' is not a duration"),
         ("INPUT_RETENTION", "7w", "use a number with s, m, h or d"),
         ("MIN_FREE_BYTES", "1GB", "not an integer"),
+        ("WEBHOOK_RETRY_SCALE", "fast", "not a number"),
+        ("WEBHOOK_RETRY_SCALE", "0", "must be from 0.001 to 100"),
+        ("WEBHOOK_RETRY_SCALE", "1000", "must be from 0.001 to 100"),
     ],
 )
 def test_bad_numbers_name_the_variable(name: str, value: str, phrase: str, tmp_path: Path) -> None:

@@ -7,14 +7,11 @@ refused for internal addresses, never sent twice by two senders, and the API's s
 from __future__ import annotations
 
 import io
-import json
 import socket
 import threading
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +33,12 @@ from svdfarm.webhook_http import post, retry_after_seconds
 from svdfarm.webhook_sender import GIVE_UP_AFTER_S, RETRY_DELAYS_S, retry_delay, send_due
 from svdfarm.webhook_states import DeliveryState, WebhookEvent
 from svdfarm.webhook_urls import RefusedAddress, WebhookUrlError, check_url, resolve
-from svdfarm.webhooks import add_endpoint, secret_for
+from svdfarm.webhooks import add_endpoint, redeliver, secret_for
 from tests.conftest import DATABASES, make_settings, needs_postgres
 from tests.factories import png_bytes
+from tests.http import free_port
 from tests.rows import job_row
+from tests.webhook_receiver import Received, Receiver, listening
 
 API = By(Actor.API)
 WORKER = By(Actor.WORKER, "w1@test")
@@ -47,98 +46,7 @@ OWNER = "user:7"
 QUEUE = "svd.cpu.fp32.8g"
 
 
-# ---- a real receiver -------------------------------------------------------------------------
-
-
-@dataclass
-class Received:
-    """One request the receiver got."""
-
-    headers: dict[str, str]
-    body: bytes
-    status: int
-    path: str = ""
-
-    @property
-    def msg_id(self) -> str:
-        """Its ``webhook-id``."""
-        return self.headers["webhook-id"]
-
-    @property
-    def type(self) -> str:
-        """Its payload's type."""
-        return str(json.loads(self.body)["type"])
-
-
-@dataclass
-class Receiver:
-    """An HTTP server in a thread: answers each POST with the next of ``answers`` (status,
-    headers), 204 once they run out, and keeps every request."""
-
-    port: int
-    answers: list[tuple[int, dict[str, str]]] = field(default_factory=list)
-    got: list[Received] = field(default_factory=list)
-    delay_s: float = 0.0
-    server: ThreadingHTTPServer | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def url(self) -> str:
-        """Where it listens."""
-        return f"http://127.0.0.1:{self.port}/hook?x=1"
-
-    def start(self) -> None:
-        """Listen on :attr:`port` (again, after :meth:`stop`)."""
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                if receiver.delay_s:
-                    threading.Event().wait(receiver.delay_s)
-                with receiver.lock:
-                    status, headers = receiver.answers.pop(0) if receiver.answers else (204, {})
-                    got = {k.lower(): v for k, v in self.headers.items()}
-                    receiver.got.append(Received(got, body, status, self.path))
-                self.send_response(status)
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        ThreadingHTTPServer.allow_reuse_address = True
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        """Stop listening (connections are refused)."""
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.server = None
-
-    def delivered(self) -> list[Received]:
-        """The requests it answered 2xx, in the order they came."""
-        return [r for r in self.got if 200 <= r.status < 300]
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    """A receiver, listening."""
-    found = Receiver(free_port())
-    found.start()
-    yield found
-    found.stop()
+# ---- a real receiver (tests.webhook_receiver) and settings that may reach it ---------------
 
 
 @pytest.fixture
@@ -352,6 +260,41 @@ def test_an_old_delivery_that_fails_again_is_given_up(
     send_due(hook_db, hook_settings)
     (only,) = deliveries(hook_db, job_id)
     assert only.state is DeliveryState.FAILED and only.attempts == 1
+
+    # Redelivered by an admin: its retries get three days from then.
+    with hook_db.begin() as session:
+        redeliver(session, only.id)
+    send_due(hook_db, hook_settings)
+    (only,) = deliveries(hook_db, job_id)
+    assert only.state is DeliveryState.PENDING and only.attempts == 2
+    assert only.redeliveries == 1 and only.msg_id == deliveries(hook_db, job_id)[0].msg_id
+
+
+@pytest.mark.parametrize("database_url", DATABASES, indirect=True)
+def test_the_retry_scale_shortens_every_wait_but_not_retry_after(
+    hook_db: Database, tmp_path: Path, database_url: str, tiny_model_dir: Path
+) -> None:
+    """``SVDFARM_WEBHOOK_RETRY_SCALE=0.01``: the first wait is 0.05 s, not 5 s; a 503's
+    Retry-After is still honoured as the receiver asked."""
+    scaled = make_settings(
+        tmp_path / "scaled",
+        database_url,
+        tiny_model_dir,
+        SVDFARM_WEBHOOK_ALLOW_PRIVATE="1",
+        SVDFARM_WEBHOOK_RETRY_SCALE="0.01",
+    )
+    assert scaled.webhook_retry_scale == 0.01
+    assert 0.045 <= retry_delay(1, scale=0.01) <= 0.055
+    refused = submit(hook_db, url=Receiver(free_port()).url)
+    assert send_due(hook_db, scaled) == 1
+    wait = (deliveries(hook_db, refused)[0].next_try_at - utcnow()).total_seconds()
+    assert wait < 0.06
+    with listening() as busy:
+        busy.answers = [(503, {"Retry-After": "120"})]
+        asked = submit(hook_db, url=busy.url)
+        assert send_due(hook_db, scaled, limit=2) >= 1
+    wait = (deliveries(hook_db, asked)[0].next_try_at - utcnow()).total_seconds()
+    assert 115 < wait <= 120
 
 
 @pytest.mark.parametrize("database_url", DATABASES, indirect=True)
