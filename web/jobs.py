@@ -391,11 +391,16 @@ def eta_for(job: Job, now: datetime | None = None) -> str | None:
     if not found.overrun:
         return eta_text(found.left_s)
     ran = found.waited_s
-    took = f"{int(ran)} s" if ran < 60 else _duration(ran)
+    return overrun_prefix(job) + (f"{int(ran)} s" if ran < 60 else _duration(ran))
+
+
+def overrun_prefix(job: Job) -> str:
+    """What the page says of a running step that overruns, before the time it has run:
+    "Step 7 of 12 running for ", or "Decoding: running for "."""
     if job.phase is Phase.DENOISING:
         total = job.num_inference_steps
-        return f"Step {min(job.step + 1, total)} of {total} running for {took}"
-    return f"{PHASE_LABELS[job.phase]}: running for {took}"
+        return f"Step {min(job.step + 1, total)} of {total} running for "
+    return f"{PHASE_LABELS[job.phase]}: running for "
 
 
 def output_urls(job: Job) -> dict[str, str]:

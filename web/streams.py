@@ -36,7 +36,15 @@ from svdfarm.lifecycle import events_of
 from svdfarm.models import Job, JobEvent
 from svdfarm.storage import preview_step
 from web.database import get_session, release_session
-from web.jobs import eta_for, eta_seconds, phase_text
+from web.jobs import (
+    STEP_OVERRUN_FACTOR,
+    STEP_OVERRUN_MIN_S,
+    eta_for,
+    eta_seconds,
+    overrun_prefix,
+    pace,
+    phase_text,
+)
 from web.owners import current_caller
 
 bp = Blueprint("streams", __name__, url_prefix="/api/v1")
@@ -80,8 +88,15 @@ def get_feed() -> Feed:
 
 
 def progress_data(job: Job, preview_url: str | None) -> dict[str, Any]:
-    """A progress message's data: what the status page's bar, phase, ETA and preview show."""
+    """A progress message's data: what the status page's bar, phase, ETA and preview show.
+
+    ``pace`` lets a client keep the time left going between messages (a message comes only
+    when the step, phase or preview changes): the seconds left and since the last progress
+    write when the message was made, the average step, and the words for a step that overruns
+    (:func:`web.jobs.eta_for`'s "Step 7 of 12 running for ", then the time it has run).
+    """
     eta = eta_seconds(job)
+    found = pace(job)
     return {
         "job": str(job.id),
         "state": job.state.value,
@@ -93,6 +108,17 @@ def progress_data(job: Job, preview_url: str | None) -> dict[str, Any]:
         "eta_s": round(eta, 1) if eta is not None else None,
         "eta_text": eta_for(job),
         "preview_url": preview_url,
+        "pace": None
+        if found is None
+        else {
+            "left_s": round(found.left_s, 2),
+            "waited_s": round(found.waited_s, 2),
+            "step_s": round(found.step_s, 3),
+            "overrun_after_s": round(
+                max(STEP_OVERRUN_MIN_S, STEP_OVERRUN_FACTOR * found.step_s), 2
+            ),
+            "running_for": overrun_prefix(job),
+        },
     }
 
 
@@ -136,16 +162,19 @@ def _event_stream(body: Iterable[str]) -> Response:
     return response
 
 
-def _live(watch: Watch, sent: set[int], *, ends: bool) -> Iterator[str]:
-    """The live part of a stream: each message the watch gets (but the events already sent),
-    keep-alives while quiet; with ``ends``, stop after a terminal event. Closes the watch."""
+def _live(watch: Watch, sent: set[int], *, after: int, ends: bool) -> Iterator[str]:
+    """The live part of a stream: each message the watch gets but the events the client has
+    (those replayed, and those up to its last, ``after``: the feed may pass on an event
+    written just before the stream began), keep-alives while quiet; with ``ends``, stop after
+    a terminal event. Closes the watch."""
     try:
         while not watch.overflowed:
             message = watch.get(KEEPALIVE_S)
             if message is None:
                 yield ": keep-alive\n\n"
                 continue
-            if message.kind is MessageKind.EVENT and message.event_id in sent:
+            event_id = message.event_id
+            if event_id is not None and (event_id in sent or event_id <= after):
                 if ends and message.terminal:
                     return
                 continue
@@ -188,7 +217,7 @@ def job_stream(session: Session, job: Job) -> Response:
             yield from first
             if ended:
                 return
-            yield from _live(watch, sent, ends=True)
+            yield from _live(watch, sent, after=after, ends=True)
         finally:
             watch.close()
 
@@ -262,7 +291,7 @@ def caller_events() -> Any:
         try:
             yield f"retry: {RETRY_MS}\n\n"
             yield from first
-            yield from _live(watch, sent, ends=False)
+            yield from _live(watch, sent, after=after, ends=False)
         finally:
             watch.close()
 
