@@ -87,20 +87,21 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _queue_order(name: str) -> tuple[str, str, int]:
-    """Sort queues by device, precision, then tier as a number (8g before 12g)."""
-    from svdfarm.queues import parse_queue
+def _queue_order(name: str) -> tuple[str, str, int, str]:
+    """Sort queues by device, precision, tier as a number (8g before 12g), then model."""
+    from svdfarm.queues import parse_queue, queue_model
 
     try:
         wc = parse_queue(name)
     except ValueError:
-        return (name, "", 0)
-    return (wc.device, wc.precision, wc.tier_gb)
+        return (name, "", 0, "")
+    return (wc.device, wc.precision, wc.tier_gb, queue_model(name) or "")
 
 
 def cmd_queues(args: argparse.Namespace, settings: Settings) -> int:
     """``svdfarm queues``: jobs waiting in each queue (from the database), the messages the
     broker holds there, and the live workers consuming it; ``purge`` empties them."""
+    from svdfarm.catalog import catalog_keys
     from svdfarm.db import database_for
     from svdfarm.depths import BrokerUnavailable, queue_depths, waiting_jobs
     from svdfarm.queues import all_queues
@@ -110,7 +111,7 @@ def cmd_queues(args: argparse.Namespace, settings: Settings) -> int:
         return cmd_purge(args, settings)
     with database_for(settings.database_url).session() as session:
         workers = online_workers(session, settings)
-        waiting = waiting_jobs(session, all_queues())
+        waiting = waiting_jobs(session, all_queues(catalog_keys(settings.catalog)))
     consumers: dict[str, list[str]] = {}
     for worker in workers:
         for queue in worker.queues:
@@ -162,7 +163,7 @@ def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
     db = database_for(settings.database_url)
     with db.session() as session:
         consumed = {q for worker in online_workers(session, settings) for q in worker.queues}
-        waiting = waiting_jobs(session, farm_queues())
+        waiting = waiting_jobs(session, farm_queues(settings))
     names = sorted(set(waiting) | consumed, key=_queue_order)
     if not args.yes:
         try:

@@ -103,14 +103,16 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         name = claim_worker_name(args.hostname)
     except NameTaken as exc:
         return fail(str(exc), 1)
-    from svdfarm.queues import TIERS_GB, queues_for
+    from svdfarm.queues import TIERS_GB, expand_queues, queues_for
     from worker.probe import Capabilities, probe_in_subprocess
     from worker.tasks import CAPABILITIES_ENV
 
     silence_library_noise(embedded_broker=settings.embedded_broker)
     caps = probe_in_subprocess()
     os.environ[CAPABILITIES_ENV] = json.dumps(caps)
-    queues = [q for q in args.queues.split(",") if q] if args.queues else queues_for(caps)
+    keys = worker_model_keys(settings)
+    pinned = [q for q in args.queues.split(",") if q]
+    queues = expand_queues(pinned, keys) if pinned else queues_for(caps, keys)
     print(Capabilities.from_dict(caps).summary(), flush=True)
     if not queues:
         memory = (caps.get("total_memory_bytes") or 0) / 1e9
@@ -144,6 +146,17 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         name.release()
     return 0
+
+
+def worker_model_keys(settings: Settings) -> list[str]:
+    """The queue keys of the models this worker advertises (as its registry row will): it
+    consumes only those models' queues, so it never receives a job for a model it lacks."""
+    from svdfarm.catalog import advertised_models, queue_key
+
+    sources = advertised_models(
+        settings.catalog, settings.worker_models, settings.model, settings.models_dir
+    )
+    return list(dict.fromkeys(queue_key(settings.catalog, source) for source in sources))
 
 
 def workers_per_gpu(args: argparse.Namespace) -> int:

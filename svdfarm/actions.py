@@ -21,11 +21,11 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from svdfarm import lifecycle
-from svdfarm.catalog import model_shape
+from svdfarm.catalog import model_shape, queue_key
 from svdfarm.jobs import dispatch_after_submit
 from svdfarm.lifecycle import By
 from svdfarm.models import Job, JobEvent
-from svdfarm.queues import Unroutable, parse_queue, route
+from svdfarm.queues import Unroutable, parse_queue, queue_model, route, with_model
 from svdfarm.registry import online_queues
 from svdfarm.settings import Settings
 from svdfarm.states import EventType, JobState
@@ -116,13 +116,17 @@ class Overrides:
                     allow_cpu=settings.allow_cpu,
                     online_queues=online_queues(session, settings),
                     shape=model_shape(job.model, settings.models_dir),
+                    model_key=queue_key(settings.catalog, job.model),
                 )
                 values["queue"] = routed.queue
                 values["memory_estimate_bytes"] = routed.memory_bytes
         if self.casts_off:
             values["casts"] = False
         if self.queue is not None:
-            values["queue"] = self.queue
+            # A class's bare name means that class for the job's own model.
+            bare = queue_model(self.queue) is None
+            key = queue_key(settings.catalog, job.model) if bare else ""
+            values["queue"] = with_model(self.queue, key)
         return values
 
 

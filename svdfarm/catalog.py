@@ -10,6 +10,7 @@ whose files are not on this machine is estimated as SVD-XT, the largest of the f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -235,22 +236,44 @@ def find_entry(entries: list[CatalogEntry], name: str) -> CatalogEntry | None:
     return None
 
 
+#: Stability AI's SVD checkpoints as the farm knows them without their files (a Hub id not in
+#: this machine's cache): the frames each was trained on, its native side, and for SVD-XT 1.1
+#: the conditioning it was fine-tuned with, fixed at 6 fps and motion bucket 127 (its model
+#: card says so; its configs are SVD-XT's and do not).
+KNOWN_MODELS: dict[str, dict[str, int]] = {
+    "stabilityai/stable-video-diffusion-img2vid": {"num_frames": 14, "native_side": 768},
+    "stabilityai/stable-video-diffusion-img2vid-xt": {"num_frames": 25, "native_side": 768},
+    "stabilityai/stable-video-diffusion-img2vid-xt-1-1": {
+        "num_frames": 25,
+        "native_side": 768,
+        "fps": 6,
+        "motion_bucket_id": 127,
+    },
+}
+#: The conditioning a model may fix (SVD-XT 1.1): the job's defaults follow it.
+FIXED_CONDITIONING = ("fps", "motion_bucket_id")
+
+
 def model_defaults(source: str, models_dir: Path) -> dict[str, object]:
-    """A model's own defaults from its configs, where this machine has them: the frames it
-    was trained on (the UNet's ``num_frames``) and its native side (``sample_size`` x the VAE's
-    factor). Without its files: SVD-XT's (25 frames, 768), the tiny model's (8, 64)."""
+    """A model's own defaults: the frames it was trained on (the UNet's ``num_frames``) and
+    its native side (``sample_size`` x the VAE's factor) from its configs where this machine
+    has them; else a known checkpoint's (:data:`KNOWN_MODELS`: SVD 14 frames, SVD-XT 25), else
+    SVD-XT's (25 frames, 768); the tiny model's (8, 64). A known checkpoint's fixed
+    conditioning (SVD-XT 1.1: ``fps`` 6, ``motion_bucket_id`` 127) comes with them."""
     is_tiny = source.strip().lower() == TINY
     frames, side = (8, 64) if is_tiny else (25, 768)
+    defaults: dict[str, object] = {"num_frames": frames, "native_side": side}
+    defaults.update(KNOWN_MODELS.get(source.strip(), {}))
     folder = local_folder(source, models_dir)
     if folder is not None and not is_tiny:
         unet, vae = read_config(folder, "unet"), read_config(folder, "vae")
         trained, sample = unet.get("num_frames"), unet.get("sample_size")
         blocks = _int_list(vae.get("block_out_channels"))
         if isinstance(trained, int):
-            frames = trained
+            defaults["num_frames"] = trained
         if isinstance(sample, int) and blocks:
-            side = sample * 2 ** (len(blocks) - 1)
-    return {"num_frames": frames, "native_side": side}
+            defaults["native_side"] = sample * 2 ** (len(blocks) - 1)
+    return defaults
 
 
 def advertised_models(
@@ -275,3 +298,21 @@ def advertised_models(
         if default:
             sources.append(default)
     return list(dict.fromkeys(sources))
+
+
+def queue_key(entries: list[CatalogEntry], source: str) -> str:
+    """The model's part of a queue name (svdfarm.queues): its catalog id in lower case, so
+    ``svd.cuda.bf16.24g.svd-xt``; a source outside the catalog (an ``SVDFARM_MODEL`` folder)
+    gets a slug of itself with a short hash, as queue names take no ``/``."""
+    entry = find_entry(entries, source)
+    name = (entry.id if entry is not None else source).strip().lower()
+    if name and set(name) <= _ID_CHARS:
+        return name
+    slug = "".join(c if c in _ID_CHARS and c != "." else "-" for c in name).strip("-")[-40:]
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    return f"{slug}-{digest}" if slug else digest
+
+
+def catalog_keys(entries: list[CatalogEntry]) -> list[str]:
+    """The queue key of each model of the catalog, in its order (:func:`queue_key`)."""
+    return list(dict.fromkeys(queue_key(entries, entry.source) for entry in entries))

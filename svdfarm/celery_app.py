@@ -16,6 +16,7 @@ from celery import Celery
 from celery.signals import celeryd_init
 from kombu import Exchange, Queue
 
+from svdfarm.catalog import catalog_keys
 from svdfarm.queues import all_queues
 from svdfarm.settings import Settings, load_settings
 
@@ -51,7 +52,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_default_queue": DEFAULT_QUEUE,
         # Declared so that Celery's own tools know every queue (`celery purge`, Flower); workers
         # still consume only what -Q names (`svdfarm worker` always passes it).
-        "task_queues": declared_queues(),
+        "task_queues": declared_queues(settings),
         "task_soft_time_limit": settings.task_soft_time_limit_s,
         "task_time_limit": settings.task_time_limit_s,
         "task_send_sent_event": True,
@@ -84,15 +85,17 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
-def declared_queues() -> list[Queue]:
+def declared_queues(settings: Settings | None = None) -> list[Queue]:
     """Every queue of the farm, each as Celery would create it on first use (a direct exchange
     and a routing key of its own name), so declaring them changes no message's route."""
-    return [Queue(name, Exchange(name), routing_key=name) for name in farm_queues()]
+    return [Queue(name, Exchange(name), routing_key=name) for name in farm_queues(settings)]
 
 
-def farm_queues() -> list[str]:
-    """The names of every queue the farm may use: the default one and every worker class's."""
-    return [DEFAULT_QUEUE, *all_queues()]
+def farm_queues(settings: Settings | None = None) -> list[str]:
+    """The names of every queue the farm may use: the default one and every worker class's,
+    bare and for each model of the catalog (of ``settings``, when given)."""
+    keys = catalog_keys(settings.catalog) if settings else []
+    return list(dict.fromkeys([DEFAULT_QUEUE, *all_queues(keys), *all_queues()]))
 
 
 def visibility_timeout_s(settings: Settings) -> int:

@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from svdfarm import lifecycle
-from svdfarm.catalog import find_entry, model_shape
+from svdfarm.catalog import find_entry, model_shape, queue_key
 from svdfarm.celery_app import enqueue_render
 from svdfarm.images import ImageError, ImageInfo, inspect_image
 from svdfarm.lifecycle import By
@@ -275,8 +275,8 @@ def check_owner(
 def _route(
     settings: Settings, params: RenderParams, online: Iterable[str], model: str = ""
 ) -> Route:
-    """The queue a job of ``model`` (default ``SVDFARM_MODEL``) goes to, with that model's
-    memory estimate (raises Unroutable when no worker class could run it)."""
+    """The queue a job of ``model`` (default ``SVDFARM_MODEL``) goes to: its model's queue,
+    with that model's memory estimate (raises Unroutable when no worker class could run it)."""
     return route(
         params.num_frames,
         params.width,
@@ -286,6 +286,7 @@ def _route(
         allow_cpu=settings.allow_cpu,
         online_queues=online,
         shape=model_shape(model or settings.model, settings.models_dir),
+        model_key=queue_key(settings.catalog, model or settings.model),
     )
 
 

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from svdfarm.catalog import model_defaults
+from svdfarm.catalog import FIXED_CONDITIONING, model_defaults
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SIZE_MULTIPLE = 64
@@ -174,9 +174,10 @@ def defaults_for(model: str) -> dict[str, Any]:
             "precision": "auto",
             **GUIDANCE_DEFAULTS,
         }
+    own = model_defaults(model, Path())
     return {
         # The frames its UNet was trained on (its config's num_frames), SVD-XT's 25 unknown.
-        "num_frames": model_defaults(model, Path())["num_frames"],
+        "num_frames": own["num_frames"],
         "num_inference_steps": 25,
         "fps": 7,
         "motion_bucket_id": 127,
@@ -184,6 +185,8 @@ def defaults_for(model: str) -> dict[str, Any]:
         "decode_chunk_size": 8,
         "precision": "auto",
         **GUIDANCE_DEFAULTS,
+        # A model fine-tuned at fixed conditioning (SVD-XT 1.1: 6 fps) defaults to it.
+        **{key: own[key] for key in FIXED_CONDITIONING if key in own},
     }
 
 

@@ -1,16 +1,21 @@
 """Worker classes as Celery queues, the memory a job needs, and routing a job to a queue.
 
-Queue names read ``svd.<device>.<precision>.<tier>g``:
+Queue names read ``svd.<device>.<precision>.<tier>g.<model>``:
 
 - ``device``: ``cuda``, ``mps`` or ``cpu``;
 - ``precision``: what the job needs of the hardware: ``bf16`` (real bf16), ``fp16`` (fp16
   with an fp32 VAE or better: every GPU; the class of ``auto`` jobs on GPUs) or ``fp32``;
-- ``tier``: memory in GB (decimal, as cards are sold): 8, 12, 16, 24, 40, 48, 80, 141.
+- ``tier``: memory in GB (decimal, as cards are sold): 8, 12, 16, 24, 40, 48, 80, 141;
+- ``model``: the job's model, its catalog id (:func:`svdfarm.catalog.queue_key`), so
+  ``svd.cuda.bf16.24g.svd-xt``. The first four parts are the worker class.
 
 A worker subscribes to every queue it can serve: its device, each precision its probe
-supports (a bf16 card serves bf16, fp16 and fp32 jobs), every tier up to its own. A job goes
-to the smallest tier that fits its estimated memory at its precision. No torch here: the web
-routes with it.
+supports (a bf16 card serves bf16, fp16 and fp32 jobs), every tier up to its own, for each
+model it advertises, so a job reaches only a worker that has its model and the dispatcher's
+count of a queue's idle consumers is a count of those that serve the model. A job goes to the
+smallest tier that fits its estimated memory at its precision. A name without the model (the
+scheme before models were part of it) still parses: ``--queues`` expands it to the worker's
+models. No torch here: the web routes with it.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ TIERS_GB = (8, 12, 16, 24, 40, 48, 80, 141)
 #: Cards report a little less than their sold size (an "80 GB" card has 79.2 GiB usable).
 _TIER_SLACK = 0.9
 _GB = 1_000_000_000
+#: What a model's part of a queue name holds (a catalog id in lower case).
+_MODEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
 
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # Activation constants, to be calibrated on a GPU: fp32 bytes per latent pixel per frame per
@@ -58,28 +65,46 @@ class WorkerClass:
         return f"a {self.device} worker with {self.precision} and >= {self.tier_gb} GB"
 
 
+def with_model(queue: str, model_key: str) -> str:
+    """``queue`` (a class's) for jobs of one model: ``svd.cuda.bf16.24g.svd-xt``."""
+    return f"{queue}.{model_key}" if model_key else queue
+
+
+def queue_model(name: str) -> str | None:
+    """The model part of a queue name (``svd-xt``), or None for a class's bare queue."""
+    parts = name.split(".", 4)
+    return parts[4] if len(parts) == 5 and parts[4] else None
+
+
 def parse_queue(name: str) -> WorkerClass:
-    """The worker class of a queue name; ValueError for names outside the scheme."""
-    parts = name.split(".")
+    """The worker class of a queue name, with or without its model part; ValueError for
+    names outside the scheme."""
+    model = queue_model(name)
+    parts = name.split(".", 4)[:4] if model else name.split(".")
     if (
         len(parts) != 4
+        or (model is not None and not set(model) <= _MODEL_CHARS)
         or parts[0] != PREFIX
         or parts[1] not in DEVICES
         or parts[2] not in PRECISION_CLASSES
         or parts[3] not in {f"{t}g" for t in TIERS_GB}
     ):
         raise ValueError(
-            f"{name!r} is not an svdfarm queue: expected {PREFIX}.<device>.<precision>.<tier>g "
+            f"{name!r} is not an svdfarm queue: expected {PREFIX}.<device>.<precision>.<tier>g"
+            "[.<model>] "
             f"with device in {DEVICES}, precision in {PRECISION_CLASSES}, tier in {TIERS_GB}"
         )
     return WorkerClass(parts[1], parts[2], int(parts[3][:-1]))
 
 
-def all_queues() -> list[str]:
-    """Every queue name the scheme defines."""
-    return [
+def all_queues(model_keys: Iterable[str] = ()) -> list[str]:
+    """Every queue name the scheme defines: each class's, for each of ``model_keys`` (the
+    catalog's, :func:`svdfarm.catalog.queue_key`); without them, the classes' bare names."""
+    classes = [
         WorkerClass(d, p, t).queue for d in DEVICES for p in PRECISION_CLASSES for t in TIERS_GB
     ]
+    keys = list(model_keys)
+    return [with_model(q, k) for k in keys for q in classes] if keys else classes
 
 
 def tier_of(total_memory_bytes: int | None) -> int | None:
@@ -102,15 +127,28 @@ def served_precisions(device: str, bf16: bool, fp16: bool) -> list[str]:
     return classes
 
 
-def queues_for(capabilities: Mapping[str, Any]) -> list[str]:
-    """Every queue a worker with these capabilities (``Capabilities.as_dict()``) can serve."""
+def queues_for(capabilities: Mapping[str, Any], model_keys: Iterable[str] = ()) -> list[str]:
+    """Every queue a worker with these capabilities (``Capabilities.as_dict()``) can serve,
+    for each model it advertises (``model_keys``; none: the classes' bare names)."""
     device = str(capabilities["device"])
     tier = tier_of(capabilities.get("total_memory_bytes"))
     if tier is None:
         return []
     bf16 = bool(capabilities.get("bf16_driver")) and bool(capabilities.get("bf16_op"))
     precisions = served_precisions(device, bf16, bool(capabilities.get("fp16")))
-    return [WorkerClass(device, p, t).queue for p in precisions for t in TIERS_GB if t <= tier]
+    classes = [WorkerClass(device, p, t).queue for p in precisions for t in TIERS_GB if t <= tier]
+    return expand_queues(classes, model_keys)
+
+
+def expand_queues(names: Iterable[str], model_keys: Iterable[str]) -> list[str]:
+    """``names`` with each bare class queue made one per model of ``model_keys`` (a name
+    with its model part stays as it is); with no model keys, ``names`` unchanged."""
+    keys = list(model_keys)
+    expanded: list[str] = []
+    for name in names:
+        bare = queue_model(name) is None
+        expanded += [with_model(name, k) for k in keys] if bare and keys else [name]
+    return list(dict.fromkeys(expanded))
 
 
 def precision_class(precision: str, device: str) -> str:
@@ -194,8 +232,13 @@ def route(
     online_queues: Iterable[str] = (),
     cpu_max_gb: int = TIERS_GB[-1],
     shape: ModelShape = SVD_XT,
+    *,
+    model_key: str = "",
 ) -> Route:
-    """The queue for a job: the smallest fitting GPU tier at its precision, or the CPU.
+    """The queue for a job: the smallest fitting GPU tier at its precision, or the CPU; the
+    queue of its model (``model_key``, :func:`svdfarm.catalog.queue_key`) when given, so only
+    a worker that serves the model takes it and "a live worker consumes it" means one that has
+    the model.
 
     The first candidate a live worker consumes wins (``online_queues``), GPU before CPU; with
     none online, the CPU when ``allow_cpu`` (a farm that has only started), else the smallest
@@ -216,7 +259,8 @@ def route(
         tier = next((t for t in TIERS_GB if t * _GB * _TIER_SLACK >= need and t <= limit), None)
         if tier is not None:
             worker_class = WorkerClass(device, klass, tier)
-            candidates.append(Route(worker_class.queue, worker_class, need))
+            queue = with_model(worker_class.queue, model_key)
+            candidates.append(Route(queue, worker_class, need))
     if not candidates:
         need_gb = (
             estimate_memory_bytes(

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from svdfarm.catalog import CatalogEntry, find_entry, model_defaults
 from svdfarm.models import Job, Worker, utcnow
 from svdfarm.params import defaults_for, size_presets
-from svdfarm.queues import parse_queue
+from svdfarm.queues import parse_queue, queue_model
 from svdfarm.settings import Settings
 from svdfarm.states import JobState, WorkerState
 
@@ -78,6 +78,8 @@ def waiting_reason(
     if not consumers:
         try:
             wanted = parse_queue(job.queue).describe()
+            model = queue_model(job.queue)
+            wanted += f" that has the model {model}" if model else ""
         except ValueError:
             wanted = f"a worker on queue {job.queue}"
         return f"waiting: no worker online that can take it ({wanted} is needed)"

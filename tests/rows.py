@@ -21,11 +21,11 @@ from svdfarm.settings import Settings
 from svdfarm.states import AttemptOutcome, ErrorClass, JobState, WorkerState
 from svdfarm.storage import Store, open_store
 
-#: The queue :func:`add_job` routes its jobs to (a 16 GB CUDA card at fp16).
-QUEUE = "svd.cuda.fp16.16g"
+#: The queue :func:`add_job` routes its jobs to (a 16 GB CUDA card at fp16, the tiny model).
+QUEUE = "svd.cuda.fp16.16g.tiny"
 
 #: The queues a CPU worker consumes: :func:`add_worker`'s when it is given none.
-CPU_QUEUES = [f"svd.cpu.fp32.{t}g" for t in (8, 12, 16, 24)]
+CPU_QUEUES = [f"svd.cpu.fp32.{t}g.tiny" for t in (8, 12, 16, 24)]
 
 #: The render parameters of a small job, for rows inserted directly.
 #: The owner of a test client's key-less jobs in open mode (web.owners): its address.

@@ -430,3 +430,43 @@ def _race_two_passes(
         thread.join(60)
     assert not errors, errors
     return sent
+
+
+@pytest.mark.redis
+@needs_redis
+def test_a_job_goes_only_to_a_worker_that_has_its_model(live: Farm) -> None:
+    """A job of a model the live worker does not serve is never sent to it, though it is idle
+    and the queue's class is its own: a later job of its model runs first. A worker that
+    serves the model (the tiny model's files under another catalog id) then renders it."""
+    other = str(live.settings.models_dir / "tiny")
+    models = f"tiny=tiny,other={other}"
+    settings = live.settings.with_overrides(models=models)
+    frank = live.user("frank")
+
+    def submit(model: str) -> uuid.UUID:
+        """A short job of ``model`` as the web submits it (a dispatch pass follows)."""
+        raw = {"seed": "1", **SHORT, "model": model}
+        submission = validate_submission(settings, raw, png_bytes(), "in.png")
+        with live.db.session() as session:
+            return submit_job(
+                session, live.celery, settings, submission, by=By(Actor.API), owner=frank
+            ).id
+
+    elsewhere = submit("other")
+    assert live.job(elsewhere).queue.endswith(".other")
+    mine = submit("tiny")
+    live.wait_succeeded([mine], timeout_s=120)
+    job = live.job(elsewhere)
+    assert job.state is JobState.QUEUED and job.published_at is None, "sent to a tiny worker"
+    assert live.attempts([elsewhere])[elsewhere] == []
+
+    extra: dict[str, Any] = {**FARM_ENV, "SVDFARM_MODELS": models, "SVDFARM_WORKER_MODELS": "other"}
+    worker = start_worker(live.settings, live.folder, "other", **extra)
+    live.workers.append(worker)
+    try:
+        wait_for_worker(live.db, worker.hostname, worker.process, lambda: worker.text(None))
+        live.wait_succeeded([elsewhere], timeout_s=120)
+        assert [a.worker for a in live.attempts([elsewhere])[elsewhere]] == [worker.hostname]
+    finally:
+        worker.stop(60)
+        live.workers.remove(worker)

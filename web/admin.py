@@ -40,6 +40,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from svdfarm.actions import JobChange, cancel_job, delete_job, parse_job_id, requeue_jobs
+from svdfarm.catalog import catalog_keys
 from svdfarm.depths import BrokerUnavailable, queue_depths, waiting_jobs
 from svdfarm.lifecycle import By, events_of, reprioritize
 from svdfarm.models import Attempt, Job, Worker, list_order, utcnow
@@ -576,7 +577,7 @@ def workers() -> Any:
         if states[w.hostname] is not WorkerState.OFFLINE:
             for queue in w.queues:
                 consumers.setdefault(queue, []).append(w.hostname)
-    queued = waiting_jobs(session, [*all_queues(), *consumers])
+    queued = waiting_jobs(session, [*all_queues(catalog_keys(settings.catalog)), *consumers])
     broker_error = None
     try:
         held = queue_depths(settings, queued, celery=current_app.extensions["celery"])

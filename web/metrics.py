@@ -41,6 +41,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from svdfarm.catalog import catalog_keys
 from svdfarm.counts import DURATION_BUCKETS
 from svdfarm.depths import BrokerUnavailable, queue_depths, waiting_jobs
 from svdfarm.models import METRIC_LABEL_SEP, Job, MetricCount
@@ -130,7 +131,8 @@ class FarmCollector(Collector):
         """Jobs waiting per queue (the database), messages per queue (the broker), and whether
         the broker answered."""
         consumed = {q for w in online_workers(self.session, self.settings) for q in w.queues}
-        waiting = waiting_jobs(self.session, [*all_queues(), *sorted(consumed)])
+        every = all_queues(catalog_keys(self.settings.catalog))
+        waiting = waiting_jobs(self.session, [*every, *sorted(consumed)])
         family = GaugeMetricFamily(
             "svdfarm_queue_depth",
             "Jobs waiting in each queue: queued in the database.",

@@ -714,7 +714,8 @@ def _models_operation() -> dict[str, Any]:
                 "type": "object",
                 "description": "The form's defaults for it; num_frames and native_side (the "
                 "side of the square of its native area) from its configs where the farm has "
-                "them; sizes: its width x height presets.",
+                "them, else a known checkpoint's; fps and motion_bucket_id at a model's fixed "
+                "conditioning (SVD-XT 1.1: 6 and 127); sizes: its width x height presets.",
             },
             "available": {
                 "type": "boolean",

@@ -29,7 +29,7 @@ from flask import (
 from werkzeug.datastructures import MultiDict
 
 from svdfarm.actions import cancel_job
-from svdfarm.batches import Upload, submit_batch, validate_batch
+from svdfarm.batches import BATCH_FIELDS, MAX_BATCH_JOBS, Upload, submit_batch, validate_batch
 from svdfarm.catalog import find_entry
 from svdfarm.db import is_unavailable
 from svdfarm.images import format_size
@@ -168,6 +168,7 @@ def form_page(
             min_priority=MIN_PRIORITY,
             max_priority=MAX_PRIORITY,
             priority_limit=owners.max_priority(),
+            max_batch_jobs=MAX_BATCH_JOBS,
         ),
         status,
     )
@@ -245,21 +246,26 @@ def submit() -> Any:
     settings = current_app.config["SVDFARM_SETTINGS"]
     request.max_content_length = batch_body_limit(settings)  # several images make a batch
     form = joined_formats(request.form)
-    values = {k: v for k, v in form.to_dict().items() if k in PREFILL}
+    values = {k: v for k, v in form.to_dict().items() if k in (*PREFILL, *BATCH_FIELDS)}
     asked = form.get(AGAIN_FIELD, "").strip()
     again = readable_job(asked) if asked else None
     problem = csrf_problem()
     if problem:
         return form_page({"csrf": problem}, 400, values, again)
     refused = {
-        **unknown_fields(form, request.files, also=FORM_ONLY_FIELDS),
+        **unknown_fields(form, request.files, also=(*FORM_ONLY_FIELDS, *BATCH_FIELDS)),
         **repeated_fields(form, request.files, images=False),  # several images: a batch
     }
     if refused:
         return form_page(refused, 400, values, again)
     chosen = [f for f in request.files.getlist("image") if f.filename]
-    if len(chosen) > 1:
+    # Several images, or seeds or a count (as POST /api/v1/batches takes them): a batch.
+    seeded = any(str(form.get(name) or "").strip() for name in BATCH_FIELDS)
+    if len(chosen) > 1 or (chosen and seeded):
         return submit_form_batch(form, [Upload(f.read(), f.filename or "") for f in chosen])
+    if seeded:
+        message = "Seeds and count make a batch of the images you choose: choose the image again."
+        return form_page({"seeds": message}, 400, values, again)
     upload = request.files.get("image")
     data = upload.read() if upload is not None and upload.filename else None
     filename = upload.filename or "" if upload is not None else ""
@@ -294,7 +300,7 @@ def submit_form_batch(form: MultiDict[str, str], uploads: list[Upload]) -> Any:
     """Several images chosen on the form: one job each, with the form's settings, as a batch;
     its page next (or the form again with the reasons)."""
     settings = current_app.config["SVDFARM_SETTINGS"]
-    values = {k: v for k, v in form.to_dict().items() if k in PREFILL}
+    values = {k: v for k, v in form.to_dict().items() if k in (*PREFILL, *BATCH_FIELDS)}
     fields = {k: v for k, v in form.items() if k not in FORM_ONLY_FIELDS}
     try:
         submissions = validate_batch(settings, fields, uploads)

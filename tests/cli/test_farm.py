@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import create_engine, inspect, update
 
 from svdfarm.actions import cancel_job
+from svdfarm.catalog import catalog_keys
 from svdfarm.celery_app import create_celery, enqueue_render
 from svdfarm.db import Database, upgrade
 from svdfarm.depths import queue_depths
@@ -113,7 +114,8 @@ def send(settings: Settings, *jobs: tuple[uuid.UUID, str]) -> None:
 
 def held(settings: Settings) -> dict[str, int]:
     """Messages the broker holds, by queue, for the queues that hold any."""
-    return {q: n for q, n in queue_depths(settings, ["svd.default", *all_queues()]).items() if n}
+    names = ["svd.default", *all_queues(), *all_queues(catalog_keys(settings.catalog))]
+    return {q: n for q, n in queue_depths(settings, names).items() if n}
 
 
 def run(cli_env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

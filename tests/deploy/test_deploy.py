@@ -39,9 +39,10 @@ from packaging.utils import canonicalize_name
 
 from cli import build_parser
 from svdfarm import dispatch
+from svdfarm.catalog import DEFAULT_MODELS, catalog_keys, parse_models, queue_key
 from svdfarm.db import Database, upgrade
 from svdfarm.models import Job, utcnow
-from svdfarm.queues import PRECISION_CLASSES, all_queues, parse_queue, queues_for
+from svdfarm.queues import PRECISION_CLASSES, all_queues, expand_queues, parse_queue, queues_for
 from svdfarm.settings import load_settings
 from svdfarm.states import JobState
 from tests.conftest import DATABASES
@@ -63,7 +64,9 @@ WORKER_ONLY = {
     canonicalize_name(Requirement(r).name) for r in PROJECT["optional-dependencies"]["worker"]
 }
 TORCH_FAMILY = {"torch", "torchvision", "torchaudio", "diffusers", "transformers", "accelerate"}
-QUEUE_LIKE = re.compile(r"\bsvd\.[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
+QUEUE_LIKE = re.compile(r"\bsvd\.[A-Za-z0-9_]+(?:\.[A-Za-z0-9_-]+)*")
+#: The queue keys of the default catalog's models (svd.cuda.bf16.24g.svd-xt ...).
+MODEL_KEYS = catalog_keys(parse_models(DEFAULT_MODELS))
 SETTING = re.compile(r"\bSVDFARM_[A-Z0-9_]*[A-Z0-9]")
 WRAPPERS = {"tini", "--", "exec"}
 GPU_PRODUCT = "nvidia.com/gpu.product"
@@ -362,7 +365,7 @@ def queue_problems(text: str) -> list[str]:
         except ValueError as exc:
             problems.append(str(exc))
             continue
-        if name not in all_queues():
+        if name not in all_queues() and name not in all_queues(MODEL_KEYS):
             problems.append(f"{name!r} is not in all_queues()")
     return problems
 
@@ -416,10 +419,17 @@ def consumed(deployment: dict[str, Any]) -> list[str]:
         f"{name}: node selector {GPU_PRODUCT}={product!r} has no profile in GPU_PROFILES; "
         "add the card's probed memory and bf16 support there"
     )
-    served = queues_for(GPU_PROFILES[product])
-    args = next(a for c in containers(deployment) if (a := svdfarm_args(container_argv(c))))
+    worker = next(c for c in containers(deployment) if svdfarm_args(container_argv(c)))
+    env = container_env(worker, k8s_docs())
+    wanted = env.get("SVDFARM_WORKER_MODELS", "")
+    # Without a list a pod serves what its cache holds, which no query written here can know.
+    assert wanted, f"{name}: set SVDFARM_WORKER_MODELS so its ScaledObject can count its queues"
+    catalog = load_settings(env).catalog
+    keys = [queue_key(catalog, entry.source) for entry in parse_models(wanted)]
+    served = queues_for(GPU_PROFILES[product], keys)
+    args = svdfarm_args(container_argv(worker)) or []
     pinned = build_parser().parse_args(args).queues
-    queues = [q for q in pinned.split(",") if q] or served
+    queues = expand_queues([q for q in pinned.split(",") if q], keys) or served
     extra = sorted(set(queues) - set(served))
     assert not extra, f"{name}: a {product} never serves {extra} (it serves {served})"
     return queues
@@ -455,7 +465,7 @@ def backlog_queues(query: str) -> list[str]:
         )
     queues = []
     for item in match["queues"].split(","):
-        quoted = re.fullmatch(r"'([a-z0-9.]+)'", item.strip())
+        quoted = re.fullmatch(r"'([a-z0-9._-]+)'", item.strip())
         if not quoted:
             raise ValueError(f"{item.strip()!r} in query {normal!r} is not a quoted queue name")
         queues.append(quoted[1])
@@ -929,7 +939,7 @@ def test_k8s_pools_scale_one_pod_per_queued_job() -> None:
         assert desired_pods(scaled, {q: 1 for q in queues[:3]}) == 3, name
         assert desired_pods(scaled, {q: 2 for q in queues[:2]}) == 4, name
         assert desired_pods(scaled, {}) == spec.get("minReplicaCount", 0) == 0, name
-        others = [q for q in all_queues() if q not in queues]
+        others = [q for q in all_queues(MODEL_KEYS) if q not in queues]
         assert desired_pods(scaled, {q: 5 for q in others}) == 0, name
         assert desired_pods(scaled, {queues[-1]: 1000}) == spec["maxReplicaCount"], name
         behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]

@@ -95,16 +95,18 @@ def test_force_fp32_sets_every_dtype_and_routes_to_an_fp32_queue(
 
 @pytest.mark.parametrize("database_url", DATABASES, indirect=True)
 def test_casts_off_and_a_forced_queue(db: Database, settings: Settings, celery: Celery) -> None:
-    """Casts off is stored on the job; a forced queue wins over routing, even with fp32."""
+    """Casts off is stored on the job; a forced queue wins over routing, even with fp32; a
+    class's bare name means that class's queue of the job's model."""
     first, second = add_job(db, settings), add_job(db, settings)
-    forced = "svd.cuda.fp32.80g"
+    bare = "svd.cuda.fp32.80g"
+    forced = f"{bare}.tiny"
     with db.session() as session:
         changes = requeue_jobs(
             session,
             celery,
             settings,
             [first, second],
-            queue=forced,
+            queue=bare,
             casts_off=True,
             force_fp32=True,
             by=ADMIN,

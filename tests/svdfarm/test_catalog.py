@@ -88,7 +88,7 @@ def test_a_submitted_tiny_job_records_the_tiny_models_estimate(client: FlaskClie
     assert response.status_code == 201, response.get_json()
     body = client.get(f"/api/v1/jobs/{response.get_json()['id']}").get_json()
     assert body["memory_estimate_bytes"] == estimate_memory_bytes(8, 64, 64, 8, "fp32", TINY_SHAPE)
-    assert body["memory_estimate_bytes"] < 1.6 * GIB and body["queue"] == "svd.cpu.fp32.8g"
+    assert body["memory_estimate_bytes"] < 1.6 * GIB and body["queue"] == "svd.cpu.fp32.8g.tiny"
 
 
 # ---- the catalog (SVDFARM_MODELS), what workers serve, GET /api/v1/models -------------------
@@ -132,6 +132,43 @@ def test_defaults_are_read_from_the_models_configs(tiny_model_dir: Path, tmp_pat
     assert model_defaults("tiny", tiny_model_dir.parent) == {"num_frames": 8, "native_side": 64}
     # Not on this machine: SVD-XT's.
     assert model_defaults("someorg/absent", tmp_path) == {"num_frames": 25, "native_side": 768}
+
+
+XT_1_1 = "stabilityai/stable-video-diffusion-img2vid-xt-1-1"
+
+
+def test_known_checkpoints_not_in_the_cache_get_their_own_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Hub id of Stability AI's SVD family that this machine has not downloaded gets that
+    checkpoint's defaults (SVD 14 frames), not SVD-XT's, and no error."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    svd = "stabilityai/stable-video-diffusion-img2vid"
+    assert local_folder(svd, tmp_path) is None
+    assert model_defaults(svd, tmp_path) == {"num_frames": 14, "native_side": 768}
+    assert parse_params({}, (1024, 576), svd).num_frames == 14
+    xt = "stabilityai/stable-video-diffusion-img2vid-xt"
+    assert model_defaults(xt, tmp_path) == {"num_frames": 25, "native_side": 768}
+    assert model_shape(svd, tmp_path) == SVD_XT  # the same architecture: SVD-XT's estimate
+
+
+def test_svd_xt_1_1s_fixed_conditioning_is_its_jobs_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SVD-XT 1.1 was fine-tuned at 6 fps and motion bucket 127: its defaults say so, a job
+    of it without those fields gets them, and one that gives them keeps its own (still
+    adjustable, as its model card says); other models keep 7 fps."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    assert model_defaults(XT_1_1, tmp_path) == {
+        "num_frames": 25,
+        "native_side": 768,
+        "fps": 6,
+        "motion_bucket_id": 127,
+    }
+    params = parse_params({}, (1024, 576), XT_1_1)
+    assert (params.fps, params.motion_bucket_id, params.num_frames) == (6, 127, 25)
+    assert parse_params({"fps": "8"}, (1024, 576), XT_1_1).fps == 8
+    assert parse_params({}, (1024, 576), "stabilityai/stable-video-diffusion-img2vid-xt").fps == 7
 
 
 def test_what_a_worker_advertises(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from celery.platforms import SecurityWarning
 from celery.utils.saferepr import saferepr
 from celery.utils.serialization import jsonify
 
+from svdfarm.catalog import DEFAULT_MODELS, catalog_keys, parse_models
 from svdfarm.celery_app import create_celery, enqueue_render, settings_of
 from svdfarm.queues import all_queues
 from svdfarm.settings import Settings
@@ -26,8 +27,12 @@ MARKED = {
     "database_url": "postgresql+psycopg://svd:db-password-marker-e0d4@db:5432/farm",
     "broker_url": "redis://:broker-password-marker-2c81@cache:6379/3",
 }
-#: The default queue and every worker class's.
-FARM_QUEUES = {"svd.default", *all_queues()}
+#: The default queue and every worker class's, bare and for each model of the catalog.
+FARM_QUEUES = {
+    "svd.default",
+    *all_queues(),
+    *all_queues(catalog_keys(parse_models(DEFAULT_MODELS))),
+}
 SECRETS = ["secret-key-marker", "admin-password-marker", "db-password-marker", "broker-password"]
 
 

@@ -245,3 +245,23 @@ def test_an_owners_gpu_time_decides_between_owners(
             .where(JobEvent.job_id == heavy, JobEvent.type == EventType.PUBLISHED)
         )
     assert published == 0
+
+
+@pytest.mark.parametrize("database_url", DATABASES, indirect=True)
+def test_a_worker_without_the_jobs_model_is_not_a_free_slot(
+    db: Database, calm: Settings, celery: Celery
+) -> None:
+    """A queue is per class and model: an idle worker of the same class that serves another
+    model (it consumes that model's queue) is no slot for the job, and nothing is sent; an
+    idle worker with the job's model is, and the job goes to that model's queue."""
+    other = QUEUE.rsplit(".", 1)[0] + ".svd-xt"
+    ids = waiting_jobs(db, 1)
+    add_worker(db, "xt@farm", [other])
+    with db.session() as session:
+        assert free_slots(session, calm, QUEUE) == 0
+        assert dispatch(session, celery, calm, by=BY) == []
+    add_worker(db, "tiny@farm", [QUEUE])
+    with db.session() as session:
+        assert free_slots(session, calm, QUEUE) == 1 and free_slots(session, calm, other) == 1
+        assert dispatch(session, celery, calm, by=BY) == ids
+    assert broker_messages(calm) == [(QUEUE, str(ids[0]))]

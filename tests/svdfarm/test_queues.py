@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from svdfarm.catalog import catalog_keys, parse_models, queue_key
 from svdfarm.queues import (
     DEVICES,
     PRECISION_CLASSES,
@@ -26,11 +27,14 @@ from svdfarm.queues import (
     WorkerClass,
     all_queues,
     estimate_memory_bytes,
+    expand_queues,
     parse_queue,
     precision_class,
+    queue_model,
     queues_for,
     route,
     tier_of,
+    with_model,
 )
 from worker.probe import Capabilities
 
@@ -210,7 +214,9 @@ def test_every_profile_queue_is_in_the_scheme() -> None:
         "svd.cuda.fp16.g",
         "svd.cuda.fp16.-8g",
         "svd.cuda.fp16.20g",  # not a tier
-        "svd.cuda.fp16.16g.extra",
+        "svd.cuda.fp16.16g.",  # an empty model part
+        "svd.cuda.fp16.16g.Bad/Model",  # a model part outside the ids' characters
+        "svd.cuda.fp16.16g.tiny\n",
         "svd..fp16.16g",
         "svd.rocm.fp16.16g",
         "svd.CUDA.fp16.16g",
@@ -582,3 +588,65 @@ def test_no_route_ever_reaches_a_worker_too_small(
             cpu_fits = estimate_memory_bytes(*job, "fp32") <= smallest_card(TIERS_GB[-1])
             expected = "cpu" if allow_cpu and cpu_fits else "cuda"
             assert routed.worker_class.device == expected, (job, routed.queue)
+
+
+# ---- a queue per model ---------------------------------------------------------------------
+
+
+def test_a_model_queue_parses_to_its_class_and_model() -> None:
+    """``svd.cuda.bf16.24g.svd-xt`` is the 24 GB bf16 class's queue for SVD-XT; a bare class
+    name (the scheme before models) still parses, without a model."""
+    assert with_model("svd.cuda.bf16.24g", "svd-xt") == "svd.cuda.bf16.24g.svd-xt"
+    assert parse_queue("svd.cuda.bf16.24g.svd-xt") == WorkerClass("cuda", "bf16", 24)
+    assert queue_model("svd.cuda.bf16.24g.svd-xt") == "svd-xt"
+    assert queue_model("svd.cuda.bf16.24g.svd-xt-1.1") == "svd-xt-1.1"
+    assert queue_model("svd.cuda.bf16.24g") is None
+    assert with_model("svd.cuda.bf16.24g", "") == "svd.cuda.bf16.24g"
+
+
+def test_a_worker_consumes_its_classes_for_each_model_it_advertises() -> None:
+    """A T4 advertising SVD-XT and the tiny model consumes each of its class queues twice,
+    once per model, and no queue of a model it lacks; ``--queues`` names without a model
+    are expanded the same way."""
+    bare = queues_for(PROFILES["T4 16GB"])
+    both = queues_for(PROFILES["T4 16GB"], ["svd-xt", "tiny"])
+    assert len(both) == 2 * len(bare) and len(set(both)) == len(both)
+    assert {queue_model(q) for q in both} == {"svd-xt", "tiny"}
+    assert "svd.cuda.fp16.8g.svd-xt" in both and "svd.cuda.fp16.8g.svd" not in both
+    assert expand_queues(["svd.cuda.fp16.8g", "svd.cpu.fp32.8g.svd"], ["svd-xt", "tiny"]) == [
+        "svd.cuda.fp16.8g.svd-xt",
+        "svd.cuda.fp16.8g.tiny",
+        "svd.cpu.fp32.8g.svd",
+    ]
+    assert set(both) <= set(all_queues(["svd-xt", "svd", "tiny"]))
+
+
+def test_a_job_routes_to_its_models_queue_and_counts_only_workers_with_it() -> None:
+    """A job of SVD-XT goes to a queue of SVD-XT's; a live T4 that consumes only the tiny
+    model's queues does not take it (CPU allowed: the CPU's SVD-XT queue; not allowed: the
+    T4 class's SVD-XT queue, where it waits for a worker with the model)."""
+    tiny_t4 = queues_for(PROFILES["T4 16GB"], ["tiny"])
+    xt_t4 = queues_for(PROFILES["T4 16GB"], ["svd-xt"])
+    routed = route(*TINY, "auto", allow_cpu=True, online_queues=tiny_t4, model_key="svd-xt")
+    assert routed.queue == "svd.cpu.fp32.12g.svd-xt" and routed.worker_class.device == "cpu"
+    waits = route(*TINY, "auto", allow_cpu=False, online_queues=tiny_t4, model_key="svd-xt")
+    assert waits.queue == "svd.cuda.fp16.8g.svd-xt" and waits.queue not in tiny_t4
+    served = route(*TINY, "auto", allow_cpu=True, online_queues=xt_t4, model_key="svd-xt")
+    assert served.queue == "svd.cuda.fp16.8g.svd-xt" and served.queue in xt_t4
+    assert route(*TINY, "auto", allow_cpu=True, online_queues=tiny_t4, model_key="tiny").queue == (
+        "svd.cuda.fp16.8g.tiny"
+    )
+
+
+def test_a_models_queue_key_is_its_catalog_id() -> None:
+    """The key is the catalog id (any case, found by id or source); a source outside the
+    catalog gets a slug with a hash, never a ``/`` (and two such sources never share one)."""
+    entries = parse_models("SVD-XT=stabilityai/stable-video-diffusion-img2vid-xt,tiny=tiny")
+    assert queue_key(entries, "stabilityai/stable-video-diffusion-img2vid-xt") == "svd-xt"
+    assert queue_key(entries, "tiny") == "tiny"
+    assert catalog_keys(entries) == ["svd-xt", "tiny"]
+    mine, other = queue_key(entries, "/models/My SVD"), queue_key(entries, "/models/my-svd")
+    assert mine != other
+    for key in (mine, other):
+        assert queue_model(with_model("svd.cpu.fp32.8g", key)) == key
+        assert parse_queue(with_model("svd.cpu.fp32.8g", key)).tier_gb == 8

@@ -241,11 +241,11 @@ def test_consumers_are_the_online_workers_on_the_queue(db: Database, beats: Sett
 
 def test_first_in_line_has_nobody_ahead(db: Database, beats: Settings) -> None:
     """The oldest queued job of its queue has zero jobs ahead."""
-    job_id = add_job(db, "svd.cpu.fp32.12g", utcnow() - timedelta(seconds=5))
-    add_job(db, "svd.cpu.fp32.12g", utcnow())
+    job_id = add_job(db, "svd.cpu.fp32.12g.tiny", utcnow() - timedelta(seconds=5))
+    add_job(db, "svd.cpu.fp32.12g.tiny", utcnow())
     add_worker(db, "cpu@a", CPU_QUEUES, 0)
     assert reason(db, beats, job_id) == (
-        "waiting: in queue svd.cpu.fp32.12g; 1 worker(s) can take it, 0 busy"
+        "waiting: in queue svd.cpu.fp32.12g.tiny; 1 worker(s) can take it, 0 busy"
     )
 
 

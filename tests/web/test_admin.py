@@ -270,8 +270,13 @@ def test_requeue_one_with_fp32_and_bulk_with_casts_off_and_a_queue(
     for job_id in bulk:
         job = read_job(db, job_id)
         assert job is not None
-        assert (job.state, job.casts, job.queue) == (JobState.QUEUED, False, "svd.cuda.bf16.40g")
-    assert broker_messages(settings)[1:] == [("svd.cuda.bf16.40g", str(i)) for i in bulk]
+        # The class's bare name means its queue of the job's model.
+        assert (job.state, job.casts, job.queue) == (
+            JobState.QUEUED,
+            False,
+            "svd.cuda.bf16.40g.tiny",
+        )
+    assert broker_messages(settings)[1:] == [("svd.cuda.bf16.40g.tiny", str(i)) for i in bulk]
 
 
 def test_requeue_with_a_bad_queue_changes_nothing(

@@ -253,6 +253,49 @@ def test_several_images_on_the_form_make_a_batch(app: Flask, client: FlaskClient
     assert all(str(j.id) in recent for j in jobs)
 
 
+def test_the_forms_seeds_and_count_make_a_batch(app: Flask, client: FlaskClient) -> None:
+    """The form takes ``seeds`` or ``count`` as the API does: one image with seeds 7,9 makes
+    a batch of two jobs with those seeds; two images with count 2 from seed 40, four jobs; a
+    bad count comes back on the form beside the field, with nothing queued; seeds without an
+    image chosen (a render again of a stored one) are refused, not ignored."""
+    html = client.get("/").text
+    assert '<input id="seeds" name="seeds"' in html and '<input id="count" name="count"' in html
+    one = {"image": (io.BytesIO(png_bytes()), "cat.png"), "csrf_token": form_token(client)}
+    response = client.post("/", data={**one, "seeds": "7, 9", "num_frames": "5"})
+    assert response.status_code == 303, response.text
+    batch_id = re.search(r"/batches/([0-9a-f-]{36})$", response.headers["Location"])
+    assert batch_id
+    assert [(j.seed, j.num_frames) for j in jobs_of(app, batch_id[1])] == [(7, 5), (9, 5)]
+
+    data: dict[str, Any] = {
+        "image": [(io.BytesIO(d), n) for d, n in TWO],
+        "csrf_token": form_token(client),
+        "count": "2",
+        "seed": "40",
+    }
+    response = client.post("/", data=data)
+    assert response.status_code == 303, response.text
+    batch_id = re.search(r"/batches/([0-9a-f-]{36})$", response.headers["Location"])
+    assert batch_id
+    jobs = jobs_of(app, batch_id[1])
+    assert sorted((j.input_filename, j.seed) for j in jobs) == [
+        ("cat.png", 40),
+        ("cat.png", 41),
+        ("dog.jpg", 40),
+        ("dog.jpg", 41),
+    ]
+
+    before = job_count(app)
+    one = {"image": (io.BytesIO(png_bytes()), "cat.png"), "csrf_token": form_token(client)}
+    refused = client.post("/", data={**one, "count": "0"})
+    assert refused.status_code == 400
+    assert f"Count must be a whole number from 1 to {MAX_BATCH_JOBS}" in refused.text
+    assert 'id="count" name="count" type="number"' in refused.text and 'value="0"' in refused.text
+    no_image = client.post("/", data={"csrf_token": form_token(client), "seeds": "1,2"})
+    assert no_image.status_code == 400 and "Seeds and count make a batch" in no_image.text
+    assert job_count(app) == before
+
+
 def test_the_batch_answers_are_as_documented(app: Flask) -> None:
     """201, 400, 404 and the batch's JSON, each checked against the OpenAPI document."""
     schema = api_schema(app)

@@ -16,7 +16,9 @@ from tests.http import form_token, job_id_from
 from tests.rows import CPU_QUEUES, add_worker, load_job
 
 XT = "stabilityai/stable-video-diffusion-img2vid-xt"
-GPU_QUEUES = [f"svd.cuda.{p}.{t}g" for p in ("bf16", "fp16", "fp32") for t in (8, 12, 16, 24)]
+GPU_QUEUES = [
+    f"svd.cuda.{p}.{t}g.svd-xt" for p in ("bf16", "fp16", "fp32") for t in (8, 12, 16, 24)
+]
 
 
 def post_job(client: FlaskClient, **fields: str) -> Any:

@@ -31,9 +31,11 @@ from tests.rows import CPU_QUEUES, add_worker, job_count, load_job, wait_until
 from web import create_app
 
 GB = 1_000_000_000
-T4_QUEUES = [f"svd.cuda.{p}.{t}g" for p in ("fp16", "fp32") for t in (8, 12, 16)]
-RTX4090_QUEUES = [f"svd.cuda.{p}.{t}g" for p in ("bf16", "fp16", "fp32") for t in (8, 12, 16, 24)]
-M2_QUEUES = [f"svd.mps.{p}.{t}g" for p in ("bf16", "fp16", "fp32") for t in (8, 12)]
+T4_QUEUES = [f"svd.cuda.{p}.{t}g.tiny" for p in ("fp16", "fp32") for t in (8, 12, 16)]
+RTX4090_QUEUES = [
+    f"svd.cuda.{p}.{t}g.tiny" for p in ("bf16", "fp16", "fp32") for t in (8, 12, 16, 24)
+]
+M2_QUEUES = [f"svd.mps.{p}.{t}g.tiny" for p in ("bf16", "fp16", "fp32") for t in (8, 12)]
 T4 = {"device": "cuda", "name": "Tesla T4"}
 # SVD-XT's defaults at 1024 x 576 (15.2 GB at fp16: over a 16 GB card's 14.4 GB, the 24 GB tier)
 # and the same with a 4-frame decode chunk (11.6 GB at fp16: the 16 GB tier, a T4 takes it).
@@ -109,13 +111,13 @@ def test_a_job_is_stored_with_its_route_and_sent_to_that_queue(
     on that queue and no other."""
     job_id = submit(client)
     job = load_job(app, job_id)
-    expected = route(8, 64, 64, 8, "auto", allow_cpu=True)
-    assert job.queue == expected.queue == "svd.cpu.fp32.12g"
+    expected = route(8, 64, 64, 8, "auto", allow_cpu=True, model_key="tiny")
+    assert job.queue == expected.queue == "svd.cpu.fp32.12g.tiny"
     assert job.memory_estimate_bytes == estimate_memory_bytes(8, 64, 64, 8, "fp32")
-    assert messages(settings) == {job_id: "svd.cpu.fp32.12g"}
+    assert messages(settings) == {job_id: "svd.cpu.fp32.12g.tiny"}
 
     body = status(client, job_id)
-    assert body["queue"] == "svd.cpu.fp32.12g"
+    assert body["queue"] == "svd.cpu.fp32.12g.tiny"
     assert body["memory_estimate_bytes"] == job.memory_estimate_bytes
 
 
@@ -127,10 +129,10 @@ def test_the_route_follows_the_parameters(
     small = submit(client)
     large = submit(client, **SVD_XT, decode_chunk_size="8")
     job = load_job(app, large)
-    assert job.queue == "svd.cpu.fp32.24g"
+    assert job.queue == "svd.cpu.fp32.24g.tiny"
     assert job.memory_estimate_bytes == estimate_memory_bytes(25, 1024, 576, 8, "fp32")
     assert job.memory_estimate_bytes > load_job(app, small).memory_estimate_bytes
-    assert messages(settings) == {small: "svd.cpu.fp32.12g", large: "svd.cpu.fp32.24g"}
+    assert messages(settings) == {small: "svd.cpu.fp32.12g.tiny", large: "svd.cpu.fp32.24g.tiny"}
 
 
 @pytest.mark.parametrize("database_url", DATABASES, indirect=True)
@@ -146,17 +148,17 @@ def test_a_live_gpu_worker_gets_the_job(
     small = submit(client)
     chunk4 = submit(client, **SVD_XT_CHUNK4)
     svd_xt = submit(client, **SVD_XT)
-    assert load_job(app, small).queue == "svd.cuda.fp16.8g"
+    assert load_job(app, small).queue == "svd.cuda.fp16.8g.tiny"
     assert load_job(app, small).memory_estimate_bytes == estimate_memory_bytes(8, 64, 64, 8, "fp16")
-    assert load_job(app, chunk4).queue == "svd.cuda.fp16.16g"
+    assert load_job(app, chunk4).queue == "svd.cuda.fp16.16g.tiny"
     assert load_job(app, chunk4).memory_estimate_bytes == estimate_memory_bytes(
         25, 1024, 576, 4, "fp16"
     )
-    assert load_job(app, svd_xt).queue == "svd.cpu.fp32.24g"
+    assert load_job(app, svd_xt).queue == "svd.cpu.fp32.24g.tiny"
     assert messages(settings) == {
-        small: "svd.cuda.fp16.8g",
-        chunk4: "svd.cuda.fp16.16g",
-        svd_xt: "svd.cpu.fp32.24g",
+        small: "svd.cuda.fp16.8g.tiny",
+        chunk4: "svd.cuda.fp16.16g.tiny",
+        svd_xt: "svd.cpu.fp32.24g.tiny",
     }
 
 
@@ -168,12 +170,12 @@ def test_a_live_24_gb_worker_gets_svd_xt_defaults(
     add_worker(app.extensions["svdfarm.db"], "4090@gpu-2", RTX4090_QUEUES, heartbeat_age_s=1)
     auto = submit(client, **SVD_XT)
     bf16 = submit(client, **SVD_XT, precision="bf16")
-    assert load_job(app, auto).queue == "svd.cuda.fp16.24g"
+    assert load_job(app, auto).queue == "svd.cuda.fp16.24g.tiny"
     assert load_job(app, auto).memory_estimate_bytes == estimate_memory_bytes(
         25, 1024, 576, 8, "fp16"
     )
-    assert load_job(app, bf16).queue == "svd.cuda.bf16.16g"
-    assert messages(settings) == {auto: "svd.cuda.fp16.24g", bf16: "svd.cuda.bf16.16g"}
+    assert load_job(app, bf16).queue == "svd.cuda.bf16.16g.tiny"
+    assert messages(settings) == {auto: "svd.cuda.fp16.24g.tiny", bf16: "svd.cuda.bf16.16g.tiny"}
 
 
 def test_a_gpu_worker_that_missed_its_beats_gets_nothing(
@@ -188,8 +190,8 @@ def test_a_gpu_worker_that_missed_its_beats_gets_nothing(
         capabilities=T4,
     )
     job_id = submit(client)
-    assert load_job(app, job_id).queue == "svd.cpu.fp32.12g"
-    assert messages(settings) == {job_id: "svd.cpu.fp32.12g"}
+    assert load_job(app, job_id).queue == "svd.cpu.fp32.12g.tiny"
+    assert messages(settings) == {job_id: "svd.cpu.fp32.12g.tiny"}
 
 
 def test_a_gpu_worker_without_the_class_does_not_take_it(
@@ -200,7 +202,7 @@ def test_a_gpu_worker_without_the_class_does_not_take_it(
         app.extensions["svdfarm.db"], "t4@gpu-1", T4_QUEUES, heartbeat_age_s=1, capabilities=T4
     )
     job_id = submit(client, precision="bf16")
-    assert load_job(app, job_id).queue == "svd.cpu.fp32.12g"
+    assert load_job(app, job_id).queue == "svd.cpu.fp32.12g.tiny"
 
 
 def test_without_cpu_a_job_waits_on_the_smallest_gpu_tier(
@@ -211,13 +213,13 @@ def test_without_cpu_a_job_waits_on_the_smallest_gpu_tier(
     auto = submit(client)
     bf16 = submit(client, precision="bf16", **SVD_XT)
     svd_xt = submit(client, **SVD_XT)
-    assert load_job(app, auto).queue == "svd.cuda.fp16.8g"
-    assert load_job(app, bf16).queue == "svd.cuda.bf16.16g"
-    assert load_job(app, svd_xt).queue == "svd.cuda.fp16.24g"
+    assert load_job(app, auto).queue == "svd.cuda.fp16.8g.tiny"
+    assert load_job(app, bf16).queue == "svd.cuda.bf16.16g.tiny"
+    assert load_job(app, svd_xt).queue == "svd.cuda.fp16.24g.tiny"
     assert messages(settings) == {
-        auto: "svd.cuda.fp16.8g",
-        bf16: "svd.cuda.bf16.16g",
-        svd_xt: "svd.cuda.fp16.24g",
+        auto: "svd.cuda.fp16.8g.tiny",
+        bf16: "svd.cuda.bf16.16g.tiny",
+        svd_xt: "svd.cuda.fp16.24g.tiny",
     }
 
 
@@ -233,15 +235,15 @@ def test_a_live_mac_gets_the_jobs_its_tier_holds(
     )
     small = submit(client)
     svd_xt = submit(client, **SVD_XT)
-    assert load_job(app, small).queue == "svd.mps.fp16.8g"
-    assert load_job(app, svd_xt).queue == "svd.cuda.fp16.24g"
-    assert messages(settings) == {small: "svd.mps.fp16.8g", svd_xt: "svd.cuda.fp16.24g"}
+    assert load_job(app, small).queue == "svd.mps.fp16.8g.tiny"
+    assert load_job(app, svd_xt).queue == "svd.cuda.fp16.24g.tiny"
+    assert messages(settings) == {small: "svd.mps.fp16.8g.tiny", svd_xt: "svd.cuda.fp16.24g.tiny"}
     assert status(client, small)["waiting"] == (
-        "waiting: in queue svd.mps.fp16.8g; 1 worker(s) can take it, 0 busy"
+        "waiting: in queue svd.mps.fp16.8g.tiny; 1 worker(s) can take it, 0 busy"
     )
     assert status(client, svd_xt)["waiting"] == (
         "waiting: no worker online that can take it "
-        "(a cuda worker with fp16 and >= 24 GB is needed)"
+        "(a cuda worker with fp16 and >= 24 GB that has the model tiny is needed)"
     )
 
 
@@ -318,7 +320,8 @@ def test_waiting_says_no_worker_can_take_it(client: FlaskClient) -> None:
     job_id = submit(client)
     body = status(client, job_id)
     expected = (
-        "waiting: no worker online that can take it (a cpu worker with fp32 and >= 12 GB is needed)"
+        "waiting: no worker online that can take it "
+        "(a cpu worker with fp32 and >= 12 GB that has the model tiny is needed)"
     )
     assert body["state"] == "queued"
     assert body["waiting"] == expected
@@ -334,13 +337,13 @@ def test_waiting_names_the_queue_and_its_workers(app: Flask, client: FlaskClient
     first, second = submit(client), submit(client)
     other = submit(client, **SVD_XT_CHUNK4)  # another queue the T4 consumes
     assert status(client, first)["waiting"] == (
-        "waiting: in queue svd.cuda.fp16.8g; 1 worker(s) can take it, 0 busy"
+        "waiting: in queue svd.cuda.fp16.8g.tiny; 1 worker(s) can take it, 0 busy"
     )
     assert status(client, second)["waiting"] == (
-        "waiting: in queue svd.cuda.fp16.8g; 1 worker(s) can take it, 0 busy"
+        "waiting: in queue svd.cuda.fp16.8g.tiny; 1 worker(s) can take it, 0 busy"
     )
     assert status(client, other)["waiting"] == (
-        "waiting: in queue svd.cuda.fp16.16g; 1 worker(s) can take it, 0 busy"
+        "waiting: in queue svd.cuda.fp16.16g.tiny; 1 worker(s) can take it, 0 busy"
     )
 
 
@@ -354,7 +357,7 @@ def test_a_running_job_is_not_waiting(app: Flask, client: FlaskClient) -> None:
     body = status(client, job_id)
     assert body["waiting"] is None
     assert body["phase_text"] == "Denoising (step 2/4)"
-    assert body["queue"] == "svd.cpu.fp32.12g"  # still says where it went
+    assert body["queue"] == "svd.cpu.fp32.12g.tiny"  # still says where it went
 
 
 def test_the_status_page_shows_why_it_waits(app: Flask, client: FlaskClient) -> None:
@@ -366,7 +369,7 @@ def test_the_status_page_shows_why_it_waits(app: Flask, client: FlaskClient) -> 
     assert '<span id="phase">Waiting in the queue</span>' in text
     assert (
         '<p id="waiting">No worker online that can take it '
-        "(a cpu worker with fp32 and >= 12 GB is needed).</p>"
+        "(a cpu worker with fp32 and >= 12 GB that has the model tiny is needed).</p>"
     ) in text
 
     add_worker(app.extensions["svdfarm.db"], "cpu@box-1", CPU_QUEUES, heartbeat_age_s=1)
@@ -374,7 +377,7 @@ def test_the_status_page_shows_why_it_waits(app: Flask, client: FlaskClient) -> 
     def shows_the_worker() -> bool:
         """True once the page counts the new worker (within a second: web.recent_workers)."""
         text = html.unescape(client.get(f"/jobs/{job_id}").get_data(as_text=True))
-        return "In queue svd.cpu.fp32.12g; 1 worker(s) can take it" in text
+        return "In queue svd.cpu.fp32.12g.tiny; 1 worker(s) can take it" in text
 
     wait_until(shows_the_worker, "the page to count the new worker", 5)
 
@@ -384,4 +387,4 @@ def test_the_status_page_of_a_gpu_only_farm(gpu_only: tuple[Flask, FlaskClient])
     _, client = gpu_only
     job_id = submit(client)
     text = html.unescape(client.get(f"/jobs/{job_id}").get_data(as_text=True))
-    assert "(a cuda worker with fp16 and >= 8 GB is needed)" in text
+    assert "(a cuda worker with fp16 and >= 8 GB that has the model tiny is needed)" in text
