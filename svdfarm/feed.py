@@ -52,6 +52,9 @@ POLL_S = 0.5
 LISTEN_WAIT_S = 1.0
 #: Messages a watcher may fall behind before it is dropped.
 QUEUE_LIMIT = 1000
+#: Seconds a new watch waits for a starting listener, so that nothing written after the
+#: watcher's replay is missed (the listener's first read starts from the newest event).
+READY_WAIT_S = 5.0
 #: Events read at most per catch-up query.
 CATCH_UP_LIMIT = 1000
 #: The job states in which progress moves.
@@ -76,6 +79,8 @@ class Message:
     event_id: int | None = None
     #: True for the event that ends a life of the job (succeeded, failed, canceled).
     terminal: bool = False
+    #: The message as the web sends it, once made (by the first watcher that sends it).
+    encoded: list[str] = field(default_factory=list, compare=False, repr=False)
 
 
 #: Turns a job (and the event, for an event message) into a message's data, once per process.
@@ -221,7 +226,9 @@ class Feed:
 
     def watch(self, *, job_id: uuid.UUID | None = None, owners: Iterable[str] = ()) -> Watch:
         """Start watching a job (``job_id``) or an owner's jobs (``owners``); starts the
-        listener on first use. Close the watch (or use it as a context manager) when done."""
+        listener on first use, and waits (up to :data:`READY_WAIT_S`) until it listens, so
+        whatever the caller reads after this is either in its read or comes to the watch.
+        Close the watch (or use it as a context manager) when done."""
         watch = Watch(self, job_id=job_id, owners=frozenset(owners))
         with self._lock:
             self._watchers.add(watch)
@@ -231,6 +238,8 @@ class Feed:
                     target=self._run, name="svdfarm-feed", daemon=True
                 )
                 self._thread.start()
+        if not self.ready.wait(READY_WAIT_S):
+            log.warning("live feed: the listener is not ready; live events may be late")
         return watch
 
     def unwatch(self, watch: Watch) -> None:

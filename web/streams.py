@@ -135,8 +135,11 @@ def sse(data: dict[str, Any], *, event: str, event_id: int | None = None) -> str
 
 
 def message_text(message: Message) -> str:
-    """A feed message as a server-sent event."""
-    return sse(message.data, event=message.kind.value, event_id=message.event_id)
+    """A feed message as a server-sent event (encoded once, for all its watchers)."""
+    if not message.encoded:
+        text = sse(message.data, event=message.kind.value, event_id=message.event_id)
+        message.encoded.append(text)
+    return message.encoded[0]
 
 
 class BadLastEventId(ValueError):
@@ -201,7 +204,9 @@ def job_stream(session: Session, job: Job) -> Response:
             return Response(status=204)
         first = [sse({"job": str(job.id), "state": job.state.value, **e.as_dict()},
                      event=MessageKind.EVENT.value, event_id=e.id) for e in replay]
-        ended = bool(replay) and replay[-1].type.terminal and job.state.terminal
+        # An ended job's stream ends after its replay (its last event need not be the one that
+        # ended it: retention's ``expired`` comes later).
+        ended = bool(replay) and job.state.terminal
         if job.state.active:
             first.append(message_text(_progress_now(feed, job)))
     except BaseException:

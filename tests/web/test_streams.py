@@ -144,6 +144,23 @@ def test_an_ended_job_with_nothing_new_answers_204_so_eventsource_stops(
     assert response.status_code == 204
 
 
+def test_an_ended_jobs_stream_ends_even_when_an_event_followed_its_end(
+    client: FlaskClient, db: Database, settings: Settings
+) -> None:
+    """Retention's ``expired`` comes after the job's end: a new stream replays it and ends."""
+    job_id = submit_small_job(db, settings)
+    succeed(db, job_id, claim(db, settings, job_id))
+    with db.begin() as session:
+        finished = session.get(Job, job_id)
+        assert finished is not None and finished.finished_at is not None
+        assert lifecycle.expire(
+            session, job_id, by=By(Actor.REAPER), outputs=True, inputs=False, files=[],
+            seen_finished_at=finished.finished_at,
+        )
+    replayed = open_stream(client, f"/api/v1/jobs/{job_id}/events").rest(timeout_s=5)
+    assert types(replayed)[-2:] == ["succeeded", "expired"]
+
+
 def test_bad_last_event_id_is_refused_and_json_is_still_the_default(
     client: FlaskClient, db: Database, settings: Settings
 ) -> None:
