@@ -21,6 +21,10 @@ a job; on SQLite the database's single writer does the same. A job is marked sen
 id goes to the broker: a pass that dies between the two leaves a job the reaper finds missing
 from the broker and publishes again (:mod:`svdfarm.reaper`); a broker that refuses the id
 gets the job back in the database for the next pass.
+
+On an idle farm a submit needs no pass: :func:`mark_at_submit` marks the new job sent in the
+submit's own transaction, under the same lock, when its queue has a free slot and no other
+job waits there (the order would choose it anyway).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import ColumnElement, and_, func, select, text, update
+from sqlalchemy import ColumnElement, ScalarSelect, and_, func, select, text, update
 from sqlalchemy.orm import Session
 
 from svdfarm import lifecycle
@@ -140,13 +144,19 @@ def dispatch(
     return sent
 
 
-def _choose(session: Session, settings: Settings, queue: str, by: By) -> list[uuid.UUID]:
-    """Mark the jobs this pass sends to ``queue`` (under the queue's lock); their ids."""
+def _lock(session: Session, queue: str) -> None:
+    """Take ``queue``'s dispatch lock until the transaction ends (PostgreSQL; SQLite's single
+    writer serialises the marks instead)."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(
             text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
             {"key": f"svdfarm-dispatch:{queue}"},
         )
+
+
+def _choose(session: Session, settings: Settings, queue: str, by: By) -> list[uuid.UUID]:
+    """Mark the jobs this pass sends to ``queue`` (under the queue's lock); their ids."""
+    _lock(session, queue)
     slots = free_slots(session, settings, queue)
     if slots <= 0:
         return []
@@ -161,9 +171,54 @@ def _choose(session: Session, settings: Settings, queue: str, by: By) -> list[uu
         ledger = ledger_for(session, settings, queue, owners)
     chosen = []
     for candidate in dispatch_order(candidates, ledger, slots):
-        if lifecycle.publish(session, candidate.id, by=by, waiting_only=True):
+        if lifecycle.publish(session, candidate.id, by=by, waiting_only=True, queue=queue):
             chosen.append(candidate.id)
     return chosen
+
+
+def mark_at_submit(
+    session: Session, settings: Settings, job: Job, limits: Limits | None = None, *, by: By
+) -> bool:
+    """The idle farm's fast path: in the transaction that records ``job`` (flushed, not yet
+    committed), mark it sent when its queue has a free slot (:func:`free_slots`) and no
+    other job waits there. The caller commits, then sends it (:func:`send`); False: nothing
+    was marked, and the job waits for a dispatch pass as any other.
+
+    A pass would choose this job too: with nothing else waiting in its queue, priority and
+    fair share have nothing to decide. An owner with a ``--max-running`` limit (``limits``,
+    read when not given) goes by the pass, which counts their jobs at work. On PostgreSQL
+    the queue's dispatch lock is taken here and held until the caller's commit, as a pass
+    holds it: a pass or another submit after it sees this job sent, so it is never sent
+    twice and its slot is not counted again.
+    """
+    if job.state is not JobState.QUEUED or job.published_at is not None:
+        return False
+    if limits is None:
+        limits = limits_of(session, [job.owner])[job.owner]
+    if limits.max_running is not None:
+        return False
+    queue = job.queue
+    _lock(session, queue)
+    others_wait = select(Job.id).where(Job.queue == queue, waiting(), Job.id != job.id).exists()
+    # One read: the idle workers' queues, each row with the queue's count of jobs sent and
+    # whether another job waits (a second read only when no worker at all is idle).
+    rows = session.execute(
+        select(Worker.queues, _in_flight(queue), others_wait).where(*_idle(settings))
+    ).all()
+    if rows:
+        in_flight, others = rows[0][1], rows[0][2]
+    else:
+        in_flight, others = session.execute(select(_in_flight(queue), others_wait)).one()
+    idle = sum(1 for row in rows if queue in (row[0] or []))
+    if others or idle + settings.dispatch_margin - in_flight < 1:
+        return False
+    return lifecycle.publish(session, job.id, by=by, waiting_only=True, queue=queue)
+
+
+def send(session: Session, celery: Celery, job_id: uuid.UUID, queue: str, *, by: By) -> bool:
+    """Put a job marked sent (and committed) on ``queue``; on a refusal the job goes back to
+    the database for the next pass. True when the broker took it."""
+    return _send(session, celery, job_id, queue, by)
 
 
 def _send(session: Session, celery: Celery, job_id: uuid.UUID, queue: str, by: By) -> bool:
@@ -205,14 +260,37 @@ def free_slots(session: Session, settings: Settings, queue: str) -> int:
     """How many more jobs ``queue`` can be sent now: its idle consumers plus the margin,
     minus the jobs sent to it and not yet taken. The margin holds even with no consumer, so
     a queue scaled to zero shows its first jobs to a length-based autoscaler."""
-    consumers = consumers_of(online_workers(session, settings), queue)
-    idle = sum(1 for w in consumers if w.current_job_id is None)
-    in_flight = session.scalar(
+    in_flight = session.scalar(select(_in_flight(queue)))
+    return idle_consumers(session, settings, queue) + settings.dispatch_margin - (in_flight or 0)
+
+
+def _in_flight(queue: str) -> ScalarSelect[int]:
+    """The number of jobs sent to ``queue`` and not yet taken, as a subquery."""
+    return (
         select(func.count())
         .select_from(Job)
         .where(Job.queue == queue, Job.state == JobState.QUEUED, Job.published_at.is_not(None))
+        .scalar_subquery()
     )
-    return idle + settings.dispatch_margin - (in_flight or 0)
+
+
+def idle_consumers(session: Session, settings: Settings, queue: str) -> int:
+    """How many online workers take new jobs from ``queue`` and hold none now: the idle ones
+    of :func:`consumers_of` over :func:`~svdfarm.registry.online_workers`, read as a few
+    columns (a pass runs this every few seconds, and at each submit)."""
+    rows = session.execute(select(Worker.queues).where(*_idle(settings)))
+    return sum(1 for (queues,) in rows if queue in (queues or []))
+
+
+def _idle(settings: Settings) -> list[ColumnElement[bool]]:
+    """The workers that are online, take new jobs and hold none (any queue)."""
+    recent = utcnow() - timedelta(seconds=settings.offline_after_s)
+    return [
+        Worker.last_heartbeat >= recent,
+        Worker.state.not_in([WorkerState.OFFLINE, WorkerState.DRAINING]),
+        Worker.flagged_at.is_(None),
+        Worker.current_job_id.is_(None),
+    ]
 
 
 def _candidates(

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 from svdfarm import lifecycle
 from svdfarm.catalog import find_entry, model_shape, queue_key
 from svdfarm.celery_app import enqueue_render
+from svdfarm.dispatch import mark_at_submit, send
 from svdfarm.images import ImageError, ImageInfo, inspect_image
 from svdfarm.lifecycle import By
 from svdfarm.models import Job, utcnow
@@ -37,7 +38,7 @@ from svdfarm.settings import Settings
 from svdfarm.space import LOW_SPACE_RETRY_AFTER_S, low_space
 from svdfarm.states import Actor, JobState
 from svdfarm.storage import Store, open_store
-from svdfarm.users import MAX_PRIORITY, MIN_PRIORITY, limits_of, user_id_of
+from svdfarm.users import MAX_PRIORITY, MIN_PRIORITY, Limits, limits_of, user_id_of
 from svdfarm.webhook_urls import WebhookUrlError, check_url
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ QUEUE_FULL_RETRY_AFTER_S = 10
 OWNER_FULL_RETRY_AFTER_S = 30
 #: The longest ``Idempotency-Key`` accepted (the column's size).
 MAX_IDEMPOTENCY_KEY = 255
+#: Who sends a submitted job to its queue (the web, as a dispatcher).
+DISPATCH_BY = By(Actor.WEB)
 
 
 class QueueUnavailable(RuntimeError):
@@ -243,9 +246,10 @@ def parse_priority(value: Any) -> int:
 
 def check_owner(
     session: Session, owner: str, submissions: Iterable[Submission], *, count: int = 1
-) -> None:
+) -> Limits:
     """Refuse what the owner may not ask: a priority above their ``--max-priority``
-    (ParamError, 403) or more waiting jobs than their ``--max-queued`` (SubmitRefused, 429)."""
+    (ParamError, 403) or more waiting jobs than their ``--max-queued`` (SubmitRefused, 429).
+    Returns the owner's limits."""
     limits = limits_of(session, [owner])[owner]
     highest = max((s.priority for s in submissions), default=0)
     if highest > limits.max_priority:
@@ -257,7 +261,7 @@ def check_owner(
             403,
         )
     if limits.max_queued is None:
-        return
+        return limits
     waiting = session.scalar(
         select(func.count())
         .select_from(Job)
@@ -270,6 +274,7 @@ def check_owner(
             429,
             OWNER_FULL_RETRY_AFTER_S,
         )
+    return limits
 
 
 def _route(
@@ -437,7 +442,7 @@ def submit_job(
         earlier = find_idempotent(session, idempotency_key, submission, owner=owner)
         if earlier is not None:
             return earlier
-    check_owner(session, owner, [submission])
+    limits = check_owner(session, owner, [submission])
     # The per-address rate is for anonymous owners; a user has limits of their own.
     check_limits(session, settings, client if user_id_of(owner) is None else None)
     storage = open_store(settings)
@@ -449,10 +454,12 @@ def submit_job(
         owner=owner,
         idempotency_key=idempotency_key,
     )
-    job_id, input_key = job.id, job.input_key
+    job_id, input_key, queue = job.id, job.input_key, job.queue
     try:
         lifecycle.submit(session, job, by=by)
         storage.write_bytes(input_key, submission.data)
+        # An idle queue with nothing else waiting: marked sent in this same commit.
+        marked = mark_at_submit(session, settings, job, limits, by=DISPATCH_BY)
         session.commit()
     except IntegrityError:
         # The same key raced in from a concurrent retry: answer with the job that won.
@@ -467,7 +474,10 @@ def submit_job(
         session.rollback()
         storage.delete_job(job_id)
         raise
-    dispatch_after_submit(session, celery, settings, [job.queue])
+    if marked:
+        send(session, celery, job_id, queue, by=DISPATCH_BY)
+    else:
+        dispatch_after_submit(session, celery, settings, [queue])
     return job
 
 
@@ -480,7 +490,7 @@ def dispatch_after_submit(
     from svdfarm.dispatch import dispatch
 
     try:
-        dispatch(session, celery, settings, queues=set(queues), by=By(Actor.WEB))
+        dispatch(session, celery, settings, queues=set(queues), by=DISPATCH_BY)
     except Exception:
         session.rollback()
         log.exception("dispatch after submit failed; the next pass sends the job")

@@ -12,13 +12,14 @@ transaction holds the change and its event together.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from svdfarm import deliveries, webhooks
 from svdfarm.models import Job, JobEvent, Worker, utcnow
@@ -184,19 +185,49 @@ def _move(
     details: Mapping[str, Any] | None = None,
 ) -> bool:
     """Make ``move`` if the job is still in ``seen`` (and ``where`` holds); True if made."""
-    now = utcnow()
-    target = {"state": move.target} if move.target is not None else {}
-    changed = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.state == seen, *where)
-        .values(updated_at=now, **target, **(values or {}))
-        .execution_options(synchronize_session=False)
-    )
-    if not changed.rowcount:  # type: ignore[attr-defined]
+    if not _update(session, job_id, move, seen, where, values):
         return False
     if move.event is not None:
         record(session, job_id, move.event, by, details)
     return True
+
+
+def _move_recorded(
+    session: Session,
+    job_id: uuid.UUID,
+    move: Move,
+    seen: JobState,
+    by: By,
+    *,
+    where: Iterable[ColumnElement[bool]] = (),
+    values: Mapping[str, Any] | None = None,
+    details: Mapping[str, Any] | None = None,
+) -> JobEvent | None:
+    """:func:`_move` for a move with an event: the event it wrote, None when not made (so
+    the caller need not read it back)."""
+    assert move.event is not None, move.name
+    if not _update(session, job_id, move, seen, where, values):
+        return None
+    return record(session, job_id, move.event, by, details)
+
+
+def _update(
+    session: Session,
+    job_id: uuid.UUID,
+    move: Move,
+    seen: JobState,
+    where: Iterable[ColumnElement[bool]],
+    values: Mapping[str, Any] | None,
+) -> bool:
+    """The conditional UPDATE of a move (no event); True when it changed the row."""
+    target = {"state": move.target} if move.target is not None else {}
+    changed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == seen, *where)
+        .values(updated_at=utcnow(), **target, **(values or {}))
+        .execution_options(synchronize_session=False)
+    )
+    return bool(changed.rowcount)  # type: ignore[attr-defined]
 
 
 def _back_to_queue() -> dict[str, Any]:
@@ -253,19 +284,25 @@ def publish(
     by: By,
     seen_updated_at: datetime | None = None,
     waiting_only: bool = False,
+    queue: str | None = None,
 ) -> bool:
     """Mark a queued job as being put on its queue; the caller sends it after commit.
 
     With ``seen_updated_at`` only if nobody touched the job since (one reaper of many
     republishes a job); with ``waiting_only`` only if it was not sent already (the
-    dispatcher). False when the job is no longer queued or was touched.
+    dispatcher). ``queue`` is the job's queue when the caller knows it (the dispatcher):
+    the mark is then one UPDATE, with no read before it. False when the job is no longer
+    queued, was touched, or is not on ``queue``.
     """
-    seen = session.execute(select(Job.state, Job.queue).where(Job.id == job_id)).first()
-    if seen is None or seen.state is not Q:
-        return False
-    state, queue = seen
-    move = check_move(job_id, state, "publish", by)
     where = [Job.updated_at == seen_updated_at] if seen_updated_at is not None else []
+    if queue is None:
+        seen = session.execute(select(Job.state, Job.queue).where(Job.id == job_id)).first()
+        if seen is None or seen.state is not Q:
+            return False
+        queue = seen.queue
+    else:
+        where.append(Job.queue == queue)  # the event names the job's own queue
+    move = check_move(job_id, Q, "publish", by)
     if waiting_only:
         where.append(Job.published_at.is_(None))
     values = {"published_at": utcnow()}
@@ -375,13 +412,22 @@ class Claim:
     event: JobEvent | None = field(default=None, repr=False)
 
 
-def claim(session: Session, settings: Settings, job_id: uuid.UUID, *, by: By) -> Claim:
+def claim(
+    session: Session,
+    settings: Settings,
+    job_id: uuid.UUID,
+    *,
+    by: By,
+    more_details: Callable[[Job], Mapping[str, Any]] | None = None,
+) -> Claim:
     """Take the job for the worker ``by`` under a new claim token, or say why not.
 
     The row is locked until the caller commits, so two deliveries of one job are decided
     one after the other. A job still running is a redelivery: left alone while a live
     worker renders it, else its lost run is recorded (and the job poisoned after
     ``SVDFARM_MAX_DELIVERIES`` such losses in a row) before it is claimed again.
+    ``more_details``, called with the locked job just before the ``claimed`` event is
+    written, adds to that event's details (the worker's first plan): it is written once.
     """
     job = session.get(Job, job_id, with_for_update=True, populate_existing=True)
     if job is None:
@@ -392,7 +438,8 @@ def claim(session: Session, settings: Settings, job_id: uuid.UUID, *, by: By) ->
     if not job.state.claimable:
         return Claim(ClaimOutcome.FINISHED, job)
     seen_token = job.claim_token
-    if job.state is R:
+    redelivered = job.state is R
+    if redelivered:
         if deliveries.running_elsewhere(session, settings, job, by.name):
             return Claim(ClaimOutcome.RUNNING_ELSEWHERE, job)
         # Redelivered after the worker rendering it died (its pool process was killed).
@@ -412,13 +459,22 @@ def claim(session: Session, settings: Settings, job_id: uuid.UUID, *, by: By) ->
         "started_at": utcnow(),
         "finished_at": None,
     }
-    if not _move(session, job_id, move, Q, by, where=[unchanged], values=values):
+    details: dict[str, Any] = {"worker": by.name, "queue": job.queue}
+    if more_details is not None:
+        details.update(more_details(job))
+    event = _move_recorded(
+        session, job_id, move, Q, by, where=[unchanged], values=values, details=details
+    )
+    if event is None:
         return Claim(ClaimOutcome.TAKEN, job)
-    session.refresh(job)
-    event = session.scalars(
-        select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id.desc()).limit(1)
-    ).one()
-    event.details = {"worker": by.name, "queue": job.queue}
+    if redelivered:
+        session.refresh(job)  # the lost run's settling changed more than the claim
+    else:
+        # The locked row now holds what the UPDATE wrote: no read back (the claim is on the
+        # idle farm's path from submit to render).
+        for key, value in {"state": R, **values}.items():
+            set_committed_value(job, key, value)
+        session.expire(job, ["updated_at"])
     return Claim(ClaimOutcome.CLAIMED, job, token, event)
 
 

@@ -84,15 +84,23 @@ def _claim(
         if why is not None and lifecycle.decline(session, job_id, by=by, reason=why):
             log.warning("job %s declined: %s", job_id, why)
             return ClaimOutcome.DECLINED
-        taken = lifecycle.claim(session, settings, job_id, by=by)
+        chosen: list[tuple[Plan, str | None]] = []
+
+        def plan_of(job: Job) -> dict[str, Any]:
+            """The first plan, chosen from the locked job: named in its ``claimed`` event."""
+            casts = settings.casts if job.casts is None else job.casts
+            chosen.append(
+                first_plan(local_capabilities(), _params_of(job), casts=casts, dtypes=job.dtypes)
+            )
+            return {"plan": chosen[-1][0].name}
+
+        taken = lifecycle.claim(session, settings, job_id, by=by, more_details=plan_of)
         if taken.outcome is not ClaimOutcome.CLAIMED:
             return taken.outcome
         job = taken.job
-        assert job is not None and taken.event is not None
+        assert job is not None and chosen
         params = _params_of(job)
-        casts = settings.casts if job.casts is None else job.casts
-        plan, reason = first_plan(local_capabilities(), params, casts=casts, dtypes=job.dtypes)
-        taken.event.details = {**taken.event.details, "plan": plan.name}
+        plan, reason = chosen[-1]
         # This worker holds the job now, and is busy unless it was draining (one write).
         session.execute(
             update(Worker)
