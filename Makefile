@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test test-fast lint venv clean bench bench-web bench-history bench-fair-share bench-previews
+.PHONY: run test test-fast lint venv clean bench bench-web bench-history bench-fair-share bench-previews \
+	bench-watchers
 
 venv: $(STAMP)
 
@@ -46,6 +47,7 @@ bench: $(STAMP)
 	$(PY) -m bench.farm_overhead --write --all-cores --epochs 4
 	$(PY) -m bench.queue_latency --write
 	$(PY) -m bench.web_load --write
+	$(PY) -m bench.watchers --write
 	$(PY) -m bench.model_cache --write
 	$(PY) -m bench.profile_farm --write
 	$(PY) -m bench.store_load --write
@@ -55,6 +57,12 @@ bench: $(STAMP)
 bench-web: $(STAMP)
 	$(PY) -m bench.services
 	$(PY) -m bench.web_load --write
+
+# 1,000 live watchers (server-sent events) of running jobs: each step's delivery latency and
+# the web's CPU (bench/watchers.py), with the same services.
+bench-watchers: $(STAMP)
+	$(PY) -m bench.services
+	$(PY) -m bench.watchers --write
 
 # Fair share between two owners on one worker, and submit -> start on an idle farm
 # (bench/fair_share.py), with the same services.
