@@ -38,7 +38,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import ColumnElement, ScalarSelect, and_, func, select, text, update
+from sqlalchemy import ColumnElement, ScalarSelect, and_, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from svdfarm import lifecycle
@@ -93,6 +93,10 @@ class Ledger:
         """True when the owner is at their ``--max-running`` limit."""
         limit = self.limits.get(owner, Limits()).max_running
         return limit is not None and self.busy.get(owner, 0) >= limit
+
+    def copy(self) -> Ledger:
+        """A copy to charge, this one left as it is."""
+        return Ledger(dict(self.limits), dict(self.used_s), dict(self.busy), self.run_s)
 
     def charge(self, owner: str) -> None:
         """Count one more job of ``owner`` at work, with a mean run against their time."""
@@ -322,10 +326,12 @@ def ledger_for(session: Session, settings: Settings, queue: str, owners: set[str
     now = utcnow()
     since = now - timedelta(seconds=settings.fair_share_window_s)
     ledger = Ledger(limits=limits_of(session, owners))
+    # The window's attempts of these owners (their GPU time) and of this queue (its mean run):
+    # not every owner's.
     runs = session.execute(
         select(Job.owner, Job.queue, Attempt.started_at, Attempt.finished_at)
         .join(Attempt, Attempt.job_id == Job.id)
-        .where(Attempt.started_at >= since)
+        .where(Attempt.started_at >= since, or_(Job.owner.in_(owners), Job.queue == queue))
     )
     finished: list[float] = []
     for owner, job_queue, started, ended in runs:
@@ -417,15 +423,17 @@ def _places_in(
     consumers: Sequence[Worker],
 ) -> dict[uuid.UUID, Place]:
     """The places of ``jobs``, all queued on ``queue`` with these ``consumers``."""
+    places: dict[uuid.UUID, Place] = {}
+    if all(job.published_at is not None for job in jobs):  # all sent: nothing to read
+        return {job.id: Place(0, 0.0 if consumers else None) for job in jobs}
     candidates = _candidates(session, queue, limit=PLACE_HORIZON)
     owners = {c.owner for c in candidates} | {job.owner for job in jobs}
     ledger = ledger_for(session, settings, queue, owners)
+    # The order charges its ledger with every waiting job: the limits are read from this one.
+    fresh = ledger.copy()
     per_job = ledger.run_s / len(consumers) if consumers else None
     all_busy = bool(consumers) and all(w.current_job_id is not None for w in consumers)
     order = [c.id for c in dispatch_order(candidates, ledger, len(candidates))]
-    # The order charged the ledger with every waiting job: read the limits from a fresh one.
-    fresh = ledger_for(session, settings, queue, {job.owner for job in jobs})
-    places: dict[uuid.UUID, Place] = {}
     for job in jobs:
         if job.published_at is not None:
             places[job.id] = Place(0, 0.0 if consumers else None)
