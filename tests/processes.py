@@ -142,13 +142,22 @@ class LiveProcess:
 
     def stop(self, timeout_s: float = 60) -> None:
         """SIGTERM, then SIGKILL to whatever is left of its process group."""
+        self.terminate()
+        self.wait_stopped(timeout_s)
+
+    def terminate(self) -> None:
+        """SIGTERM the process (a worker's warm shutdown), if it is still running."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+
+    def wait_stopped(self, timeout_s: float = 60) -> None:
+        """Wait up to ``timeout_s`` for the process to exit (SIGKILL past it), then SIGKILL
+        whatever is left of its process group."""
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
         self._kill_group()
 
     def kill(self) -> None:
@@ -162,6 +171,15 @@ class LiveProcess:
             os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def stop_all(processes: Sequence[LiveProcess], timeout_s: float = 60) -> None:
+    """:meth:`LiveProcess.stop` for several processes at once: SIGTERM to each of them first,
+    so that they shut down side by side, then each waited for (SIGKILL past ``timeout_s``)."""
+    for live in processes:
+        live.terminate()
+    for live in processes:
+        live.wait_stopped(timeout_s)
 
 
 def start_svdfarm(

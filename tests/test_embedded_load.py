@@ -22,7 +22,7 @@ from tests.conftest import make_settings
 from tests.factories import png_bytes
 from tests.http import free_port, multipart
 from tests.load import request, wait_until_serving
-from tests.processes import LiveProcess, start_web, start_worker
+from tests.processes import LiveProcess, start_web, start_worker, stop_all
 from tests.rows import wait_for_worker
 
 pytestmark = pytest.mark.slow
@@ -127,6 +127,5 @@ def test_sqlite_under_concurrent_submits_answers_without_locking(
         assert dict(states) == {JobState.SUCCEEDED: len(accepted)}, states
         assert "database is locked" not in logs, logs[-4000:]
     finally:
-        for process in processes:
-            process.stop()
+        stop_all(processes)  # side by side
         db.dispose()

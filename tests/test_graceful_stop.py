@@ -82,7 +82,8 @@ def stack(
 
 
 def _submit(client: FlaskClient, steps: int) -> str:
-    """A job of ``steps`` denoising steps (the tiny model takes about 0.3 s a step)."""
+    """A job of ``steps`` denoising steps of 8 frames (the tiny model: 0.3 s a step on a fast
+    idle core, about 2 s of CPU on the 2-core CI machine)."""
     response = client.post(
         "/api/v1/jobs",
         data={
@@ -121,7 +122,8 @@ def test_sigterm_lets_the_running_job_finish(
     settings, client, workers = stack
     hostname, process, log = workers.start("w", stop_timeout=120)
     _registered(settings, hostname, process, log)
-    job_id = _submit(client, steps=20)
+    # 8 steps: seconds of denoising left when the signal comes within its first fraction.
+    job_id = _submit(client, steps=8)
     wait_until(lambda: _job(client, job_id)["phase"] == "denoising", "denoising", 180)
     process.send_signal(signal.SIGTERM)
     # It exits once the job is done, well before its 120 s stop timeout.
@@ -139,14 +141,26 @@ def test_past_the_stop_timeout_the_job_is_redelivered_once(
     settings, client, workers = stack
     first, process, log = workers.start("first", stop_timeout=2)
     _registered(settings, first, process, log)
-    job_id = _submit(client, steps=30)
+    # 12 steps (3.6 s on a fast core, far longer on the CI machine): still rendering when the 2 s
+    # stop timeout passes, and no longer than needed for the second worker to render again.
+    job_id = _submit(client, steps=12)
     wait_until(lambda: _job(client, job_id)["phase"] == "denoising", "denoising", 180)
     process.send_signal(signal.SIGTERM)
-    process.wait(timeout=120)
+    # The stop timeout passes, the job is given back (not failed) and the worker then stops
+    # at once (a cold shutdown). The second worker starts as soon as the job is back in the
+    # queue, while the first is still exiting; whatever the first does meanwhile would show
+    # in the job's end state and attempts, checked below.
+    wait_until(
+        lambda: _job(client, job_id)["state"] != "running",
+        "the job to leave the stopping worker",
+        120,
+        lambda: log.read_text(errors="replace"),
+    )
     handed_back = _job(client, job_id)
     assert handed_back["state"] == "queued", handed_back  # given back, not failed
 
     second, _, log2 = workers.start("second", stop_timeout=120)
+    process.wait(timeout=120)
     wait_until(
         lambda: _job(client, job_id)["state"] in ("succeeded", "failed"), "the redelivered job", 300
     )

@@ -30,7 +30,7 @@ from tests.conftest import BROKERS, fresh_database, make_settings, needs_postgre
 from tests.factories import png_bytes
 from tests.http import free_port, multipart
 from tests.load import Answer, percentile, request, wait_until_serving
-from tests.processes import LiveProcess, start_web, start_worker
+from tests.processes import LiveProcess, start_web, start_worker, stop_all
 from tests.rows import wait_for_worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, needs_postgres]
@@ -114,8 +114,7 @@ def load_farm(
                 wait_for_worker(db, worker.hostname, worker.process, worker.text)
             yield LoadFarm(settings, db, port, web, workers)
         finally:
-            for process in processes:
-                process.stop()
+            stop_all(processes)  # side by side
             db.dispose()
 
 
@@ -178,7 +177,8 @@ def _submitter(
             record.problem(f"client {client}: submission {n}: {exc!r}")
         else:
             _check_answer(client, address, answer, record)
-        time.sleep(PACE_S * rng.uniform(0.5, 1.5))
+        if n < count - 1:  # no pause after the last: the client is done
+            time.sleep(PACE_S * rng.uniform(0.5, 1.5))
 
 
 def _poller(port: int, seed: int, stop: threading.Event, record: Record) -> None:

@@ -74,21 +74,39 @@ def test_no_inspect_answer_holds_a_secret(kind: str, tmp_path: Path, tiny_model_
         try:
             wait_for_worker(db, worker.hostname, worker.process, worker.text)
             env = worker_env(settings, **secrets)
-            answers = {}
-            for command in COMMANDS:
-                done = subprocess.run(
-                    [sys.executable, "-m", "celery", "-A", "svdfarm", "inspect", *command]
-                    + ["--json", "--timeout", "20", "-d", worker.hostname],
-                    env=env,
-                    cwd=tmp_path,
-                    capture_output=True,
-                    text=True,
-                    timeout=120,
+            # Every command at once (each is a process of its own that mostly imports): the
+            # worker answers them one by one all the same.
+            running = [
+                (
+                    command,
+                    subprocess.Popen(
+                        [sys.executable, "-m", "celery", "-A", "svdfarm", "inspect", *command]
+                        + ["--json", "--timeout", "20", "-d", worker.hostname],
+                        env=env,
+                        cwd=tmp_path,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        text=True,
+                    ),
                 )
-                assert done.returncode == 0, (command, done.stdout, done.stderr)
-                found = [m for m in MARKERS if m in done.stdout + done.stderr]
-                assert not found, f"inspect {' '.join(command)} shows {found}:\n{done.stdout}"
-                answers[" ".join(command)] = json.loads(done.stdout)[worker.hostname]
+                for command in COMMANDS
+            ]
+            outputs = []
+            try:
+                for command, process in running:
+                    stdout, stderr = process.communicate(timeout=120)
+                    outputs.append((command, process.returncode, stdout, stderr))
+            finally:
+                for _, process in running:
+                    if process.poll() is None:
+                        process.kill()
+                        process.communicate()
+            answers = {}
+            for command, returncode, stdout, stderr in outputs:
+                assert returncode == 0, (command, stdout, stderr)
+                found = [m for m in MARKERS if m in stdout + stderr]
+                assert not found, f"inspect {' '.join(command)} shows {found}:\n{stdout}"
+                answers[" ".join(command)] = json.loads(stdout)[worker.hostname]
         finally:
             worker.stop(60)
             db.dispose()

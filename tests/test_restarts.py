@@ -279,7 +279,10 @@ def test_broker_restart_loses_no_job_and_workers_reconnect(
     # The same processes, still running, answer on the restarted broker.
     for worker in started:
         assert worker.process.poll() is None, f"{worker.hostname} exited\n{worker.text(None)}"
-    replies = app.extensions["celery"].control.ping(timeout=5)
+    # Addressed to them: the ping returns once both have answered (a broadcast waits out its
+    # whole timeout for workers that might exist).
+    hostnames = [w.hostname for w in started]
+    replies = app.extensions["celery"].control.ping(destination=hostnames, timeout=5)
     answered = {name for reply in replies for name in reply}
     assert answered >= {w.hostname for w in started}, (replies, workers.logs())
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +23,13 @@ from flask.testing import FlaskClient
 from svdfarm.catalog import SVD_XT
 from svdfarm.db import Database, upgrade
 from svdfarm.models import Worker
-from svdfarm.queues import estimate_memory_bytes, tier_of
+from svdfarm.queues import estimate_memory_bytes, parse_queue, tier_of
 from svdfarm.registry import effective_state
 from svdfarm.settings import Settings
 from svdfarm.states import WorkerState
 from tests.conftest import BROKERS, fresh_database, make_settings, needs_postgres, private_broker
 from tests.factories import png_bytes
-from tests.processes import LiveProcess, start_worker, worker_env
+from tests.processes import LiveProcess, start_worker, stop_all, worker_env
 from tests.rows import wait_for_worker, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, needs_postgres]
@@ -51,6 +51,29 @@ class Farm:
     env: dict[str, str]
     small: LiveProcess
     large: LiveProcess
+    folder: Path
+    #: Every worker process started for the farm, stopped at its end.
+    started: list[LiveProcess] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        """The first two workers count as started."""
+        self.started += [self.small, self.large]
+
+    def wait_registered(self) -> None:
+        """Until both workers are in the registry."""
+        for worker in (self.small, self.large):
+            wait_for_worker(self.db, worker.hostname, worker.process, worker.text)
+
+    def revive(self) -> None:
+        """Start a new worker of the same size for each that has exited; wait until both are
+        registered."""
+        if self.small.process.poll() is not None:
+            self.small = _start(self.settings, "small", SMALL_GB, self.folder)
+            self.started.append(self.small)
+        if self.large.process.poll() is not None:
+            self.large = _start(self.settings, "large", LARGE_GB, self.folder)
+            self.started.append(self.large)
+        self.wait_registered()
 
     def row(self, hostname: str) -> Worker | None:
         """The registry row of a worker."""
@@ -84,13 +107,17 @@ def _start(settings: Settings, name: str, memory_gb: int, tmp_path: Path) -> Liv
     )
 
 
-@pytest.fixture(params=BROKERS)
-def farm(request: pytest.FixtureRequest, tmp_path: Path, tiny_model_dir: Path) -> Iterator[Farm]:
-    """The web app and two workers (12 GB and 16 GB tiers) on PostgreSQL and a broker of the
-    test's own (each kind in turn)."""
-    with fresh_database("postgresql", tmp_path) as url, private_broker(request.param) as broker:
+@pytest.fixture(scope="module", params=BROKERS)
+def live_farm(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+) -> Iterator[Farm]:
+    """The web app and two workers (12 GB and 16 GB tiers) on PostgreSQL and a broker of their
+    own (each kind in turn), started once for the module's tests on that broker: each test
+    gets them through :func:`farm`, which restarts a worker an earlier test stopped."""
+    folder = tmp_path_factory.mktemp(f"farm-{request.param}")
+    with fresh_database("postgresql", folder) as url, private_broker(request.param) as broker:
         settings = make_settings(
-            tmp_path / "var",
+            folder / "var",
             url,
             tiny_model_dir,
             SVDFARM_BROKER_URL=broker,
@@ -103,16 +130,23 @@ def farm(request: pytest.FixtureRequest, tmp_path: Path, tiny_model_dir: Path) -
         app = create_app({"SVDFARM_SETTINGS": settings, "TESTING": True})
         env = worker_env(settings, **WORKER_ENV)
         db: Database = app.extensions["svdfarm.db"]
-        small = _start(settings, "small", SMALL_GB, tmp_path)
-        large = _start(settings, "large", LARGE_GB, tmp_path)
+        small = _start(settings, "small", SMALL_GB, folder)
+        large = _start(settings, "large", LARGE_GB, folder)
+        farm = Farm(settings, app, app.test_client(), db, env, small, large, folder)
         try:
-            wait_for_worker(db, small.hostname, small.process, small.text)
-            wait_for_worker(db, large.hostname, large.process, large.text)
-            yield Farm(settings, app, app.test_client(), db, env, small, large)
+            farm.wait_registered()
+            yield farm
         finally:
-            small.stop(60)
-            large.stop(60)
+            stop_all(farm.started, 60)  # side by side
             db.dispose()
+
+
+@pytest.fixture
+def farm(live_farm: Farm) -> Farm:
+    """The module's farm for one test, both workers running and registered: one that an
+    earlier test shut down or killed is replaced by a new process (a new hostname)."""
+    live_farm.revive()
+    return live_farm
 
 
 def _submit(client: FlaskClient, **fields: str) -> str:
@@ -151,8 +185,8 @@ def test_jobs_go_to_the_worker_that_can_hold_them(
     monkeypatch.setattr("svdfarm.jobs.model_shape", lambda *_: SVD_XT)
     small_row, large_row = farm.row(farm.small.hostname), farm.row(farm.large.hostname)
     assert small_row is not None and large_row is not None
-    assert max(int(q.rsplit(".", 1)[1][:-1]) for q in small_row.queues) == tier_of(SMALL_GB * 10**9)
-    assert max(int(q.rsplit(".", 1)[1][:-1]) for q in large_row.queues) == tier_of(LARGE_GB * 10**9)
+    assert max(parse_queue(q).tier_gb for q in small_row.queues) == tier_of(SMALL_GB * 10**9)
+    assert max(parse_queue(q).tier_gb for q in large_row.queues) == tier_of(LARGE_GB * 10**9)
     assert small_row.capabilities["total_memory_bytes"] == SMALL_GB * 10**9
 
     # 48 frames of 128x64 decoded in one chunk: more than a 12 GB-class card holds (90% of
@@ -164,7 +198,7 @@ def test_jobs_go_to_the_worker_that_can_hold_them(
     huge_id = _submit(farm.client, num_frames="25", width="1024", height="1024")
 
     huge = farm.client.get(f"/api/v1/jobs/{huge_id}").get_json()
-    assert huge["queue"] == "svd.cpu.fp32.40g"
+    assert huge["queue"] == "svd.cpu.fp32.40g.tiny"
     assert huge["waiting"] and ">= 40 GB" in huge["waiting"]
     page = farm.client.get(f"/jobs/{huge_id}").get_data(as_text=True)
     assert "no worker online" in page.lower()
@@ -185,18 +219,19 @@ def test_jobs_go_to_the_worker_that_can_hold_them(
         assert shown.returncode == 0, shown.stderr
         view = {row["queue"]: row for row in json.loads(shown.stdout)}
         seen.append(view)
-        return set(view["svd.cpu.fp32.12g"]["workers"]) == both
+        return set(view["svd.cpu.fp32.12g.tiny"]["workers"]) == both
 
     wait_until(operator_view, "both workers listed by svdfarm queues", 60)
     rows = seen[-1]
-    assert rows["svd.cpu.fp32.40g"]["waiting"] >= 1 and rows["svd.cpu.fp32.40g"]["workers"] == []
-    assert rows["svd.cpu.fp32.40g"]["messages"] == 1  # the broker's count of its queue
-    assert set(rows["svd.cpu.fp32.12g"]["workers"]) == {farm.small.hostname, farm.large.hostname}
-    assert rows["svd.cpu.fp32.16g"]["workers"] == [farm.large.hostname]
+    huge_row = rows["svd.cpu.fp32.40g.tiny"]
+    assert huge_row["waiting"] >= 1 and huge_row["workers"] == []
+    assert huge_row["messages"] == 1  # the broker's count of its queue
+    assert set(rows["svd.cpu.fp32.12g.tiny"]["workers"]) == both
+    assert rows["svd.cpu.fp32.16g.tiny"]["workers"] == [farm.large.hostname]
 
     for job_id, queue, workers in (
-        (big_id, "svd.cpu.fp32.16g", {farm.large.hostname}),
-        (small_id, "svd.cpu.fp32.12g", {farm.small.hostname, farm.large.hostname}),
+        (big_id, "svd.cpu.fp32.16g.tiny", {farm.large.hostname}),
+        (small_id, "svd.cpu.fp32.12g.tiny", {farm.small.hostname, farm.large.hostname}),
     ):
         body = _wait(farm.client, job_id, ("succeeded", "failed"))
         assert body["state"] == "succeeded", (body, farm.small.text(None), farm.large.text(None))
@@ -207,14 +242,18 @@ def test_jobs_go_to_the_worker_that_can_hold_them(
 
 def test_inspect_capabilities_and_control_from_the_celery_command_line(farm: Farm) -> None:
     """``celery inspect capabilities`` lists each live worker's probe; consumers can be changed."""
-    done = farm.celery("inspect", "capabilities", "--json", "--timeout", "10")
+    # Addressed to both workers, the command returns once both have answered; broadcast to
+    # all, it would wait out its whole timeout for workers that might exist.
+    both = f"{farm.small.hostname},{farm.large.hostname}"
+    done = farm.celery("inspect", "capabilities", "--json", "--timeout", "10", "-d", both)
     assert done.returncode == 0, done.stderr
     replies = json.loads(done.stdout)
     assert set(replies) == {farm.small.hostname, farm.large.hostname}
     small = replies[farm.small.hostname]
     assert small["capabilities"]["device"] == "cpu"
     assert small["capabilities"]["total_memory_bytes"] == SMALL_GB * 10**9
-    assert "svd.cpu.fp32.12g" in small["queues"] and "svd.cpu.fp32.16g" not in small["queues"]
+    assert "svd.cpu.fp32.12g.tiny" in small["queues"]
+    assert "svd.cpu.fp32.16g.tiny" not in small["queues"]
     # The models it serves: its SVDFARM_MODEL (tiny), and the catalog's that this machine has
     # downloaded, if any; its registry row says the same.
     assert small["models"][0] == "tiny"
@@ -223,18 +262,18 @@ def test_inspect_capabilities_and_control_from_the_celery_command_line(farm: Far
     print("\ninspect capabilities:", json.dumps(small, indent=1)[:1500])
 
     done = farm.celery(
-        "control", "cancel_consumer", "svd.cpu.fp32.12g", "-d", farm.small.hostname, "--json"
+        "control", "cancel_consumer", "svd.cpu.fp32.12g.tiny", "-d", farm.small.hostname, "--json"
     )
     assert done.returncode == 0, done.stderr
     deadline = time.monotonic() + 10
-    while "svd.cpu.fp32.12g" in (farm.row(farm.small.hostname) or Worker()).queues:
+    while "svd.cpu.fp32.12g.tiny" in (farm.row(farm.small.hostname) or Worker()).queues:
         assert time.monotonic() < deadline, "the heartbeat never reported the cancelled queue"
         time.sleep(HEARTBEAT)
     done = farm.celery(
-        "control", "add_consumer", "svd.cpu.fp32.12g", "-d", farm.small.hostname, "--json"
+        "control", "add_consumer", "svd.cpu.fp32.12g.tiny", "-d", farm.small.hostname, "--json"
     )
     assert done.returncode == 0, done.stderr
-    active = farm.celery("inspect", "active", "--json", "--timeout", "10")
+    active = farm.celery("inspect", "active", "--json", "--timeout", "10", "-d", both)
     assert active.returncode == 0 and farm.large.hostname in json.loads(active.stdout)
 
     # A worker told to shut down does not reply, so the command reports no replies: the
@@ -245,7 +284,7 @@ def test_inspect_capabilities_and_control_from_the_celery_command_line(farm: Far
     assert row is not None and row.state is WorkerState.OFFLINE
 
 
-@pytest.mark.parametrize("farm", [REDIS], indirect=True)  # the database's, on any broker
+@pytest.mark.parametrize("live_farm", [REDIS], indirect=True)  # the database's, on any broker
 def test_heartbeats_and_offline_detection(farm: Farm) -> None:
     """Heartbeats advance; a killed worker is offline after three missed beats."""
     first = farm.row(farm.small.hostname)
