@@ -209,10 +209,13 @@ def progress_signature(job: Job) -> tuple[Any, ...]:
 class Feed:
     """A process's live feed: one listener, any number of :class:`Watch` es."""
 
-    def __init__(self, db: Database, *, describe: Describe) -> None:
-        """Feed from ``db``; ``describe`` makes each message's data (once per message)."""
-        self.db, self.describe = db, describe
-        self.conninfo = listen_conninfo(db.url)
+    def __init__(self, url: str, *, describe: Describe) -> None:
+        """Feed from the database at ``url``; ``describe`` makes each message's data (once
+        per message). The listener reads through an engine of its own: it never waits for a
+        connection behind the requests of its process (which may be waiting for it)."""
+        self.url, self.describe = url, describe
+        self.conninfo = listen_conninfo(url)
+        self._db: Database | None = None
         self._lock = threading.Lock()
         self._watchers = _Watchers()
         self._thread: threading.Thread | None = None
@@ -261,6 +264,9 @@ class Feed:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout_s)
+        if self._db is not None:
+            self._db.dispose()
+            self._db = None
 
     def _deliver(self, messages: Iterable[Message]) -> None:
         """Hand each message to the watches that want it."""
@@ -378,7 +384,9 @@ class Feed:
 
     def _read(self, read: Callable[[Session], list[Message]]) -> None:
         """Run ``read`` in a short session and deliver what it found."""
-        with self.db.read_session() as session:
+        if self._db is None:
+            self._db = Database(self.url)
+        with self._db.read_session() as session:
             messages = read(session)
         self._deliver(messages)
 

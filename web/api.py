@@ -224,7 +224,7 @@ def job_events(job_id: str) -> Any:
     session = get_session()
     job = own_job(session, job_id)
     if wants_stream():
-        return job_stream(session, job)
+        return job_stream(job)
     return jsonify({"events": [e.as_dict() for e in events_of(session, job.id)]})
 
 

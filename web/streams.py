@@ -78,7 +78,7 @@ def init_app(app: Flask) -> None:
         )
         return progress_data(job, preview)
 
-    app.extensions["svdfarm.feed"] = Feed(app.extensions["svdfarm.db"], describe=describe)
+    app.extensions["svdfarm.feed"] = Feed(app.extensions["svdfarm.db"].url, describe=describe)
 
 
 def get_feed() -> Feed:
@@ -188,17 +188,19 @@ def _live(watch: Watch, sent: set[int], *, after: int, ends: bool) -> Iterator[s
         watch.close()
 
 
-def job_stream(session: Session, job: Job) -> Response:
+def job_stream(job: Job) -> Response:
     """``job``'s event stream (the caller may see it): its events after the client's last,
     its progress now, then both live until the event that ends it."""
     try:
         after = last_event_id()
     except BadLastEventId as exc:
         return jsonify({"error": str(exc)}), 400  # type: ignore[return-value]
+    # No connection held while the watch starts (the process's listener may be starting).
+    release_session()
     feed = get_feed()
     watch = feed.watch(job_id=job.id)  # before the replay: nothing falls between the two
     try:
-        replay = events_of(session, job.id, after=after)[-MAX_EVENTS:]
+        replay = events_of(get_session(), job.id, after=after)[-MAX_EVENTS:]
         if not replay and job.state.terminal:
             watch.close()
             return Response(status=204)
@@ -272,14 +274,16 @@ def caller_events() -> Any:
     if refused:
         return jsonify({"error": " ".join(refused.values()), "fields": refused}), 400
     owners = current_caller().identities
-    session = get_session()
     if not wants_stream():
-        rows = owner_events(session, owners, after=after, limit=limit)
+        rows = owner_events(get_session(), owners, after=after, limit=limit)
         events = [{"job": str(job.id), **event.as_dict()} for event, job in rows]
         return jsonify({"events": events, "last_id": rows[-1][0].id if rows else after})
+    release_session()  # none held while the watch starts
     watch = get_feed().watch(owners=owners)
     try:
-        replay = owner_events(session, owners, after=after, limit=MAX_EVENTS) if after else []
+        replay = (
+            owner_events(get_session(), owners, after=after, limit=MAX_EVENTS) if after else []
+        )
         first = [
             sse({"job": str(job.id), "state": job.state.value, **event.as_dict()},
                 event=MessageKind.EVENT.value, event_id=event.id)
