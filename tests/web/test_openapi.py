@@ -361,6 +361,7 @@ def api_schema(app: Flask) -> Any:
 
 
 @pytest.mark.parametrize(("label", "mode"), RUNS)
+@pytest.mark.usefixtures("same_examples")
 def test_schemathesis_finds_no_server_error_and_no_broken_response(
     api_app: Flask, api_settings: Settings, known_jobs: list[str], label: str, mode: Any
 ) -> None:
@@ -414,6 +415,7 @@ def test_schemathesis_finds_no_server_error_and_no_broken_response(
 
 
 @pytest.mark.parametrize("database_url", DATABASES, indirect=True)
+@pytest.mark.usefixtures("same_examples")
 def test_schemathesis_submits_on_both_databases(api_app: Flask, api_settings: Settings) -> None:
     """A shorter run of valid submissions on SQLite and PostgreSQL: no 5xx, every answer as
     documented, and each 201 is one row and one queue message."""
