@@ -17,6 +17,7 @@ from celery.signals import celeryd_init
 from kombu import Exchange, Queue
 
 from svdfarm.catalog import catalog_keys
+from svdfarm.embedded_broker import TRANSPORT
 from svdfarm.queues import all_queues
 from svdfarm.settings import Settings, load_settings
 
@@ -62,6 +63,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
     if settings.embedded_broker:
         queue_dir = str(settings.broker_dir / "queue")
+        # kombu's filesystem transport, each message written whole (svdfarm.embedded_broker).
+        config["broker_transport"] = TRANSPORT
         config["broker_transport_options"] = {
             "data_folder_in": queue_dir,
             "data_folder_out": queue_dir,

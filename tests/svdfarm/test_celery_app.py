@@ -137,3 +137,19 @@ def test_a_render_is_acknowledged_when_it_starts_so_no_broker_cuts_it_short(
         else:
             assert warning and "consumer_timeout" in warning
             assert "SVDFARM_TASK_TIME_LIMIT" in warning
+
+
+def test_the_embedded_broker_writes_each_message_whole(settings: Settings) -> None:
+    """A message appears in the queue folder only once written (renamed into place), so a
+    worker listing the folder never takes an empty file (kombu's own transport creates the
+    file before it writes it)."""
+    from svdfarm.embedded_broker import Transport
+
+    settings.ensure_dirs()
+    app = create_celery(settings)
+    with app.connection_for_write() as connection:
+        assert isinstance(connection.transport, Transport)
+    app.send_task("svdfarm.render", args=["a-job"], queue="svd.cpu.fp32.8g.tiny")
+    files = sorted((settings.broker_dir / "queue").iterdir())
+    assert [f.name.endswith(".svd.cpu.fp32.8g.tiny.msg") for f in files] == [True]
+    assert json.loads(files[0].read_bytes())["headers"]["task"] == "svdfarm.render"
