@@ -19,7 +19,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from svdfarm.db import Database, upgrade
 from svdfarm.settings import Settings
+from tests.http import free_port
 
 #: The ``svdfarm`` command as tests start it: this interpreter, ``python -m cli``.
 SVDFARM = [sys.executable, "-m", "cli"]
@@ -240,3 +242,54 @@ def start_worker(
     hostname = f"{name}-{uuid.uuid4().hex[:6]}@localhost"
     env = worker_env(settings, **extra_env)
     return start_svdfarm(hostname, ["worker", "--hostname", hostname], env, folder, cwd)
+
+
+@dataclass
+class WebAndWorker:
+    """``svdfarm web`` and one ``svdfarm worker`` on a fresh PostgreSQL schema and a Redis
+    database of their own (:func:`web_and_worker`)."""
+
+    settings: Settings
+    db: Database
+    port: int
+    web: LiveProcess
+    worker: LiveProcess
+
+    @property
+    def url(self) -> str:
+        """The web's base URL."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def logs(self) -> str:
+        """The end of both processes' logs, for failure messages."""
+        return "\n".join(f"--- {p.name} ---\n{p.text(4000)}" for p in (self.web, self.worker))
+
+
+@contextmanager
+def web_and_worker(
+    folder: Path, tiny_model_dir: Path, *, name: str, env: dict[str, str]
+) -> Iterator[WebAndWorker]:
+    """Start a web server and a worker (named ``name``) with ``env`` on a fresh PostgreSQL
+    schema and a private Redis database, once the web serves and the worker is registered;
+    both stopped, and the schema dropped, afterwards."""
+    from tests.conftest import REDIS_URL, fresh_database, make_settings
+    from tests.load import wait_until_serving
+    from tests.rows import wait_for_worker
+
+    with fresh_database("postgresql", folder) as url, private_redis_db(REDIS_URL) as broker:
+        settings = make_settings(folder / "var", url, tiny_model_dir, SVDFARM_BROKER_URL=broker)
+        upgrade(settings.database_url)
+        port = free_port()
+        db = Database(settings.database_url)
+        processes: list[LiveProcess] = []
+        try:
+            web = start_web(settings, folder, port, cwd=folder, **env)
+            processes.append(web)
+            worker = start_worker(settings, folder, name, cwd=folder, **env)
+            processes.append(worker)
+            wait_until_serving(web, port)
+            wait_for_worker(db, worker.hostname, worker.process, worker.text)
+            yield WebAndWorker(settings, db, port, web, worker)
+        finally:
+            stop_all(processes)
+            db.dispose()

@@ -17,7 +17,6 @@ import re
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +26,16 @@ from sqlalchemy import select
 from standardwebhooks.webhooks import Webhook
 from werkzeug.serving import make_server
 
-from svdfarm.db import Database, upgrade
 from svdfarm.models import Job, WebhookDelivery
 from svdfarm.states import JobState
 from svdfarm.webhook_states import DeliveryState
 from svdfarm.webhooks import add_endpoint, remove_endpoint
-from tests.conftest import fresh_database, make_settings, needs_postgres, needs_redis
+from tests.conftest import needs_postgres, needs_redis
 from tests.factories import png_bytes
 from tests.http import free_port, multipart
-from tests.load import request, wait_until_serving
-from tests.processes import LiveProcess, private_redis_db, start_web, start_worker
-from tests.rows import LOCAL_OWNER, wait_for_worker, wait_until
+from tests.load import request
+from tests.processes import WebAndWorker, web_and_worker
+from tests.rows import LOCAL_OWNER, wait_until
 from tests.webhook_receiver import Received, Receiver
 
 pytestmark = [
@@ -64,18 +62,9 @@ EVENTS = ["job.queued", "job.started", "job.succeeded"]
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-@dataclass
-class Farm:
-    """The web server and one worker on a fresh schema and a Redis database of their own."""
-
-    db: Database
-    port: int
-    web: LiveProcess
-    worker: LiveProcess
-
-    def logs(self) -> str:
-        """The end of both processes' logs, for failure messages."""
-        return "\n".join(f"--- {p.name} ---\n{p.text(4000)}" for p in (self.web, self.worker))
+class Farm(WebAndWorker):
+    """The web server and one worker on a fresh schema and a Redis database of their own,
+    with this module's ways to use them."""
 
     def secret(self) -> str:
         """The signing secret of this client's owner, as the API gives it."""
@@ -112,27 +101,9 @@ class Farm:
 def farm(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Farm]:
     """``svdfarm web`` and ``svdfarm worker`` with :data:`FARM_ENV`, shared by the module's
     tests (each job has receivers of its own)."""
-    from tests.conftest import REDIS_URL
-
     folder = tmp_path_factory.mktemp("webhooks-live")
-    with fresh_database("postgresql", folder) as url, private_redis_db(REDIS_URL) as broker:
-        settings = make_settings(folder / "var", url, tiny_model_dir, SVDFARM_BROKER_URL=broker)
-        upgrade(settings.database_url)
-        port = free_port()
-        db = Database(settings.database_url)
-        processes: list[LiveProcess] = []
-        try:
-            web = start_web(settings, folder, port, cwd=folder, **FARM_ENV)
-            processes.append(web)
-            worker = start_worker(settings, folder, "hooks", cwd=folder, **FARM_ENV)
-            processes.append(worker)
-            wait_until_serving(web, port)
-            wait_for_worker(db, worker.hostname, worker.process, worker.text)
-            yield Farm(db, port, web, worker)
-        finally:
-            for process in processes:
-                process.stop()
-            db.dispose()
+    with web_and_worker(folder, tiny_model_dir, name="hooks", env=FARM_ENV) as found:
+        yield Farm(found.settings, found.db, found.port, found.web, found.worker)
 
 
 def verified(key: str, got: list[Received]) -> list[dict[str, Any]]:

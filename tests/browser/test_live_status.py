@@ -27,18 +27,15 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from svdfarm.db import Database, upgrade
 from svdfarm.lifecycle import By, record
 from svdfarm.models import Attempt, Job, utcnow
 from svdfarm.states import Actor, AttemptOutcome, EventType, JobState, Phase
 from svdfarm.storage import FileStore, Store
 from tests.browser.conftest import watch_csp
-from tests.conftest import make_settings, needs_postgres, needs_redis
+from tests.conftest import needs_postgres, needs_redis
 from tests.factories import png_bytes
-from tests.http import free_port
-from tests.load import wait_until_serving
-from tests.processes import LiveProcess, private_redis_db, start_web, start_worker, stop_all
-from tests.rows import job_row, wait_for_worker
+from tests.processes import WebAndWorker, web_and_worker
+from tests.rows import job_row
 
 pytestmark = [
     pytest.mark.browser,
@@ -106,47 +103,14 @@ def expect(target: Any) -> Any:
     return playwright_expect(target)
 
 
-@dataclass
-class LiveFarm:
-    """``svdfarm web`` and one ``svdfarm worker`` on a fresh schema and a Redis database of
-    their own."""
-
-    url: str
-    db: Database
-    data_dir: Path
-    web: LiveProcess
-    worker: LiveProcess
-
-    def logs(self) -> str:
-        """The end of both processes' logs, for failure messages."""
-        return "\n".join(f"--- {p.name} ---\n{p.text(4000)}" for p in (self.web, self.worker))
-
-
 @pytest.fixture(scope="module")
 def live_farm(
     browser: Any, tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
-) -> Iterator[LiveFarm]:
+) -> Iterator[WebAndWorker]:
     """The web server and a worker with :data:`FARM_ENV`, shared by the module's tests."""
-    from tests.conftest import REDIS_URL, fresh_database
-
     folder = tmp_path_factory.mktemp("live-status")
-    with fresh_database("postgresql", folder) as url, private_redis_db(REDIS_URL) as broker:
-        settings = make_settings(folder / "var", url, tiny_model_dir, SVDFARM_BROKER_URL=broker)
-        upgrade(settings.database_url)
-        port = free_port()
-        db = Database(settings.database_url)
-        processes: list[LiveProcess] = []
-        try:
-            web = start_web(settings, folder, port, cwd=folder, **FARM_ENV)
-            processes.append(web)
-            worker = start_worker(settings, folder, "live", cwd=folder, **FARM_ENV)
-            processes.append(worker)
-            wait_until_serving(web, port)
-            wait_for_worker(db, worker.hostname, worker.process, worker.text)
-            yield LiveFarm(f"http://127.0.0.1:{port}", db, settings.data_dir, web, worker)
-        finally:
-            stop_all(processes)
-            db.dispose()
+    with web_and_worker(folder, tiny_model_dir, name="live", env=FARM_ENV) as found:
+        yield found
 
 
 @dataclass
@@ -253,7 +217,7 @@ def wait_until_still(element: Any, timeout_s: float = 10) -> bool:
 
 
 def test_the_status_page_shows_previews_and_the_bar_moving_without_polling(
-    watched: tuple[Any, Traffic], live_farm: LiveFarm, screenshots: Path
+    watched: tuple[Any, Traffic], live_farm: WebAndWorker, screenshots: Path
 ) -> None:
     """Submitted through the form, a render's status page shows the preview changing and the
     bar moving from its event stream, then the video; it reads the JSON API only after an
@@ -375,13 +339,13 @@ def add_attempt(session: Any, job_id: uuid.UUID) -> None:
     )
 
 
-def add_running_job(farm: LiveFarm, *events: EventType, attempt: bool = True) -> uuid.UUID:
+def add_running_job(farm: WebAndWorker, *events: EventType, attempt: bool = True) -> uuid.UUID:
     """A job held running at step 2 of 10 on :data:`ELSEWHERE`, with its first attempt's row
     (unless ``attempt`` is false: just claimed) and ``events`` after its submit, publish and
     claim; its id."""
     job_id = uuid.uuid4()
     key = Store.key(job_id, "input.png")
-    FileStore(farm.data_dir / "jobs").write_bytes(key, png_bytes(96, 64))
+    FileStore(farm.settings.data_dir / "jobs").write_bytes(key, png_bytes(96, 64))
     with farm.db.begin() as session:
         session.add(
             job_row(
@@ -408,7 +372,7 @@ def add_running_job(farm: LiveFarm, *events: EventType, attempt: bool = True) ->
     return job_id
 
 
-def end_held_job(farm: LiveFarm, job_id: uuid.UUID) -> None:
+def end_held_job(farm: WebAndWorker, job_id: uuid.UUID) -> None:
     """Mark a held job canceled, so that nothing is left running."""
     with farm.db.begin() as session:
         job = session.get(Job, job_id)
@@ -416,7 +380,7 @@ def end_held_job(farm: LiveFarm, job_id: uuid.UUID) -> None:
         job.state, job.phase, job.finished_at = JobState.CANCELED, Phase.DONE, utcnow()
 
 
-def open_held(page: Any, traffic: Traffic, farm: LiveFarm, job_id: uuid.UUID) -> None:
+def open_held(page: Any, traffic: Traffic, farm: WebAndWorker, job_id: uuid.UUID) -> None:
     """Open a held job's status page on the watched ``page``; return once its stream has
     brought its first message (the progress now)."""
     page.goto(f"{farm.url}/jobs/{job_id}")
@@ -433,7 +397,7 @@ def open_held(page: Any, traffic: Traffic, farm: LiveFarm, job_id: uuid.UUID) ->
 
 
 def test_a_running_job_with_a_failed_attempt_behind_it_loads_its_page_once(
-    watched: tuple[Any, Traffic], live_farm: LiveFarm
+    watched: tuple[Any, Traffic], live_farm: WebAndWorker
 ) -> None:
     """The events a job had before its page was drawn do not reload the page: one whose
     first rung failed (the ladder goes on, the job still runs) loads once, follows its
@@ -457,7 +421,7 @@ def test_a_running_job_with_a_failed_attempt_behind_it_loads_its_page_once(
 
 
 def test_a_page_drawn_before_the_attempt_row_shows_it_after_the_next_phase(
-    watched: tuple[Any, Traffic], live_farm: LiveFarm
+    watched: tuple[Any, Traffic], live_farm: WebAndWorker
 ) -> None:
     """The worker writes the attempt's row after the claim (which reloads the page), with no
     event of its own: the page, drawn with no attempt, reads the JSON once at the next phase
