@@ -9,7 +9,6 @@ import pytest
 from celery import Celery
 from sqlalchemy import func, select, update
 
-from svdfarm.celery_app import create_celery
 from svdfarm.db import Database
 from svdfarm.dispatch import (
     Candidate,
@@ -36,20 +35,6 @@ T0 = datetime(2026, 11, 30, 12, 0)
 def candidate(owner: str, minute: int, priority: int = 0) -> Candidate:
     """A waiting job of ``owner`` submitted ``minute`` minutes after :data:`T0`."""
     return Candidate(uuid.uuid4(), owner, priority, T0 + timedelta(minutes=minute))
-
-
-@pytest.fixture
-def calm(settings: Settings) -> Settings:
-    """The product's dispatch margin (0): a queue is sent only what its idle workers take."""
-    settings = settings.with_overrides(dispatch_margin=0)
-    settings.ensure_dirs()
-    return settings
-
-
-@pytest.fixture
-def celery(calm: Settings) -> Celery:
-    """A Celery app on the test's embedded broker."""
-    return create_celery(calm)
 
 
 def waiting_jobs(db: Database, count: int, *, owner: str = "user:1", **fields: object) -> list:

@@ -12,7 +12,6 @@ from celery import Celery
 from sqlalchemy import select
 
 from svdfarm import lifecycle
-from svdfarm.celery_app import create_celery
 from svdfarm.db import Database
 from svdfarm.dispatch import dispatch, mark_at_submit
 from svdfarm.jobs import Submission, new_job, submit_job, validate_submission
@@ -28,20 +27,6 @@ from tests.rows import add_worker, broker_messages, job_row
 API = By(Actor.API)
 WEB = By(Actor.WEB)
 SMALL = {"num_frames": "2", "num_inference_steps": "1", "width": "64", "height": "64"}
-
-
-@pytest.fixture
-def calm(settings: Settings) -> Settings:
-    """The product's dispatch margin (0): a queue is sent only what its idle workers take."""
-    settings = settings.with_overrides(dispatch_margin=0)
-    settings.ensure_dirs()
-    return settings
-
-
-@pytest.fixture
-def celery(calm: Settings) -> Celery:
-    """A Celery app on the test's embedded broker."""
-    return create_celery(calm)
 
 
 @pytest.fixture
