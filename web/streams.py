@@ -69,7 +69,7 @@ def init_app(app: Flask) -> None:
     def describe(job: Job, event: JobEvent | None) -> dict[str, Any]:
         """A message's data: the event with its job, or the job's progress."""
         if event is not None:
-            return {"job": str(job.id), "state": job.state.value, **event.as_dict()}
+            return event_data(job, event)
         step = preview_step(job.preview_key, job.claim_token) if job.state.active else None
         preview = (
             urls.build("pages.preview", {"job_id": job.id, "step": step})
@@ -85,6 +85,17 @@ def get_feed() -> Feed:
     """This process's live feed."""
     feed: Feed = current_app.extensions["svdfarm.feed"]
     return feed
+
+
+def event_data(job: Job, event: JobEvent) -> dict[str, Any]:
+    """An event message's data: the event as the JSON list shows it, its job and the job's
+    state."""
+    return {"job": str(job.id), "state": job.state.value, **event.as_dict()}
+
+
+def event_text(job: Job, event: JobEvent) -> str:
+    """A replayed event as a server-sent event, as the live feed sends it."""
+    return sse(event_data(job, event), event=MessageKind.EVENT.value, event_id=event.id)
 
 
 def progress_data(job: Job, preview_url: str | None) -> dict[str, Any]:
@@ -204,8 +215,7 @@ def job_stream(job: Job) -> Response:
         if not replay and job.state.terminal:
             watch.close()
             return Response(status=204)
-        first = [sse({"job": str(job.id), "state": job.state.value, **e.as_dict()},
-                     event=MessageKind.EVENT.value, event_id=e.id) for e in replay]
+        first = [event_text(job, e) for e in replay]
         # An ended job's stream ends after its replay (its last event need not be the one that
         # ended it: retention's ``expired`` comes later).
         ended = bool(replay) and job.state.terminal
@@ -284,11 +294,7 @@ def caller_events() -> Any:
         replay = (
             owner_events(get_session(), owners, after=after, limit=MAX_EVENTS) if after else []
         )
-        first = [
-            sse({"job": str(job.id), "state": job.state.value, **event.as_dict()},
-                event=MessageKind.EVENT.value, event_id=event.id)
-            for event, job in replay
-        ]
+        first = [event_text(job, event) for event, job in replay]
     except BaseException:
         watch.close()
         raise
