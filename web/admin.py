@@ -81,8 +81,9 @@ bp.before_request(auth.admin_guard)
 
 
 @bp.context_processor
-def _helpers() -> dict[str, Any]:
-    """Template helpers: the CSRF token, login state and value formatters."""
+def template_helpers() -> dict[str, Any]:
+    """Template helpers of every admin page: the CSRF token, login state and value
+    formatters (the other admin blueprints register this too)."""
     return {
         "csrf_token": auth.csrf_token,
         "admin_logged_in": auth.logged_in,

@@ -39,6 +39,7 @@ from svdfarm.users import (
     set_limits,
 )
 from web import auth
+from web.admin import template_helpers
 from web.database import get_session
 
 bp = Blueprint("admin_users", __name__, url_prefix="/admin/users")
@@ -47,10 +48,7 @@ bp = Blueprint("admin_users", __name__, url_prefix="/admin/users")
 bp.before_request(auth.admin_guard)
 
 
-@bp.context_processor
-def _helpers() -> dict[str, Any]:
-    """Template helpers of the admin layout: the CSRF token and the login state."""
-    return {"csrf_token": auth.csrf_token, "admin_logged_in": auth.logged_in}
+bp.context_processor(template_helpers)
 
 
 def _int_field(form: MultiDict[str, str], name: str, label: str) -> int | None:

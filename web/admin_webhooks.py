@@ -26,7 +26,7 @@ from svdfarm.webhooks import (
     redeliver,
 )
 from web import auth
-from web.admin import format_age, format_seconds
+from web.admin import format_seconds, template_helpers
 from web.database import get_session
 
 bp = Blueprint("admin_webhooks", __name__, url_prefix="/admin/webhooks")
@@ -38,14 +38,7 @@ DISABLED_BY_ADMIN = "disabled by an admin"
 bp.before_request(auth.admin_guard)
 
 
-@bp.context_processor
-def _helpers() -> dict[str, Any]:
-    """Template helpers of the admin layout and the delivery table."""
-    return {
-        "csrf_token": auth.csrf_token,
-        "admin_logged_in": auth.logged_in,
-        "age": format_age,
-    }
+bp.context_processor(template_helpers)
 
 
 @bp.app_template_global("webhook_due")
