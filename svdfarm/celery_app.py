@@ -14,6 +14,7 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import celeryd_init
+from celery.utils.nodenames import worker_direct
 from kombu import Exchange, Queue
 
 from svdfarm.catalog import catalog_keys
@@ -23,6 +24,8 @@ from svdfarm.settings import Settings, load_settings
 
 RENDER_TASK = "svdfarm.render"
 DEFAULT_QUEUE = "svd.default"
+#: How Celery ends the name of a worker's own queue (celery.utils.nodenames.worker_direct).
+DIRECT_SUFFIX = ".dq2"
 #: The attribute of a Celery app that holds its settings (off ``app.conf``: see the module doc).
 _SETTINGS_ATTR = "svdfarm_settings"
 
@@ -50,6 +53,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # the claim token already makes a redelivered job harmless.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_concurrency": 1,
+        # Each worker also consumes a queue of its own (``<hostname>.dq2``): the dispatcher
+        # sends a model's jobs there to a worker that has the model loaded (svdfarm.dispatch).
+        "worker_direct": True,
         "task_default_queue": DEFAULT_QUEUE,
         # Declared so that Celery's own tools know every queue (`celery purge`, Flower); workers
         # still consume only what -Q names (`svdfarm worker` always passes it).
@@ -160,12 +166,24 @@ def settings_of(celery: Celery) -> Settings:
     return settings
 
 
-def enqueue_render(celery: Celery, job_id: str, queue: str) -> None:
-    """Put a job id on ``queue``; the job row must already be committed."""
+def enqueue_render(celery: Celery, job_id: str, queue: str, *, worker: str | None = None) -> None:
+    """Put a job id on ``queue``, or on ``worker``'s own queue (:func:`direct_queue`) when
+    given; the job row must already be committed."""
     settings = settings_of(celery)
     if settings.embedded_broker:
         settings.ensure_dirs()  # the filesystem transport cannot create its own folders
-    celery.send_task(RENDER_TASK, args=[job_id], task_id=job_id, queue=queue)
+    target: str | Queue = worker_direct(worker) if worker else queue
+    celery.send_task(RENDER_TASK, args=[job_id], task_id=job_id, queue=target)
+
+
+def direct_queue(worker: str) -> str:
+    """The name of ``worker``'s own queue (Celery's ``worker_direct``: ``<hostname>.dq2``)."""
+    return str(worker_direct(worker).name)
+
+
+def is_direct_queue(name: str) -> bool:
+    """True for a worker's own queue (:func:`direct_queue`), not one of the farm's."""
+    return name.endswith(DIRECT_SUFFIX)
 
 
 @celeryd_init.connect

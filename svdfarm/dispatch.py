@@ -25,6 +25,18 @@ gets the job back in the database for the next pass.
 On an idle farm a submit needs no pass: :func:`mark_at_submit` marks the new job sent in the
 submit's own transaction, under the same lock, when its queue has a free slot and no other
 job waits there (the order would choose it anyway).
+
+Which worker takes it (:func:`pick_worker`): a job sent while its queue has an idle consumer
+goes to one of them on that worker's own queue (Celery's ``worker_direct``), chosen so that
+no worker loads a model another idle worker already holds: one with the job's model loaded
+first, then one with nothing loaded, then any (not one the job already failed on). And a
+free worker holding another model keeps to that model while a job of it waits and another
+worker (busy or not) holds this job's model (:func:`_kept_to_their_models`). So two workers
+serving two models each keep one loaded instead of swapping both on every job; a farm
+whose only worker of a model is busy elsewhere still swaps rather than leave a job waiting
+for nobody. A job sent beyond the idle consumers (the margin) goes on its queue, for whichever
+consumer is first; so does every job the reaper publishes again, among them a job whose
+chosen worker went away or took another job before it (:mod:`svdfarm.reaper`).
 """
 
 from __future__ import annotations
@@ -33,7 +45,7 @@ import logging
 import uuid
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -45,10 +57,12 @@ from svdfarm import lifecycle
 from svdfarm.celery_app import enqueue_render
 from svdfarm.lifecycle import By
 from svdfarm.models import Attempt, Job, Worker, utcnow
+from svdfarm.queues import queue_model
 from svdfarm.registry import online_workers
 from svdfarm.settings import Settings
-from svdfarm.states import JobState, WorkerState
+from svdfarm.states import AttemptOutcome, JobState, WorkerState
 from svdfarm.users import Limits, limits_of
+from svdfarm.worker_health import NOT_PRECISION
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +77,53 @@ PLACE_HORIZON = 2000
 def waiting() -> ColumnElement[bool]:
     """Jobs that wait in the database for the dispatcher (queued, not yet sent)."""
     return and_(Job.state == JobState.QUEUED, Job.published_at.is_(None))
+
+
+@dataclass(frozen=True)
+class Sending:
+    """A job marked sent: its queue, and the worker whose own queue it goes to (None: the
+    queue, for any of its consumers)."""
+
+    job_id: uuid.UUID
+    queue: str
+    worker: str | None = None
+
+
+@dataclass(frozen=True)
+class IdleWorker:
+    """An idle consumer of a queue, as :func:`pick_worker` sees it."""
+
+    hostname: str
+    #: The catalog key of the model it holds loaded (None: none yet).
+    loaded_model: str | None = None
+    #: True while a job sent to its own queue waits for it (it is spoken for).
+    awaiting: bool = False
+    #: The farm's queues it consumes.
+    queues: tuple[str, ...] = ()
+
+
+def pick_worker(
+    idle: Sequence[IdleWorker], model: str | None, avoid: Iterable[str] = ()
+) -> str | None:
+    """The idle worker a job of ``model`` (a catalog key; None: a queue without one) goes
+    to: one that holds the model loaded, else one that holds none, else the first; never one
+    spoken for or in ``avoid`` (workers the job failed on). None: no such worker (the job
+    goes on its queue)."""
+    avoided = set(avoid)
+    free = sorted(
+        (w for w in idle if not w.awaiting and w.hostname not in avoided),
+        key=lambda w: w.hostname,
+    )
+    if not free:
+        return None
+    for rank in (
+        lambda w: model is not None and w.loaded_model == model,
+        lambda w: not w.loaded_model,
+    ):
+        for worker in free:
+            if rank(worker):
+                return worker.hostname
+    return free[0].hostname
 
 
 @dataclass
@@ -142,9 +203,9 @@ def dispatch(
     for queue in sorted(set(queues)):
         chosen = _choose(session, settings, queue, by)
         session.commit()
-        for job_id in chosen:
-            if _send(session, celery, job_id, queue, by):
-                sent.append(job_id)
+        for sending in chosen:
+            if _send(session, celery, sending, by):
+                sent.append(sending.job_id)
     return sent
 
 
@@ -158,10 +219,14 @@ def _lock(session: Session, queue: str) -> None:
         )
 
 
-def _choose(session: Session, settings: Settings, queue: str, by: By) -> list[uuid.UUID]:
-    """Mark the jobs this pass sends to ``queue`` (under the queue's lock); their ids."""
+def _choose(session: Session, settings: Settings, queue: str, by: By) -> list[Sending]:
+    """Mark the jobs this pass sends to ``queue`` (under the queue's lock), each with the
+    worker it goes to (:func:`pick_worker`)."""
     _lock(session, queue)
-    slots = free_slots(session, settings, queue)
+    model = queue_model(queue)
+    idle = _kept_to_their_models(session, settings, queue, idle_workers(session, settings, queue))
+    in_flight = session.scalar(select(_in_flight(queue))) or 0
+    slots = _free(idle) + settings.dispatch_margin - in_flight
     if slots <= 0:
         return []
     candidates = _candidates(session, queue, per_owner=slots)
@@ -173,20 +238,69 @@ def _choose(session: Session, settings: Settings, queue: str, by: By) -> list[uu
         # Fair share and running limits need each owner's time and jobs at work; one owner
         # without a running limit (an idle farm's usual submit) goes in its own order.
         ledger = ledger_for(session, settings, queue, owners)
+    order = dispatch_order(candidates, ledger, slots)
+    failed_on = _failed_on(session, [c.id for c in order]) if idle else {}
     chosen = []
-    for candidate in dispatch_order(candidates, ledger, slots):
-        if lifecycle.publish(session, candidate.id, by=by, waiting_only=True, queue=queue):
-            chosen.append(candidate.id)
+    for candidate in order:
+        worker = pick_worker(idle, model, failed_on.get(candidate.id, ()))
+        if lifecycle.publish(
+            session, candidate.id, by=by, waiting_only=True, queue=queue, sent_to=worker
+        ):
+            chosen.append(Sending(candidate.id, queue, worker))
+            idle = [replace(w, awaiting=True) if w.hostname == worker else w for w in idle]
     return chosen
+
+
+def _kept_to_their_models(
+    session: Session, settings: Settings, queue: str, idle: list[IdleWorker]
+) -> list[IdleWorker]:
+    """``idle`` (the consumers of ``queue``) with each free worker that holds another model
+    than the queue's marked spoken for while a job of its own model waits for it, as long
+    as another online worker of ``queue`` (busy or not) holds the queue's model: that one
+    takes this queue's jobs, and nobody swaps models back and forth. Two reads, only when a
+    free worker holds another model."""
+    model = queue_model(queue)
+    others = [w for w in idle if not w.awaiting and w.loaded_model not in (None, model)]
+    if model is None or not others:
+        return idle
+    holders = session.execute(
+        select(Worker.queues).where(*_online(settings), Worker.loaded_model == model)
+    ).all()
+    if not any(queue in (queues or []) for (queues,) in holders):
+        return idle
+    backlog = set(session.scalars(select(Job.queue).where(waiting()).distinct()))
+    kept = {
+        w.hostname
+        for w in others
+        if any(queue_model(q) == w.loaded_model for q in backlog & set(w.queues))
+    }
+    return [replace(w, awaiting=True) if w.hostname in kept else w for w in idle]
+
+
+def _failed_on(session: Session, job_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, set[str]]:
+    """The workers each job failed on with an error that is not a precision error (its
+    blocklist: svdfarm.worker_health)."""
+    failed: dict[uuid.UUID, set[str]] = {}
+    rows = session.execute(
+        select(Attempt.job_id, Attempt.worker).where(
+            Attempt.job_id.in_(job_ids),
+            Attempt.outcome == AttemptOutcome.FAILED,
+            Attempt.error_class.in_(NOT_PRECISION),
+        )
+    )
+    for job_id, worker in rows:
+        failed.setdefault(job_id, set()).add(worker)
+    return failed
 
 
 def mark_at_submit(
     session: Session, settings: Settings, job: Job, limits: Limits | None = None, *, by: By
-) -> bool:
+) -> Sending | None:
     """The idle farm's fast path: in the transaction that records ``job`` (flushed, not yet
     committed), mark it sent when its queue has a free slot (:func:`free_slots`) and no
-    other job waits there. The caller commits, then sends it (:func:`send`); False: nothing
-    was marked, and the job waits for a dispatch pass as any other.
+    other job waits there, to the worker :func:`pick_worker` chooses. The caller commits,
+    then sends it (:func:`send`); None: nothing was marked, and the job waits for a dispatch
+    pass as any other.
 
     A pass would choose this job too: with nothing else waiting in its queue, priority and
     fair share have nothing to decide. An owner with a ``--max-running`` limit (``limits``,
@@ -196,44 +310,57 @@ def mark_at_submit(
     twice and its slot is not counted again.
     """
     if job.state is not JobState.QUEUED or job.published_at is not None:
-        return False
+        return None
     if limits is None:
         limits = limits_of(session, [job.owner])[job.owner]
     if limits.max_running is not None:
-        return False
+        return None
     queue = job.queue
     _lock(session, queue)
     others_wait = select(Job.id).where(Job.queue == queue, waiting(), Job.id != job.id).exists()
-    # One read: the idle workers' queues, each row with the queue's count of jobs sent and
-    # whether another job waits (a second read only when no worker at all is idle).
+    # One read: the idle workers, each row with the queue's count of jobs sent and whether
+    # another job waits (a second read only when no worker at all is idle).
     rows = session.execute(
-        select(Worker.queues, _in_flight(queue), others_wait).where(*_idle(settings))
+        select(*_idle_columns(), _in_flight(queue), others_wait).where(*_idle(settings))
     ).all()
     if rows:
-        in_flight, others = rows[0][1], rows[0][2]
+        in_flight, others = rows[0][-2], rows[0][-1]
     else:
         in_flight, others = session.execute(select(_in_flight(queue), others_wait)).one()
-    idle = sum(1 for row in rows if queue in (row[0] or []))
-    if others or idle + settings.dispatch_margin - in_flight < 1:
-        return False
-    return lifecycle.publish(session, job.id, by=by, waiting_only=True, queue=queue)
+    idle = _consumers_among(rows, queue)
+    if others or _free(idle) + settings.dispatch_margin - in_flight < 1:
+        return None
+    # A new job failed nowhere yet: nobody to avoid.
+    model = queue_model(queue)
+    worker = pick_worker(idle, model)
+    if worker is not None and next(w for w in idle if w.hostname == worker).loaded_model not in (
+        None,
+        model,
+    ):
+        return None  # a worker would swap models: the pass decides (_kept_to_their_models)
+    if not lifecycle.publish(
+        session, job.id, by=by, waiting_only=True, queue=queue, sent_to=worker
+    ):
+        return None
+    return Sending(job.id, queue, worker)
 
 
-def send(session: Session, celery: Celery, job_id: uuid.UUID, queue: str, *, by: By) -> bool:
-    """Put a job marked sent (and committed) on ``queue``; on a refusal the job goes back to
-    the database for the next pass. True when the broker took it."""
-    return _send(session, celery, job_id, queue, by)
+def send(session: Session, celery: Celery, sending: Sending, *, by: By) -> bool:
+    """Put a job marked sent (and committed) on its queue, or its worker's own; on a refusal
+    the job goes back to the database for the next pass. True when the broker took it."""
+    return _send(session, celery, sending, by)
 
 
-def _send(session: Session, celery: Celery, job_id: uuid.UUID, queue: str, by: By) -> bool:
+def _send(session: Session, celery: Celery, sending: Sending, by: By) -> bool:
     """Put one marked job's id on its queue; on a refusal give it back to the database."""
+    job_id = sending.job_id
     try:
-        enqueue_render(celery, str(job_id), queue)
+        enqueue_render(celery, str(job_id), sending.queue, worker=sending.worker)
     except Exception as exc:
         log.warning(
             "could not send job %s to %s (%s: %s); the next dispatch pass tries again",
             job_id,
-            queue,
+            sending.worker or sending.queue,
             type(exc).__name__,
             exc,
         )
@@ -241,7 +368,7 @@ def _send(session: Session, celery: Celery, job_id: uuid.UUID, queue: str, by: B
         session.execute(
             update(Job)
             .where(Job.id == job_id, Job.state == JobState.QUEUED)
-            .values(published_at=None)
+            .values(published_at=None, sent_to=None)
         )
         session.commit()
         return False
@@ -261,39 +388,87 @@ def consumers_of(workers: Sequence[Worker], queue: str) -> list[Worker]:
 
 
 def free_slots(session: Session, settings: Settings, queue: str) -> int:
-    """How many more jobs ``queue`` can be sent now: its idle consumers plus the margin,
-    minus the jobs sent to it and not yet taken. The margin holds even with no consumer, so
-    a queue scaled to zero shows its first jobs to a length-based autoscaler."""
+    """How many more jobs ``queue`` can be sent now: its idle consumers (not spoken for)
+    plus the margin, minus the jobs sent to the queue itself and not yet taken. The margin
+    holds even with no consumer, so a queue scaled to zero shows its first jobs to a
+    length-based autoscaler. A job sent to a worker's own queue is counted by that worker
+    being spoken for (in every queue it consumes), not by its own queue."""
     in_flight = session.scalar(select(_in_flight(queue)))
     return idle_consumers(session, settings, queue) + settings.dispatch_margin - (in_flight or 0)
 
 
 def _in_flight(queue: str) -> ScalarSelect[int]:
-    """The number of jobs sent to ``queue`` and not yet taken, as a subquery."""
+    """The number of jobs sent to ``queue`` itself (not to a worker's own) and not yet
+    taken, as a subquery."""
     return (
         select(func.count())
         .select_from(Job)
-        .where(Job.queue == queue, Job.state == JobState.QUEUED, Job.published_at.is_not(None))
+        .where(
+            Job.queue == queue,
+            Job.state == JobState.QUEUED,
+            Job.published_at.is_not(None),
+            Job.sent_to.is_(None),
+        )
         .scalar_subquery()
     )
 
 
+def _free(idle: Sequence[IdleWorker]) -> int:
+    """How many of ``idle`` are not spoken for."""
+    return sum(1 for worker in idle if not worker.awaiting)
+
+
 def idle_consumers(session: Session, settings: Settings, queue: str) -> int:
-    """How many online workers take new jobs from ``queue`` and hold none now: the idle ones
-    of :func:`consumers_of` over :func:`~svdfarm.registry.online_workers`, read as a few
-    columns (a pass runs this every few seconds, and at each submit)."""
-    rows = session.execute(select(Worker.queues).where(*_idle(settings)))
-    return sum(1 for (queues,) in rows if queue in (queues or []))
+    """How many online workers take new jobs from ``queue``, hold none now and wait for no
+    job sent to their own queue: the idle ones of :func:`consumers_of` over
+    :func:`~svdfarm.registry.online_workers`, read as a few columns (a pass runs this every
+    few seconds, and at each submit)."""
+    return _free(idle_workers(session, settings, queue))
+
+
+def idle_workers(session: Session, settings: Settings, queue: str) -> list[IdleWorker]:
+    """The workers :func:`idle_consumers` counts, with the model each holds loaded and
+    whether a job sent to its own queue waits for it."""
+    rows = session.execute(select(*_idle_columns()).where(*_idle(settings))).all()
+    return _consumers_among(rows, queue)
+
+
+def _idle_columns() -> list[Any]:
+    """What a read of idle workers takes of each: its queues, name, loaded model, and
+    whether a job sent to its own queue waits for it."""
+    awaiting = (
+        select(Job.id)
+        .where(
+            Job.sent_to == Worker.hostname,
+            Job.state == JobState.QUEUED,
+            Job.published_at.is_not(None),
+        )
+        .exists()
+    )
+    return [Worker.queues, Worker.hostname, Worker.loaded_model, awaiting]
+
+
+def _consumers_among(rows: Sequence[Any], queue: str) -> list[IdleWorker]:
+    """The rows (of :func:`_idle_columns` first) of workers that consume ``queue``."""
+    return [
+        IdleWorker(row[1], row[2], bool(row[3]), tuple(row[0] or ()))
+        for row in rows
+        if queue in (row[0] or [])
+    ]
 
 
 def _idle(settings: Settings) -> list[ColumnElement[bool]]:
     """The workers that are online, take new jobs and hold none (any queue)."""
+    return [*_online(settings), Worker.current_job_id.is_(None)]
+
+
+def _online(settings: Settings) -> list[ColumnElement[bool]]:
+    """The workers that are online and take new jobs (busy or not)."""
     recent = utcnow() - timedelta(seconds=settings.offline_after_s)
     return [
         Worker.last_heartbeat >= recent,
         Worker.state.not_in([WorkerState.OFFLINE, WorkerState.DRAINING]),
         Worker.flagged_at.is_(None),
-        Worker.current_job_id.is_(None),
     ]
 
 

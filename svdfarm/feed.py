@@ -237,9 +237,7 @@ class Feed:
             self._watchers.add(watch)
             if self._thread is None or not self._thread.is_alive():
                 self._stop.clear()
-                self._thread = threading.Thread(
-                    target=self._run, name="svdfarm-feed", daemon=True
-                )
+                self._thread = threading.Thread(target=self._run, name="svdfarm-feed", daemon=True)
                 self._thread.start()
         if not self.ready.wait(READY_WAIT_S):
             log.warning("live feed: the listener is not ready; live events may be late")
@@ -349,9 +347,7 @@ class Feed:
         if not wanted or not (jobs or owners):
             return []
         rows = session.scalars(select(Job).where(Job.id.in_(sorted(wanted)))).all()
-        return self.progress_of(
-            session, [j for j in rows if j.id in jobs or j.owner in owners]
-        )
+        return self.progress_of(session, [j for j in rows if j.id in jobs or j.owner in owners])
 
     def progress_of_watched(self, session: Session) -> list[Message]:
         """Progress messages for every watched job that is moving (SQLite's poll)."""

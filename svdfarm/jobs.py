@@ -474,8 +474,8 @@ def submit_job(
         session.rollback()
         storage.delete_job(job_id)
         raise
-    if marked:
-        send(session, celery, job_id, queue, by=DISPATCH_BY)
+    if marked is not None:
+        send(session, celery, marked, by=DISPATCH_BY)
     else:
         dispatch_after_submit(session, celery, settings, [queue])
     return job

@@ -242,6 +242,7 @@ def _back_to_queue() -> dict[str, Any]:
         "finished_at": None,
         "expired_at": None,
         "published_at": None,
+        "sent_to": None,
     }
 
 
@@ -252,6 +253,7 @@ def _ended(**values: Any) -> dict[str, Any]:
         "claim_token": None,
         "finished_at": utcnow(),
         "published_at": None,
+        "sent_to": None,
         **values,
     }
 
@@ -285,14 +287,17 @@ def publish(
     seen_updated_at: datetime | None = None,
     waiting_only: bool = False,
     queue: str | None = None,
+    sent_to: str | None = None,
 ) -> bool:
     """Mark a queued job as being put on its queue; the caller sends it after commit.
 
     With ``seen_updated_at`` only if nobody touched the job since (one reaper of many
     republishes a job); with ``waiting_only`` only if it was not sent already (the
     dispatcher). ``queue`` is the job's queue when the caller knows it (the dispatcher):
-    the mark is then one UPDATE, with no read before it. False when the job is no longer
-    queued, was touched, or is not on ``queue``.
+    the mark is then one UPDATE, with no read before it. ``sent_to`` names the worker whose
+    own queue the job goes to (the dispatcher's choice of a worker with the model loaded);
+    None: the job's queue. False when the job is no longer queued, was touched, or is not
+    on ``queue``.
     """
     where = [Job.updated_at == seen_updated_at] if seen_updated_at is not None else []
     if queue is None:
@@ -305,8 +310,9 @@ def publish(
     move = check_move(job_id, Q, "publish", by)
     if waiting_only:
         where.append(Job.published_at.is_(None))
-    values = {"published_at": utcnow()}
-    return _move(session, job_id, move, Q, by, where=where, values=values, details={"queue": queue})
+    values = {"published_at": utcnow(), "sent_to": sent_to}
+    details = {"queue": queue, **({"worker": sent_to} if sent_to else {})}
+    return _move(session, job_id, move, Q, by, where=where, values=values, details=details)
 
 
 def publish_failed(session: Session, job_id: uuid.UUID, *, by: By, error: str) -> None:
@@ -456,6 +462,7 @@ def claim(
         "error": None,
         "claim_token": token,
         "published_at": None,
+        "sent_to": None,
         "started_at": utcnow(),
         "finished_at": None,
     }
@@ -598,7 +605,7 @@ def decline(session: Session, job_id: uuid.UUID, *, by: By, reason: str) -> bool
         return False
     move = check_move(job_id, state, "decline", by)
     details = {"worker": by.name, "reason": reason[:500]}
-    values = {"published_at": None}
+    values = {"published_at": None, "sent_to": None}
     return _move(session, job_id, move, Q, by, values=values, details=details)
 
 

@@ -163,6 +163,9 @@ class Job(Base):
     priority: Mapped[int] = mapped_column(Integer, default=0)
     # When the dispatcher put the queued job's id on its queue; None: it waits in the database.
     published_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The worker the dispatcher sent it to on that worker's own queue (it had the job's model
+    # loaded); None: on the job's queue, for any of its consumers.
+    sent_to: Mapped[str | None] = mapped_column(String(255))
     idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
     request_hash: Mapped[str | None] = mapped_column(String(64))
     # Set by each claim: only the holder of the latest claim may finish the job.
@@ -223,6 +226,13 @@ Index(
     Job.created_at,
     postgresql_where=and_(Job.state == JobState.QUEUED, Job.published_at.is_(None)),
     sqlite_where=and_(Job.state == JobState.QUEUED, Job.published_at.is_(None)),
+)
+# Jobs sent to one worker's own queue and not yet taken (svdfarm/dispatch.py, the reaper).
+Index(
+    "ix_jobs_sent_to",
+    Job.sent_to,
+    postgresql_where=and_(Job.state == JobState.QUEUED, Job.sent_to.is_not(None)),
+    sqlite_where=and_(Job.state == JobState.QUEUED, Job.sent_to.is_not(None)),
 )
 # Retention's pass reads only the jobs whose files are still kept (svdfarm/retention.py).
 Index(
@@ -353,6 +363,9 @@ class Worker(Base):
     #: it (svdfarm.worker_health). The reason names the error and the jobs.
     flagged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     flagged_reason: Mapped[str | None] = mapped_column(Text)
+    #: The catalog key (svdfarm.catalog.queue_key) of the model the worker's render process
+    #: holds loaded, as of its last job; the dispatcher sends that model's jobs to it first.
+    loaded_model: Mapped[str | None] = mapped_column(String(100))
 
 
 class MetricCount(Base):

@@ -11,6 +11,10 @@ a worker reads it. So the reaper looks at the database, the source of truth, and
   again, or failed with the reason once its worker was lost ``SVDFARM_MAX_DELIVERIES`` times
   in a row (a poison job that kills every worker it lands on);
 * a job canceled while its worker was lost: canceled;
+* a **queued** job the dispatcher sent to one worker's own queue (:mod:`svdfarm.dispatch`)
+  that worker cannot take now (it went offline or is draining, flagged, or took another job
+  first): published again on the job's queue, for any of its consumers, once it waited there
+  :data:`DIRECT_GRACE_S`;
 * a **queued** job whose id the broker does not hold: published again. Redis and the
   embedded broker can be read; AMQP (RabbitMQ) cannot be read without consuming, so there the
   database says which (:func:`unreadable_broker_lost`): a job whose last publish failed or
@@ -38,10 +42,11 @@ from datetime import timedelta
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from svdfarm import lifecycle, retention, space
+from svdfarm.celery_app import direct_queue
 from svdfarm.db import Database
 from svdfarm.depths import BrokerUnavailable, queue_depths
 from svdfarm.dispatch import dispatch
@@ -59,6 +64,9 @@ log = logging.getLogger(__name__)
 REDIS_UNACKED_KEY = "unacked"
 REDIS_PRIORITY_SEP = "\x06\x16"
 REDIS_PRIORITY_STEPS = (0, 3, 6, 9)
+#: How long a job sent to a worker that cannot take it stays there before it is published
+#: again on its queue (a moment for the send to land and for the worker to claim it).
+DIRECT_GRACE_S = 5.0
 
 
 @dataclass
@@ -216,13 +224,48 @@ def republish_candidates(db: Database, settings: Settings, celery: Celery) -> li
                 Job.updated_at < utcnow() - grace,
             )
         ).all()
+        stranded = stranded_jobs(session, settings)
     if not old:
-        return []
-    held = broker_held_ids(settings, celery, {j.queue for j in old})
+        return stranded
+    held = broker_held_ids(settings, celery, {sent_queue(j) for j in old})
     if held is None:
-        lost = unreadable_broker_lost(db, settings, celery, list(old))
-        return [job for job in old if str(job.id) in lost]
-    return [job for job in old if str(job.id) not in held]
+        lost_ids = unreadable_broker_lost(db, settings, celery, list(old))
+        lost = [job for job in old if str(job.id) in lost_ids]
+    else:
+        lost = [job for job in old if str(job.id) not in held]
+    seen = {job.id for job in lost}
+    return lost + [job for job in stranded if job.id not in seen]
+
+
+def sent_queue(job: Job) -> str:
+    """The queue a sent job's message waits on: its worker's own, or the job's."""
+    return direct_queue(job.sent_to) if job.sent_to else job.queue
+
+
+def stranded_jobs(session: Session, settings: Settings) -> list[Job]:
+    """Jobs sent to a worker's own queue (for :data:`DIRECT_GRACE_S` or more) that the worker
+    cannot take now: it is gone, offline, draining or flagged, or holds another job."""
+    now = utcnow()
+    stale = now - timedelta(seconds=settings.offline_after_s)
+    return list(
+        session.scalars(
+            select(Job)
+            .outerjoin(Worker, Worker.hostname == Job.sent_to)
+            .where(
+                Job.state == JobState.QUEUED,
+                Job.published_at.is_not(None),
+                Job.sent_to.is_not(None),
+                Job.updated_at < now - timedelta(seconds=DIRECT_GRACE_S),
+                or_(
+                    Worker.hostname.is_(None),
+                    Worker.last_heartbeat < stale,
+                    Worker.state.in_([WorkerState.OFFLINE, WorkerState.DRAINING]),
+                    Worker.flagged_at.is_not(None),
+                    Worker.current_job_id.is_not(None),
+                ),
+            )
+        )
+    )
 
 
 def unreadable_broker_lost(
@@ -257,7 +300,7 @@ def unreadable_broker_lost(
     published: dict[str, list[str]] = {}
     for job in waiting:
         if str(job.id) not in lost:
-            published.setdefault(job.queue, []).append(str(job.id))
+            published.setdefault(sent_queue(job), []).append(str(job.id))
     if not published:
         return lost
     try:

@@ -224,12 +224,14 @@ def add_worker(
     state: WorkerState = WorkerState.IDLE,
     current_job_id: uuid.UUID | None = None,
     capabilities: dict[str, Any] | None = None,
+    loaded_model: str | None = None,
 ) -> None:
     """Insert a worker row, started an hour ago, whose last heartbeat was ``heartbeat_age_s``
     seconds ago.
 
     ``queues`` default to :data:`CPU_QUEUES`; ``capabilities`` to the device of the first
-    queue (``{"device": "cuda"}`` for ``svd.cuda.…``), ``cpu`` when it consumes none.
+    queue (``{"device": "cuda"}`` for ``svd.cuda.…``), ``cpu`` when it consumes none;
+    ``loaded_model`` is the catalog key of the model it holds loaded.
     """
     queues = CPU_QUEUES if queues is None else queues
     if capabilities is None:
@@ -245,6 +247,7 @@ def add_worker(
                 started_at=now - timedelta(hours=1),
                 last_heartbeat=now - timedelta(seconds=heartbeat_age_s),
                 current_job_id=current_job_id,
+                loaded_model=loaded_model,
             )
         )
 

@@ -58,8 +58,11 @@ class SseReader:
         if "data" in fields:
             raw_id = fields.get("id")
             self.events.put(
-                Sse(fields.get("event", "message"), json.loads(fields["data"]),
-                    int(raw_id) if raw_id else None)
+                Sse(
+                    fields.get("event", "message"),
+                    json.loads(fields["data"]),
+                    int(raw_id) if raw_id else None,
+                )
             )
 
     def next(self, timeout_s: float = 10.0) -> Sse | None:

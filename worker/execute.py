@@ -28,6 +28,7 @@ from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 
 from svdfarm import lifecycle, worker_health
+from svdfarm.catalog import queue_key
 from svdfarm.db import Database, is_unavailable, retrying
 from svdfarm.images import open_upright_rgb
 from svdfarm.lifecycle import By
@@ -260,8 +261,9 @@ def _finish(
     outputs of the job's lost claims, a failure its own. This claim's ``previews`` go in
     any case (with a success, every claim's).
     """
+    loaded = loaded_model_key(settings, claimed.model)
     won = retrying(
-        lambda: _finish_once(db, claimed.token, job_id, hostname, end),
+        lambda: _finish_once(db, claimed.token, job_id, hostname, end, loaded),
         timeout_s=settings.db_retry_timeout_s,
         what=f"job {job_id}: recording how it ended",
     )
@@ -290,8 +292,9 @@ def _finish_once(
     job_id: uuid.UUID,
     hostname: str,
     end: _End,
+    loaded: str | None = None,
 ) -> bool:
-    """One try at :func:`_finish`."""
+    """One try at :func:`_finish` (``loaded``: the model this process holds loaded now)."""
     now = utcnow()
     by = By(Actor.WORKER, hostname)
     with db.begin() as session:
@@ -305,16 +308,25 @@ def _finish_once(
             )
         else:
             won = lifecycle.confirm_cancel(session, job_id, by=by, token=token)
-        _free_worker(session, hostname, job_id, now)
+        _free_worker(session, hostname, job_id, now, loaded=loaded)
     return won
 
 
-def _free_worker(session: Session, hostname: str, job_id: uuid.UUID, now: datetime) -> None:
-    """The worker holds the job no more: idle again (unless draining)."""
+def _free_worker(
+    session: Session,
+    hostname: str,
+    job_id: uuid.UUID,
+    now: datetime,
+    *,
+    loaded: str | None = None,
+) -> None:
+    """The worker holds the job no more: idle again (unless draining), with the model its
+    render process holds loaded now (``loaded``, a catalog key; the dispatcher sends that
+    model's jobs here first)."""
     session.execute(
         update(Worker)
         .where(Worker.hostname == hostname, Worker.current_job_id == job_id)
-        .values(current_job_id=None, last_heartbeat=now)
+        .values(current_job_id=None, last_heartbeat=now, loaded_model=loaded)
     )
     session.execute(
         update(Worker)
@@ -324,12 +336,12 @@ def _free_worker(session: Session, hostname: str, job_id: uuid.UUID, now: dateti
 
 
 def _hand_back_failed(
-    db: Database, settings: Settings, token: str, job_id: uuid.UUID, hostname: str, end: _End
+    db: Database, settings: Settings, claimed: Claimed, job_id: uuid.UUID, hostname: str, end: _End
 ) -> bool:
     """Give the job back to the queue instead of failing it, when its attempt failed here
     with an error that is not a precision error and another worker can take it
     (:func:`svdfarm.worker_health.hand_back_to`); True when handed back. Only while the claim
-    ``token`` still holds the running job."""
+    ``claimed.token`` still holds the running job."""
     try:
         error_class: ErrorClass | None = ErrorClass(end.details.get("error_class"))
     except ValueError:
@@ -341,7 +353,7 @@ def _hand_back_failed(
         with db.begin() as session:
             state = session.scalar(
                 select(Job.state)
-                .where(Job.id == job_id, Job.claim_token == token)
+                .where(Job.id == job_id, Job.claim_token == claimed.token)
                 .with_for_update()
             )
             if state is not JobState.RUNNING:
@@ -357,12 +369,29 @@ def _hand_back_failed(
             by = By(Actor.WORKER, hostname)
             if not lifecycle.hand_back(session, job_id, by=by, message=message, after_failure=True):
                 return False
-            _free_worker(session, hostname, job_id, utcnow())
+            _free_worker(
+                session,
+                hostname,
+                job_id,
+                utcnow(),
+                loaded=loaded_model_key(settings, claimed.model),
+            )
             return True
 
     return retrying(
         once, timeout_s=settings.db_retry_timeout_s, what=f"job {job_id}: handing it back"
     )
+
+
+def loaded_model_key(settings: Settings, model: str) -> str | None:
+    """The catalog key (svdfarm.catalog.queue_key) of ``model`` (a job's; blank: the
+    worker's default) when this process holds its pipeline loaded now, else None."""
+    from worker.pipeline import cached_placement
+
+    spec = model or settings.model
+    if cached_placement(spec, settings.models_dir) is None:
+        return None
+    return queue_key(settings.catalog, spec)
 
 
 def _check_health(db: Database, hostname: str) -> None:
@@ -423,7 +452,7 @@ def run_job(db: Database, settings: Settings, job_id: str, hostname: str) -> Run
                 finish(end=rendered)
                 return rendered.outcome
             # Failed here: another worker may take it (a bad worker does not eat the job).
-            if _hand_back_failed(db, settings, claimed.token, key, hostname, rendered):
+            if _hand_back_failed(db, settings, claimed, key, hostname, rendered):
                 previews.discard()
                 log.warning("job %s failed here and was handed back for another worker", job_id)
                 _check_health(db, hostname)

@@ -37,7 +37,7 @@ from celery.signals import (
 from celery.worker.request import Request
 
 from svdfarm.catalog import advertised_models
-from svdfarm.celery_app import RENDER_TASK, settings_of
+from svdfarm.celery_app import RENDER_TASK, is_direct_queue, settings_of
 from svdfarm.control import WORKER_INFO
 from svdfarm.db import database_for, forget_databases_after_fork, is_unavailable
 from svdfarm.models import Worker, utcnow
@@ -263,9 +263,11 @@ class _Registry:
         self.flagged = False
 
     def queues(self) -> list[str]:
-        """The queues this worker consumes right now (add/cancel_consumer change them)."""
+        """The farm's queues this worker consumes right now (add/cancel_consumer change
+        them); its own queue (``worker_direct``) is left out: it serves only this worker."""
         task_consumer = getattr(self.consumer, "task_consumer", None)
-        return sorted(q.name for q in getattr(task_consumer, "queues", []) or [])
+        names = (q.name for q in getattr(task_consumer, "queues", []) or [])
+        return sorted(name for name in names if not is_direct_queue(name))
 
     def start(self, consumer: Any) -> None:
         """Register the worker and start beating."""
@@ -299,6 +301,7 @@ class _Registry:
             row.state = WorkerState.DRAINING if self.flagged else WorkerState.IDLE
             row.started_at = row.last_heartbeat = now
             row.current_job_id = None
+            row.loaded_model = None  # a new render process holds no model yet
         log.info("worker %s registered; queues: %s", self.hostname, ", ".join(self.queues()))
         if self.flagged:
             log.error(

@@ -76,7 +76,9 @@ def test_every_farm_queue_is_declared_and_a_bare_worker_takes_none(settings: Set
             )
     finally:
         celery.close()
-    for given, consumed in (([], {"svd.default"}), ([QUEUE], {QUEUE})):
+    # Each worker also consumes its own queue (worker_direct), whatever -Q says.
+    own = "bare@test.dq2"
+    for given, consumed in (([], {"svd.default", own}), ([QUEUE], {QUEUE, own})):
         celery = create_celery(settings)
         try:
             with warnings.catch_warnings():

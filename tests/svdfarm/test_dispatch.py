@@ -9,21 +9,24 @@ import pytest
 from celery import Celery
 from sqlalchemy import func, select, update
 
+from svdfarm.celery_app import direct_queue
 from svdfarm.db import Database
 from svdfarm.dispatch import (
     Candidate,
+    IdleWorker,
     Ledger,
     dispatch,
     dispatch_order,
     free_slots,
     ordinal,
+    pick_worker,
     place_of,
 )
 from svdfarm.lifecycle import By, events_of
 from svdfarm.models import Attempt, Job, JobEvent, utcnow
 from svdfarm.reaper import reap
 from svdfarm.settings import Settings
-from svdfarm.states import Actor, EventType, JobState, WorkerState
+from svdfarm.states import Actor, AttemptOutcome, ErrorClass, EventType, JobState, WorkerState
 from svdfarm.users import Limits
 from tests.conftest import DATABASES
 from tests.rows import QUEUE, add_worker, broker_messages, job_row
@@ -115,7 +118,11 @@ def test_a_queue_gets_as_many_jobs_as_it_has_idle_workers(
         assert free_slots(session, calm, QUEUE) == 2
         assert dispatch(session, celery, calm, by=BY) == ids[:2]
         assert dispatch(session, celery, calm, by=BY) == []
-    assert sorted(broker_messages(calm)) == sorted((QUEUE, str(i)) for i in ids[:2])
+    # Each to an idle worker's own queue (none holds a model: in name order).
+    assert sorted(broker_messages(calm)) == [
+        (direct_queue("idle1@farm"), str(ids[0])),
+        (direct_queue("idle2@farm"), str(ids[1])),
+    ]
     with db.begin() as session:  # one of the two is taken: its worker is busy with it
         session.execute(
             update(Job).where(Job.id == ids[0]).values(state=JobState.RUNNING, published_at=None)
@@ -148,7 +155,7 @@ def test_a_refused_send_leaves_the_job_waiting_for_the_next_pass(
     (job_id,) = waiting_jobs(db, 1)
     add_worker(db, "idle@farm", [QUEUE])
 
-    def refuse(*_: object) -> None:
+    def refuse(*_: object, **__: object) -> None:
         raise ConnectionError("broker down")
 
     with monkeypatch.context() as patch:
@@ -160,7 +167,7 @@ def test_a_refused_send_leaves_the_job_waiting_for_the_next_pass(
         types = [e.type for e in events_of(session, job_id)]
         assert types[-2:] == [EventType.PUBLISHED, EventType.PUBLISH_FAILED]
         assert dispatch(session, celery, calm, by=BY) == [job_id]
-    assert broker_messages(calm) == [(QUEUE, str(job_id))]
+    assert broker_messages(calm) == [(direct_queue("idle@farm"), str(job_id))]
 
 
 @pytest.mark.parametrize("database_url", DATABASES, indirect=True)
@@ -238,7 +245,7 @@ def test_a_worker_without_the_jobs_model_is_not_a_free_slot(
 ) -> None:
     """A queue is per class and model: an idle worker of the same class that serves another
     model (it consumes that model's queue) is no slot for the job, and nothing is sent; an
-    idle worker with the job's model is, and the job goes to that model's queue."""
+    idle worker with the job's model is, and the job goes to it (its own queue)."""
     other = QUEUE.rsplit(".", 1)[0] + ".svd-xt"
     ids = waiting_jobs(db, 1)
     add_worker(db, "xt@farm", [other])
@@ -249,4 +256,104 @@ def test_a_worker_without_the_jobs_model_is_not_a_free_slot(
     with db.session() as session:
         assert free_slots(session, calm, QUEUE) == 1 and free_slots(session, calm, other) == 1
         assert dispatch(session, celery, calm, by=BY) == ids
-    assert broker_messages(calm) == [(QUEUE, str(ids[0]))]
+    assert broker_messages(calm) == [(direct_queue("tiny@farm"), str(ids[0]))]
+
+
+# -- Which worker ----------------------------------------------------------------------------
+
+
+def test_a_job_goes_to_a_worker_with_its_model_loaded_then_to_one_without_any() -> None:
+    """The model's holder first; else a worker holding no model (nobody's model is
+    dropped); else the first by name; never one spoken for or one the job failed on."""
+    holders = [IdleWorker("a", "svd-xt"), IdleWorker("b", "tiny"), IdleWorker("c", None)]
+    assert pick_worker(holders, "tiny") == "b"
+    assert pick_worker(holders, "svd") == "c"
+    assert pick_worker(holders, "tiny", avoid=["b"]) == "c"
+    assert pick_worker(holders[:2], "svd") == "a"
+    spoken_for = [IdleWorker("b", "tiny", awaiting=True), IdleWorker("a", "svd-xt")]
+    assert pick_worker(spoken_for, "tiny") == "a"
+    assert pick_worker([IdleWorker("b", "tiny", awaiting=True)], "tiny") is None
+    assert pick_worker(holders, "tiny", avoid=["a", "b", "c"]) is None
+
+
+@pytest.mark.parametrize("database_url", DATABASES, indirect=True)
+def test_two_models_on_two_workers_each_stay_where_they_are_loaded(
+    db: Database, calm: Settings, celery: Celery
+) -> None:
+    """Two workers serve both models, each holding one loaded: each model's job goes to its
+    holder's own queue (whatever the names' order), with the worker in its ``published``
+    event; a worker spoken for is no slot for the next job, which waits."""
+    xt_queue = QUEUE.rsplit(".", 1)[0] + ".svd-xt"
+    both = [QUEUE, xt_queue]
+    add_worker(db, "a@farm", both, loaded_model="svd-xt")
+    add_worker(db, "b@farm", both, loaded_model="tiny")
+    (tiny_job,) = waiting_jobs(db, 1)
+    (xt_job,) = waiting_jobs(db, 1, queue=xt_queue, model="svd-xt")
+    with db.session() as session:
+        assert set(dispatch(session, celery, calm, by=BY)) == {tiny_job, xt_job}
+    assert sorted(broker_messages(calm)) == [
+        (direct_queue("a@farm"), str(xt_job)),
+        (direct_queue("b@farm"), str(tiny_job)),
+    ]
+    with db.session() as session:
+        sent = {j.id: j.sent_to for j in session.scalars(select(Job))}
+        assert sent == {tiny_job: "b@farm", xt_job: "a@farm"}
+        published = [e for e in events_of(session, tiny_job) if e.type is EventType.PUBLISHED]
+        assert published[-1].details == {"queue": QUEUE, "worker": "b@farm"}
+    (later,) = waiting_jobs(db, 1)
+    with db.session() as session:
+        assert free_slots(session, calm, QUEUE) == 0
+        assert dispatch(session, celery, calm, by=BY) == []
+
+
+@pytest.mark.parametrize("database_url", DATABASES, indirect=True)
+def test_a_job_that_failed_on_the_models_holder_goes_to_another_worker(
+    db: Database, calm: Settings, celery: Celery
+) -> None:
+    """The job's blocklist beats the loaded model: a job whose attempt failed on the
+    worker holding its model (not a precision error) goes to the other idle worker."""
+    add_worker(db, "holder@farm", [QUEUE], loaded_model="tiny")
+    add_worker(db, "other@farm", [QUEUE])
+    (job_id,) = waiting_jobs(db, 1)
+    with db.begin() as session:
+        session.add(
+            Attempt(
+                job_id=job_id, number=1, worker="holder@farm", plan_name="cpu fp32", plan={},
+                outcome=AttemptOutcome.FAILED, error_class=ErrorClass.OTHER,
+            )
+        )  # fmt: skip
+    with db.session() as session:
+        assert dispatch(session, celery, calm, by=BY) == [job_id]
+    assert broker_messages(calm) == [(direct_queue("other@farm"), str(job_id))]
+
+
+@pytest.mark.parametrize("database_url", DATABASES, indirect=True)
+def test_a_free_worker_keeps_to_its_model_while_its_jobs_wait_and_another_holds_the_other(
+    db: Database, calm: Settings, celery: Celery
+) -> None:
+    """A free worker holding svd-xt, with an svd-xt job waiting, is not given the tiny job
+    while another (busy) worker holds tiny: it takes the svd-xt job and the tiny job waits
+    for the tiny worker. With no svd-xt job waiting it takes the tiny job rather than idle."""
+    xt_queue = QUEUE.rsplit(".", 1)[0] + ".svd-xt"
+    both = [QUEUE, xt_queue]
+    (running,) = waiting_jobs(db, 1, state=JobState.RUNNING)
+    add_worker(db, "xt@farm", both, loaded_model="svd-xt")
+    add_worker(
+        db, "tiny@farm", both, state=WorkerState.BUSY, current_job_id=running, loaded_model="tiny"
+    )
+    (tiny_job,) = waiting_jobs(db, 1)
+    (xt_job,) = waiting_jobs(db, 1, queue=xt_queue, model="svd-xt")
+    with db.session() as session:
+        assert free_slots(session, calm, QUEUE) == 1  # the count alone would send it
+        assert dispatch(session, celery, calm, queues=[QUEUE], by=BY) == []
+        assert dispatch(session, celery, calm, by=BY) == [xt_job]
+    assert broker_messages(calm) == [(direct_queue("xt@farm"), str(xt_job))]
+    with db.begin() as session:  # the svd-xt job ran and ended; its worker is free again
+        session.execute(
+            update(Job)
+            .where(Job.id == xt_job)
+            .values(state=JobState.SUCCEEDED, published_at=None, sent_to=None)
+        )
+    with db.session() as session:
+        assert dispatch(session, celery, calm, by=BY) == [tiny_job]
+    assert (direct_queue("xt@farm"), str(tiny_job)) in broker_messages(calm)

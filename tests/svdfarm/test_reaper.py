@@ -12,16 +12,16 @@ import pytest
 from celery import Celery
 from sqlalchemy import select
 
-from svdfarm.celery_app import create_celery
+from svdfarm.celery_app import create_celery, enqueue_render
 from svdfarm.db import Database
 from svdfarm.deliveries import lost_streak
 from svdfarm.lifecycle import By, settle_lost
 from svdfarm.models import Attempt, Job, Worker, utcnow
-from svdfarm.reaper import broker_held_ids, reap
+from svdfarm.reaper import DIRECT_GRACE_S, broker_held_ids, reap
 from svdfarm.settings import Settings
 from svdfarm.states import Actor, AttemptOutcome, ErrorClass, JobState, WorkerState
 from tests.conftest import AMQP_URL, DATABASES, needs_amqp
-from tests.rows import add_worker, job_row
+from tests.rows import add_worker, broker_messages, job_row
 
 DEAD = "dead@host"
 ALIVE = "alive@host"
@@ -330,3 +330,42 @@ def test_on_rabbitmq_the_database_and_the_queue_counts_say_what_to_publish(
                 assert depth.message_count == 3
         finally:
             celery.close()
+
+
+@pytest.mark.parametrize("database_url", DATABASES, indirect=True)
+def test_a_job_sent_to_a_worker_that_cannot_take_it_goes_on_its_queue(
+    db: Database, fast: Settings, celery: Celery
+) -> None:
+    """Jobs the dispatcher sent to a worker's own queue: the one whose worker went away and
+    the one whose worker took another job first are published again on their queue, for any
+    consumer; the one whose worker is idle, and one sent a moment ago, are left alone."""
+    queue = "svd.cpu.fp32.8g.tiny"
+    add_worker(db, "gone@host", [queue], heartbeat_age_s=60)
+    add_worker(db, "idle@host", [queue])
+    other = uuid.uuid4()
+    with db.begin() as session:
+        session.add(job_row(other, state=JobState.RUNNING, queue=queue))
+    add_worker(db, "busy@host", [queue], state=WorkerState.BUSY, current_job_id=other)
+    add_worker(db, "busy2@host", [queue], state=WorkerState.BUSY, current_job_id=other)
+    then = utcnow() - timedelta(seconds=DIRECT_GRACE_S + 2)
+    sent = {}
+    for worker, when in (
+        ("gone@host", then),
+        ("busy@host", then),
+        ("idle@host", then),
+        ("busy2@host", utcnow()),
+    ):
+        job_id = sent[worker] = uuid.uuid4()
+        with db.begin() as session:
+            session.add(
+                job_row(job_id, queue=queue, sent_to=worker, created_at=when, updated_at=when)
+            )
+        enqueue_render(celery, str(job_id), queue, worker=worker)
+    reaped = reap(db, fast, celery)
+    assert sorted(reaped.republished) == sorted(str(sent[w]) for w in ("gone@host", "busy@host"))
+    on_queue = {job_id for name, job_id in broker_messages(fast) if name == queue}
+    assert on_queue == {str(sent["gone@host"]), str(sent["busy@host"])}
+    with db.session() as session:
+        assert session.get(Job, sent["gone@host"]).sent_to is None  # type: ignore[union-attr]
+        assert session.get(Job, sent["idle@host"]).sent_to == "idle@host"  # type: ignore[union-attr]
+    assert not reap(db, fast, celery).republished

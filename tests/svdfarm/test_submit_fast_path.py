@@ -12,6 +12,7 @@ from celery import Celery
 from sqlalchemy import select
 
 from svdfarm import lifecycle
+from svdfarm.celery_app import direct_queue
 from svdfarm.db import Database
 from svdfarm.dispatch import dispatch, mark_at_submit
 from svdfarm.jobs import Submission, new_job, submit_job, validate_submission
@@ -69,8 +70,9 @@ def test_a_job_for_an_idle_queue_is_sent_in_its_submits_commit_and_never_again(
     queue: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """An idle worker and nothing waiting: the submit marks the job sent and sends it, with
-    no dispatch pass; a later pass, even with room for many more, sends it no second time."""
+    """An idle worker and nothing waiting: the submit marks the job sent and sends it (to
+    that worker's own queue), with no dispatch pass; a later pass, even with room for many
+    more, sends it no second time."""
     add_worker(db, "idle@farm", [queue])
     passes: list[object] = []
 
@@ -84,12 +86,12 @@ def test_a_job_for_an_idle_queue_is_sent_in_its_submits_commit_and_never_again(
     assert passes == []
     assert event_types(db, job_id) == [EventType.SUBMITTED, EventType.PUBLISHED]
     assert published_at(db, job_id) is not None
-    assert broker_messages(calm) == [(queue, str(job_id))]
+    assert broker_messages(calm) == [(direct_queue("idle@farm"), str(job_id))]
     roomy = calm.with_overrides(dispatch_margin=1000)
     with db.session() as session:
         assert dispatch(session, celery, roomy, by=WEB) == []
         assert dispatch(session, celery, roomy, queues=[queue], by=WEB) == []
-    assert broker_messages(calm) == [(queue, str(job_id))]
+    assert broker_messages(calm) == [(direct_queue("idle@farm"), str(job_id))]
     assert event_types(db, job_id).count(EventType.PUBLISHED) == 1
 
 
@@ -105,7 +107,7 @@ def test_a_refused_send_gives_the_job_back_to_the_next_pass(
     """The broker refuses the fast path's send: the submit still succeeds, the job waits in
     the database again with the reason in its events, and the next pass sends it once."""
 
-    def refuse(*_: object) -> None:
+    def refuse(*_: object, **__: object) -> None:
         raise ConnectionError("broker down")
 
     add_worker(db, "idle@farm", [queue])
@@ -117,7 +119,7 @@ def test_a_refused_send_gives_the_job_back_to_the_next_pass(
     with db.session() as session:
         assert dispatch(session, celery, calm, by=WEB) == [job_id]
         assert dispatch(session, celery, calm, by=WEB) == []
-    assert broker_messages(calm) == [(queue, str(job_id))]
+    assert broker_messages(calm) == [(direct_queue("idle@farm"), str(job_id))]
 
 
 @pytest.mark.parametrize("database_url", DATABASES, indirect=True)
@@ -139,7 +141,7 @@ def test_not_taken_when_another_job_waits_in_the_queue(
     job_id = submit(db, calm, celery, submission)
     assert published_at(db, job_id) is None
     assert event_types(db, job_id) == [EventType.SUBMITTED]
-    assert broker_messages(calm) == [(queue, str(older))]
+    assert broker_messages(calm) == [(direct_queue("idle@farm"), str(older))]
 
 
 @pytest.mark.parametrize("database_url", DATABASES, indirect=True)
@@ -210,7 +212,7 @@ def test_two_submits_never_both_take_one_idle_worker(
         def mark_b() -> None:
             job = second.get(Job, job_b.id)
             assert job is not None
-            found["b"] = mark_at_submit(second, calm, job, Limits(), by=WEB)
+            found["b"] = mark_at_submit(second, calm, job, Limits(), by=WEB) is not None
             second.commit()
 
         racer = threading.Thread(target=mark_b)

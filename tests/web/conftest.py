@@ -47,4 +47,3 @@ def same_examples(monkeypatch: pytest.MonkeyPatch) -> None:
         strings=providers.SortedSet(),
     )
     monkeypatch.setattr(providers, "_get_local_constants", lambda: empty)
-

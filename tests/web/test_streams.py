@@ -154,7 +154,12 @@ def test_an_ended_jobs_stream_ends_even_when_an_event_followed_its_end(
         finished = session.get(Job, job_id)
         assert finished is not None and finished.finished_at is not None
         assert lifecycle.expire(
-            session, job_id, by=By(Actor.REAPER), outputs=True, inputs=False, files=[],
+            session,
+            job_id,
+            by=By(Actor.REAPER),
+            outputs=True,
+            inputs=False,
+            files=[],
             seen_finished_at=finished.finished_at,
         )
     replayed = open_stream(client, f"/api/v1/jobs/{job_id}/events").rest(timeout_s=5)
@@ -207,4 +212,3 @@ def test_another_owners_job_stream_is_404(
     job_id = given_to_another_owner(db, submit_small_job(db, settings))
     response = client.get(f"/api/v1/jobs/{job_id}/events", headers=STREAM)
     assert response.status_code == 404
-
