@@ -53,6 +53,7 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
                 "name": w.hostname,
                 "state": effective_state(w, settings, now).value,
                 "job": str(w.current_job_id) if w.current_job_id else None,
+                "loaded_model": w.loaded_model,
                 "queues": list(w.queues or []),
                 "flagged_at": w.flagged_at.isoformat() if w.flagged_at else None,
                 "flagged_reason": w.flagged_reason if w.flagged_at else None,
@@ -66,10 +67,15 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
         print("(no worker has registered yet; start one with svdfarm worker)")
         return 0
     width = max(len("worker"), *(len(r["name"]) for r in rows))
-    print(f"{'worker':<{width}}  {'state':<8}  {'flag':<7}  job")
+    model_width = max(len("model"), *(len(r["loaded_model"] or "-") for r in rows))
+    print(f"{'worker':<{width}}  {'state':<8}  {'flag':<7}  {'model':<{model_width}}  job")
     for row in rows:
         flag = "FLAGGED" if row["flagged_at"] else "-"
-        print(f"{row['name']:<{width}}  {row['state']:<8}  {flag:<7}  {row['job'] or '-'}")
+        model = row["loaded_model"] or "-"
+        print(
+            f"{row['name']:<{width}}  {row['state']:<8}  {flag:<7}  {model:<{model_width}}  "
+            f"{row['job'] or '-'}"
+        )
     for row in rows:
         if row["flagged_at"]:
             print(f"\n{row['name']} flagged at {row['flagged_at']}: {row['flagged_reason']}")

@@ -26,7 +26,7 @@ def test_list_shows_the_flag_and_clear_clears_it(
     ``clear`` clears it (0), a second clear says it is not flagged (1), an unknown name is
     bad input (2)."""
     add_worker(db, "gpu1@farm", [QUEUE])
-    add_worker(db, "gpu2@farm", [QUEUE])
+    add_worker(db, "gpu2@farm", [QUEUE], loaded_model="tiny")
     jobs = [
         add_job(
             db,
@@ -44,13 +44,14 @@ def test_list_shows_the_flag_and_clear_clears_it(
     assert status == 0
     table = out.split("\n\n")[0].splitlines()
     lines = {line.split()[0]: line.split() for line in table}
-    assert lines["gpu1@farm"][1:3] == ["idle", "FLAGGED"]
-    assert lines["gpu2@farm"][1:3] == ["idle", "-"]
+    assert lines["gpu1@farm"][1:4] == ["idle", "FLAGGED", "-"]
+    assert lines["gpu2@farm"][1:4] == ["idle", "-", "tiny"]  # the model it holds loaded
     assert "svdfarm workers clear gpu1@farm" in out
     assert all(str(job_id) in out for job_id in jobs)
     status, out, _ = svdfarm(capsys, "workers", "list", "--json")
     listed = {row["name"]: row for row in json.loads(out)}
     assert listed["gpu1@farm"]["flagged_at"] and listed["gpu2@farm"]["flagged_at"] is None
+    assert [listed[n]["loaded_model"] for n in ("gpu1@farm", "gpu2@farm")] == [None, "tiny"]
     assert "storage" in listed["gpu1@farm"]["flagged_reason"]
 
     assert svdfarm(capsys, "workers", "clear", "gpu1@farm")[:2] == (

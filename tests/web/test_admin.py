@@ -326,7 +326,8 @@ def test_delete_from_the_detail_page_goes_back_to_the_list(
 
 @pytest.mark.parametrize("database_url", DATABASES, indirect=True)
 def test_workers_page(admin: FlaskClient, db: Database, settings: Settings) -> None:
-    """A worker row with its state, heartbeat and job; queue depths; failures by class."""
+    """A worker row with its state, heartbeat, job and the model it holds loaded; queue
+    depths; failures by class."""
     job_id = add_job(db, settings, JobState.RUNNING)
     add_worker(
         db,
@@ -341,7 +342,9 @@ def test_workers_page(admin: FlaskClient, db: Database, settings: Settings) -> N
             "count": 1,
             "fp16": True,
             "total_memory_bytes": 15_835_660_288,
+            "models": ["tiny", "svd-xt"],
         },
+        loaded_model="tiny",
     )
     add_worker(db, "old@farm", [QUEUE], heartbeat_age_s=3600, capabilities={"device": "cpu"})
     add_job(db, settings)
@@ -354,6 +357,11 @@ def test_workers_page(admin: FlaskClient, db: Database, settings: Settings) -> N
     # 4 s old when written; the setup between may take seconds on a loaded machine.
     assert re.search(r"<td>([4-9]|1\d)\.\d s ago</td>", page), page.split('id="workers"')[1][:1500]
     assert f'href="/admin/jobs/{job_id}"' in page
+    # The model its render process holds (the dispatcher sends that model's jobs there).
+    assert (
+        '<td class="loaded-model"><code>tiny</code><br>' in page and "serves tiny, svd-xt" in page
+    )
+    assert '<td class="loaded-model"><span class="muted">none</span></td>' in page
     assert '<tr class="worker-offline">' in page and "<code>old@farm</code>" in page
     queues = page.split('id="queues"')[1].split("</table>")[0]
     assert f'<code>{QUEUE}</code></td><td class="num">1</td><td class="num">1</td>' in queues
