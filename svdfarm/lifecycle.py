@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, lazyload
 from sqlalchemy.orm.attributes import set_committed_value
 
 from svdfarm import deliveries, webhooks
@@ -435,7 +435,15 @@ def claim(
     ``more_details``, called with the locked job just before the ``claimed`` event is
     written, adds to that event's details (the worker's first plan): it is written once.
     """
-    job = session.get(Job, job_id, with_for_update=True, populate_existing=True)
+    # The job's attempts are not read with it (a query of their own, on the idle farm's path
+    # from submit to render); whoever needs them loads them.
+    job = session.get(
+        Job,
+        job_id,
+        with_for_update=True,
+        populate_existing=True,
+        options=[lazyload(Job.attempts)],
+    )
     if job is None:
         return Claim(ClaimOutcome.MISSING)
     if job.state is CR:

@@ -171,14 +171,13 @@ class _AttemptRows:
     def _started(self, attempt: AttemptResult) -> None:
         """One try at inserting the attempt's row."""
         with self.db.begin() as session:
+            # Numbered after the job's earlier attempts in the INSERT itself: one round trip
+            # (it is on the idle farm's path from submit to render), not a read and an insert.
             number = (
-                session.scalar(
-                    select(func.coalesce(func.max(Attempt.number), 0)).where(
-                        Attempt.job_id == self.job_id
-                    )
-                )
-                or 0
-            ) + 1
+                select(func.coalesce(func.max(Attempt.number), 0) + 1)
+                .where(Attempt.job_id == self.job_id)
+                .scalar_subquery()
+            )
             plan = attempt.plan.as_dict()
             if attempt.reason:
                 plan["reason"] = attempt.reason
