@@ -42,7 +42,7 @@ from datetime import timedelta
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import func, or_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from svdfarm import lifecycle, retention, space
@@ -261,7 +261,8 @@ def stranded_jobs(session: Session, settings: Settings) -> list[Job]:
                     Worker.last_heartbeat < stale,
                     Worker.state.in_([WorkerState.OFFLINE, WorkerState.DRAINING]),
                     Worker.flagged_at.is_not(None),
-                    Worker.current_job_id.is_not(None),
+                    # Another job: its heartbeat may name this one a moment before the claim.
+                    and_(Worker.current_job_id.is_not(None), Worker.current_job_id != Job.id),
                 ),
             )
         )

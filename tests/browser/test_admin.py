@@ -359,12 +359,15 @@ def test_bulk_requeue_with_force_fp32_makes_every_selected_job_succeed(
 def test_workers_page_shows_the_worker_and_the_failures_by_class(
     admin: Any, farm: AdminFarm
 ) -> None:
-    """The workers page lists the live worker, its queues, and the dtype failures of the day."""
+    """The workers page lists the live worker, its models, its queues, and the dtype failures
+    of the day."""
     admin.goto(f"{farm.url}/admin/workers")
     workers = admin.locator("#workers tbody tr")
     expect(workers).to_have_count(1)
     expect(workers.first.locator(".worker-state")).to_have_text(re.compile("idle|busy"))
     expect(workers.first).to_contain_text("cpu")
+    # The models it serves, and the one its render process holds once it has rendered.
+    expect(workers.first.locator(".loaded-model")).to_contain_text("serves tiny")
     failures = admin.locator("#failures")
     expect(failures).to_contain_text("dtype mismatch")
     screenshot(admin, "admin-workers")

@@ -338,7 +338,8 @@ def test_a_job_sent_to_a_worker_that_cannot_take_it_goes_on_its_queue(
 ) -> None:
     """Jobs the dispatcher sent to a worker's own queue: the one whose worker went away and
     the one whose worker took another job first are published again on their queue, for any
-    consumer; the one whose worker is idle, and one sent a moment ago, are left alone."""
+    consumer; the one whose worker is idle, the one whose worker is claiming it, and one sent a
+    moment ago, are left alone."""
     queue = "svd.cpu.fp32.8g.tiny"
     add_worker(db, "gone@host", [queue], heartbeat_age_s=60)
     add_worker(db, "idle@host", [queue])
@@ -361,6 +362,12 @@ def test_a_job_sent_to_a_worker_that_cannot_take_it_goes_on_its_queue(
                 job_row(job_id, queue=queue, sent_to=worker, created_at=when, updated_at=when)
             )
         enqueue_render(celery, str(job_id), queue, worker=worker)
+    # A worker whose heartbeat names the job it is about to claim holds no other job.
+    claiming = uuid.uuid4()
+    with db.begin() as session:
+        session.add(job_row(claiming, queue=queue, sent_to="claiming@host", updated_at=then))
+    add_worker(db, "claiming@host", [queue], current_job_id=claiming)
+    enqueue_render(celery, str(claiming), queue, worker="claiming@host")
     reaped = reap(db, fast, celery)
     assert sorted(reaped.republished) == sorted(str(sent[w]) for w in ("gone@host", "busy@host"))
     on_queue = {job_id for name, job_id in broker_messages(fast) if name == queue}
