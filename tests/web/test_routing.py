@@ -20,6 +20,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from svdfarm.catalog import SVD_XT as SVD_XT_SHAPE
+from svdfarm.celery_app import direct_queue
 from svdfarm.models import Job
 from svdfarm.queues import estimate_memory_bytes, route
 from svdfarm.settings import Settings
@@ -155,8 +156,9 @@ def test_a_live_gpu_worker_gets_the_job(
         25, 1024, 576, 4, "fp16"
     )
     assert load_job(app, svd_xt).queue == "svd.cpu.fp32.24g.tiny"
+    # The first to the idle T4 itself (its own queue); the next, beyond it, on its queue.
     assert messages(settings) == {
-        small: "svd.cuda.fp16.8g.tiny",
+        small: direct_queue("t4@gpu-1"),
         chunk4: "svd.cuda.fp16.16g.tiny",
         svd_xt: "svd.cpu.fp32.24g.tiny",
     }
@@ -175,7 +177,7 @@ def test_a_live_24_gb_worker_gets_svd_xt_defaults(
         25, 1024, 576, 8, "fp16"
     )
     assert load_job(app, bf16).queue == "svd.cuda.bf16.16g.tiny"
-    assert messages(settings) == {auto: "svd.cuda.fp16.24g.tiny", bf16: "svd.cuda.bf16.16g.tiny"}
+    assert messages(settings) == {auto: direct_queue("4090@gpu-2"), bf16: "svd.cuda.bf16.16g.tiny"}
 
 
 def test_a_gpu_worker_that_missed_its_beats_gets_nothing(
@@ -237,7 +239,7 @@ def test_a_live_mac_gets_the_jobs_its_tier_holds(
     svd_xt = submit(client, **SVD_XT)
     assert load_job(app, small).queue == "svd.mps.fp16.8g.tiny"
     assert load_job(app, svd_xt).queue == "svd.cuda.fp16.24g.tiny"
-    assert messages(settings) == {small: "svd.mps.fp16.8g.tiny", svd_xt: "svd.cuda.fp16.24g.tiny"}
+    assert messages(settings) == {small: direct_queue("m2@mac-1"), svd_xt: "svd.cuda.fp16.24g.tiny"}
     assert status(client, small)["waiting"] == (
         "waiting: in queue svd.mps.fp16.8g.tiny; 1 worker(s) can take it, 0 busy"
     )
