@@ -42,6 +42,7 @@ chosen worker went away or took another job before it (:mod:`svdfarm.reaper`).
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -56,7 +57,7 @@ from sqlalchemy.orm import Session
 from svdfarm import lifecycle
 from svdfarm.celery_app import enqueue_render
 from svdfarm.lifecycle import By
-from svdfarm.models import Attempt, Job, Worker, utcnow
+from svdfarm.models import Attempt, Job, JobEvent, Worker, utcnow
 from svdfarm.queues import queue_model
 from svdfarm.registry import online_workers
 from svdfarm.settings import Settings
@@ -564,11 +565,16 @@ def _minutes(seconds: float) -> str:
 
 
 def place_of(
-    session: Session, settings: Settings, job: Job, workers: Sequence[Worker] | None = None
+    session: Session,
+    settings: Settings,
+    job: Job,
+    workers: Sequence[Worker] | None = None,
+    orders: OrderCache | None = None,
 ) -> Place | None:
     """Where a queued job stands in its queue's dispatch order, and when it may start
-    (from the queue's mean run and its consumers); None for a job that is not queued."""
-    return places_of(session, settings, [job], workers).get(job.id)
+    (from the queue's mean run and its consumers); None for a job that is not queued.
+    ``orders``: a cache of the queues' orders (:class:`OrderCache`), else read now."""
+    return places_of(session, settings, [job], workers, orders).get(job.id)
 
 
 def places_of(
@@ -576,6 +582,7 @@ def places_of(
     settings: Settings,
     jobs: Sequence[Job],
     workers: Sequence[Worker] | None = None,
+    orders: OrderCache | None = None,
 ) -> dict[uuid.UUID, Place]:
     """:func:`place_of` for each queued job of ``jobs`` (others are left out), each queue's
     order worked out once (a list of jobs costs a few queries per queue, not per job)."""
@@ -586,7 +593,8 @@ def places_of(
     places: dict[uuid.UUID, Place] = {}
     for queue in sorted({job.queue for job in queued}):
         here = [job for job in queued if job.queue == queue]
-        places.update(_places_in(session, settings, queue, here, consumers_of(workers, queue)))
+        consumers = consumers_of(workers, queue)
+        places.update(_places_in(session, settings, queue, here, consumers, orders))
     return places
 
 
@@ -596,37 +604,85 @@ def _places_in(
     queue: str,
     jobs: Sequence[Job],
     consumers: Sequence[Worker],
+    orders: OrderCache | None = None,
 ) -> dict[uuid.UUID, Place]:
     """The places of ``jobs``, all queued on ``queue`` with these ``consumers``."""
     places: dict[uuid.UUID, Place] = {}
     if all(job.published_at is not None for job in jobs):  # all sent: nothing to read
         return {job.id: Place(0, 0.0 if consumers else None) for job in jobs}
-    candidates = _candidates(session, queue, limit=PLACE_HORIZON)
-    owners = {c.owner for c in candidates} | {job.owner for job in jobs}
-    ledger = ledger_for(session, settings, queue, owners)
-    # The order charges its ledger with every waiting job: the limits are read from this one.
-    fresh = ledger.copy()
-    per_job = ledger.run_s / len(consumers) if consumers else None
+    order = (
+        orders.get(session, settings, queue) if orders else queue_order(session, settings, queue)
+    )
+    per_job = order.run_s / len(consumers) if consumers else None
     all_busy = bool(consumers) and all(w.current_job_id is not None for w in consumers)
-    order = [c.id for c in dispatch_order(candidates, ledger, len(candidates))]
     for job in jobs:
         if job.published_at is not None:
             places[job.id] = Place(0, 0.0 if consumers else None)
             continue
         held = ""
-        if fresh.full(job.owner):
-            limit = fresh.limits[job.owner].max_running
-            busy = fresh.busy.get(job.owner, 0)
+        if order.limits.full(job.owner):
+            limit = order.limits.limits[job.owner].max_running
+            busy = order.limits.busy.get(job.owner, 0)
             held = f"you have {busy} job(s) running, your limit is {limit}"
-        beyond = job.id not in order
-        position = order.index(job.id) + 1 if not beyond else len(candidates) + 1
+        found = order.positions.get(job.id)
+        position = found if found is not None else order.read + 1
         eta = None
         if per_job is not None and not held:
             # The jobs ahead, a mean run each shared by the consumers; when every consumer is
             # busy, half a run more for the first of them to be free.
             eta = (position - 1) * per_job + (per_job / 2 if all_busy else 0.0)
-        places[job.id] = Place(position, eta, held, beyond and len(candidates) >= PLACE_HORIZON)
+        beyond = found is None and order.read >= PLACE_HORIZON
+        places[job.id] = Place(position, eta, held, beyond)
     return places
+
+
+@dataclass(frozen=True)
+class QueueOrder:
+    """A queue's dispatch order as one read saw it: each waiting job's position (from 1),
+    the owners' limits and jobs at work, and the queue's mean run."""
+
+    positions: dict[uuid.UUID, int]
+    #: How many waiting jobs were read (at most :data:`PLACE_HORIZON`).
+    read: int
+    #: The ledger before the order charged it: whose running limit holds their jobs back.
+    limits: Ledger
+    run_s: float
+
+
+def queue_order(session: Session, settings: Settings, queue: str) -> QueueOrder:
+    """The dispatch order of ``queue``'s first :data:`PLACE_HORIZON` waiting jobs."""
+    candidates = _candidates(session, queue, limit=PLACE_HORIZON)
+    ledger = ledger_for(session, settings, queue, {c.owner for c in candidates})
+    # The order charges its ledger with every waiting job: the limits are read from a copy.
+    fresh = ledger.copy()
+    ordered = dispatch_order(candidates, ledger, len(candidates))
+    positions = {c.id: n for n, c in enumerate(ordered, start=1)}
+    return QueueOrder(positions, len(candidates), fresh, ledger.run_s)
+
+
+class OrderCache:
+    """Each queue's :class:`QueueOrder` as this process last read it, used again while no
+    job event was recorded since (a submit, a send, a claim, a cancel, a priority change:
+    everything that moves a queue records one) and for at most ``max_age_s`` (what moves
+    without an event: the fair-share window, a user's limits). So the status of many
+    waiting jobs costs one cheap read (the newest event's id) instead of the order's
+    queries for each; one cache per web app (per database)."""
+
+    def __init__(self, max_age_s: float = 2.0) -> None:
+        """Empty; entries live at most ``max_age_s`` seconds."""
+        self.max_age_s = max_age_s
+        self._orders: dict[str, tuple[int | None, float, QueueOrder]] = {}
+
+    def get(self, session: Session, settings: Settings, queue: str) -> QueueOrder:
+        """``queue``'s order, read again only when stale."""
+        version = session.scalar(select(func.max(JobEvent.id)))
+        now = time.monotonic()
+        seen = self._orders.get(queue)
+        if seen is not None and seen[0] == version and now - seen[1] < self.max_age_s:
+            return seen[2]
+        order = queue_order(session, settings, queue)
+        self._orders[queue] = (version, now, order)
+        return order
 
 
 def backlog(session: Session) -> dict[str, int]:

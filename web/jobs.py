@@ -26,7 +26,7 @@ from svdfarm.settings import Settings
 from svdfarm.states import AttemptOutcome, EventType, JobState, Phase
 from svdfarm.storage import preview_step
 from web.owners import current_caller, display_names, shown_owner
-from web.recent_workers import recent_workers
+from web.recent_workers import queue_orders, recent_workers
 
 PHASE_LABELS = {
     Phase.QUEUED: "Waiting in the queue",
@@ -86,8 +86,9 @@ def describe_job(
     session: Session, job: Job, *, online: Sequence[Worker] | None = None
 ) -> dict[str, Any]:
     """:func:`job_json` with the waiting reason and the queued job's place, from the online
-    workers as this process read them at most a second ago (:mod:`web.recent_workers`), and
-    the owner as this request's caller may read it."""
+    workers as this process read them at most a second ago and its queue's order as read
+    since the last job event (:mod:`web.recent_workers`), and the owner as this request's
+    caller may read it."""
     settings = current_app.config["SVDFARM_SETTINGS"]
     if online is None:
         online = recent_workers(session, settings)
@@ -95,7 +96,7 @@ def describe_job(
         job,
         waiting_reason(session, settings, job, online),
         owner=shown_owner(job.owner),
-        place=place_of(session, settings, job, online),
+        place=place_of(session, settings, job, online, queue_orders()),
     )
 
 
@@ -104,7 +105,7 @@ def describe_jobs(session: Session, jobs: Sequence[Job]) -> list[dict[str, Any]]
     settings = current_app.config["SVDFARM_SETTINGS"]
     online = recent_workers(session, settings)
     names = display_names({job.owner for job in jobs}) if current_caller().is_admin else {}
-    places = places_of(session, settings, jobs, online)
+    places = places_of(session, settings, jobs, online, queue_orders())
     return [
         job_json(
             job,

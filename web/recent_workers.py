@@ -5,6 +5,10 @@ once a request, that is a query per request for an answer that changes with hear
 few seconds apart; so each process keeps what it last read for :data:`MAX_AGE_S` and reads
 again after. A waiting reason is then at most that much older than the registry, which is
 itself as old as the last heartbeats. Submits and routing always read the registry afresh.
+
+The queues' dispatch orders, for a queued job's place, are kept the same way
+(:func:`queue_orders`, :class:`svdfarm.dispatch.OrderCache`): read again once any job event
+was recorded, or after two seconds.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from collections.abc import Sequence
 from flask import current_app
 from sqlalchemy.orm import Session
 
+from svdfarm.dispatch import OrderCache
 from svdfarm.models import Worker
 from svdfarm.registry import online_workers
 from svdfarm.settings import Settings
@@ -56,3 +61,9 @@ def recent_workers(session: Session, settings: Settings) -> Sequence[Worker]:
         "svdfarm.recent_workers", RecentWorkers()
     )
     return cache.get(session, settings)
+
+
+def queue_orders() -> OrderCache:
+    """The app's cache of its queues' dispatch orders (:class:`OrderCache`)."""
+    cache: OrderCache = current_app.extensions.setdefault("svdfarm.queue_orders", OrderCache())
+    return cache

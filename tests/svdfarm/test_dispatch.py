@@ -9,12 +9,14 @@ import pytest
 from celery import Celery
 from sqlalchemy import func, select, update
 
+from svdfarm import lifecycle
 from svdfarm.celery_app import direct_queue
 from svdfarm.db import Database
 from svdfarm.dispatch import (
     Candidate,
     IdleWorker,
     Ledger,
+    OrderCache,
     dispatch,
     dispatch_order,
     free_slots,
@@ -357,3 +359,23 @@ def test_a_free_worker_keeps_to_its_model_while_its_jobs_wait_and_another_holds_
     with db.session() as session:
         assert dispatch(session, celery, calm, by=BY) == [tiny_job]
     assert (direct_queue("xt@farm"), str(tiny_job)) in broker_messages(calm)
+
+
+@pytest.mark.parametrize("database_url", DATABASES, indirect=True)
+def test_a_queues_order_is_read_again_only_after_a_job_event(db: Database, calm: Settings) -> None:
+    """The web's cache of a queue's order answers from what it read while no job event was
+    recorded; a priority change (an event) makes the next read see the new order, and an
+    entry older than its age limit is read again too."""
+    ids = waiting_jobs(db, 3)
+    cache = OrderCache(max_age_s=60)
+    with db.session() as session:
+        first = cache.get(session, calm, QUEUE)
+        assert [first.positions[i] for i in ids] == [1, 2, 3]
+        assert cache.get(session, calm, QUEUE) is first
+    with db.begin() as session:
+        lifecycle.reprioritize(session, ids[2], by=By(Actor.ADMIN), priority=5)
+    with db.session() as session:
+        moved = cache.get(session, calm, QUEUE)
+        assert moved is not first and [moved.positions[i] for i in ids] == [2, 3, 1]
+        assert cache.get(session, calm, QUEUE) is moved
+        assert OrderCache(max_age_s=0).get(session, calm, QUEUE) is not moved
