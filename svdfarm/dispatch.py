@@ -41,6 +41,7 @@ chosen worker went away or took another job before it (:mod:`svdfarm.reaper`).
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 import uuid
@@ -294,14 +295,25 @@ def _failed_on(session: Session, job_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID
     return failed
 
 
+class Unmarked(enum.Enum):
+    """Why :func:`mark_at_submit` marked nothing."""
+
+    #: A pass decides (another job waits, an owner's running limit, a worker would swap
+    #: models): run one after the commit.
+    FOR_PASS = "for_pass"
+    #: The queue has no free slot: a pass now would send nothing either; the job waits for
+    #: the pass of the next worker to be free.
+    NO_SLOT = "no_slot"
+
+
 def mark_at_submit(
     session: Session, settings: Settings, job: Job, limits: Limits | None = None, *, by: By
-) -> Sending | None:
+) -> Sending | Unmarked:
     """The idle farm's fast path: in the transaction that records ``job`` (flushed, not yet
     committed), mark it sent when its queue has a free slot (:func:`free_slots`) and no
     other job waits there, to the worker :func:`pick_worker` chooses. The caller commits,
-    then sends it (:func:`send`); None: nothing was marked, and the job waits for a dispatch
-    pass as any other.
+    then sends it (:func:`send`); otherwise nothing was marked, the job waits for a dispatch
+    pass as any other, and :class:`Unmarked` says whether one is worth running now.
 
     A pass would choose this job too: with nothing else waiting in its queue, priority and
     fair share have nothing to decide. An owner with a ``--max-running`` limit (``limits``,
@@ -311,11 +323,11 @@ def mark_at_submit(
     twice and its slot is not counted again.
     """
     if job.state is not JobState.QUEUED or job.published_at is not None:
-        return None
+        return Unmarked.FOR_PASS
     if limits is None:
         limits = limits_of(session, [job.owner])[job.owner]
     if limits.max_running is not None:
-        return None
+        return Unmarked.FOR_PASS
     queue = job.queue
     _lock(session, queue)
     others_wait = select(Job.id).where(Job.queue == queue, waiting(), Job.id != job.id).exists()
@@ -329,8 +341,11 @@ def mark_at_submit(
     else:
         in_flight, others = session.execute(select(_in_flight(queue), others_wait)).one()
     idle = _consumers_among(rows, queue)
-    if others or _free(idle) + settings.dispatch_margin - in_flight < 1:
-        return None
+    if _free(idle) + settings.dispatch_margin - in_flight < 1:
+        # A pass counts the same slots (or fewer: _kept_to_their_models), under the same lock.
+        return Unmarked.NO_SLOT
+    if others:
+        return Unmarked.FOR_PASS
     # A new job failed nowhere yet: nobody to avoid.
     model = queue_model(queue)
     worker = pick_worker(idle, model)
@@ -338,11 +353,11 @@ def mark_at_submit(
         None,
         model,
     ):
-        return None  # a worker would swap models: the pass decides (_kept_to_their_models)
+        return Unmarked.FOR_PASS  # a worker would swap models: _kept_to_their_models decides
     if not lifecycle.publish(
         session, job.id, by=by, waiting_only=True, queue=queue, sent_to=worker
     ):
-        return None
+        return Unmarked.FOR_PASS
     return Sending(job.id, queue, worker)
 
 

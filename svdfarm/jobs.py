@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from svdfarm import lifecycle
 from svdfarm.catalog import find_entry, model_shape, queue_key
 from svdfarm.celery_app import enqueue_render
-from svdfarm.dispatch import mark_at_submit, send
+from svdfarm.dispatch import Sending, Unmarked, mark_at_submit, send
 from svdfarm.images import ImageError, ImageInfo, inspect_image
 from svdfarm.lifecycle import By
 from svdfarm.models import Job, utcnow
@@ -474,10 +474,11 @@ def submit_job(
         session.rollback()
         storage.delete_job(job_id)
         raise
-    if marked is not None:
+    if isinstance(marked, Sending):
         send(session, celery, marked, by=DISPATCH_BY)
-    else:
+    elif marked is Unmarked.FOR_PASS:
         dispatch_after_submit(session, celery, settings, [queue])
+    # Unmarked.NO_SLOT: no consumer is free; the next one to be runs a pass.
     return job
 
 

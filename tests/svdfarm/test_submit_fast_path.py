@@ -14,7 +14,7 @@ from sqlalchemy import select
 from svdfarm import lifecycle
 from svdfarm.celery_app import direct_queue
 from svdfarm.db import Database
-from svdfarm.dispatch import dispatch, mark_at_submit
+from svdfarm.dispatch import Sending, Unmarked, dispatch, mark_at_submit
 from svdfarm.jobs import Submission, new_job, submit_job, validate_submission
 from svdfarm.lifecycle import By, events_of
 from svdfarm.models import Job, utcnow
@@ -146,17 +146,31 @@ def test_not_taken_when_another_job_waits_in_the_queue(
 
 @pytest.mark.parametrize("database_url", DATABASES, indirect=True)
 def test_not_taken_when_no_consumer_of_the_queue_is_idle(
-    db: Database, calm: Settings, celery: Celery, submission: Submission, queue: str
+    db: Database,
+    calm: Settings,
+    celery: Celery,
+    submission: Submission,
+    queue: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Its only worker is busy (or a worker is idle on another queue only): the job waits in
-    the database, unsent."""
+    the database, unsent, and no pass runs after the submit (it could send nothing)."""
     running = uuid.uuid4()
     with db.begin() as session:
         session.add(job_row(running, queue=queue, state=JobState.RUNNING, claim_token="t"))
     add_worker(db, "busy@farm", [queue], state=WorkerState.BUSY, current_job_id=running)
     add_worker(db, "elsewhere@farm", [queue + ".other"])
     add_worker(db, "leaving@farm", [queue], state=WorkerState.DRAINING)
-    job_id = submit(db, calm, celery, submission)
+    passes: list[object] = []
+
+    def counted(*args: object, **kwargs: object) -> list[uuid.UUID]:
+        passes.append(args)
+        return []
+
+    with monkeypatch.context() as patch:
+        patch.setattr("svdfarm.dispatch.dispatch", counted)
+        job_id = submit(db, calm, celery, submission)
+    assert passes == []
     assert published_at(db, job_id) is None
     assert event_types(db, job_id) == [EventType.SUBMITTED]
     assert broker_messages(calm) == []
@@ -171,8 +185,10 @@ def test_without_any_idle_worker_only_the_margin_makes_room(
     with db.session() as session:
         job = new_job(calm, submission, client=None, online=(), owner="addr:a")
         lifecycle.submit(session, job, by=API)
-        assert not mark_at_submit(session, calm, job, Limits(), by=WEB)
-        assert mark_at_submit(session, calm.with_overrides(dispatch_margin=1), job, by=WEB)
+        assert mark_at_submit(session, calm, job, Limits(), by=WEB) is Unmarked.NO_SLOT
+        roomy = calm.with_overrides(dispatch_margin=1)
+        marked = mark_at_submit(session, roomy, job, by=WEB)
+        assert isinstance(marked, Sending) and marked.worker is None  # on the queue itself
         session.rollback()
 
 
@@ -186,9 +202,11 @@ def test_an_owner_with_a_running_limit_goes_by_the_pass(
     with db.session() as session:
         job = new_job(calm, submission, client=None, online=[queue], owner="user:1")
         lifecycle.submit(session, job, by=API)
-        assert not mark_at_submit(session, calm, job, Limits(max_running=1), by=WEB)
-        assert mark_at_submit(session, calm, job, Limits(), by=WEB)
-        assert not mark_at_submit(session, calm, job, Limits(), by=WEB)  # already marked
+        limited = mark_at_submit(session, calm, job, Limits(max_running=1), by=WEB)
+        assert limited is Unmarked.FOR_PASS
+        assert isinstance(mark_at_submit(session, calm, job, Limits(), by=WEB), Sending)
+        again = mark_at_submit(session, calm, job, Limits(), by=WEB)  # already marked
+        assert not isinstance(again, Sending)
         session.rollback()
 
 
@@ -203,7 +221,7 @@ def test_two_submits_never_both_take_one_idle_worker(
     try:
         job_a = new_job(calm, submission, client=None, online=[queue], owner="addr:a")
         lifecycle.submit(first, job_a, by=API)
-        assert mark_at_submit(first, calm, job_a, Limits(), by=WEB)
+        assert isinstance(mark_at_submit(first, calm, job_a, Limits(), by=WEB), Sending)
         job_b = new_job(calm, submission, client=None, online=[queue], owner="addr:b")
         lifecycle.submit(second, job_b, by=API)
         second.commit()  # b is recorded; its own mark comes next, in a new transaction
@@ -212,7 +230,7 @@ def test_two_submits_never_both_take_one_idle_worker(
         def mark_b() -> None:
             job = second.get(Job, job_b.id)
             assert job is not None
-            found["b"] = mark_at_submit(second, calm, job, Limits(), by=WEB) is not None
+            found["b"] = isinstance(mark_at_submit(second, calm, job, Limits(), by=WEB), Sending)
             second.commit()
 
         racer = threading.Thread(target=mark_b)
