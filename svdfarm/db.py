@@ -44,8 +44,9 @@ def include_object(
     return not (type_ == "index" and reflected and name in TRIGRAM_INDEXES)
 
 
-def make_engine(url: str) -> Engine:
-    """Create an engine for ``url``, tuned for the dialect."""
+def make_engine(url: str, pool_size: int = 5) -> Engine:
+    """Create an engine for ``url``, tuned for the dialect; a PostgreSQL pool keeps
+    ``pool_size`` connections, and opens 10 more under load."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -53,7 +54,7 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    engine = create_engine(url, pool_size=5, max_overflow=10)
+    engine = create_engine(url, pool_size=pool_size, max_overflow=10)
     event.listen(engine, "checkout", _drop_if_closed)
     event.listen(engine, "connect", _postgresql_settings)
     return engine
@@ -95,10 +96,11 @@ def _readable(fd: int) -> bool:
 class Database:
     """An engine and its session factory; one per process and database URL."""
 
-    def __init__(self, url: str) -> None:
-        """Create the engine (lazily connecting) for ``url``."""
+    def __init__(self, url: str, *, pool_size: int = 5) -> None:
+        """Create the engine (lazily connecting) for ``url``, its pool ``pool_size``
+        connections (PostgreSQL)."""
         self.url = url
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, pool_size)
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
         # The same pool, each statement its own transaction: no BEGIN and no ROLLBACK round
         # trips. Reads lose nothing: under READ COMMITTED each statement has its own snapshot.

@@ -19,8 +19,9 @@ from svdfarm.settings import Settings
 
 
 def init_app(app: Flask, settings: Settings) -> None:
-    """Attach a :class:`Database` for the settings' URL and close sessions after requests."""
-    app.extensions["svdfarm.db"] = Database(settings.database_url)
+    """Attach a :class:`Database` for the settings' URL (a pool of ``SVDFARM_WEB_DB_POOL``
+    connections) and close sessions after requests."""
+    app.extensions["svdfarm.db"] = Database(settings.database_url, pool_size=settings.web_db_pool)
     app.teardown_appcontext(_close_session)
     app.register_error_handler(sa_exc.DBAPIError, _database_error)
     app.register_error_handler(sa_exc.TimeoutError, _database_error)

@@ -246,9 +246,9 @@ def _progress_now(feed: Feed, job: Job) -> Message:
     return Message(MessageKind.PROGRESS, job.id, job.owner, feed.describe(job, None))
 
 
-def owner_events(session: Session, owners: Iterable[str], *, after: int, limit: int) -> list[
-    tuple[JobEvent, Job]
-]:
+def owner_events(
+    session: Session, owners: Iterable[str], *, after: int, limit: int
+) -> list[tuple[JobEvent, Job]]:
     """The events of ``owners``' jobs after event id ``after``, oldest first, at most ``limit``."""
     return list(
         session.execute(
@@ -291,9 +291,7 @@ def caller_events() -> Any:
     release_session()  # none held while the watch starts
     watch = get_feed().watch(owners=owners)
     try:
-        replay = (
-            owner_events(get_session(), owners, after=after, limit=MAX_EVENTS) if after else []
-        )
+        replay = owner_events(get_session(), owners, after=after, limit=MAX_EVENTS) if after else []
         first = [event_text(job, event) for event, job in replay]
     except BaseException:
         watch.close()
@@ -311,4 +309,3 @@ def caller_events() -> Any:
             watch.close()
 
     return _event_stream(body())
-
