@@ -61,6 +61,26 @@ def published_at(db: Database, job_id: uuid.UUID) -> object:
         return session.scalar(select(Job.published_at).where(Job.id == job_id))
 
 
+def submit_counting_passes(
+    db: Database,
+    settings: Settings,
+    celery: Celery,
+    submission: Submission,
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[uuid.UUID, int]:
+    """:func:`submit`, counting the dispatch passes run after it (none is run for real)."""
+    passes: list[object] = []
+
+    def counted(*args: object, **kwargs: object) -> list[uuid.UUID]:
+        passes.append(args)
+        return []
+
+    with monkeypatch.context() as patch:
+        patch.setattr("svdfarm.dispatch.dispatch", counted)
+        job_id = submit(db, settings, celery, submission)
+    return job_id, len(passes)
+
+
 @pytest.mark.parametrize("database_url", DATABASES, indirect=True)
 def test_a_job_for_an_idle_queue_is_sent_in_its_submits_commit_and_never_again(
     db: Database,
@@ -74,16 +94,8 @@ def test_a_job_for_an_idle_queue_is_sent_in_its_submits_commit_and_never_again(
     that worker's own queue), with no dispatch pass; a later pass, even with room for many
     more, sends it no second time."""
     add_worker(db, "idle@farm", [queue])
-    passes: list[object] = []
-
-    def counted(*args: object, **kwargs: object) -> list[uuid.UUID]:
-        passes.append(args)
-        return []
-
-    with monkeypatch.context() as patch:
-        patch.setattr("svdfarm.dispatch.dispatch", counted)
-        job_id = submit(db, calm, celery, submission)
-    assert passes == []
+    job_id, passes = submit_counting_passes(db, calm, celery, submission, monkeypatch)
+    assert passes == 0
     assert event_types(db, job_id) == [EventType.SUBMITTED, EventType.PUBLISHED]
     assert published_at(db, job_id) is not None
     assert broker_messages(calm) == [(direct_queue("idle@farm"), str(job_id))]
@@ -161,16 +173,8 @@ def test_not_taken_when_no_consumer_of_the_queue_is_idle(
     add_worker(db, "busy@farm", [queue], state=WorkerState.BUSY, current_job_id=running)
     add_worker(db, "elsewhere@farm", [queue + ".other"])
     add_worker(db, "leaving@farm", [queue], state=WorkerState.DRAINING)
-    passes: list[object] = []
-
-    def counted(*args: object, **kwargs: object) -> list[uuid.UUID]:
-        passes.append(args)
-        return []
-
-    with monkeypatch.context() as patch:
-        patch.setattr("svdfarm.dispatch.dispatch", counted)
-        job_id = submit(db, calm, celery, submission)
-    assert passes == []
+    job_id, passes = submit_counting_passes(db, calm, celery, submission, monkeypatch)
+    assert passes == 0
     assert published_at(db, job_id) is None
     assert event_types(db, job_id) == [EventType.SUBMITTED]
     assert broker_messages(calm) == []
