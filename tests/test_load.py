@@ -41,9 +41,10 @@ POLLERS = 4
 #: Seconds between one client's submissions (with jitter): the 500 arrive over about 25 s.
 PACE_S = 2.0
 #: Accepted submissions per client per minute, and queued jobs farm-wide. The first wave (50
-#: clients at once) is more than MAX_QUEUED, so some get 503; a client with a job accepted is
-#: over its rate for the rest of the run (about 25 s), so its later tries get 429 (the rate is
-#: checked before the queue). So 20-35 jobs run and the test takes about a minute.
+#: clients at once) is more than MAX_QUEUED, so some may get 503 (the farm-wide limit can be
+#: passed by the submits in flight at once); a client with a job accepted is over its rate for
+#: the rest of the run (about 25 s), so its later tries get 429 (the rate is checked before the
+#: queue). So 20-50 jobs run and the test takes about a minute.
 SUBMIT_RATE = 1
 MAX_QUEUED = 20
 #: How long the clients may take, and the accepted jobs to end once the submissions are over.
@@ -316,9 +317,12 @@ def test_500_submissions_from_50_clients(load_farm: LoadFarm) -> None:
         f"{len(wrong)} job(s) recorded for another client than their X-Forwarded-For "
         f"(recorded, sent): {list(wrong.values())[:10]}"
     )
-    # The first wave alone (50 clients at once) is more than MAX_QUEUED; a client whose job
-    # was accepted is over its rate for the rest of the run.
-    assert statuses[503] > 0 and statuses[429] > 0, statuses
+    # A client whose job was accepted is over its rate for the rest of the run (the
+    # per-client limit is exact: one client's submits are serialised). The farm-wide queue
+    # limit is not (svdfarm.jobs.check_limits): the first wave's 50 submits in flight at once
+    # may all pass it, so whether it answers 503 here depends on how many overlap
+    # (tests/web/test_submit_limits.py holds the limit itself); a 503 must be one of ours.
+    assert statuses[429] > 0, statuses
 
     accepted = set(record.accepted)
     assert len(accepted) == statuses[201] == len(record.accepted)
