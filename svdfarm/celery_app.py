@@ -14,7 +14,7 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import celeryd_init
-from celery.utils.nodenames import worker_direct
+from celery.utils.nodenames import WORKER_DIRECT_QUEUE_FORMAT, worker_direct
 from kombu import Exchange, Queue
 
 from svdfarm.catalog import catalog_keys
@@ -25,7 +25,7 @@ from svdfarm.settings import Settings, load_settings
 RENDER_TASK = "svdfarm.render"
 DEFAULT_QUEUE = "svd.default"
 #: How Celery ends the name of a worker's own queue (celery.utils.nodenames.worker_direct).
-DIRECT_SUFFIX = ".dq2"
+DIRECT_SUFFIX = WORKER_DIRECT_QUEUE_FORMAT.format(hostname="")
 #: The attribute of a Celery app that holds its settings (off ``app.conf``: see the module doc).
 _SETTINGS_ATTR = "svdfarm_settings"
 

@@ -46,7 +46,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -62,9 +62,9 @@ from svdfarm.models import Attempt, Job, JobEvent, Worker, utcnow
 from svdfarm.queues import queue_model
 from svdfarm.registry import online_workers
 from svdfarm.settings import Settings
-from svdfarm.states import AttemptOutcome, JobState, WorkerState
+from svdfarm.states import JobState, WorkerState
 from svdfarm.users import Limits, limits_of
-from svdfarm.worker_health import NOT_PRECISION
+from svdfarm.worker_health import failed_workers_of
 
 log = logging.getLogger(__name__)
 
@@ -227,8 +227,7 @@ def _choose(session: Session, settings: Settings, queue: str, by: By) -> list[Se
     _lock(session, queue)
     model = queue_model(queue)
     idle = _kept_to_their_models(session, settings, queue, idle_workers(session, settings, queue))
-    in_flight = session.scalar(select(_in_flight(queue))) or 0
-    slots = _free(idle) + settings.dispatch_margin - in_flight
+    slots = _slots(settings, idle, session.scalar(select(_in_flight(queue))))
     if slots <= 0:
         return []
     candidates = _candidates(session, queue, per_owner=slots)
@@ -241,7 +240,7 @@ def _choose(session: Session, settings: Settings, queue: str, by: By) -> list[Se
         # without a running limit (an idle farm's usual submit) goes in its own order.
         ledger = ledger_for(session, settings, queue, owners)
     order = dispatch_order(candidates, ledger, slots)
-    failed_on = _failed_on(session, [c.id for c in order]) if idle else {}
+    failed_on = failed_workers_of(session, [c.id for c in order]) if idle else {}
     chosen = []
     for candidate in order:
         worker = pick_worker(idle, model, failed_on.get(candidate.id, ()))
@@ -249,7 +248,7 @@ def _choose(session: Session, settings: Settings, queue: str, by: By) -> list[Se
             session, candidate.id, by=by, waiting_only=True, queue=queue, sent_to=worker
         ):
             chosen.append(Sending(candidate.id, queue, worker))
-            idle = [replace(w, awaiting=True) if w.hostname == worker else w for w in idle]
+            idle = _spoken_for(idle, {worker})
     return chosen
 
 
@@ -266,7 +265,7 @@ def _kept_to_their_models(
     if model is None or not others:
         return idle
     holders = session.execute(
-        select(Worker.queues).where(*_online(settings), Worker.loaded_model == model)
+        select(Worker.queues).where(*takes_new_jobs(settings), Worker.loaded_model == model)
     ).all()
     if not any(queue in (queues or []) for (queues,) in holders):
         return idle
@@ -276,23 +275,12 @@ def _kept_to_their_models(
         for w in others
         if any(queue_model(q) == w.loaded_model for q in backlog & set(w.queues))
     }
-    return [replace(w, awaiting=True) if w.hostname in kept else w for w in idle]
+    return _spoken_for(idle, kept)
 
 
-def _failed_on(session: Session, job_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, set[str]]:
-    """The workers each job failed on with an error that is not a precision error (its
-    blocklist: svdfarm.worker_health)."""
-    failed: dict[uuid.UUID, set[str]] = {}
-    rows = session.execute(
-        select(Attempt.job_id, Attempt.worker).where(
-            Attempt.job_id.in_(job_ids),
-            Attempt.outcome == AttemptOutcome.FAILED,
-            Attempt.error_class.in_(NOT_PRECISION),
-        )
-    )
-    for job_id, worker in rows:
-        failed.setdefault(job_id, set()).add(worker)
-    return failed
+def _spoken_for(idle: list[IdleWorker], hostnames: Collection[str | None]) -> list[IdleWorker]:
+    """``idle`` with the workers named in ``hostnames`` marked spoken for."""
+    return [replace(w, awaiting=True) if w.hostname in hostnames else w for w in idle]
 
 
 class Unmarked(enum.Enum):
@@ -341,7 +329,7 @@ def mark_at_submit(
     else:
         in_flight, others = session.execute(select(_in_flight(queue), others_wait)).one()
     idle = _consumers_among(rows, queue)
-    if _free(idle) + settings.dispatch_margin - in_flight < 1:
+    if _slots(settings, idle, in_flight) < 1:
         # A pass counts the same slots (or fewer: _kept_to_their_models), under the same lock.
         return Unmarked.NO_SLOT
     if others:
@@ -349,10 +337,8 @@ def mark_at_submit(
     # A new job failed nowhere yet: nobody to avoid.
     model = queue_model(queue)
     worker = pick_worker(idle, model)
-    if worker is not None and next(w for w in idle if w.hostname == worker).loaded_model not in (
-        None,
-        model,
-    ):
+    loaded = {w.hostname: w.loaded_model for w in idle}
+    if worker is not None and loaded[worker] not in (None, model):
         return Unmarked.FOR_PASS  # a worker would swap models: _kept_to_their_models decides
     if not lifecycle.publish(
         session, job.id, by=by, waiting_only=True, queue=queue, sent_to=worker
@@ -410,7 +396,7 @@ def free_slots(session: Session, settings: Settings, queue: str) -> int:
     length-based autoscaler. A job sent to a worker's own queue is counted by that worker
     being spoken for (in every queue it consumes), not by its own queue."""
     in_flight = session.scalar(select(_in_flight(queue)))
-    return idle_consumers(session, settings, queue) + settings.dispatch_margin - (in_flight or 0)
+    return _slots(settings, idle_workers(session, settings, queue), in_flight)
 
 
 def _in_flight(queue: str) -> ScalarSelect[int]:
@@ -434,17 +420,17 @@ def _free(idle: Sequence[IdleWorker]) -> int:
     return sum(1 for worker in idle if not worker.awaiting)
 
 
-def idle_consumers(session: Session, settings: Settings, queue: str) -> int:
-    """How many online workers take new jobs from ``queue``, hold none now and wait for no
-    job sent to their own queue: the idle ones of :func:`consumers_of` over
-    :func:`~svdfarm.registry.online_workers`, read as a few columns (a pass runs this every
-    few seconds, and at each submit)."""
-    return _free(idle_workers(session, settings, queue))
+def _slots(settings: Settings, idle: Sequence[IdleWorker], in_flight: int | None) -> int:
+    """A queue's free slots (:func:`free_slots`) from its idle consumers and its count of
+    jobs sent to it and not yet taken."""
+    return _free(idle) + settings.dispatch_margin - (in_flight or 0)
 
 
 def idle_workers(session: Session, settings: Settings, queue: str) -> list[IdleWorker]:
-    """The workers :func:`idle_consumers` counts, with the model each holds loaded and
-    whether a job sent to its own queue waits for it."""
+    """The online workers that take new jobs from ``queue`` and hold none now (the idle ones
+    of :func:`consumers_of` over :func:`~svdfarm.registry.online_workers`), read as a few
+    columns (a pass runs this every few seconds, and at each submit), with the model each
+    holds loaded and whether a job sent to its own queue waits for it."""
     rows = session.execute(select(*_idle_columns()).where(*_idle(settings))).all()
     return _consumers_among(rows, queue)
 
@@ -475,11 +461,12 @@ def _consumers_among(rows: Sequence[Any], queue: str) -> list[IdleWorker]:
 
 def _idle(settings: Settings) -> list[ColumnElement[bool]]:
     """The workers that are online, take new jobs and hold none (any queue)."""
-    return [*_online(settings), Worker.current_job_id.is_(None)]
+    return [*takes_new_jobs(settings), Worker.current_job_id.is_(None)]
 
 
-def _online(settings: Settings) -> list[ColumnElement[bool]]:
-    """The workers that are online and take new jobs (busy or not)."""
+def takes_new_jobs(settings: Settings) -> list[ColumnElement[bool]]:
+    """The workers that are online and take new jobs (busy or not): heartbeat recent, not
+    offline or draining, not flagged."""
     recent = utcnow() - timedelta(seconds=settings.offline_after_s)
     return [
         Worker.last_heartbeat >= recent,

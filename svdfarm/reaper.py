@@ -42,14 +42,14 @@ from datetime import timedelta
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, func, not_, or_, select
 from sqlalchemy.orm import Session
 
 from svdfarm import lifecycle, retention, space
 from svdfarm.celery_app import direct_queue
 from svdfarm.db import Database
 from svdfarm.depths import BrokerUnavailable, queue_depths
-from svdfarm.dispatch import dispatch
+from svdfarm.dispatch import dispatch, takes_new_jobs
 from svdfarm.jobs import publish
 from svdfarm.lifecycle import By
 from svdfarm.models import Job, JobEvent, Worker, utcnow
@@ -246,7 +246,6 @@ def stranded_jobs(session: Session, settings: Settings) -> list[Job]:
     """Jobs sent to a worker's own queue (for :data:`DIRECT_GRACE_S` or more) that the worker
     cannot take now: it is gone, offline, draining or flagged, or holds another job."""
     now = utcnow()
-    stale = now - timedelta(seconds=settings.offline_after_s)
     return list(
         session.scalars(
             select(Job)
@@ -258,9 +257,7 @@ def stranded_jobs(session: Session, settings: Settings) -> list[Job]:
                 Job.updated_at < now - timedelta(seconds=DIRECT_GRACE_S),
                 or_(
                     Worker.hostname.is_(None),
-                    Worker.last_heartbeat < stale,
-                    Worker.state.in_([WorkerState.OFFLINE, WorkerState.DRAINING]),
-                    Worker.flagged_at.is_not(None),
+                    not_(and_(*takes_new_jobs(settings))),
                     # Another job: its heartbeat may name this one a moment before the claim.
                     and_(Worker.current_job_id.is_not(None), Worker.current_job_id != Job.id),
                 ),

@@ -70,27 +70,40 @@ def counts_against_worker(attempt: Attempt) -> bool:
     )
 
 
-def _failed_here(session: Session, job_id: uuid.UUID) -> dict[str, list[Attempt]]:
-    """The job's attempts that count against their worker, by worker."""
+def _counted_attempts(session: Session, job_ids: Sequence[uuid.UUID]) -> list[Attempt]:
+    """The attempts of ``job_ids`` that count against their worker, by job and number."""
     attempts = session.scalars(
         select(Attempt)
         .where(
-            Attempt.job_id == job_id,
+            Attempt.job_id.in_(job_ids),
             Attempt.outcome == AttemptOutcome.FAILED,
             Attempt.error_class.in_(NOT_PRECISION),
         )
-        .order_by(Attempt.number)
+        .order_by(Attempt.job_id, Attempt.number)
     )
+    return [attempt for attempt in attempts if counts_against_worker(attempt)]
+
+
+def _failed_here(session: Session, job_id: uuid.UUID) -> dict[str, list[Attempt]]:
+    """The job's attempts that count against their worker, by worker."""
     found: dict[str, list[Attempt]] = {}
-    for attempt in attempts:
-        if counts_against_worker(attempt):
-            found.setdefault(attempt.worker, []).append(attempt)
+    for attempt in _counted_attempts(session, [job_id]):
+        found.setdefault(attempt.worker, []).append(attempt)
     return found
 
 
 def failed_workers(session: Session, job_id: uuid.UUID) -> set[str]:
     """The workers an attempt of the job failed on with a non-precision error."""
     return set(_failed_here(session, job_id))
+
+
+def failed_workers_of(session: Session, job_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, set[str]]:
+    """:func:`failed_workers` of each of ``job_ids`` (those with none left out), in one read:
+    each job's blocklist, as the dispatcher reads it for the jobs of a pass."""
+    found: dict[uuid.UUID, set[str]] = {}
+    for attempt in _counted_attempts(session, job_ids):
+        found.setdefault(attempt.job_id, set()).add(attempt.worker)
+    return found
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from svdfarm.reaper import reap
 from svdfarm.settings import Settings
 from svdfarm.states import Actor, AttemptOutcome, ErrorClass, EventType, JobState, WorkerState
 from svdfarm.users import Limits
+from svdfarm.worker_health import HANDED_BACK_TYPE
 from tests.conftest import DATABASES
 from tests.rows import QUEUE, add_worker, broker_messages, job_row
 
@@ -64,6 +65,17 @@ def sent_ids(db: Database) -> set[uuid.UUID]:
                 select(Job.id).where(Job.state == JobState.QUEUED, Job.published_at.is_not(None))
             )
         )
+
+
+def failed_attempt(db: Database, job_id: uuid.UUID, worker: str, **fields: object) -> None:
+    """Record a first attempt of the job that failed on ``worker`` with an error that is not
+    a precision error (``fields`` set or replace any column)."""
+    values: dict[str, object] = {
+        "job_id": job_id, "number": 1, "worker": worker, "plan_name": "cpu fp32", "plan": {},
+        "outcome": AttemptOutcome.FAILED, "error_class": ErrorClass.OTHER, **fields,
+    }  # fmt: skip
+    with db.begin() as session:
+        session.add(Attempt(**values))
 
 
 # -- The order -------------------------------------------------------------------------------
@@ -317,13 +329,7 @@ def test_a_job_that_failed_on_the_models_holder_goes_to_another_worker(
     add_worker(db, "holder@farm", [QUEUE], loaded_model="tiny")
     add_worker(db, "other@farm", [QUEUE])
     (job_id,) = waiting_jobs(db, 1)
-    with db.begin() as session:
-        session.add(
-            Attempt(
-                job_id=job_id, number=1, worker="holder@farm", plan_name="cpu fp32", plan={},
-                outcome=AttemptOutcome.FAILED, error_class=ErrorClass.OTHER,
-            )
-        )  # fmt: skip
+    failed_attempt(db, job_id, "holder@farm")
     with db.session() as session:
         assert dispatch(session, celery, calm, by=BY) == [job_id]
     assert broker_messages(calm) == [(direct_queue("other@farm"), str(job_id))]
@@ -379,3 +385,19 @@ def test_a_queues_order_is_read_again_only_after_a_job_event(db: Database, calm:
         assert moved is not first and [moved.positions[i] for i in ids] == [2, 3, 1]
         assert cache.get(session, calm, QUEUE) is moved
         assert OrderCache(max_age_s=0).get(session, calm, QUEUE) is not moved
+
+
+@pytest.mark.parametrize("database_url", DATABASES, indirect=True)
+def test_a_job_its_stopping_holder_handed_back_goes_to_the_holder_again(
+    db: Database, calm: Settings, celery: Celery
+) -> None:
+    """The blocklist is the one worker health keeps (svdfarm.worker_health): an attempt its
+    worker closed because it was stopping does not count against it, so the job still goes
+    to the worker holding its model."""
+    add_worker(db, "holder@farm", [QUEUE], loaded_model="tiny")
+    add_worker(db, "other@farm", [QUEUE])
+    (job_id,) = waiting_jobs(db, 1)
+    failed_attempt(db, job_id, "holder@farm", error_type=HANDED_BACK_TYPE)
+    with db.session() as session:
+        assert dispatch(session, celery, calm, by=BY) == [job_id]
+    assert broker_messages(calm) == [(direct_queue("holder@farm"), str(job_id))]
