@@ -15,6 +15,8 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from svdfarm.fair_pool import FairQueuePool
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 log = logging.getLogger(__name__)
@@ -44,9 +46,10 @@ def include_object(
     return not (type_ == "index" and reflected and name in TRIGRAM_INDEXES)
 
 
-def make_engine(url: str, pool_size: int = 5) -> Engine:
+def make_engine(url: str, pool_size: int = 5, max_overflow: int = 10) -> Engine:
     """Create an engine for ``url``, tuned for the dialect; a PostgreSQL pool keeps
-    ``pool_size`` connections, and opens 10 more under load."""
+    ``pool_size`` connections, opens ``max_overflow`` more under load, and hands them out
+    first come, first served (:class:`~svdfarm.fair_pool.FairQueuePool`)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -54,7 +57,9 @@ def make_engine(url: str, pool_size: int = 5) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    engine = create_engine(url, pool_size=pool_size, max_overflow=10)
+    engine = create_engine(
+        url, poolclass=FairQueuePool, pool_size=pool_size, max_overflow=max_overflow
+    )
     event.listen(engine, "checkout", _drop_if_closed)
     event.listen(engine, "connect", _postgresql_settings)
     return engine
@@ -96,11 +101,11 @@ def _readable(fd: int) -> bool:
 class Database:
     """An engine and its session factory; one per process and database URL."""
 
-    def __init__(self, url: str, *, pool_size: int = 5) -> None:
+    def __init__(self, url: str, *, pool_size: int = 5, max_overflow: int = 10) -> None:
         """Create the engine (lazily connecting) for ``url``, its pool ``pool_size``
-        connections (PostgreSQL)."""
+        connections and ``max_overflow`` more under load (PostgreSQL)."""
         self.url = url
-        self.engine = make_engine(url, pool_size)
+        self.engine = make_engine(url, pool_size, max_overflow)
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
         # The same pool, each statement its own transaction: no BEGIN and no ROLLBACK round
         # trips. Reads lose nothing: under READ COMMITTED each statement has its own snapshot.
