@@ -326,6 +326,8 @@ def mark_at_submit(
     ).all()
     if rows:
         in_flight, others = rows[0][-2], rows[0][-1]
+    elif settings.dispatch_margin <= 0:
+        return Unmarked.NO_SLOT  # no idle worker and no margin: no slot, whatever is in flight
     else:
         in_flight, others = session.execute(select(_in_flight(queue), others_wait)).one()
     idle = _consumers_among(rows, queue)

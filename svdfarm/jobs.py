@@ -14,7 +14,7 @@ import hashlib
 import logging
 import math
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -30,7 +30,7 @@ from svdfarm.celery_app import enqueue_render
 from svdfarm.dispatch import Sending, Unmarked, mark_at_submit, send
 from svdfarm.images import ImageError, ImageInfo, inspect_image
 from svdfarm.lifecycle import By
-from svdfarm.models import Job, utcnow
+from svdfarm.models import Job, Worker, utcnow
 from svdfarm.params import FIELDS, OUTPUT_FIELDS, ParamError, RenderParams, parse_params
 from svdfarm.queues import Route, Unroutable, route
 from svdfarm.registry import default_model, online_queues
@@ -428,11 +428,13 @@ def submit_job(
     idempotency_key: str | None = None,
     by: By,
     owner: str,
+    online: Sequence[Worker] | None = None,
 ) -> Job:
     """Record a validated submission of ``owner``, store its image, commit, and let the
     dispatcher send it (:mod:`svdfarm.dispatch`).
 
-    ``by`` is who submits (the web form or an API client). With ``idempotency_key``, a
+    ``by`` is who submits (the web form or an API client); ``online``, the online workers
+    when the caller has just read them (routing reads them otherwise). With ``idempotency_key``, a
     request already made with that key by the same owner returns its job instead
     (:class:`IdempotencyConflict` when the request differs). Raises :class:`SubmitRefused`
     when a limit says no, ParamError when the owner may not ask that priority; nothing is
@@ -450,7 +452,7 @@ def submit_job(
         settings,
         submission,
         client=client,
-        online=online_queues(session, settings, submission.model or None),
+        online=online_queues(session, settings, submission.model or None, online=online),
         owner=owner,
         idempotency_key=idempotency_key,
     )

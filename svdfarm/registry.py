@@ -49,15 +49,22 @@ def serves(worker: Worker, model: str | None) -> bool:
     return model is None or not isinstance(models, list) or model in models
 
 
-def online_queues(session: Session, settings: Settings, model: str | None = None) -> set[str]:
+def online_queues(
+    session: Session,
+    settings: Settings,
+    model: str | None = None,
+    *,
+    online: Sequence[Worker] | None = None,
+) -> set[str]:
     """Every queue at least one online worker consumes and will take new jobs from; with
     ``model``, only the queues of workers that serve it.
 
-    A draining worker is finishing its last job: routing does not count on it.
+    A draining worker is finishing its last job: routing does not count on it. ``online``:
+    the online workers when the caller has just read them; else read.
     """
     return {
         q
-        for w in online_workers(session, settings)
+        for w in (online_workers(session, settings) if online is None else online)
         if w.state is not WorkerState.DRAINING and w.flagged_at is None and serves(w, model)
         for q in w.queues
     }
@@ -89,12 +96,15 @@ def waiting_reason(
     return f"waiting: in queue {job.queue}; {len(consumers)} worker(s) can take it, {busy} busy"
 
 
-def served_models(session: Session, settings: Settings) -> set[str]:
+def served_models(
+    session: Session, settings: Settings, *, online: Sequence[Worker] | None = None
+) -> set[str]:
     """The models (sources) that online workers taking new jobs serve (``SVDFARM_WORKER_MODELS``
-    or what they found on their machine; ``inspect capabilities`` shows the same)."""
+    or what they found on their machine; ``inspect capabilities`` shows the same).
+    ``online``: the online workers when the caller has just read them; else read."""
     return {
         model
-        for w in online_workers(session, settings)
+        for w in (online_workers(session, settings) if online is None else online)
         if w.state is not WorkerState.DRAINING
         for model in (w.capabilities or {}).get("models") or []
         if isinstance(model, str)

@@ -24,7 +24,7 @@ from svdfarm.jobs import (
 from svdfarm.lifecycle import By, events_of
 from svdfarm.models import utcnow
 from svdfarm.params import ParamError
-from svdfarm.registry import models_listing, served_models
+from svdfarm.registry import models_listing, online_workers, served_models
 from svdfarm.states import Actor, JobState
 from svdfarm.webhooks import secret_for
 from web.database import get_db, get_session
@@ -90,8 +90,14 @@ def create_job() -> Any:
     filename = (upload.filename or "") if upload is not None else ""
     try:
         key = check_idempotency_key(request.headers.get("Idempotency-Key"))
-        # Without a model, the first one a live worker serves.
-        served = () if request.form.get("model") else served_models(get_session(), settings)
+        # Read once: without a model, the default is the first one a live worker serves; and
+        # routing needs the same workers.
+        online = online_workers(get_session(), settings)
+        served = (
+            ()
+            if request.form.get("model")
+            else served_models(get_session(), settings, online=online)
+        )
         submission = validate_submission(settings, request.form, data, filename, served=served)
     except ParamError as exc:
         return error_response(str(exc), exc.status, fields=exc.errors)
@@ -107,6 +113,7 @@ def create_job() -> Any:
             idempotency_key=key,
             by=By(Actor.API),
             owner=current_caller().owner,
+            online=online,
         )
     except ParamError as exc:  # a priority above the owner's limit (403)
         return error_response(str(exc), exc.status, fields=exc.errors)
