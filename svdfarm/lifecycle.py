@@ -37,6 +37,8 @@ Q, R, CR = JobState.QUEUED, JobState.RUNNING, JobState.CANCEL_REQUESTED
 S, F, C = JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED
 USERS = frozenset({Actor.WEB, Actor.API, Actor.ADMIN, Actor.CLI})
 OPERATORS = frozenset({Actor.ADMIN, Actor.CLI})
+#: The error type of an attempt closed because its worker was stopping (not a failure).
+HANDED_BACK_TYPE = "HandedBack"
 
 
 @dataclass(frozen=True)
@@ -592,7 +594,7 @@ def hand_back(
         return False
     move = check_move(job_id, state, "hand_back", by)
     deliveries.close_running_attempts(
-        session, job_id, error_class=ErrorClass.OTHER, error_type="HandedBack", message=message
+        session, job_id, error_class=ErrorClass.OTHER, error_type=HANDED_BACK_TYPE, message=message
     )
     details: dict[str, Any] = {"worker": by.name, "reason": message}
     if after_failure:

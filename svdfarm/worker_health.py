@@ -32,6 +32,7 @@ from datetime import datetime
 from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
+from svdfarm.lifecycle import HANDED_BACK_TYPE
 from svdfarm.models import Attempt, Job, JobEvent, Worker, utcnow
 from svdfarm.registry import online_workers, serves
 from svdfarm.settings import Settings
@@ -50,8 +51,6 @@ NOT_PRECISION = frozenset(
 )
 #: How many times one worker declines one job at most; after that it claims it.
 MAX_DECLINES = 2
-#: The error type of an attempt closed because its worker was stopping (not a failure).
-HANDED_BACK_TYPE = "HandedBack"
 #: How long each error message is in a flag's reason, at most.
 MESSAGE_CHARS = 160
 #: How ``flagged_reason`` starts once the flag was cleared (``flagged_at`` unset).

@@ -24,13 +24,12 @@ from svdfarm.dispatch import (
     pick_worker,
     place_of,
 )
-from svdfarm.lifecycle import By, events_of
+from svdfarm.lifecycle import HANDED_BACK_TYPE, By, events_of
 from svdfarm.models import Attempt, Job, JobEvent, utcnow
 from svdfarm.reaper import reap
 from svdfarm.settings import Settings
 from svdfarm.states import Actor, AttemptOutcome, ErrorClass, EventType, JobState, WorkerState
 from svdfarm.users import Limits
-from svdfarm.worker_health import HANDED_BACK_TYPE
 from tests.conftest import DATABASES
 from tests.rows import QUEUE, add_worker, broker_messages, job_row
 
