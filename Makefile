@@ -6,6 +6,11 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# Test files run this many at a time (pytest-xdist, a file per process): most of the suite waits
+# on the worker and web processes it starts, not on the CPU. TEST_JOBS=0 runs them one by one.
+# The tests marked serial change what every test shares (the local RabbitMQ node): they run
+# after the others, alone.
+TEST_JOBS ?= 3
 
 .PHONY: run test test-fast lint venv clean bench bench-web bench-history bench-fair-share bench-previews \
 	bench-watchers
@@ -27,7 +32,8 @@ run: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_JOBS) --dist loadfile -m "not serial" $(PYTEST_ARGS)
+	$(PY) -m pytest -m serial $(PYTEST_ARGS) || [ $$? -eq 5 ]  # 5: none selected
 
 # The tests that start no worker process, server or browser: `make test` less the slow ones.
 test-fast: $(STAMP)

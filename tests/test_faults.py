@@ -316,6 +316,7 @@ class UnackedProbe:
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.serial  # lowers the consumer timeout of the RabbitMQ node every test shares
 @pytest.mark.parametrize("farm", [RABBITMQ], indirect=True)
 def test_a_render_longer_than_the_consumer_timeout_succeeds_once(farm: Farm) -> None:
     """RabbitMQ closes a channel whose delivery stays unacknowledged past ``consumer_timeout``

@@ -213,6 +213,7 @@ def broker_farm(
             app.extensions["svdfarm.db"].dispose()
 
 
+@pytest.mark.serial  # restarts the local RabbitMQ node every RabbitMQ test shares
 def test_broker_restart_loses_no_job_and_workers_reconnect(
     broker_farm: tuple[Settings, Flask, Workers], restartable_broker: PrivateRedis | LocalRabbit
 ) -> None:
