@@ -23,6 +23,9 @@ from svdfarm.storage import Store, open_store
 
 #: The queue :func:`add_job` routes its jobs to (a 16 GB CUDA card at fp16, the tiny model).
 QUEUE = "svd.cuda.fp16.16g.tiny"
+#: A job id no test makes: fixed, so that the ids of the tests parametrized with it are the same
+#: in every pytest-xdist process (a random one differs, and xdist refuses to run).
+UNKNOWN_JOB_ID = "0d15ea5e-0000-4000-8000-0000000f0404"
 
 #: The queues a CPU worker consumes: :func:`add_worker`'s when it is given none.
 CPU_QUEUES = [f"svd.cpu.fp32.{t}g.tiny" for t in (8, 12, 16, 24)]

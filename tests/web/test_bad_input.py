@@ -41,7 +41,7 @@ from tests.factories import (
     webp_bytes,
 )
 from tests.http import form_token
-from tests.rows import job_count, load_job
+from tests.rows import UNKNOWN_JOB_ID, job_count, load_job
 from web import create_app
 
 LIMIT = 65_536
@@ -519,7 +519,7 @@ def _many_parts(count: int) -> bytes:
     return part * count + b"--b--\r\n"
 
 
-UNKNOWN = str(uuid.uuid4())
+UNKNOWN = UNKNOWN_JOB_ID
 _HEADER_START = b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
 
 #: (how to send it, status, phrase): requests only the API gets.

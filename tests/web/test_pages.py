@@ -21,6 +21,7 @@ from svdfarm.storage import FileStore, Store
 from tests.conftest import DATABASES
 from tests.factories import png_bytes
 from tests.http import form_token, job_id_from
+from tests.rows import UNKNOWN_JOB_ID
 
 
 @pytest.fixture(scope="module")
@@ -517,7 +518,7 @@ def test_the_favicon_is_a_small_icon(client: FlaskClient) -> None:
     ("path", "status", "phrase"),
     [
         ("/no/such/page", 404, "404 Not Found"),
-        (f"/jobs/{uuid.uuid4()}", 404, "No job with id"),
+        (f"/jobs/{UNKNOWN_JOB_ID}", 404, "No job with id"),
         ("/jobs/not-a-uuid/cancel", 400, "security token is missing"),
     ],
 )

@@ -30,14 +30,14 @@ from svdfarm.states import JobState
 from tests.conftest import DATABASES, make_settings
 from tests.factories import noisy_png_bytes, png_bytes
 from tests.http import form_token, job_id_from
-from tests.rows import job_count, load_job
+from tests.rows import UNKNOWN_JOB_ID, job_count, load_job
 from web import create_app
 from web.auth import hash_password
 from web.security import CONTENT_SECURITY_POLICY
 
 ROOT = Path(__file__).resolve().parents[2]
 GOOD_SECRET = "k" * MIN_SECRET_LENGTH
-UNKNOWN = str(uuid.uuid4())
+UNKNOWN = UNKNOWN_JOB_ID
 
 
 def csp_directives(value: str) -> dict[str, list[str]]:
