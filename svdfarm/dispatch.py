@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import time
 import uuid
 from collections import deque
@@ -668,19 +669,27 @@ class OrderCache:
     """Each queue's :class:`QueueOrder` as this process last read it, used again while no
     job event was recorded since (a submit, a send, a claim, a cancel, a priority change:
     everything that moves a queue records one) and for at most ``max_age_s`` (what moves
-    without an event: the fair-share window, a user's limits). So the status of many
-    waiting jobs costs one cheap read (the newest event's id) instead of the order's
-    queries for each; one cache per web app (per database)."""
+    without an event: the fair-share window, a user's limits). Whether an event was recorded
+    is read (the newest event's id, one cheap query) at most every ``check_s`` seconds, so
+    the status of many waiting jobs costs no query at all most of the time, and a place is
+    at most ``check_s`` older than the queue; one cache per web app (per database)."""
 
-    def __init__(self, max_age_s: float = 2.0) -> None:
-        """Empty; entries live at most ``max_age_s`` seconds."""
+    def __init__(self, max_age_s: float = 2.0, check_s: float = 0.25) -> None:
+        """Empty; entries live at most ``max_age_s`` seconds, events are looked for at
+        most every ``check_s``."""
         self.max_age_s = max_age_s
+        self.check_s = check_s
         self._orders: dict[str, tuple[int | None, float, QueueOrder]] = {}
+        self._version: int | None = None
+        self._checked_at = -math.inf
 
     def get(self, session: Session, settings: Settings, queue: str) -> QueueOrder:
         """``queue``'s order, read again only when stale."""
-        version = session.scalar(select(func.max(JobEvent.id)))
         now = time.monotonic()
+        if now - self._checked_at >= self.check_s:
+            self._version = session.scalar(select(func.max(JobEvent.id)))
+            self._checked_at = now
+        version = self._version
         seen = self._orders.get(queue)
         if seen is not None and seen[0] == version and now - seen[1] < self.max_age_s:
             return seen[2]

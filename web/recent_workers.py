@@ -8,7 +8,7 @@ itself as old as the last heartbeats. Submits and routing always read the regist
 
 The queues' dispatch orders, for a queued job's place, are kept the same way
 (:func:`queue_orders`, :class:`svdfarm.dispatch.OrderCache`): read again once any job event
-was recorded, or after two seconds.
+was recorded (looked for at most every quarter second), or after two seconds.
 """
 
 from __future__ import annotations

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 from celery import Celery
-from sqlalchemy import func, select, update
+from sqlalchemy import event, func, select, update
 
 from svdfarm import lifecycle
 from svdfarm.celery_app import direct_queue
@@ -372,7 +374,7 @@ def test_a_queues_order_is_read_again_only_after_a_job_event(db: Database, calm:
     recorded; a priority change (an event) makes the next read see the new order, and an
     entry older than its age limit is read again too."""
     ids = waiting_jobs(db, 3)
-    cache = OrderCache(max_age_s=60)
+    cache = OrderCache(max_age_s=60, check_s=0)
     with db.session() as session:
         first = cache.get(session, calm, QUEUE)
         assert [first.positions[i] for i in ids] == [1, 2, 3]
@@ -384,6 +386,35 @@ def test_a_queues_order_is_read_again_only_after_a_job_event(db: Database, calm:
         assert moved is not first and [moved.positions[i] for i in ids] == [2, 3, 1]
         assert cache.get(session, calm, QUEUE) is moved
         assert OrderCache(max_age_s=0).get(session, calm, QUEUE) is not moved
+
+
+@pytest.mark.parametrize("database_url", DATABASES, indirect=True)
+def test_a_queues_order_looks_for_job_events_at_most_every_check_interval(
+    db: Database, calm: Settings
+) -> None:
+    """Within ``check_s`` of its last look the cache answers without reading anything, even
+    after an event; once the interval has passed it looks again and sees the new order."""
+    ids = waiting_jobs(db, 3)
+    cache = OrderCache(max_age_s=60, check_s=0.5)
+    with db.session() as session:
+        first = cache.get(session, calm, QUEUE)
+    with db.begin() as session:
+        lifecycle.reprioritize(session, ids[2], by=By(Actor.ADMIN), priority=5)
+    statements: list[str] = []
+
+    def record(*args: Any) -> None:
+        statements.append(args[2])
+
+    event.listen(db.engine, "before_cursor_execute", record)
+    try:
+        with db.session() as session:
+            assert cache.get(session, calm, QUEUE) is first
+            assert statements == []
+            time.sleep(0.5)
+            moved = cache.get(session, calm, QUEUE)
+    finally:
+        event.remove(db.engine, "before_cursor_execute", record)
+    assert [moved.positions[i] for i in ids] == [2, 3, 1]
 
 
 @pytest.mark.parametrize("database_url", DATABASES, indirect=True)
