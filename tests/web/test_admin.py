@@ -405,6 +405,42 @@ def test_pages_of_fifty(admin: FlaskClient, db: Database, settings: Settings) ->
     assert "is not a page mark" in mangled and mangled.count('name="job" value=') == 50
 
 
+@pytest.mark.parametrize("database_url", DATABASES, indirect=True)
+def test_the_list_reads_the_same_statements_for_any_number_of_rows(
+    admin: FlaskClient, db: Database, settings: Settings
+) -> None:
+    """A page of the list is a fixed set of statements whatever its rows (no lazy load per
+    row), and none reads the jobs' parameters or the attempts' plans and tracebacks: a row
+    shows none of them."""
+    from sqlalchemy import event
+
+    engine = admin.application.extensions["svdfarm.db"].engine
+
+    def statements() -> list[str]:
+        seen: list[str] = []
+
+        def record(*args: Any) -> None:
+            seen.append(args[2])
+
+        event.listen(engine, "before_cursor_execute", record)
+        try:
+            assert admin.get("/admin/").status_code == 200
+        finally:
+            event.remove(engine, "before_cursor_execute", record)
+        return seen
+
+    add_job(db, settings)
+    statements()  # the first visit also records the admin's user row
+    one = statements()
+    for _ in range(4):
+        add_job(db, settings)
+    five = statements()
+    assert one and len(five) == len(one), five
+    listed = " ".join(five)
+    assert "attempts.traceback" not in listed and "attempts.plan," not in listed, listed
+    assert "jobs.num_frames" not in listed, listed
+
+
 def test_workers_page_with_no_worker_and_no_broker(
     admin: FlaskClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
