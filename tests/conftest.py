@@ -12,6 +12,14 @@ S3 tests use moto's server on a free local port, or the endpoint ``SVDFARM_TEST_
 from __future__ import annotations
 
 import os
+
+# Under pytest-xdist several test processes share the cores. torch's thread team in each (a
+# thread per core by default) then competes with the others', and a render in process took
+# up to 7 times as long as alone (docs/BENCHMARKS.md: oversubscribed CPU threads). One thread
+# each, set before torch is imported; the processes the tests start inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 import socket
 import uuid
 from collections.abc import Iterator
