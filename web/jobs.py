@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any, NoReturn
 
 from flask import abort, current_app, url_for
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, bindparam, or_, select
 from sqlalchemy.orm import Session, joinedload
 
 from svdfarm.actions import FP32_DTYPES
@@ -126,14 +126,18 @@ def _no_job(job_id: str) -> NoReturn:
     abort(404, description=f"No job with id {job_id}.")
 
 
+#: A job by id with its attempts in the same query (every caller shows them), built once: a
+#: prepared statement costs less per read than ``Session.get`` with its options.
+_JOB_BY_ID = select(Job).options(joinedload(Job.attempts)).where(Job.id == bindparam("job_id"))
+
+
 def find_job(session: Session, job_id: str) -> Job:
     """The job with this id, or a 404 that says so (whoever owns it: the admin's pages)."""
     try:
         key = uuid.UUID(job_id)
     except ValueError:
         _no_job(job_id)
-    # The attempts in the same query: every caller shows them.
-    job = session.get(Job, key, options=[joinedload(Job.attempts)])
+    job = session.execute(_JOB_BY_ID, {"job_id": key}).unique().scalar_one_or_none()
     if job is None:
         _no_job(job_id)
     return job
