@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, select, update
+from sqlalchemy import ColumnElement, bindparam, select, update
 from sqlalchemy.orm import Session, lazyload
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -751,15 +751,17 @@ def settle_lost(
 # -- Reading ---------------------------------------------------------------------------------
 
 
+#: A job's events after an event id, oldest first: built once (every status page reads it).
+_EVENTS_OF = (
+    select(JobEvent)
+    .where(JobEvent.job_id == bindparam("job_id"), JobEvent.id > bindparam("after"))
+    .order_by(JobEvent.id)
+)
+
+
 def events_of(session: Session, job_id: uuid.UUID, after: int = 0) -> list[JobEvent]:
     """The job's events in order (those after event id ``after``)."""
-    return list(
-        session.scalars(
-            select(JobEvent)
-            .where(JobEvent.job_id == job_id, JobEvent.id > after)
-            .order_by(JobEvent.id)
-        )
-    )
+    return list(session.scalars(_EVENTS_OF, {"job_id": job_id, "after": after}))
 
 
 def mermaid() -> str:
