@@ -296,13 +296,7 @@ class Unmarked(enum.Enum):
 
 
 def mark_at_submit(
-    session: Session,
-    settings: Settings,
-    job: Job,
-    limits: Limits | None = None,
-    *,
-    by: By,
-    online: Sequence[Worker] | None = None,
+    session: Session, settings: Settings, job: Job, limits: Limits | None = None, *, by: By
 ) -> Sending | Unmarked:
     """The idle farm's fast path: in the transaction that records ``job`` (flushed, not yet
     committed), mark it sent when its queue has a free slot (:func:`free_slots`) and no
@@ -316,19 +310,9 @@ def mark_at_submit(
     the queue's dispatch lock is taken here and held until the caller's commit, as a pass
     holds it: a pass or another submit after it sees this job sent, so it is never sent
     twice and its slot is not counted again.
-
-    ``online``: the online workers as the caller read them in this transaction. When none of
-    them is an idle consumer of the queue and there is no dispatch margin, there is no slot:
-    :attr:`Unmarked.NO_SLOT` at once, without the lock or a read (a busy farm's submits).
     """
     if job.state is not JobState.QUEUED or job.published_at is not None:
         return Unmarked.FOR_PASS
-    if (
-        online is not None
-        and settings.dispatch_margin <= 0
-        and all(w.current_job_id is not None for w in consumers_of(online, job.queue))
-    ):
-        return Unmarked.NO_SLOT
     if limits is None:
         limits = limits_of(session, [job.owner])[job.owner]
     if limits.max_running is not None:

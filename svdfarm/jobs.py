@@ -33,7 +33,7 @@ from svdfarm.lifecycle import By
 from svdfarm.models import Job, Worker, utcnow
 from svdfarm.params import FIELDS, OUTPUT_FIELDS, ParamError, RenderParams, parse_params
 from svdfarm.queues import Route, Unroutable, route
-from svdfarm.registry import default_model, online_queues, online_workers
+from svdfarm.registry import default_model, online_queues
 from svdfarm.settings import Settings
 from svdfarm.space import LOW_SPACE_RETRY_AFTER_S, low_space
 from svdfarm.states import Actor, JobState
@@ -448,8 +448,6 @@ def submit_job(
     # The per-address rate is for anonymous owners; a user has limits of their own.
     check_limits(session, settings, client if user_id_of(owner) is None else None)
     storage = open_store(settings)
-    if online is None:
-        online = online_workers(session, settings)
     job = new_job(
         settings,
         submission,
@@ -463,7 +461,7 @@ def submit_job(
         lifecycle.submit(session, job, by=by)
         storage.write_bytes(input_key, submission.data)
         # An idle queue with nothing else waiting: marked sent in this same commit.
-        marked = mark_at_submit(session, settings, job, limits, by=DISPATCH_BY, online=online)
+        marked = mark_at_submit(session, settings, job, limits, by=DISPATCH_BY)
         session.commit()
     except IntegrityError:
         # The same key raced in from a concurrent retry: answer with the job that won.

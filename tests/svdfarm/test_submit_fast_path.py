@@ -6,11 +6,10 @@ from __future__ import annotations
 import threading
 import uuid
 from datetime import timedelta
-from typing import Any
 
 import pytest
 from celery import Celery
-from sqlalchemy import event, select
+from sqlalchemy import select
 
 from svdfarm import lifecycle
 from svdfarm.celery_app import direct_queue
@@ -19,7 +18,6 @@ from svdfarm.dispatch import Sending, Unmarked, dispatch, mark_at_submit
 from svdfarm.jobs import Submission, new_job, submit_job, validate_submission
 from svdfarm.lifecycle import By, events_of
 from svdfarm.models import Job, utcnow
-from svdfarm.registry import online_workers
 from svdfarm.settings import Settings
 from svdfarm.states import Actor, EventType, JobState, WorkerState
 from svdfarm.users import Limits
@@ -195,49 +193,6 @@ def test_without_any_idle_worker_only_the_margin_makes_room(
         roomy = calm.with_overrides(dispatch_margin=1)
         marked = mark_at_submit(session, roomy, job, by=WEB)
         assert isinstance(marked, Sending) and marked.worker is None  # on the queue itself
-        session.rollback()
-
-
-@pytest.mark.parametrize("database_url", DATABASES, indirect=True)
-def test_the_workers_just_read_say_no_slot_without_a_statement(
-    db: Database, calm: Settings, submission: Submission, queue: str
-) -> None:
-    """Given the online workers the submit read, none of them an idle consumer of the queue,
-    and no margin: no slot, decided without the lock or any read. An idle consumer among
-    them, or a margin, and the usual path reads the queue again."""
-    running = uuid.uuid4()
-    with db.begin() as session:
-        session.add(job_row(running, queue=queue, state=JobState.RUNNING, claim_token="t"))
-    add_worker(db, "busy@farm", [queue], state=WorkerState.BUSY, current_job_id=running)
-    add_worker(db, "idle@farm", [queue + ".other"])
-    statements: list[str] = []
-
-    def record(*args: Any) -> None:
-        statements.append(args[2])
-
-    with db.session() as session:
-        online = online_workers(session, calm)
-        job = new_job(calm, submission, client=None, online={queue}, owner="addr:a")
-        lifecycle.submit(session, job, by=API)
-        event.listen(db.engine, "before_cursor_execute", record)
-        try:
-            marked = mark_at_submit(session, calm, job, Limits(), by=WEB, online=online)
-            assert marked is Unmarked.NO_SLOT and statements == []
-            roomy = calm.with_overrides(dispatch_margin=1)
-            assert isinstance(
-                mark_at_submit(session, roomy, job, Limits(), by=WEB, online=online), Sending
-            )
-            assert statements
-        finally:
-            event.remove(db.engine, "before_cursor_execute", record)
-        session.rollback()
-    add_worker(db, "free@farm", [queue])
-    with db.session() as session:
-        online = online_workers(session, calm)
-        job = new_job(calm, submission, client=None, online={queue}, owner="addr:a")
-        lifecycle.submit(session, job, by=API)
-        marked = mark_at_submit(session, calm, job, Limits(), by=WEB, online=online)
-        assert isinstance(marked, Sending) and marked.worker == "free@farm"
         session.rollback()
 
 
