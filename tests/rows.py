@@ -8,12 +8,13 @@ import json
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
 from flask import Flask
-from sqlalchemy import func, select, update
+from sqlalchemy import Engine, event, func, select, update
 
 from svdfarm.db import Database
 from svdfarm.models import Attempt, Job, Worker, utcnow
@@ -342,3 +343,18 @@ def set_owner(db: Database, job_id: uuid.UUID, owner: str = LOCAL_OWNER) -> uuid
     with db.begin() as session:
         session.execute(update(Job).where(Job.id == job_id).values(owner=owner))
     return job_id
+
+
+@contextmanager
+def recorded_statements(engine: Engine) -> Iterator[list[str]]:
+    """The SQL statements ``engine`` runs while the block runs, in order."""
+    seen: list[str] = []
+
+    def record(*args: Any) -> None:
+        seen.append(args[2])
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", record)

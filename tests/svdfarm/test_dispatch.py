@@ -5,11 +5,10 @@ from __future__ import annotations
 import time
 import uuid
 from datetime import datetime, timedelta
-from typing import Any
 
 import pytest
 from celery import Celery
-from sqlalchemy import event, func, select, update
+from sqlalchemy import func, select, update
 
 from svdfarm import lifecycle
 from svdfarm.celery_app import direct_queue
@@ -33,7 +32,7 @@ from svdfarm.settings import Settings
 from svdfarm.states import Actor, AttemptOutcome, ErrorClass, EventType, JobState, WorkerState
 from svdfarm.users import Limits
 from tests.conftest import DATABASES
-from tests.rows import QUEUE, add_worker, broker_messages, job_row
+from tests.rows import QUEUE, add_worker, broker_messages, job_row, recorded_statements
 
 BY = By(Actor.WORKER, "test")
 T0 = datetime(2026, 11, 30, 12, 0)
@@ -400,20 +399,11 @@ def test_a_queues_order_looks_for_job_events_at_most_every_check_interval(
         first = cache.get(session, calm, QUEUE)
     with db.begin() as session:
         lifecycle.reprioritize(session, ids[2], by=By(Actor.ADMIN), priority=5)
-    statements: list[str] = []
-
-    def record(*args: Any) -> None:
-        statements.append(args[2])
-
-    event.listen(db.engine, "before_cursor_execute", record)
-    try:
-        with db.session() as session:
-            assert cache.get(session, calm, QUEUE) is first
-            assert statements == []
-            time.sleep(0.5)
-            moved = cache.get(session, calm, QUEUE)
-    finally:
-        event.remove(db.engine, "before_cursor_execute", record)
+    with recorded_statements(db.engine) as statements, db.session() as session:
+        assert cache.get(session, calm, QUEUE) is first
+        assert statements == []
+        time.sleep(0.5)
+        moved = cache.get(session, calm, QUEUE)
     assert [moved.positions[i] for i in ids] == [2, 3, 1]
 
 

@@ -22,7 +22,15 @@ from svdfarm.models import utcnow
 from svdfarm.settings import Settings, is_password_hash
 from svdfarm.states import ErrorClass, JobState, WorkerState
 from tests.conftest import DATABASES
-from tests.rows import QUEUE, add_job, add_worker, broker_messages, read_job, send_two_cancel_one
+from tests.rows import (
+    QUEUE,
+    add_job,
+    add_worker,
+    broker_messages,
+    read_job,
+    recorded_statements,
+    send_two_cancel_one,
+)
 from tests.web.admin_login import PASSWORD, admin_app, log_in, token
 from web.auth import LoginLimiter, check_password, hash_password
 
@@ -412,21 +420,11 @@ def test_the_list_reads_the_same_statements_for_any_number_of_rows(
     """A page of the list is a fixed set of statements whatever its rows (no lazy load per
     row), and none reads the jobs' parameters or the attempts' plans and tracebacks: a row
     shows none of them."""
-    from sqlalchemy import event
-
     engine = admin.application.extensions["svdfarm.db"].engine
 
     def statements() -> list[str]:
-        seen: list[str] = []
-
-        def record(*args: Any) -> None:
-            seen.append(args[2])
-
-        event.listen(engine, "before_cursor_execute", record)
-        try:
+        with recorded_statements(engine) as seen:
             assert admin.get("/admin/").status_code == 200
-        finally:
-            event.remove(engine, "before_cursor_execute", record)
         return seen
 
     add_job(db, settings)
