@@ -24,7 +24,9 @@ gets the job back in the database for the next pass.
 
 On an idle farm a submit needs no pass: :func:`mark_at_submit` marks the new job sent in the
 submit's own transaction, under the same lock, when its queue has a free slot and no other
-job waits there (the order would choose it anyway).
+job waits there (the order would choose it anyway). A submit that sees no free slot (a busy
+farm) takes no lock, so submits do not queue behind one another; it looks once more after
+its commit (:func:`slot_freed`) for a worker that freed up meanwhile.
 
 Which worker takes it (:func:`pick_worker`): a job sent while its queue has an idle consumer
 goes to one of them on that worker's own queue (Celery's ``worker_direct``), chosen so that
@@ -212,14 +214,15 @@ def dispatch(
     return sent
 
 
-def _lock(session: Session, queue: str) -> None:
+def _lock(session: Session, queue: str) -> bool:
     """Take ``queue``'s dispatch lock until the transaction ends (PostgreSQL; SQLite's single
-    writer serialises the marks instead)."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(
-            text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
-            {"key": f"svdfarm-dispatch:{queue}"},
-        )
+    writer serialises the marks instead); True when a lock was taken."""
+    if session.get_bind().dialect.name != "postgresql":
+        return False
+    session.execute(
+        text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"svdfarm-dispatch:{queue}"}
+    )
+    return True
 
 
 def _choose(session: Session, settings: Settings, queue: str, by: By) -> list[Sending]:
@@ -290,9 +293,37 @@ class Unmarked(enum.Enum):
     #: A pass decides (another job waits, an owner's running limit, a worker would swap
     #: models): run one after the commit.
     FOR_PASS = "for_pass"
-    #: The queue has no free slot: a pass now would send nothing either; the job waits for
-    #: the pass of the next worker to be free.
+    #: The queue had no free slot: a pass now would send nothing either. After the commit,
+    #: :func:`slot_freed` says whether a worker freed up meanwhile (then run a pass);
+    #: otherwise the job waits for the pass of the next worker to be free.
     NO_SLOT = "no_slot"
+
+
+@dataclass(frozen=True)
+class QueueView:
+    """What a submit reads of its queue: its free slots (:func:`free_slots`), whether a
+    job other than the submitted one waits there, and the queue's idle consumers."""
+
+    slots: int
+    others_wait: bool
+    idle: list[IdleWorker]
+
+
+def _view(session: Session, settings: Settings, queue: str, job_id: uuid.UUID | None) -> QueueView:
+    """``queue`` as a submit of ``job_id`` sees it, in one read (a second only when no
+    worker at all is idle and the margin is above 0)."""
+    others_wait = select(Job.id).where(Job.queue == queue, waiting(), Job.id != job_id).exists()
+    rows = session.execute(
+        select(*_idle_columns(), _in_flight(queue), others_wait).where(*_idle(settings))
+    ).all()
+    if rows:
+        in_flight, others = rows[0][-2], rows[0][-1]
+    elif settings.dispatch_margin <= 0:
+        return QueueView(0, False, [])  # no idle worker and no margin: no slot
+    else:
+        in_flight, others = session.execute(select(_in_flight(queue), others_wait)).one()
+    idle = _consumers_among(rows, queue)
+    return QueueView(_slots(settings, idle, in_flight), bool(others), idle)
 
 
 def mark_at_submit(
@@ -306,10 +337,16 @@ def mark_at_submit(
 
     A pass would choose this job too: with nothing else waiting in its queue, priority and
     fair share have nothing to decide. An owner with a ``--max-running`` limit (``limits``,
-    read when not given) goes by the pass, which counts their jobs at work. On PostgreSQL
-    the queue's dispatch lock is taken here and held until the caller's commit, as a pass
-    holds it: a pass or another submit after it sees this job sent, so it is never sent
-    twice and its slot is not counted again.
+    read when not given) goes by the pass, which counts their jobs at work.
+
+    The queue is read first without its dispatch lock, so that on a busy farm (no free
+    slot: the usual answer under load) submits do not wait for one another. On
+    :attr:`Unmarked.NO_SLOT` the caller asks :func:`slot_freed` after its commit: a worker
+    frees itself (committed) before its pass, so either that pass sees this job or the
+    look after the commit sees the worker. When a slot is seen, the queue's lock is taken
+    (PostgreSQL) and the queue read again; the lock is held until the caller's commit, as
+    a pass holds it: a pass or another submit after it sees this job sent, so it is never
+    sent twice and its slot is not counted again.
     """
     if job.state is not JobState.QUEUED or job.published_at is not None:
         return Unmarked.FOR_PASS
@@ -318,29 +355,18 @@ def mark_at_submit(
     if limits.max_running is not None:
         return Unmarked.FOR_PASS
     queue = job.queue
-    _lock(session, queue)
-    others_wait = select(Job.id).where(Job.queue == queue, waiting(), Job.id != job.id).exists()
-    # One read: the idle workers, each row with the queue's count of jobs sent and whether
-    # another job waits (a second read only when no worker at all is idle).
-    rows = session.execute(
-        select(*_idle_columns(), _in_flight(queue), others_wait).where(*_idle(settings))
-    ).all()
-    if rows:
-        in_flight, others = rows[0][-2], rows[0][-1]
-    elif settings.dispatch_margin <= 0:
-        return Unmarked.NO_SLOT  # no idle worker and no margin: no slot, whatever is in flight
-    else:
-        in_flight, others = session.execute(select(_in_flight(queue), others_wait)).one()
-    idle = _consumers_among(rows, queue)
-    if _slots(settings, idle, in_flight) < 1:
-        # A pass counts the same slots (or fewer: _kept_to_their_models), under the same lock.
+    view = _view(session, settings, queue, job.id)
+    if view.slots >= 1 and not view.others_wait and _lock(session, queue):
+        # Again under the lock: a pass or a submit before it may have taken the slot.
+        view = _view(session, settings, queue, job.id)
+    if view.slots < 1:
         return Unmarked.NO_SLOT
-    if others:
+    if view.others_wait:
         return Unmarked.FOR_PASS
     # A new job failed nowhere yet: nobody to avoid.
     model = queue_model(queue)
-    worker = pick_worker(idle, model)
-    loaded = {w.hostname: w.loaded_model for w in idle}
+    worker = pick_worker(view.idle, model)
+    loaded = {w.hostname: w.loaded_model for w in view.idle}
     if worker is not None and loaded[worker] not in (None, model):
         return Unmarked.FOR_PASS  # a worker would swap models: _kept_to_their_models decides
     if not lifecycle.publish(
@@ -348,6 +374,13 @@ def mark_at_submit(
     ):
         return Unmarked.FOR_PASS
     return Sending(job.id, queue, worker)
+
+
+def slot_freed(session: Session, settings: Settings, queue: str) -> bool:
+    """After a submit to ``queue`` answered :attr:`Unmarked.NO_SLOT` has committed: True
+    when the queue has a free slot now (a worker freed up between the submit's look and its
+    commit, and its pass may have missed the job): run a pass. One read."""
+    return _view(session, settings, queue, None).slots >= 1
 
 
 def send(session: Session, celery: Celery, sending: Sending, *, by: By) -> bool:

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from svdfarm import lifecycle
 from svdfarm.catalog import find_entry, model_shape, queue_key
 from svdfarm.celery_app import enqueue_render
-from svdfarm.dispatch import Sending, Unmarked, mark_at_submit, send
+from svdfarm.dispatch import Sending, Unmarked, mark_at_submit, send, slot_freed
 from svdfarm.images import ImageError, ImageInfo, inspect_image
 from svdfarm.lifecycle import By
 from svdfarm.models import Job, Worker, utcnow
@@ -478,10 +478,21 @@ def submit_job(
         raise
     if isinstance(marked, Sending):
         send(session, celery, marked, by=DISPATCH_BY)
-    elif marked is Unmarked.FOR_PASS:
+    elif marked is Unmarked.FOR_PASS or _slot_freed(session, settings, queue):
         dispatch_after_submit(session, celery, settings, [queue])
-    # Unmarked.NO_SLOT: no consumer is free; the next one to be runs a pass.
+    # Otherwise no consumer is free; the next one to be runs a pass.
     return job
+
+
+def _slot_freed(session: Session, settings: Settings, queue: str) -> bool:
+    """:func:`svdfarm.dispatch.slot_freed` after a committed submit; False when it cannot be
+    read (the submit has succeeded; the next periodic pass sends the job)."""
+    try:
+        return slot_freed(session, settings, queue)
+    except Exception:
+        session.rollback()
+        log.exception("could not look for a free slot after submit; the next pass sends the job")
+        return False
 
 
 def dispatch_after_submit(

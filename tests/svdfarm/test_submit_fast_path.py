@@ -6,10 +6,11 @@ from __future__ import annotations
 import threading
 import uuid
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from celery import Celery
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from svdfarm import lifecycle
 from svdfarm.celery_app import direct_queue
@@ -17,7 +18,7 @@ from svdfarm.db import Database
 from svdfarm.dispatch import Sending, Unmarked, dispatch, mark_at_submit
 from svdfarm.jobs import Submission, new_job, submit_job, validate_submission
 from svdfarm.lifecycle import By, events_of
-from svdfarm.models import Job, utcnow
+from svdfarm.models import Job, Worker, utcnow
 from svdfarm.settings import Settings
 from svdfarm.states import Actor, EventType, JobState, WorkerState
 from svdfarm.users import Limits
@@ -59,6 +60,15 @@ def published_at(db: Database, job_id: uuid.UUID) -> object:
     """The job's ``published_at`` (None: it waits in the database)."""
     with db.session() as session:
         return session.scalar(select(Job.published_at).where(Job.id == job_id))
+
+
+def add_busy_worker(db: Database, hostname: str, queue: str) -> uuid.UUID:
+    """A worker of ``queue`` busy with a running job; that job's id."""
+    running = uuid.uuid4()
+    with db.begin() as session:
+        session.add(job_row(running, queue=queue, state=JobState.RUNNING, claim_token="t"))
+    add_worker(db, hostname, [queue], state=WorkerState.BUSY, current_job_id=running)
+    return running
 
 
 def submit_counting_passes(
@@ -167,10 +177,7 @@ def test_not_taken_when_no_consumer_of_the_queue_is_idle(
 ) -> None:
     """Its only worker is busy (or a worker is idle on another queue only): the job waits in
     the database, unsent, and no pass runs after the submit (it could send nothing)."""
-    running = uuid.uuid4()
-    with db.begin() as session:
-        session.add(job_row(running, queue=queue, state=JobState.RUNNING, claim_token="t"))
-    add_worker(db, "busy@farm", [queue], state=WorkerState.BUSY, current_job_id=running)
+    add_busy_worker(db, "busy@farm", queue)
     add_worker(db, "elsewhere@farm", [queue + ".other"])
     add_worker(db, "leaving@farm", [queue], state=WorkerState.DRAINING)
     job_id, passes = submit_counting_passes(db, calm, celery, submission, monkeypatch)
@@ -178,6 +185,45 @@ def test_not_taken_when_no_consumer_of_the_queue_is_idle(
     assert published_at(db, job_id) is None
     assert event_types(db, job_id) == [EventType.SUBMITTED]
     assert broker_messages(calm) == []
+
+
+@pytest.mark.parametrize("database_url", DATABASES[1:], indirect=True)
+def test_a_worker_freed_between_the_submits_look_and_its_commit_gets_the_job(
+    db: Database,
+    calm: Settings,
+    celery: Celery,
+    submission: Submission,
+    queue: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PostgreSQL: the submit finds the queue's only worker busy and takes no lock; before
+    it commits, the worker frees itself and runs its pass, which cannot see the uncommitted
+    job and sends nothing. The submit's look after its commit sees the free worker and
+    runs the pass that sends the job at once (not at the next periodic pass)."""
+    running = add_busy_worker(db, "busy@farm", queue)
+    worker_pass: list[list[uuid.UUID]] = []
+    real_mark = mark_at_submit
+
+    def mark_then_free_the_worker(*args: Any, **kwargs: Any) -> Sending | Unmarked:
+        marked = real_mark(*args, **kwargs)
+        assert marked is Unmarked.NO_SLOT
+        with db.begin() as worker:  # as worker.execute frees it, committed before its pass
+            worker.execute(
+                update(Worker)
+                .where(Worker.hostname == "busy@farm")
+                .values(current_job_id=None, state=WorkerState.IDLE)
+            )
+            worker.execute(update(Job).where(Job.id == running).values(state=JobState.SUCCEEDED))
+        with db.session() as worker:
+            worker_pass.append(dispatch(worker, celery, calm, by=WEB))
+        return marked
+
+    with monkeypatch.context() as patch:
+        patch.setattr("svdfarm.jobs.mark_at_submit", mark_then_free_the_worker)
+        job_id = submit(db, calm, celery, submission)
+    assert worker_pass == [[]]  # the worker's own pass ran before the submit's commit
+    assert published_at(db, job_id) is not None
+    assert broker_messages(calm) == [(direct_queue("busy@farm"), str(job_id))]
 
 
 @pytest.mark.parametrize("database_url", DATABASES, indirect=True)
