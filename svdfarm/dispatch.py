@@ -44,6 +44,7 @@ chosen worker went away or took another job before it (:mod:`svdfarm.reaper`).
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import math
 import time
@@ -52,10 +53,24 @@ from collections import deque
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery
-from sqlalchemy import ColumnElement, ScalarSelect, and_, func, or_, select, text, update
+from sqlalchemy import (
+    BindParameter,
+    ColumnElement,
+    ScalarSelect,
+    Select,
+    String,
+    Uuid,
+    and_,
+    bindparam,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from svdfarm import lifecycle
@@ -68,6 +83,9 @@ from svdfarm.settings import Settings
 from svdfarm.states import JobState, WorkerState
 from svdfarm.users import Limits, limits_of
 from svdfarm.worker_health import failed_workers_of
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 log = logging.getLogger(__name__)
 
@@ -309,19 +327,39 @@ class QueueView:
     idle: list[IdleWorker]
 
 
-def _view(session: Session, settings: Settings, queue: str, job_id: uuid.UUID | None) -> QueueView:
+@functools.cache
+def _view_statements() -> tuple[Select[Unpack[tuple[Any, ...]]], Select[int, bool]]:
+    """The reads of :func:`_view`, built once (a submit runs them every time): the idle
+    workers with the queue's jobs in flight and whether another job waits; and those two
+    alone. Parameters: ``queue``, ``job_id``, ``recent`` (the oldest live heartbeat)."""
+    queue = bindparam("queue", type_=String)
+    others_wait = (
+        select(Job.id)
+        .where(Job.queue == queue, waiting(), Job.id != bindparam("job_id", type_=Uuid))
+        .exists()
+    )
+    in_flight = _in_flight(queue)
+    idle = [*_takes_new_jobs(bindparam("recent")), Worker.current_job_id.is_(None)]
+    with_idle = select(*_idle_columns(), in_flight, others_wait).where(*idle)
+    return with_idle, select(in_flight, others_wait)
+
+
+#: The job id :func:`slot_freed` reads the queue for: none (no job has it).
+_NO_JOB = uuid.UUID(int=0)
+
+
+def _view(session: Session, settings: Settings, queue: str, job_id: uuid.UUID) -> QueueView:
     """``queue`` as a submit of ``job_id`` sees it, in one read (a second only when no
     worker at all is idle and the margin is above 0)."""
-    others_wait = select(Job.id).where(Job.queue == queue, waiting(), Job.id != job_id).exists()
-    rows = session.execute(
-        select(*_idle_columns(), _in_flight(queue), others_wait).where(*_idle(settings))
-    ).all()
+    with_idle, alone = _view_statements()
+    params = {"queue": queue, "job_id": job_id, "recent": _oldest_live_heartbeat(settings)}
+    rows = session.execute(with_idle, params).all()
     if rows:
         in_flight, others = rows[0][-2], rows[0][-1]
     elif settings.dispatch_margin <= 0:
         return QueueView(0, False, [])  # no idle worker and no margin: no slot
     else:
-        in_flight, others = session.execute(select(_in_flight(queue), others_wait)).one()
+        in_flight, others = session.execute(alone, params).one()
     idle = _consumers_among(rows, queue)
     return QueueView(_slots(settings, idle, in_flight), bool(others), idle)
 
@@ -379,8 +417,18 @@ def mark_at_submit(
 def slot_freed(session: Session, settings: Settings, queue: str) -> bool:
     """After a submit to ``queue`` answered :attr:`Unmarked.NO_SLOT` has committed: True
     when the queue has a free slot now (a worker freed up between the submit's look and its
-    commit, and its pass may have missed the job): run a pass. One read."""
-    return _view(session, settings, queue, None).slots >= 1
+    commit, and its pass may have missed the job): run a pass.
+
+    On PostgreSQL one read, outside a transaction (none to begin or end). Never on SQLite:
+    there the submit's transaction holds the single writer's lock from its first insert, so
+    a worker frees itself only after the commit, and its pass sees the job.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return False
+    session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+    freed = _view(session, settings, queue, _NO_JOB).slots >= 1
+    session.commit()  # gives the connection back: nothing to commit on the server
+    return freed
 
 
 def send(session: Session, celery: Celery, sending: Sending, *, by: By) -> bool:
@@ -435,7 +483,7 @@ def free_slots(session: Session, settings: Settings, queue: str) -> int:
     return _slots(settings, idle_workers(session, settings, queue), in_flight)
 
 
-def _in_flight(queue: str) -> ScalarSelect[int]:
+def _in_flight(queue: str | BindParameter[str]) -> ScalarSelect[int]:
     """The number of jobs sent to ``queue`` itself (not to a worker's own) and not yet
     taken, as a subquery."""
     return (
@@ -503,7 +551,17 @@ def _idle(settings: Settings) -> list[ColumnElement[bool]]:
 def takes_new_jobs(settings: Settings) -> list[ColumnElement[bool]]:
     """The workers that are online and take new jobs (busy or not): heartbeat recent, not
     offline or draining, not flagged."""
-    recent = utcnow() - timedelta(seconds=settings.offline_after_s)
+    return _takes_new_jobs(_oldest_live_heartbeat(settings))
+
+
+def _oldest_live_heartbeat(settings: Settings) -> datetime:
+    """The oldest heartbeat of a worker that is online now."""
+    return utcnow() - timedelta(seconds=settings.offline_after_s)
+
+
+def _takes_new_jobs(recent: Any) -> list[ColumnElement[bool]]:
+    """:func:`takes_new_jobs` with ``recent`` (a time, or a parameter) the oldest live
+    heartbeat."""
     return [
         Worker.last_heartbeat >= recent,
         Worker.state.not_in([WorkerState.OFFLINE, WorkerState.DRAINING]),

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from svdfarm.catalog import CatalogEntry, find_entry, model_defaults
@@ -28,6 +28,13 @@ def effective_state(worker: Worker, settings: Settings, now: datetime | None = N
     return worker.state
 
 
+#: The workers whose last heartbeat is at or after ``recent``, by hostname; built once (every
+#: submit reads it).
+_RECENT_WORKERS = (
+    select(Worker).where(Worker.last_heartbeat >= bindparam("recent")).order_by(Worker.hostname)
+)
+
+
 def online_workers(session: Session, settings: Settings) -> Sequence[Worker]:
     """Workers that are not offline, by hostname.
 
@@ -36,9 +43,7 @@ def online_workers(session: Session, settings: Settings) -> Sequence[Worker]:
     """
     now = utcnow()
     recent = now - timedelta(seconds=settings.offline_after_s)
-    rows = session.scalars(
-        select(Worker).where(Worker.last_heartbeat >= recent).order_by(Worker.hostname)
-    ).all()
+    rows = session.scalars(_RECENT_WORKERS, {"recent": recent}).all()
     return [w for w in rows if effective_state(w, settings, now) is not WorkerState.OFFLINE]
 
 

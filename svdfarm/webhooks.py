@@ -14,12 +14,14 @@ docs/WEBHOOKS.md has the whole contract.
 from __future__ import annotations
 
 import base64
+import functools
 import secrets
 import uuid
 from collections.abc import Iterable
 from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Select, Uuid, bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from standardwebhooks.webhooks import Webhook
@@ -29,6 +31,9 @@ from svdfarm.users import find_user, user_id_of
 from svdfarm.webhook_payload import job_columns, payload
 from svdfarm.webhook_states import DEFAULT_EVENTS, FROM_JOB_EVENT, DeliveryState, WebhookEvent
 from svdfarm.webhook_urls import check_url
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 SECRET_PREFIX = "whsec_"
 #: The prefixes of owner strings (svdfarm.users).
@@ -201,6 +206,18 @@ def cancel_pending(
 # -- The hook: deliveries made with the job event --------------------------------------------
 
 
+@functools.cache
+def _job_and_endpoints() -> Select[Unpack[tuple[Any, ...]]]:
+    """A job's payload columns (parameter ``job_id``) with whether its owner has an enabled
+    endpoint; built once (every event a webhook tells of reads it)."""
+    has_endpoints = (
+        select(WebhookEndpoint.id)
+        .where(WebhookEndpoint.owner == Job.owner, WebhookEndpoint.disabled_at.is_(None))
+        .exists()
+    )
+    return job_columns(bindparam("job_id", type_=Uuid)).add_columns(has_endpoints)
+
+
 def on_event(session: Session, event: JobEvent) -> list[WebhookDelivery]:
     """Write the deliveries of one job event, in the caller's transaction: one for the job's
     own ``webhook_url`` and one per enabled endpoint of its owner that takes the event.
@@ -214,12 +231,7 @@ def on_event(session: Session, event: JobEvent) -> list[WebhookDelivery]:
         return []
     # One read in the usual case (no URL on the job, no endpoint of its owner): the job's
     # columns with whether its owner has an endpoint at all.
-    has_endpoints = (
-        select(WebhookEndpoint.id)
-        .where(WebhookEndpoint.owner == Job.owner, WebhookEndpoint.disabled_at.is_(None))
-        .exists()
-    )
-    job = session.execute(job_columns(event.job_id).add_columns(has_endpoints)).first()
+    job = session.execute(_job_and_endpoints(), {"job_id": event.job_id}).first()
     if job is None:
         return []
     targets: list[tuple[int | None, str]] = []
