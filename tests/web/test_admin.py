@@ -18,9 +18,9 @@ from flask.testing import FlaskClient
 
 from svdfarm.actions import FP32_DTYPES
 from svdfarm.db import Database
-from svdfarm.models import utcnow
+from svdfarm.models import Attempt, utcnow
 from svdfarm.settings import Settings, is_password_hash
-from svdfarm.states import ErrorClass, JobState, WorkerState
+from svdfarm.states import AttemptOutcome, ErrorClass, JobState, WorkerState
 from tests.conftest import DATABASES
 from tests.rows import (
     QUEUE,
@@ -223,6 +223,35 @@ def test_filters_and_search(
     assert shown(q="100%_") == set()
     bad = admin.get("/admin/", query_string={"since": "yesterday", "state": "lost"})
     assert bad.status_code == 200 and "is not a date" in bad.get_data(True)
+
+
+@pytest.mark.parametrize("database_url", DATABASES, indirect=True)
+def test_a_row_shows_the_last_attempt_of_its_job(
+    admin: FlaskClient, db: Database, settings: Settings
+) -> None:
+    """A job that failed twice: its row names the second attempt's worker, plan and error
+    class, not the first attempt's."""
+    job_id = add_job(db, settings, worker="first@farm")
+    with db.begin() as session:
+        session.add(
+            Attempt(
+                job_id=job_id,
+                number=2,
+                worker="second@farm",
+                plan_name="fp32 everywhere on cuda",
+                plan={"name": "fp32"},
+                outcome=AttemptOutcome.FAILED,
+                error_class=ErrorClass.NON_FINITE,
+                message="NaN in the VAE output",
+            )
+        )
+    lone = add_job(db, settings, JobState.CANCELED, error=None)
+    page = admin.get("/admin/", query_string={"state": ""}).get_data(True)
+    row = page[page.index(f'value="{job_id}"') :]
+    row = row[: row.index("</tr>")]
+    assert "second@farm" in row and "fp32 everywhere on cuda" in row, row
+    assert "tag-non_finite" in row and "first@farm" not in row
+    assert f'value="{lone}"' in page
 
 
 @pytest.mark.parametrize("database_url", DATABASES, indirect=True)
