@@ -6,12 +6,11 @@ from __future__ import annotations
 import time
 
 from flask import Flask
-from sqlalchemy import event
 
 from svdfarm.db import Database
 from svdfarm.settings import Settings
 from svdfarm.states import JobState
-from tests.rows import add_job, add_worker, set_owner
+from tests.rows import add_job, add_worker, recorded_statements, set_owner
 from web.recent_workers import RecentWorkers
 
 
@@ -41,15 +40,8 @@ def test_the_status_reads_the_workers_once_a_second(
 ) -> None:
     """Status reads of a queued job in a row cost one read of the workers."""
     job_id = set_owner(db, add_job(db, settings, JobState.QUEUED, error_class=None, error=None))
-    reads: list[str] = []
-
-    def count(_conn: object, _cursor: object, statement: str, *_: object) -> None:
-        if "FROM workers" in statement:
-            reads.append(statement)
-
-    engine = app.extensions["svdfarm.db"].engine
-    event.listen(engine, "before_cursor_execute", count)
     client = app.test_client()
-    for _ in range(3):
-        assert client.get(f"/api/v1/jobs/{job_id}").status_code == 200
-    assert len(reads) == 1
+    with recorded_statements(app.extensions["svdfarm.db"].engine) as seen:
+        for _ in range(3):
+            assert client.get(f"/api/v1/jobs/{job_id}").status_code == 200
+    assert len([s for s in seen if "FROM workers" in s]) == 1, seen
