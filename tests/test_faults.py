@@ -188,8 +188,11 @@ def test_a_worker_killed_mid_render_ten_times_loses_nothing(farm: Farm) -> None:
             "failed",
             "worker_lost",
         ), job["attempts"]
-        assert last["outcome"] == "succeeded" and last["worker"] != victim
-        assert all(a["error_class"] == "worker_lost" for a in job["attempts"][:-1])
+        assert last["outcome"] == "succeeded" and last["worker"] != victim, job["attempts"]
+        assert all(a["error_class"] == "worker_lost" for a in job["attempts"][:-1]), (
+            job["attempts"],
+            farm.logs(),
+        )
         assert farm.videos(job_id) == ["video.<token>.mp4"], farm.videos(job_id)
     recoveries.sort()
     print(
